@@ -1,0 +1,256 @@
+"""What the API can answer: every route, its request and response models, in one table (ROUTES).
+
+/openapi.json and /docs are generated from this table; errors are JSON on every route (OpenAI style); when an API
+key is configured every route but /health, /metrics and the docs needs `Authorization: Bearer <key>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from . import __version__, proxy
+from .errors import ApiError
+from .lifecycle import State
+from .openapi import build_openapi
+from .orchestrator import Orchestrator
+from .schemas import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, HealthResponse, LoadRequest,
+                      LoadResponse, LogsResponse, ModelsResponse, OpenAIModelList, OpenAIResponse, StatusResponse,
+                      UnloadRequest, UnloadResponse)
+
+log = logging.getLogger("model_orchestrator.api")
+ORCH = web.AppKey("orchestrator", Orchestrator)
+OPENAPI = web.AppKey("openapi", dict)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    request: type[BaseModel] | None = None
+    response: type[BaseModel] | None = None
+    status: int = 200
+    auth: bool = True
+    tag: str = "models"
+    stream: bool = False
+    description: str = ""
+
+
+async def _body(request: web.Request, model: type[BaseModel]):
+    """Validate a JSON body with the route's model; a bad body is a 400 naming the field."""
+    try:
+        data = await request.json()
+    except (ValueError, UnicodeDecodeError):
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]} for e in exc.errors()]
+        first = problems[0]
+        raise ApiError(400, "invalid_request", f"{first['field']}: {first['problem']}", problems=problems) from None
+
+
+def _json(model: type[BaseModel], data: dict, status: int = 200) -> web.Response:
+    # validate what we answer with the documented model: the OpenAPI document cannot drift from the answers
+    return web.json_response(model.model_validate(data).model_dump(mode="json"), status=status)
+
+
+# ---- handlers ---------------------------------------------------------------------------------------------------
+async def health(request: web.Request) -> web.Response:
+    return _json(HealthResponse, request.app[ORCH].health())
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = await asyncio.to_thread(request.app[ORCH].metrics.render)  # reads NVML
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def models_status(request: web.Request) -> web.Response:
+    return _json(StatusResponse, await request.app[ORCH].status())
+
+
+async def models_list(request: web.Request) -> web.Response:
+    orch = request.app[ORCH]
+    return _json(ModelsResponse, await asyncio.to_thread(orch.models))  # checks the HF cache on disk
+
+
+async def models_load(request: web.Request) -> web.Response:
+    req = await _body(request, LoadRequest)
+    orch = request.app[ORCH]
+    if not req.wait:
+        slot = orch.load_in_background(req.model, priority=req.priority, service=req.service, timeout_s=req.timeout_s)
+        await asyncio.sleep(0)  # let the load task take the first step so the state reads "loading"
+        return _json(LoadResponse, {"model": slot.id, "status": slot.state, "result": "loading"}, status=202)
+    slot, result = await orch.load(req.model, priority=req.priority, service=req.service, timeout_s=req.timeout_s)
+    server = slot.server
+    return _json(LoadResponse, {"model": slot.id, "status": slot.state, "result": result,
+                                "load_seconds": slot.load_seconds, "pid": server.pid if server else None,
+                                "port": server.port if server else None})
+
+
+async def models_unload(request: web.Request) -> web.Response:
+    req = await _body(request, UnloadRequest)
+    if req.service not in (None, "llama-cpp"):
+        raise ApiError(400, "unknown_service", f"service {req.service!r} is not run by this orchestrator; use 'llama-cpp'")
+    slot, result = await request.app[ORCH].unload(req.model, force=req.force, drain_timeout_s=req.drain_timeout_s)
+    return _json(UnloadResponse, {"model": slot.id, "status": slot.state, "result": result})
+
+
+async def model_logs(request: web.Request) -> web.Response:
+    slot = request.app[ORCH].slot(request.match_info["model"])
+    try:
+        n = max(1, min(int(request.query.get("lines", "100")), 10000))
+    except ValueError:
+        raise ApiError(400, "invalid_request", "lines must be an integer") from None
+    server = slot.server
+    lines = server.last_logs(n) if server else (slot.last_error or {}).get("logs", [])[-n:]
+    return _json(LogsResponse, {"model": slot.id, "pid": server.pid if server else None, "lines": lines})
+
+
+async def v1_models(request: web.Request) -> web.Response:
+    return _json(OpenAIModelList, proxy.list_models(request.app[ORCH]))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await proxy.forward(request, request.app[ORCH], "chat_completions")
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await proxy.forward(request, request.app[ORCH], "completions")
+
+
+async def embeddings(request: web.Request) -> web.StreamResponse:
+    return await proxy.forward(request, request.app[ORCH], "embeddings")
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(request.app[OPENAPI])
+
+
+ROUTES: list[Route] = [
+    Route("GET", "/health", health, "Liveness of the orchestrator", response=HealthResponse, auth=False, tag="service"),
+    Route("GET", "/metrics", metrics, "Prometheus metrics (GPU, models, requests, tokens)", auth=False, tag="service"),
+    Route("GET", "/models/status", models_status, "GPU memory and the models that are not unloaded", response=StatusResponse,
+          description="The guide's shape (total_mb, used_mb, free_mb, utilization_percent, loaded_models) plus "
+                      "per-GPU details. In CPU mode the memory fields are null and `note` says why."),
+    Route("GET", "/models", models_list, "The model registry with each model's state (for dropdowns)", response=ModelsResponse),
+    Route("POST", "/models/load", models_load, "Load a model (joins a load under way)", request=LoadRequest,
+          response=LoadResponse, description="Answers when llama-server is ready, or 202 at once with wait=false. "
+          "A model that cannot start answers 503 with llama-server's last log lines."),
+    Route("POST", "/models/unload", models_unload, "Unload a model", request=UnloadRequest, response=UnloadResponse,
+          description="Without force, waits up to drain_timeout_s for requests in flight (new ones get 503 + "
+          "Retry-After meanwhile) and then refuses with 409, changing nothing. With force, stops llama-server at once; "
+          "requests in flight end with a model_unloaded error. An unload during a load cancels it."),
+    Route("GET", "/models/{model}/logs", model_logs, "The last lines llama-server printed (?lines=N)", response=LogsResponse),
+    Route("GET", "/v1/models", v1_models, "OpenAI: list models", response=OpenAIModelList, tag="openai"),
+    Route("POST", "/v1/chat/completions", chat_completions, "OpenAI: chat (images, tools, streaming passed through)",
+          request=ChatCompletionRequest, response=OpenAIResponse, tag="openai", stream=True,
+          description="Routed by `model` to its llama-server, which is loaded on demand when the registry allows; "
+          "requests that arrive during a load wait for it."),
+    Route("POST", "/v1/completions", completions, "OpenAI: text completion", request=CompletionRequest,
+          response=OpenAIResponse, tag="openai", stream=True),
+    Route("POST", "/v1/embeddings", embeddings, "OpenAI: embeddings (the model needs --embeddings in extra_args)",
+          request=EmbeddingRequest, response=OpenAIResponse, tag="openai"),
+    Route("GET", "/openapi.json", openapi_json, "This API's OpenAPI document", auth=False, tag="service"),
+]
+
+PUBLIC_PREFIXES = ("/docs",)  # Swagger UI's page and assets: the page itself holds the "Authorize" button
+
+
+# ---- middlewares ------------------------------------------------------------------------------------------------
+def _route_label(request: web.Request) -> str:
+    info = request.match_info
+    return info.route.resource.canonical if info.route.resource is not None else "unmatched"
+
+
+@web.middleware
+async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    t0 = time.perf_counter()
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except ApiError as err:
+        status = err.status
+        return err.response()
+    except web.HTTPException as exc:
+        status = exc.status
+        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status, "http_error")
+        message = {404: f"no route {request.method} {request.path} (GET /docs lists them)",
+                   405: f"{request.method} is not allowed on {request.path}",
+                   413: f"the body is larger than {request.app[ORCH].settings.max_body_mb} MB "
+                        "(MODEL_ORCHESTRATOR_MAX_BODY_MB)"}.get(exc.status, exc.reason)
+        return ApiError(exc.status, code, message).response()
+    except asyncio.CancelledError:
+        status = 499  # the client went away
+        raise
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return ApiError(500, "internal_error", "internal error; the sidecar's log has the details").response()
+    finally:
+        orch = request.app[ORCH]
+        route = _route_label(request)
+        orch.metrics.http_requests.labels(route, request.method, str(status)).inc()
+        orch.metrics.http_duration.labels(route, request.method).observe(time.perf_counter() - t0)
+
+
+def auth_middleware(api_key: str, public_paths: set[str]):
+    expected = f"Bearer {api_key}".encode()
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in public_paths or request.path.startswith(PUBLIC_PREFIXES):
+            return await handler(request)
+        given = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, expected):  # constant time: no timing oracle on the key
+            raise ApiError(401, "invalid_api_key", "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                           headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return check
+
+
+# ---- the application --------------------------------------------------------------------------------------------
+def create_app(orch: Orchestrator) -> web.Application:
+    middlewares = [errors_and_metrics]
+    if orch.settings.api_key:
+        middlewares.append(auth_middleware(orch.settings.api_key, {r.path for r in ROUTES if not r.auth}))
+    app = web.Application(middlewares=middlewares, client_max_size=orch.settings.max_body_mb * 1024 * 1024)
+    app[ORCH] = orch
+    for r in ROUTES:
+        app.router.add_route(r.method, r.path, r.handler)
+    app[OPENAPI] = build_openapi(ROUTES, version=__version__)
+    _add_docs(app)
+
+    async def lifecycle(app: web.Application):
+        await orch.start()
+        yield
+        await orch.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+def _add_docs(app: web.Application) -> None:
+    """Swagger UI (bundled by swagger-ui-py, works offline) at /docs, reading /openapi.json."""
+    from swagger_ui import api_doc
+
+    app.router.add_get("/docs/openapi.json", openapi_json)  # where the page looks: <url_prefix><config_rel_url>
+    api_doc(app, config_rel_url="/openapi.json", url_prefix="/docs", title="model-orchestrator API")
+
+
+
+def dump_openapi() -> str:
+    return json.dumps(build_openapi(ROUTES, version=__version__), indent=2)

@@ -1,0 +1,272 @@
+"""The `model-orchestrator` command: serve the API, talk to a running sidecar, pull models, install llama-server."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# ---- serve ------------------------------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    from aiohttp import web
+
+    from .api import create_app
+    from .gpu import open_gpu_view
+    from .install import find_llama_server
+    from .model_files import ModelFilesMissing, resolve
+    from .orchestrator import Orchestrator
+    from .registry import RegistryError, load_registry
+    from .settings import Settings
+
+    logging.basicConfig(level=os.environ.get("MODEL_ORCHESTRATOR_LOG_LEVEL", "INFO"),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("model_orchestrator")
+    settings = Settings.from_env(host=args.host, port=args.port, models_config=args.config)
+    try:
+        registry = load_registry(settings.models_config, context_size=settings.context_size,
+                                 n_gpu_layers=settings.n_gpu_layers)
+    except RegistryError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if not _is_loopback(settings.host) and not settings.api_key:
+        if not settings.allow_insecure_bind:
+            print(f"refusing to listen on {settings.host} without an API key: set MODEL_ORCHESTRATOR_API_KEY, or "
+                  "MODEL_ORCHESTRATOR_ALLOW_INSECURE_BIND=1 on a network you trust", file=sys.stderr)
+            return 2
+        log.warning("!!! listening on %s WITHOUT an API key: anyone who can reach this port controls your GPU", settings.host)
+    try:
+        llama_bin = find_llama_server(settings.llama_server_bin)
+    except FileNotFoundError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    try:  # the embedded default is generated now, so the first load is as fast as later ones
+        resolve(registry.default, settings.state_dir / "models")
+    except ModelFilesMissing as exc:
+        log.warning("default model not ready: %s", exc)
+    gpu = open_gpu_view()
+    log.info("llama-server: %s; GPU: %s", llama_bin, "NVML, driver " + str(gpu.driver_version) if gpu.available
+             else f"none ({gpu.reason}) - CPU mode")
+    orch = Orchestrator(settings, registry, gpu, llama_bin)
+    app = create_app(orch)
+    if args.preload:
+        async def preload(app):
+            await orch.load(args.preload)
+        app.on_startup.append(preload)
+    web.run_app(app, host=settings.host, port=settings.port, access_log=None,
+                print=lambda _: log.info("serving on http://%s:%d (API docs: /docs)", settings.host, settings.port))
+    return 0
+
+
+# ---- client commands --------------------------------------------------------------------------------------------
+def _call(args, method: str, path: str, body: dict | None = None) -> dict:
+    url = (args.url or os.environ.get("MODEL_ORCHESTRATOR_URL") or DEFAULT_URL).rstrip("/") + path
+    headers = {"Content-Type": "application/json"}
+    key = os.environ.get("MODEL_ORCHESTRATOR_API_KEY")
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    req = urllib.request.Request(url, method=method, headers=headers,
+                                 data=json.dumps(body).encode() if body is not None else None)
+    try:
+        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            err = json.loads(exc.read())["error"]
+            msg = f"{exc.code} {err.get('code')}: {err.get('message')}"
+            if err.get("logs"):
+                msg += "\n  llama-server said:\n    " + "\n    ".join(err["logs"][-10:])
+        except (ValueError, KeyError, TypeError):
+            msg = f"{exc.code} {exc.reason}"
+        raise SystemExit(f"error: {msg}") from None
+    except urllib.error.URLError as exc:
+        raise SystemExit(f"error: cannot reach the sidecar at {url}: {exc.reason} (is `model-orchestrator serve` running?)") from None
+
+
+def format_status(status: dict, models: dict) -> str:
+    lines = []
+    if status["mode"] == "cpu":
+        lines.append(f"GPU: none - {status.get('note')}")
+    for g in status["gpus"]:
+        util = "-" if g["utilization_percent"] is None else f"{g['utilization_percent']:.0f}%"
+        lines.append(f"GPU {g['index']} {g['name']}: {g['used_mb']}/{g['total_mb']} MB used, {g['free_mb']} MB free, "
+                     f"util {util}, others hold {g['foreign_mb']} MB")
+    header = ("MODEL", "STATE", "PID", "PORT", "VRAM MB", "IN FLIGHT", "PRIO", "LOADED AT")
+    rows = [header]
+    loaded = status["loaded_models"]
+    for m in models["models"]:
+        s = loaded.get(m["id"], {})
+        rows.append((m["id"] + (" *" if m["default"] else ""), m["status"], str(s.get("pid") or "-"),
+                     str(s.get("port") or "-"), str(s.get("vram_mb") if s.get("vram_mb") is not None else "-"),
+                     str(s.get("in_flight", 0)), str(m["priority"]), s.get("loaded_at") or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines.append("")
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    for m in models["models"]:
+        err = loaded.get(m["id"], {}).get("error")
+        if err:
+            lines.append(f"{m['id']}: {err.get('code')}: {err.get('message')}")
+    lines.append("(* default model)")
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    status = _call(args, "GET", "/models/status")
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status, _call(args, "GET", "/models")))
+    return 0
+
+
+def cmd_models(args) -> int:
+    print(json.dumps(_call(args, "GET", "/models"), indent=2))
+    return 0
+
+
+def cmd_load(args) -> int:
+    body = {"model": args.model, "wait": not args.no_wait}
+    if args.priority is not None:
+        body["priority"] = args.priority
+    print(json.dumps(_call(args, "POST", "/models/load", body), indent=2))
+    return 0
+
+
+def cmd_unload(args) -> int:
+    print(json.dumps(_call(args, "POST", "/models/unload", {"model": args.model, "force": args.force}), indent=2))
+    return 0
+
+
+def cmd_logs(args) -> int:
+    print("\n".join(_call(args, "GET", f"/models/{args.model}/logs?lines={args.lines}")["lines"]))
+    return 0
+
+
+# ---- local commands ---------------------------------------------------------------------------------------------
+def cmd_pull(args) -> int:
+    from .model_files import ModelFilesMissing, pull
+    from .registry import RegistryError, load_registry
+    from .settings import Settings
+
+    settings = Settings.from_env(models_config=args.config)
+    try:
+        registry = load_registry(settings.models_config)
+    except RegistryError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    spec = registry.lookup(args.model)
+    if spec is None:
+        print(f"unknown model {args.model!r}; known: {', '.join(s.id for s in registry.models)}", file=sys.stderr)
+        return 2
+    try:
+        files = pull(spec, progress=not args.quiet)
+    except ModelFilesMissing as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    print(files.model)
+    if files.mmproj:
+        print(files.mmproj)
+    return 0
+
+
+def cmd_install(args) -> int:
+    from .install import install
+
+    cuda = {"auto": None, "cpu": False, "cuda": True}[args.backend]
+    print(install(cuda=cuda, cuda_arch=args.cuda_arch, force=args.force, extra_targets=args.extra_target))
+    return 0
+
+
+def cmd_tiny_model(args) -> int:
+    from .tiny_gguf import write_tiny_model
+
+    print(write_tiny_model(Path(args.out), behaviour=args.behaviour, arch=args.arch))
+    return 0
+
+
+def cmd_openapi(args) -> int:
+    from .api import dump_openapi
+
+    print(dump_openapi())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="model-orchestrator", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def client(name: str, help: str):
+        sp = sub.add_parser(name, help=help)
+        sp.add_argument("--url", help=f"the sidecar (default: $MODEL_ORCHESTRATOR_URL or {DEFAULT_URL})")
+        sp.add_argument("--timeout", type=float, default=900, help="seconds to wait for the answer")
+        return sp
+
+    sp = sub.add_parser("serve", help="run the sidecar in the foreground")
+    sp.add_argument("--host", help="default 127.0.0.1 ($MODEL_ORCHESTRATOR_HOST)")
+    sp.add_argument("--port", type=int, help="default 8000 ($MODEL_ORCHESTRATOR_PORT)")
+    sp.add_argument("--config", type=Path, help="model registry TOML ($MODEL_ORCHESTRATOR_MODELS; default: the shipped one)")
+    sp.add_argument("--preload", metavar="MODEL", help="load this model at start-up")
+    sp.set_defaults(func=cmd_serve)
+
+    sp = client("status", "GPU memory and model states as a table")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_status)
+    client("models", "the registry with states (JSON)").set_defaults(func=cmd_models)
+    sp = client("load", "load a model and wait until it is ready")
+    sp.add_argument("model")
+    sp.add_argument("--priority", type=int)
+    sp.add_argument("--no-wait", action="store_true")
+    sp.set_defaults(func=cmd_load)
+    sp = client("unload", "unload a model")
+    sp.add_argument("model")
+    sp.add_argument("--force", action="store_true", help="end requests in flight")
+    sp.set_defaults(func=cmd_unload)
+    sp = client("logs", "the last lines a model's llama-server printed")
+    sp.add_argument("model")
+    sp.add_argument("--lines", type=int, default=100)
+    sp.set_defaults(func=cmd_logs)
+
+    sp = sub.add_parser("pull", help="download a model's files into the shared Hugging Face cache (HF_HOME)")
+    sp.add_argument("model")
+    sp.add_argument("--config", type=Path)
+    sp.add_argument("--quiet", action="store_true", help="no progress bar")
+    sp.set_defaults(func=cmd_pull)
+
+    sp = sub.add_parser("install-llama-server", help="build llama-server from the pinned llama.cpp source and cache it")
+    sp.add_argument("--backend", choices=["auto", "cpu", "cuda"], default="auto",
+                    help="auto: CUDA where nvcc and a GPU exist ($LLAMA_CUDA=1 forces it)")
+    sp.add_argument("--cuda-arch", help="CMAKE_CUDA_ARCHITECTURES, e.g. '90' or '86;89;120' ($LLAMA_CUDA_ARCHITECTURES)")
+    sp.add_argument("--force", action="store_true", help="rebuild even if cached")
+    sp.add_argument("--extra-target", action="append", default=[], help="also build this target (e.g. llama-bench)")
+    sp.set_defaults(func=cmd_install)
+
+    sp = sub.add_parser("tiny-model", help="write a tiny generated GGUF (for tests and trying the stack)")
+    sp.add_argument("out")
+    sp.add_argument("--behaviour", choices=["hello", "tool_call", "random"], default="hello")
+    sp.add_argument("--arch", choices=["llama", "qwen3", "qwen3moe"], default="qwen3")
+    sp.set_defaults(func=cmd_tiny_model)
+
+    sub.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=cmd_openapi)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)

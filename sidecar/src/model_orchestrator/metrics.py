@@ -1,0 +1,91 @@
+"""Prometheus metrics. The orchestrator's own carry the `model_orchestrator_` prefix; the guide's names
+(`llamacpp_*`) count chat traffic per model. GPU gauges are read from NVML at scrape time, never cached stale.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+from .gpu import MIB, GpuSnapshot
+from .lifecycle import State
+
+LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self, gpu_snapshot: Callable[[], GpuSnapshot], owned_pids: Callable[[], dict[int, str]]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.model_state = Gauge("model_orchestrator_model_state", "1 for the state the model is in", ["model", "state"], registry=r)
+        self.loads = Counter("model_orchestrator_model_loads", "Loads by result (loaded, failed, cancelled)", ["model", "result"], registry=r)
+        self.unloads = Counter("model_orchestrator_model_unloads", "Unloads by reason (request, force, idle, evicted)", ["model", "reason"], registry=r)
+        self.failures = Counter("model_orchestrator_model_failures", "Models that went to failed, by code", ["model", "code"], registry=r)
+        self.load_duration = Histogram("model_orchestrator_load_duration_seconds", "Load request to llama-server ready", ["model"], buckets=LOAD_BUCKETS, registry=r)
+        self.in_flight = Gauge("model_orchestrator_requests_in_flight", "Proxied requests in flight", ["model"], registry=r)
+        self.waiting = Gauge("model_orchestrator_requests_waiting_for_load", "Requests waiting for their model to load", ["model"], registry=r)
+        self.http_requests = Counter("model_orchestrator_http_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r)
+        self.http_duration = Histogram("model_orchestrator_http_request_duration_seconds", "HTTP request latency by route", ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        # the integration guide's names
+        self.tokens_generated = Counter("llamacpp_tokens_generated", "Tokens generated (from responses' usage)", ["model"], registry=r)
+        self.prompt_tokens = Counter("llamacpp_prompt_tokens", "Prompt tokens processed (from responses' usage)", ["model"], registry=r)
+        self.requests = Counter("llamacpp_requests", "OpenAI-API requests by model, endpoint and status", ["model", "endpoint", "status"], registry=r)
+        self.request_duration = Histogram("llamacpp_requests_duration_seconds", "OpenAI-API request latency (to the last byte)", ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        r.register(_GpuCollector(gpu_snapshot, owned_pids))
+
+    def set_state(self, model: str, state: State) -> None:
+        for s in State:
+            self.model_state.labels(model, s.value).set(1 if s == state else 0)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _GpuCollector:
+    """Reads the GPU at scrape time so Prometheus sees what NVML sees now."""
+
+    def __init__(self, snapshot: Callable[[], GpuSnapshot], owned_pids: Callable[[], dict[int, str]]):
+        self._snapshot = snapshot
+        self._owned_pids = owned_pids  # pid -> model id of the llama-servers the orchestrator runs
+
+    def describe(self):
+        return []  # metrics vary with the hardware; skip registration-time collection
+
+    def collect(self):
+        snap = self._snapshot()
+        available = GaugeMetricFamily("model_orchestrator_gpu_available", "1 when NVML sees at least one GPU")
+        available.add_metric([], 1 if snap.available else 0)
+        yield available
+        labels = ["gpu", "name", "uuid"]
+        fams = {
+            "total": GaugeMetricFamily("model_orchestrator_gpu_memory_total_bytes", "GPU memory", labels=labels),
+            "used": GaugeMetricFamily("model_orchestrator_gpu_memory_used_bytes", "GPU memory in use (all processes)", labels=labels),
+            "free": GaugeMetricFamily("model_orchestrator_gpu_memory_free_bytes", "GPU memory free", labels=labels),
+            "util": GaugeMetricFamily("model_orchestrator_gpu_utilization_ratio", "GPU busy fraction over the driver's sample period", labels=labels),
+            "temp": GaugeMetricFamily("model_orchestrator_gpu_temperature_celsius", "GPU temperature", labels=labels),
+            "power": GaugeMetricFamily("model_orchestrator_gpu_power_watts", "GPU power draw", labels=labels),
+            "foreign": GaugeMetricFamily("model_orchestrator_gpu_foreign_memory_bytes", "Memory held by GPU processes the orchestrator does not own", labels=labels),
+        }
+        owned = self._owned_pids()
+        vram = GaugeMetricFamily("model_orchestrator_model_vram_bytes", "GPU memory held by each model's llama-server (NVML)", labels=["model", "gpu"])
+        for d in snap.devices:
+            lv = [str(d.index), d.name, d.uuid]
+            fams["total"].add_metric(lv, d.total_mb * MIB)
+            fams["used"].add_metric(lv, d.used_mb * MIB)
+            fams["free"].add_metric(lv, d.free_mb * MIB)
+            if d.utilization_percent is not None:
+                fams["util"].add_metric(lv, d.utilization_percent / 100)
+            if d.temperature_c is not None:
+                fams["temp"].add_metric(lv, d.temperature_c)
+            if d.power_w is not None:
+                fams["power"].add_metric(lv, d.power_w)
+            foreign = sum(p.used_mb or 0 for p in d.processes if p.pid not in owned)
+            fams["foreign"].add_metric(lv, foreign * MIB)
+            for p in d.processes:
+                if p.pid in owned and p.used_mb is not None:
+                    vram.add_metric([owned[p.pid], str(d.index)], p.used_mb * MIB)
+        yield from fams.values()
+        yield vram

@@ -1,0 +1,77 @@
+"""Where a model's GGUF files are on disk: found in the shared Hugging Face cache (HF_HOME), pulled from the Hub
+(or any server speaking its file protocol, HF_ENDPOINT), taken from a local path, or generated (the tiny default).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .registry import GeneratedSource, HfSource, ModelSpec, PathSource
+
+
+@dataclass
+class ModelFiles:
+    model: Path
+    mmproj: Path | None = None
+
+
+class ModelFilesMissing(Exception):
+    """The files are not on disk; the message says how to get them. Nothing was spawned."""
+
+
+def _cached(src: HfSource, filename: str) -> Path | None:
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(src.repo, filename, revision=src.revision)
+    return Path(found) if isinstance(found, str) else None
+
+
+def resolve(spec: ModelSpec, generated_dir: Path) -> ModelFiles:
+    """The files of `spec`, without any network access. Raises ModelFilesMissing with what to do."""
+    src = spec.source
+    if isinstance(src, PathSource):
+        for p in (src.path, src.mmproj):
+            if p is not None and not (p.exists() and not p.is_dir()):  # a FIFO or device is fine too
+                raise ModelFilesMissing(f"{spec.id}: file {p} does not exist; fix source.path in the model registry")
+        return ModelFiles(src.path, src.mmproj)
+    if isinstance(src, HfSource):
+        model = _cached(src, src.file)
+        mmproj = _cached(src, src.mmproj) if src.mmproj else None
+        if model is None or (src.mmproj and mmproj is None):
+            raise ModelFilesMissing(
+                f"{spec.id}: {src.repo}/{src.file if model is None else src.mmproj} is not in the Hugging Face cache "
+                f"(HF_HOME); download it with `model-orchestrator pull {spec.id}`")
+        return ModelFiles(model, mmproj)
+    assert isinstance(src, GeneratedSource)
+    path = generated_dir / f"{spec.id}.gguf"
+    if not path.is_file():
+        from .tiny_gguf import write_tiny_model
+
+        generated_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        write_tiny_model(tmp, behaviour=src.behaviour, arch=src.arch)
+        tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+    return ModelFiles(path)
+
+
+def pull(spec: ModelSpec, *, progress: bool = True) -> ModelFiles:
+    """Download a Hugging Face model into the shared cache: resumable, checked, a no-op when already there."""
+    src = spec.source
+    if not isinstance(src, HfSource):
+        raise ModelFilesMissing(f"{spec.id} has no Hugging Face source (source.type = {src.type}); nothing to pull")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    (enable_progress_bars if progress else disable_progress_bars)()
+    paths = [Path(hf_hub_download(src.repo, f, revision=src.revision)) for f in (src.file, src.mmproj) if f]
+    for p in paths:
+        _check_gguf(p)
+    return ModelFiles(paths[0], paths[1] if len(paths) > 1 else None)
+
+
+def _check_gguf(path: Path) -> None:
+    """hf_hub_download checks size and hash against the Hub; this also checks the file is a GGUF."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelFilesMissing(f"{path} is not a GGUF file (bad magic); delete it and pull again")

@@ -1,0 +1,58 @@
+"""/openapi.json, generated from the route table in api.py and the pydantic models in schemas.py.
+
+There is no hand-kept copy of the schema: a route's request model is the class that validates its body.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from .schemas import ErrorResponse
+
+_ERRORS = {"400": "invalid request (bad JSON, wrong types, unknown fields)", "401": "missing or wrong API key",
+           "404": "unknown model or route", "409": "conflict with the model's state (busy, cancelled, files missing)",
+           "413": "body too large", "503": "model not ready (loading failed, being unloaded)"}
+
+
+def build_openapi(routes, *, version: str, title: str = "model-orchestrator") -> dict:
+    models: set[type[BaseModel]] = {ErrorResponse}
+    for r in routes:
+        models.update(m for m in (r.request, r.response) if m is not None)
+    _, defs = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
+                                 ref_template="#/components/schemas/{model}")
+    paths: dict[str, dict] = {}
+    for r in routes:
+        op: dict = {"summary": r.summary, "operationId": r.handler.__name__, "tags": [r.tag],
+                    "responses": {str(r.status): _content(r.response, r.stream)}}
+        if r.description:
+            op["description"] = r.description
+        if r.request is not None:
+            op["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": {"$ref": f"#/components/schemas/{r.request.__name__}"}}}}
+        for code, text in _ERRORS.items():
+            if code != "401" or r.auth:
+                op["responses"].setdefault(code, {"description": text, "content": {"application/json": {
+                    "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+        if not r.auth:
+            op["security"] = []
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": title, "version": version,
+                 "description": "Runs llama-server processes for n8n and manages GPU memory: load, unload, status, "
+                                "and an OpenAI-compatible proxy routed by model."},
+        "paths": paths,
+        "components": {"schemas": defs.get("$defs", {}),
+                       "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "security": [{"bearer": []}],
+    }
+
+
+def _content(model: type[BaseModel] | None, stream: bool) -> dict:
+    if model is None:
+        return {"description": "text", "content": {"text/plain": {"schema": {"type": "string"}}}}
+    content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+    if stream:
+        content["text/event-stream"] = {"schema": {"type": "string", "description": "SSE chunks when stream is true"}}
+    return {"description": "OK", "content": content}

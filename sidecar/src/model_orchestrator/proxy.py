@@ -1,0 +1,152 @@
+"""The OpenAI-compatible pass-through: a request is routed by its `model` to that model's llama-server.
+
+Bodies go upstream byte for byte (images, tools, tool_choice untouched); SSE streams come back chunk by chunk as
+llama-server writes them, never buffered whole. Token counts are read from the responses' usage for metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import aiohttp
+from aiohttp import web
+
+from .errors import ApiError
+from .lifecycle import LlamaServer, ModelSlot
+from .orchestrator import Orchestrator
+
+_HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
+
+
+class UsageScanner:
+    """Finds token counts in an SSE stream without delaying it: only lines that mention usage/timings are parsed."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        data = self._tail + chunk
+        *lines, self._tail = data.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data: {") and (b'"usage"' in line or b'"timings"' in line):
+                try:
+                    self.read(json.loads(line[6:]))
+                except ValueError:
+                    pass
+
+    def read(self, obj: dict) -> None:
+        usage = obj.get("usage") or {}
+        timings = obj.get("timings") or {}
+        prompt = usage.get("prompt_tokens", timings.get("prompt_n"))
+        completion = usage.get("completion_tokens", timings.get("predicted_n"))
+        if isinstance(prompt, int):
+            self.prompt_tokens = prompt
+        if isinstance(completion, int):
+            self.completion_tokens = completion
+
+
+async def _upstream_lost(slot: ModelSlot, server: LlamaServer) -> ApiError:
+    """Why the connection to llama-server broke: force-unloaded, crashed, or a plain network error."""
+    await server.wait_exit(0.5)  # the socket may close a moment before the exit is reaped
+    err = slot.last_error or {}
+    if server.exit is not None and not server.exit.expected:
+        return ApiError(502, "model_crashed", f"llama-server for {slot.id} {server.exit.reason} during the request; "
+                        "the model is marked failed and the next request reloads it", model=slot.id,
+                        logs=server.exit.last_logs[-10:])
+    if server.exit is not None or err.get("code") == "model_unloaded":
+        return ApiError(503, "model_unloaded", f"{slot.id} was unloaded while the request was in flight",
+                        model=slot.id, headers={"Retry-After": "1"})
+    return ApiError(502, "upstream_error", f"lost the connection to llama-server for {slot.id}", model=slot.id)
+
+
+async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> web.StreamResponse:
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "invalid_request", "the request body must be a JSON object")
+    name = body.get("model")
+    if name is not None and not isinstance(name, str):
+        raise ApiError(400, "invalid_request", "'model' must be a string")
+    slot = orch.slot(name)
+    stream = body.get("stream") is True
+    t0 = time.perf_counter()
+    status = 500
+    m = orch.metrics
+    m.in_flight.labels(slot.id).inc()
+    try:
+        with slot.request():
+            server = await orch.ready_server(slot)
+            headers = {"Content-Type": "application/json"}
+            if "Accept" in request.headers:
+                headers["Accept"] = request.headers["Accept"]
+            try:
+                async with orch.http.post(f"{server.base_url}{request.path}", data=raw, headers=headers,
+                                          timeout=aiohttp.ClientTimeout(total=None)) as up:
+                    status = up.status
+                    if stream and up.content_type == "text/event-stream":
+                        return await _pass_stream(request, up, slot, server, orch, endpoint)
+                    data = await up.read()
+                    if up.status == 200 and up.content_type == "application/json":
+                        _count_tokens(orch, slot.id, data)
+                    return web.Response(body=data, status=up.status, headers={
+                        k: v for k, v in up.headers.items() if k.lower() not in _HOP_HEADERS})
+            except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+                err = await _upstream_lost(slot, server)
+                status = err.status
+                raise err from None
+    except ApiError as err:
+        status = err.status
+        raise
+    finally:
+        m.in_flight.labels(slot.id).dec()
+        m.requests.labels(slot.id, endpoint, str(status)).inc()
+        m.request_duration.labels(slot.id, endpoint).observe(time.perf_counter() - t0)
+
+
+async def _pass_stream(request, up, slot, server, orch, endpoint) -> web.StreamResponse:
+    resp = web.StreamResponse(status=up.status, headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    scanner = UsageScanner()
+    try:
+        async for chunk in up.content.iter_any():
+            await resp.write(chunk)
+            scanner.feed(chunk)
+    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+        # the status line is gone already: report the failure as a last SSE event, as OpenAI does
+        err = await _upstream_lost(slot, server)
+        await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+    _record(orch, slot.id, scanner.prompt_tokens, scanner.completion_tokens)
+    await resp.write_eof()
+    return resp
+
+
+def _count_tokens(orch: Orchestrator, model: str, data: bytes) -> None:
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return
+    if isinstance(obj, dict):
+        scanner = UsageScanner()
+        scanner.read(obj)
+        _record(orch, model, scanner.prompt_tokens, scanner.completion_tokens)
+
+
+def _record(orch: Orchestrator, model: str, prompt: int | None, completion: int | None) -> None:
+    if prompt:
+        orch.metrics.prompt_tokens.labels(model).inc(prompt)
+    if completion:
+        orch.metrics.tokens_generated.labels(model).inc(completion)
+
+
+def list_models(orch: Orchestrator) -> dict:
+    created = int(time.time())
+    return {"object": "list", "data": [
+        {"id": s.id, "object": "model", "created": created, "owned_by": "model-orchestrator", "status": s.state}
+        for s in orch.slots.values()]}

@@ -1,0 +1,172 @@
+"""The model registry: which models exist, where their files come from, how llama-server runs them.
+
+One TOML file (the shipped `models.toml`, or MODEL_ORCHESTRATOR_MODELS) validated by pydantic: a bad file stops
+start-up with the field's path and the reason.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+# Model ids become metric labels, URL parts and file names: keep them to a safe alphabet (no path traversal).
+MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+# Flags the orchestrator sets itself; letting extra_args set them would break routing or expose llama-server.
+RESERVED_FLAGS = {
+    "-m", "--model", "--host", "--port", "-a", "--alias", "--mmproj", "-mm", "-c", "--ctx-size",
+    "-ngl", "--gpu-layers", "--n-gpu-layers", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
+    "--models-dir", "--api-key", "--api-key-file", "--path",
+}
+
+CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HfSource(_Strict):
+    """Files in a Hugging Face repo, resolved through the shared HF cache (HF_HOME)."""
+
+    type: Literal["hf"]
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    file: str
+    mmproj: str | None = None
+    revision: str = "main"
+
+    @field_validator("file", "mmproj")
+    @classmethod
+    def _relative(cls, v: str | None) -> str | None:
+        if v is not None and (v.startswith("/") or ".." in Path(v).parts):
+            raise ValueError("must be a file name inside the repo (no absolute path, no '..')")
+        return v
+
+
+class PathSource(_Strict):
+    """A GGUF already on disk."""
+
+    type: Literal["path"]
+    path: Path
+    mmproj: Path | None = None
+
+
+class GeneratedSource(_Strict):
+    """A tiny generated GGUF (see tiny_gguf.py): the embedded default, answering a fixed sentence."""
+
+    type: Literal["generated"]
+    behaviour: Literal["hello", "tool_call", "random"] = "hello"
+    arch: Literal["llama", "qwen3", "qwen3moe"] = "qwen3"
+
+
+Source = Annotated[Union[HfSource, PathSource, GeneratedSource], Field(discriminator="type")]
+
+
+class ModelSpec(_Strict):
+    id: str = Field(pattern=MODEL_ID_PATTERN)
+    name: str = ""
+    source: Source
+    context_size: int = Field(8192, ge=64)
+    n_gpu_layers: int = Field(99, ge=-1, description="layers offloaded to the GPU (99: all; ignored without GPU)")
+    cache_type: CacheType = "f16"
+    flash_attn: Literal["on", "off", "auto"] = "auto"
+    extra_args: list[str] = []
+    aliases: list[Annotated[str, Field(pattern=MODEL_ID_PATTERN)]] = []
+    priority: int = Field(0, ge=0, le=100, description="higher stays loaded longer under memory pressure")
+    idle_ttl_s: float = Field(0, ge=0, description="unload after this long without requests; 0 = never")
+    load_on_demand: bool = True
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_reserved_flags(cls, args: list[str]) -> list[str]:
+        for arg in args:
+            flag = arg.split("=", 1)[0]
+            if flag in RESERVED_FLAGS:
+                raise ValueError(f"{flag} is set by the orchestrator; use the model's own field instead")
+        return args
+
+    @model_validator(mode="after")
+    def _quantized_v_needs_flash_attention(self) -> "ModelSpec":
+        if self.cache_type not in ("f16", "f32", "bf16") and self.flash_attn == "off":
+            raise ValueError(f"cache_type {self.cache_type} needs flash_attn 'on' or 'auto' (llama.cpp quantizes V only with FA)")
+        return self
+
+
+class Registry(_Strict):
+    default_model: str
+    models: list[ModelSpec] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _names_unique_and_default_known(self) -> "Registry":
+        seen: dict[str, str] = {}
+        for spec in self.models:
+            for name in (spec.id, *spec.aliases):
+                if name in seen:
+                    raise ValueError(f"name {name!r} is used by both {seen[name]!r} and {spec.id!r}")
+                seen[name] = spec.id
+        if self.default_model not in seen:
+            raise ValueError(f"default_model {self.default_model!r} is not a model id or alias")
+        return self
+
+    def lookup(self, name: str) -> ModelSpec | None:
+        """A model by id or alias."""
+        for spec in self.models:
+            if name == spec.id or name in spec.aliases:
+                return spec
+        return None
+
+    @property
+    def default(self) -> ModelSpec:
+        spec = self.lookup(self.default_model)
+        assert spec is not None  # checked by the validator
+        return spec
+
+
+class RegistryError(Exception):
+    """A registry file that cannot be used; the message names the file, the field and the reason."""
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        lines.append(f"  {loc or '(top level)'}: {err['msg']}")
+    return f"{source}: invalid model registry\n" + "\n".join(lines)
+
+
+def parse_registry(text: str, source: str = "<registry>", *, context_size: int | None = None,
+                   n_gpu_layers: int | None = None) -> Registry:
+    """Parse and validate; the guide's CONTEXT_SIZE / N_GPU_LAYERS override every model's value."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RegistryError(f"{source}: not valid TOML: {exc}") from None
+    try:
+        registry = Registry.model_validate(data)
+    except ValidationError as exc:
+        raise RegistryError(_format_errors(source, exc)) from None
+    for spec in registry.models:
+        if context_size is not None:
+            spec.context_size = context_size
+        if n_gpu_layers is not None:
+            spec.n_gpu_layers = n_gpu_layers
+        if isinstance(spec.source, PathSource) and not spec.source.path.is_absolute() and source != "<registry>":
+            # relative paths are relative to the registry file, not to wherever the sidecar was started
+            spec.source.path = Path(source).parent / spec.source.path
+    return registry
+
+
+def load_registry(path: Path | None = None, **overrides) -> Registry:
+    """The registry file at `path`, or the one shipped in the package."""
+    if path is None:
+        text = resources.files(__package__).joinpath("models.toml").read_text()
+        return parse_registry(text, "models.toml (shipped)", **overrides)
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise RegistryError(f"{path}: cannot read the model registry: {exc.strerror}") from None
+    return parse_registry(text, str(path), **overrides)

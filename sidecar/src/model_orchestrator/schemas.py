@@ -1,0 +1,191 @@
+"""Request and response bodies of the HTTP API. The same classes validate requests and generate /openapi.json."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .lifecycle import State
+from .registry import MODEL_ID_PATTERN
+
+ModelName = Field(min_length=1, max_length=64, pattern=MODEL_ID_PATTERN, description="model id or alias")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+
+
+class LoadRequest(_Request):
+    model: str = ModelName
+    service: str = Field("llama-cpp", max_length=64, description="the service that runs the model (llama-cpp)")
+    priority: int | None = Field(None, ge=0, le=100, description="overrides the registry's priority while loaded")
+    wait: bool = Field(True, description="false: answer 202 at once and load in the background")
+    timeout_s: float | None = Field(None, gt=0, le=3600, description="how long llama-server may take to be ready")
+
+
+class UnloadRequest(_Request):
+    model: str = ModelName
+    service: str | None = Field(None, max_length=64)
+    force: bool = Field(False, description="stop at once; requests in flight end with an error")
+    drain_timeout_s: float = Field(30, ge=0, le=3600, description="without force: how long to wait for requests in flight before refusing with 409")
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    code: str
+    message: str
+    type: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class GpuProcessOut(BaseModel):
+    pid: int
+    used_mb: int | None
+    model: str | None = Field(None, description="the model whose llama-server this is; null: a process the orchestrator does not own")
+
+
+class GpuOut(BaseModel):
+    index: int
+    name: str
+    uuid: str
+    total_mb: int
+    used_mb: int
+    free_mb: int
+    utilization_percent: float | None
+    memory_utilization_percent: float | None
+    temperature_c: float | None
+    power_w: float | None
+    power_limit_w: float | None
+    foreign_mb: int = Field(description="memory held by processes the orchestrator does not own")
+    processes: list[GpuProcessOut]
+
+
+class ModelStatus(BaseModel):
+    model: str
+    service: str
+    loaded_at: str | None
+    status: State
+    pid: int | None = None
+    port: int | None = None
+    priority: int
+    context_size: int
+    in_flight: int
+    draining: bool
+    last_used: str | None
+    load_seconds: float | None
+    vram_mb: int | None = Field(None, description="NVML-measured memory of its llama-server (all GPUs); null in CPU mode")
+    error: dict[str, Any] | None = None
+
+
+class StatusResponse(BaseModel):
+    mode: Literal["gpu", "cpu"]
+    total_mb: int | None = Field(description="all GPUs; null in CPU mode (no invented numbers)")
+    used_mb: int | None
+    free_mb: int | None
+    utilization_percent: float | None
+    loaded_models: dict[str, ModelStatus] = Field(description="models not in state unloaded, by id")
+    gpus: list[GpuOut]
+    driver_version: str | None = None
+    note: str | None = None
+
+
+class LoadResponse(BaseModel):
+    model: str
+    status: State
+    result: Literal["loaded", "joined", "already_loaded", "loading"]
+    load_seconds: float | None = None
+    pid: int | None = None
+    port: int | None = None
+
+
+class UnloadResponse(BaseModel):
+    model: str
+    status: State
+    result: Literal["unloaded", "cancelled_load", "joined", "already_unloaded"]
+
+
+class ModelInfo(BaseModel):
+    id: str
+    name: str
+    aliases: list[str]
+    status: State
+    source: Literal["hf", "path", "generated"]
+    files_present: bool = Field(description="the GGUF files are on disk (no download needed)")
+    context_size: int
+    n_gpu_layers: int
+    cache_type: str
+    priority: int
+    idle_ttl_s: float
+    load_on_demand: bool
+    vision: bool = Field(description="has a multimodal projector (accepts image_url content)")
+    default: bool
+
+
+class ModelsResponse(BaseModel):
+    default_model: str
+    models: list[ModelInfo]
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"]
+    version: str
+    mode: Literal["gpu", "cpu"]
+    llama_server: str | None
+    models_loaded: int
+
+
+class LogsResponse(BaseModel):
+    model: str
+    pid: int | None
+    lines: list[str]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: Any = None
+
+
+class ChatCompletionRequest(BaseModel):
+    """The OpenAI chat request; fields not listed here (tools, tool_choice, response_format, ...) pass through."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str | None = Field(None, description="model id or alias; default: the registry's default model")
+    messages: list[ChatMessage]
+    stream: bool = False
+
+
+class CompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    prompt: Any
+    stream: bool = False
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str | None = None
+    input: Any
+
+
+class OpenAIModel(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    status: State
+
+
+class OpenAIModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[OpenAIModel]
+
+
+class OpenAIResponse(BaseModel):
+    """llama-server's answer, passed through unchanged (JSON, or an SSE stream when stream is true)."""
+
+    model_config = ConfigDict(extra="allow")

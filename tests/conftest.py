@@ -1,0 +1,222 @@
+"""Shared fixtures: a real llama-server binary, tiny generated GGUF models, a registry for them, and sidecars
+(in-process through pytest-aiohttp, or as a real subprocess when a test kills things)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from model_orchestrator.install import find_llama_server, install
+from model_orchestrator.tiny_gguf import write_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU with NVML and a CUDA llama-server (skipped elsewhere)")
+
+
+def pytest_collection_modifyitems(config, items):
+    from model_orchestrator.gpu import open_gpu_view
+
+    if open_gpu_view().available:
+        return
+    skip = pytest.mark.skip(reason="no NVIDIA GPU visible to NVML: GPU tests run on the device (see results/)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def llama_server_bin() -> Path:
+    """LLAMA_SERVER_BIN, else the cached build, else build it now (the project's own install step)."""
+    try:
+        return find_llama_server()
+    except FileNotFoundError:
+        return install()
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("models")
+    write_tiny_model(d / "hello.gguf", behaviour="hello", arch="qwen3")
+    write_tiny_model(d / "tools.gguf", behaviour="tool_call", arch="qwen3")
+    write_tiny_model(d / "random-llama.gguf", behaviour="random", arch="llama")
+    (d / "broken.gguf").write_bytes(b"GGUF" + b"\x00" * 60)  # a header llama-server rejects
+    os.mkfifo(d / "never.gguf")  # llama-server blocks reading it: a load that never becomes ready
+    return d
+
+
+def registry_text(model_dir: Path, **extra) -> str:
+    """A registry for the fixtures; the hung model has a short idle TTL only when asked."""
+    return f"""
+default_model = "tiny"
+
+[[models]]
+id = "tiny"
+aliases = ["tiny-alias"]
+source = {{ type = "path", path = "{model_dir / 'hello.gguf'}" }}
+context_size = 512
+
+[[models]]
+id = "tiny-tools"
+source = {{ type = "path", path = "{model_dir / 'tools.gguf'}" }}
+context_size = 1024
+
+[[models]]
+id = "tiny-random"
+source = {{ type = "path", path = "{model_dir / 'random-llama.gguf'}" }}
+context_size = 4096
+
+[[models]]
+id = "tiny-manual"
+source = {{ type = "path", path = "{model_dir / 'hello.gguf'}" }}
+context_size = 512
+load_on_demand = false
+
+[[models]]
+id = "tiny-generated"
+source = {{ type = "generated", behaviour = "hello" }}
+context_size = 512
+
+[[models]]
+id = "broken"
+source = {{ type = "path", path = "{model_dir / 'broken.gguf'}" }}
+
+[[models]]
+id = "hangs"
+source = {{ type = "path", path = "{model_dir / 'never.gguf'}" }}
+context_size = 512
+idle_ttl_s = {extra.get('hangs_ttl', 0)}
+"""
+
+
+@pytest.fixture
+def registry_file(tmp_path, model_dir) -> Path:
+    p = tmp_path / "models.toml"
+    p.write_text(registry_text(model_dir))
+    return p
+
+
+@pytest.fixture
+def make_orchestrator(tmp_path, registry_file, llama_server_bin):
+    """Build an Orchestrator (not started) with CPU mode and the fixture registry."""
+    from model_orchestrator.gpu import NoGpuView
+    from model_orchestrator.orchestrator import Orchestrator
+    from model_orchestrator.registry import load_registry
+    from model_orchestrator.settings import Settings
+
+    def make(**settings):
+        s = Settings(state_dir=tmp_path / "state", stop_timeout_s=3, load_timeout_s=30, **settings)
+        return Orchestrator(s, load_registry(registry_file), NoGpuView("tests run without a GPU"), llama_server_bin)
+
+    return make
+
+
+@pytest.fixture
+async def client(aiohttp_client, make_orchestrator):
+    from model_orchestrator.api import create_app
+
+    orch = make_orchestrator()
+    c = await aiohttp_client(create_app(orch))
+    c.orch = orch
+    yield c
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.01) -> float | None:
+    """Seconds until predicate() was true, or None on timeout."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if predicate():
+            return time.monotonic() - t0
+        time.sleep(interval)
+    return None
+
+
+class SidecarProcess:
+    """`model-orchestrator serve` as a real subprocess, for tests that kill it."""
+
+    def __init__(self, registry: Path, state_dir: Path, llama_bin: Path, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "MODEL_ORCHESTRATOR_STATE": str(state_dir), "LLAMA_SERVER_BIN": str(llama_bin),
+                    "MODEL_ORCHESTRATOR_MODELS": str(registry), "MODEL_ORCHESTRATOR_PORT": str(self.port),
+                    "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.log = state_dir.parent / f"sidecar-{self.port}.log"
+
+    def start(self, timeout: float = 30) -> "SidecarProcess":
+        self.proc = subprocess.Popen([sys.executable, "-m", "model_orchestrator", "serve"], env=self.env,
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        if wait_until(self._healthy, timeout, 0.05) is None:
+            self.stop()
+            raise AssertionError(f"sidecar did not start:\n{self.log.read_text()[-3000:]}")
+        return self
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"sidecar exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
+        req = urllib.request.Request(self.url + path, method=method, headers={"Content-Type": "application/json"},
+                                     data=json.dumps(body).encode() if body is not None else None)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@pytest.fixture
+def sidecar_process(tmp_path, registry_file, llama_server_bin):
+    made: list[SidecarProcess] = []
+
+    def start(**kw) -> SidecarProcess:
+        sp = SidecarProcess(registry_file, tmp_path / "state", llama_server_bin, **kw).start()
+        made.append(sp)
+        return sp
+
+    yield start
+    for sp in made:
+        sp.stop()

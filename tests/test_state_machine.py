@@ -1,0 +1,41 @@
+"""The transition table is the only way states change; every pair of states is checked."""
+
+import itertools
+
+import pytest
+
+from model_orchestrator.lifecycle import TRANSITIONS, IllegalTransition, ModelSlot, State
+from model_orchestrator.registry import parse_registry
+
+LEGAL = {
+    ("unloaded", "loading"),
+    ("loading", "loaded"), ("loading", "failed"), ("loading", "unloading"),
+    ("loaded", "unloading"), ("loaded", "failed"),
+    ("unloading", "unloaded"),
+    ("failed", "loading"), ("failed", "unloaded"),
+}
+
+
+def _slot() -> ModelSlot:
+    reg = parse_registry('default_model = "m"\n[[models]]\nid = "m"\nsource = { type = "generated" }\n')
+    return ModelSlot(reg.models[0])
+
+
+def test_table_is_exactly_the_documented_lifecycle():
+    assert {(a.value, b.value) for a, nexts in TRANSITIONS.items() for b in nexts} == LEGAL
+    assert set(TRANSITIONS) == set(State)
+
+
+@pytest.mark.parametrize("old, new", list(itertools.product(State, State)))
+def test_every_pair(old, new):
+    slot = _slot()
+    seen = []
+    slot._on_transition = lambda s, a, b: seen.append((a, b))
+    slot.state = old
+    if (old.value, new.value) in LEGAL:
+        slot._transition(new)
+        assert slot.state == new and seen == [(old, new)]
+    else:
+        with pytest.raises(IllegalTransition):
+            slot._transition(new)
+        assert slot.state == old and seen == []
