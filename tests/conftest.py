@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from model_orchestrator.install import find_llama_server, install
-from model_orchestrator.tiny_gguf import write_tiny_model
+from model_orchestrator.tiny_gguf import write_tiny_mmproj, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,6 +51,7 @@ def model_dir(tmp_path_factory) -> Path:
     write_tiny_model(d / "hello.gguf", behaviour="hello", arch="qwen3")
     write_tiny_model(d / "tools.gguf", behaviour="tool_call", arch="qwen3")
     write_tiny_model(d / "random-llama.gguf", behaviour="random", arch="llama")
+    write_tiny_mmproj(d / "mmproj.gguf")
     (d / "broken.gguf").write_bytes(b"GGUF" + b"\x00" * 60)  # a header llama-server rejects
     os.mkfifo(d / "never.gguf")  # llama-server blocks reading it: a load that never becomes ready
     return d
@@ -65,6 +66,11 @@ default_model = "tiny"
 id = "tiny"
 aliases = ["tiny-alias"]
 source = {{ type = "path", path = "{model_dir / 'hello.gguf'}" }}
+context_size = 512
+
+[[models]]
+id = "tiny-vision"
+source = {{ type = "path", path = "{model_dir / 'hello.gguf'}", mmproj = "{model_dir / 'mmproj.gguf'}" }}
 context_size = 512
 
 [[models]]
@@ -115,9 +121,9 @@ def make_orchestrator(tmp_path, registry_file, llama_server_bin):
     from model_orchestrator.registry import load_registry
     from model_orchestrator.settings import Settings
 
-    def make(**settings):
+    def make(gpu=None, **settings):
         s = Settings(state_dir=tmp_path / "state", stop_timeout_s=3, load_timeout_s=30, **settings)
-        return Orchestrator(s, load_registry(registry_file), NoGpuView("tests run without a GPU"), llama_server_bin)
+        return Orchestrator(s, load_registry(registry_file), gpu or NoGpuView("tests run without a GPU"), llama_server_bin)
 
     return make
 
@@ -220,3 +226,14 @@ def sidecar_process(tmp_path, registry_file, llama_server_bin):
     yield start
     for sp in made:
         sp.stop()
+
+
+def metric_value(text: str, name: str, **labels) -> float | None:
+    """The value of one sample in Prometheus text format (labels given must match; others are ignored)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None

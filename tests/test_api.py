@@ -136,16 +136,30 @@ async def test_tools_are_passed_through_and_tool_calls_come_back(client):
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-async def test_image_content_reaches_llama_server_unchanged(client):
-    """A text-only model: llama-server itself answers that it cannot take images, which proves the image_url part
-    was passed through rather than dropped or rewritten by the proxy."""
-    png = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
-    msg = [{"role": "user", "content": [{"type": "text", "text": "What is in this image?"},
-                                        {"type": "image_url", "image_url": {"url": png}}]}]
-    r = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": msg})
+PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+IMAGE_MSG = [{"role": "user", "content": [{"type": "text", "text": "What is in this image?"},
+                                          {"type": "image_url", "image_url": {"url": PNG}}]}]
+
+
+async def test_image_request_reaches_the_vision_model(client):
+    """A model with a (tiny, generated) multimodal projector: the image is encoded into prompt tokens."""
+    with_image = await client.post("/v1/chat/completions", json={"model": "tiny-vision", "messages": IMAGE_MSG})
+    body = await with_image.json()
+    assert with_image.status == 200, body
+    assert body["choices"][0]["message"]["content"] == HELLO_TEXT
+    text_only = [{"role": "user", "content": [{"type": "text", "text": "What is in this image?"}]}]
+    plain = await (await client.post("/v1/chat/completions", json={"model": "tiny-vision", "messages": text_only})).json()
+    assert body["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]  # the image became tokens
+    models = await (await client.get("/models")).json()
+    assert next(m for m in models["models"] if m["id"] == "tiny-vision")["vision"] is True
+
+
+async def test_image_to_a_text_only_model_gets_llama_servers_own_error(client):
+    """llama-server itself answers that it cannot take images: the image_url part was passed through as sent."""
+    r = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": IMAGE_MSG})
     body = await r.json()
     assert r.status in (400, 500), body
-    assert "image" in body["error"]["message"].lower(), body
+    assert "image input is not supported" in body["error"]["message"], body
 
 
 async def test_load_on_demand_and_requests_during_a_load_wait(client):

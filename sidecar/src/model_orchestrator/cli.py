@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import ipaddress
 import json
 import logging
@@ -70,6 +71,12 @@ def cmd_serve(args) -> int:
         async def preload(app):
             await orch.load(args.preload)
         app.on_startup.append(preload)
+    try:  # uvloop: a faster event loop (libuv), the proxy's per-request and per-chunk cost is mostly loop overhead
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
     web.run_app(app, host=settings.host, port=settings.port, access_log=None,
                 print=lambda _: log.info("serving on http://%s:%d (API docs: /docs)", settings.host, settings.port))
     return 0

@@ -57,7 +57,9 @@ class Orchestrator:
         if self.reaped:
             log.warning("reaped %d llama-server process(es) left by a previous run: %s", len(self.reaped), self.reaped)
         # no connection cap: concurrency is bounded per model by llama-server's slots, not by our pool
-        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), auto_decompress=False)
+        # keepalive_timeout below llama-server's own (5 s) so we rarely reuse a connection it is closing
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
+                                          auto_decompress=False)
         self._idle_task = asyncio.create_task(self._unload_idle_models())
 
     async def close(self) -> None:

@@ -83,11 +83,12 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
         with slot.request():
             server = await orch.ready_server(slot)
             headers = {"Content-Type": "application/json"}
+            if stream:  # llama-server closes the connection after a stream without saying so: never pool it
+                headers["Connection"] = "close"
             if "Accept" in request.headers:
                 headers["Accept"] = request.headers["Accept"]
             try:
-                async with orch.http.post(f"{server.base_url}{request.path}", data=raw, headers=headers,
-                                          timeout=aiohttp.ClientTimeout(total=None)) as up:
+                async with await _send(orch.http, f"{server.base_url}{request.path}", raw, headers, server) as up:
                     status = up.status
                     if stream and up.content_type == "text/event-stream":
                         return await _pass_stream(request, up, slot, server, orch, endpoint)
@@ -107,6 +108,17 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
         m.in_flight.labels(slot.id).dec()
         m.requests.labels(slot.id, endpoint, str(status)).inc()
         m.request_duration.labels(slot.id, endpoint).observe(time.perf_counter() - t0)
+
+
+async def _send(http: aiohttp.ClientSession, url: str, raw: bytes, headers: dict, server: LlamaServer):
+    """POST upstream. A pooled keep-alive connection that llama-server has just closed (it keeps idle ones 5 s and
+    serves 100 requests on one) fails before any byte of answer: that attempt is retried once, on a new connection."""
+    for attempt in (1, 2):
+        try:
+            return await http.post(url, data=raw, headers=headers, timeout=aiohttp.ClientTimeout(total=None))
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            if attempt == 2 or server.exit is not None:
+                raise
 
 
 async def _pass_stream(request, up, slot, server, orch, endpoint) -> web.StreamResponse:

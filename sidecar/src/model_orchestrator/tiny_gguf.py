@@ -17,12 +17,20 @@ program*:
   generation prompt) starts the reply, the reply's last token is followed by
   ``<|im_end|>`` (EOS).
 
-The margin is so large that sampling at any ordinary temperature is
-effectively greedy.  All reply tokens are distinct multi-character tokens so
-a bigram model can encode the sequence.  The tokenizer is a small byte-level
-BPE (``gpt2`` / pre ``qwen2``) with ChatML control tokens and the Qwen2.5 chat
-template, so llama-server's Hermes/Qwen tool-call parser turns the
-``tool_call`` reply into a real ``tool_calls`` entry.
+The margin is so large that sampling is effectively greedy (with
+llama-server's default top_k/min_p truncation at any temperature).  All reply
+tokens are distinct multi-character tokens so a bigram model can encode the
+sequence.  The tokenizer is a small byte-level BPE (``gpt2`` / pre ``qwen2``,
+merges learned from a built-in corpus) with ChatML control tokens and the
+Qwen2.5 chat template, so llama-server's Hermes/Qwen tool-call parser turns
+the ``tool_call`` reply into a real ``tool_calls`` entry.
+
+The 'tool_call' model also has one layer-0 attention head that detects a
+``<tool_response>`` token anywhere in the prompt; once a tool result is in
+the conversation it answers HELLO_TEXT instead, so agent loops terminate.
+
+:func:`write_tiny_mmproj` writes a matching tiny vision projector so the
+image (``image_url``) path of ``llama-server --mmproj`` can be exercised.
 """
 
 from __future__ import annotations
@@ -54,9 +62,15 @@ _N_EXPERT_USED = 2
 _N_FF_EXP = 32
 _N_CTX_TRAIN = 4096
 _RMS_EPS = 1e-6
-# Logit of the next reply token; every other logit is 0.  256 keeps the
-# reply unchanged up to temperatures of ~10 (e^-25 per competing token).
+# Minimum logit lead of the intended next token (other logits are ~0).
+# With llama-server's default min_p/top_k only the top token survives; even
+# without truncation the reply is stable up to temperature ~20.
 _MARGIN = 256.0
+# Attention score (pre-softmax) of the <tool_response> detector head; e^40
+# outweighs any number of other positions in a realistic context.
+_DETECT_SCORE = 40.0
+# Large rope base: the detector's low-frequency dims barely rotate.
+_ROPE_BASE = 1e6
 
 # Control tokens (ChatML) and user-defined tokens (Qwen2.5 tool markup).
 _CONTROL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
@@ -288,76 +302,119 @@ def build_vocab() -> tuple[list[str], list[int], list[str], dict[str, int]]:
     return tokens, types, merges, piece_ids
 
 
-def _program_weights(
-    n_vocab: int, program: Sequence[int], eos: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Token embedding and lm_head that implement the bigram program.
-
-    Returns (tok_embd [n_vocab, n_embd], output [n_vocab, n_embd]) in numpy
-    (row-major) layout, i.e. ggml shape {n_embd, n_vocab}.
-    """
-    if len(set(program)) != len(program):
-        raise ValueError("reply tokens must be distinct for a bigram program")
-    if len(program) + 1 > _N_EMBD:
-        raise ValueError("hidden size too small for the reply")
-    embd = np.zeros((n_vocab, _N_EMBD), dtype=np.float32)
-    embd[:, 0] = 1.0  # every token not in the reply -> direction 0
-    for i, tok in enumerate(program):
-        embd[tok, 0] = 0.0
-        embd[tok, i + 1] = 1.0
-    # After the final RMSNorm (weight 1) a one-hot direction has value sqrt(n_embd).
-    w = _MARGIN / np.sqrt(_N_EMBD)
-    out = np.zeros((n_vocab, _N_EMBD), dtype=np.float32)
-    out[program[0], 0] = w  # unknown context -> start the reply
-    for i, tok in enumerate(program):
-        nxt = program[i + 1] if i + 1 < len(program) else eos
-        out[nxt, i + 1] = w
-    return embd, out
-
-
 def _tensors(
-    arch: str, n_vocab: int, behaviour: str, program: Sequence[int], eos: int, rng: np.random.Generator
+    arch: str, n_vocab: int, behaviour: str, ids: dict[str, int], rng: np.random.Generator
 ) -> dict[str, np.ndarray]:
-    """All weight tensors (numpy layout) for the requested arch/behaviour."""
-    rand = behaviour == "random"
+    """All weight tensors (numpy layout = reversed ggml shape) for arch/behaviour.
 
-    def mat(rows: int, cols: int, zero: bool = False, std: float = 0.02) -> np.ndarray:
-        if zero:
-            return np.zeros((rows, cols), dtype=np.float32)
-        return (rng.standard_normal((rows, cols)) * std).astype(np.float32)
+    Deterministic behaviours use the bigram program described in the module
+    docstring.  For 'tool_call', layer 0 additionally has one attention head
+    that raises a "tool result seen" flag in the residual stream when any
+    ``<tool_response>`` token is in the context; with the flag, the reply is
+    HELLO_TEXT instead of a second tool call, so agent loops terminate.
+    """
+    rand = behaviour == "random"
+    kv_dim = _HEAD_DIM * _N_HEAD_KV
+    q_dim = _HEAD_DIM * _N_HEAD
+
+    def rnd(*shape: int, std: float = 0.2) -> np.ndarray:
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    def zeros(*shape: int) -> np.ndarray:
+        return np.zeros(shape, dtype=np.float32)
 
     t: dict[str, np.ndarray] = {}
+    eos = ids["<|im_end|>"]
+    hello = [ids[p] for p in _HELLO_PIECES]
+    tool = [ids[p] for p in _TOOL_PIECES]
+    detect = behaviour == "tool_call"
+    # Residual-stream directions: 0 = any other token, then one per reply
+    # token, then (tool_call only) the <tool_response> token and the flag.
+    program = hello + tool if detect else hello
+    direction = {tok: i + 1 for i, tok in enumerate(program)}
+    d_resp = len(program) + 1
+    d_flag = len(program) + 2
+    if d_flag >= _N_EMBD:
+        raise ValueError("hidden size too small for the reply")
+    if detect:
+        direction[ids["<tool_response>"]] = d_resp
+
     if rand:
-        t["token_embd.weight"] = mat(n_vocab, _N_EMBD, std=1.0)
-        t["output.weight"] = mat(n_vocab, _N_EMBD, std=0.5)
+        t["token_embd.weight"] = rnd(n_vocab, _N_EMBD, std=1.0)
+        t["output.weight"] = rnd(n_vocab, _N_EMBD, std=0.5)
     else:
-        t["token_embd.weight"], t["output.weight"] = _program_weights(n_vocab, program, eos)
+        embd = zeros(n_vocab, _N_EMBD)
+        embd[:, 0] = 1.0
+        for tok, d in direction.items():
+            embd[tok, 0] = 0.0
+            embd[tok, d] = 1.0
+        # lm_head.  After the final RMSNorm (weight 1) a lone one-hot
+        # direction reads sqrt(n_embd); direction + flag read sqrt(n_embd/2)
+        # each.  Weights: unknown context -> 1 unit on the first reply token,
+        # flag -> 2 units on "Hello", reply token -> 4 units on its successor,
+        # so each case wins by >= 1 unit * sqrt(n_embd/2) = _MARGIN.
+        unit = _MARGIN / np.sqrt(_N_EMBD / 2) if detect else _MARGIN / np.sqrt(_N_EMBD)
+        succ = 4.0 * unit if detect else unit
+        out = zeros(n_vocab, _N_EMBD)
+        first = tool[0] if detect else hello[0]
+        out[first, 0] = unit
+        for seq in ([hello, tool] if detect else [hello]):
+            for i, tok in enumerate(seq):
+                out[seq[i + 1] if i + 1 < len(seq) else eos, direction[tok]] = succ
+        if detect:
+            out[first, d_resp] = unit
+            out[hello[0], d_flag] = 2.0 * unit
+        t["token_embd.weight"], t["output.weight"] = embd, out
+
     t["output_norm.weight"] = np.ones(_N_EMBD, dtype=np.float32)
-    kv_dim = _HEAD_DIM * _N_HEAD_KV
+    qk_norm = arch in ("qwen3", "qwen3moe")
     for i in range(_N_LAYER):
         p = f"blk.{i}."
         t[p + "attn_norm.weight"] = np.ones(_N_EMBD, dtype=np.float32)
-        t[p + "attn_q.weight"] = mat(_N_HEAD * _HEAD_DIM, _N_EMBD, std=0.2)
-        t[p + "attn_k.weight"] = mat(kv_dim, _N_EMBD, std=0.2)
-        t[p + "attn_v.weight"] = mat(kv_dim, _N_EMBD, std=0.2)
-        # Zero output projection keeps the residual stream == current token embedding.
-        t[p + "attn_output.weight"] = mat(_N_EMBD, _N_HEAD * _HEAD_DIM, zero=not rand, std=0.2)
-        if arch in ("qwen3", "qwen3moe"):
-            t[p + "attn_q_norm.weight"] = np.ones(_HEAD_DIM, dtype=np.float32)
-            t[p + "attn_k_norm.weight"] = np.ones(_HEAD_DIM, dtype=np.float32)
+        if rand:
+            wq, wk, wv, wo = rnd(q_dim, _N_EMBD), rnd(kv_dim, _N_EMBD), rnd(kv_dim, _N_EMBD), rnd(_N_EMBD, q_dim)
+        else:
+            # Zero value/output projections keep the residual stream equal to
+            # the current token's embedding (plus the flag, see below).
+            wq, wk, wv, wo = rnd(q_dim, _N_EMBD), rnd(kv_dim, _N_EMBD), zeros(kv_dim, _N_EMBD), zeros(_N_EMBD, q_dim)
+        q_norm = np.ones(_HEAD_DIM, dtype=np.float32)
+        k_norm = np.ones(_HEAD_DIM, dtype=np.float32)
+        if detect and i == 0:
+            # Head 0 (kv head 0): every query is the same vector on head dim
+            # 15 (lowest RoPE frequency in both NORM and NEOX layouts, and the
+            # rope base is 1e6, so scores are position independent); only the
+            # <tool_response> key is non-zero there, scoring _DETECT_SCORE.
+            # Its value (1.0 on head dim 0) is written to the flag direction.
+            hd = _HEAD_DIM - 1
+            wq, wk = zeros(q_dim, _N_EMBD), zeros(kv_dim, _N_EMBD)
+            norm_in = np.sqrt(_N_EMBD)  # attn_norm output of a one-hot embedding
+            if qk_norm:
+                # q/k RMSNorm turn a single non-zero dim into sqrt(head_dim)*weight.
+                g = np.sqrt(_DETECT_SCORE * np.sqrt(_HEAD_DIM) / _HEAD_DIM)
+                wq[hd, :], wk[hd, d_resp] = 1.0, 1.0
+                q_norm[:], k_norm[:] = g, g
+            else:
+                c = np.sqrt(_DETECT_SCORE * np.sqrt(_HEAD_DIM)) / norm_in
+                wq[hd, :], wk[hd, d_resp] = c, c
+            wv[0, d_resp] = 1.0 / norm_in
+            wo[d_flag, 0] = 1.0
+        t[p + "attn_q.weight"], t[p + "attn_k.weight"] = wq, wk
+        t[p + "attn_v.weight"], t[p + "attn_output.weight"] = wv, wo
+        if qk_norm:
+            t[p + "attn_q_norm.weight"] = q_norm
+            t[p + "attn_k_norm.weight"] = k_norm
         t[p + "ffn_norm.weight"] = np.ones(_N_EMBD, dtype=np.float32)
         if arch == "qwen3moe":
-            t[p + "ffn_gate_inp.weight"] = mat(_N_EXPERT, _N_EMBD, std=0.2)
-            shape = (_N_EXPERT, _N_FF_EXP, _N_EMBD)
-            t[p + "ffn_gate_exps.weight"] = (rng.standard_normal(shape) * 0.2).astype(np.float32)
-            t[p + "ffn_up_exps.weight"] = (rng.standard_normal(shape) * 0.2).astype(np.float32)
-            down = (rng.standard_normal((_N_EXPERT, _N_EMBD, _N_FF_EXP)) * 0.2).astype(np.float32)
+            t[p + "ffn_gate_inp.weight"] = rnd(_N_EXPERT, _N_EMBD)
+            t[p + "ffn_gate_exps.weight"] = rnd(_N_EXPERT, _N_FF_EXP, _N_EMBD)
+            t[p + "ffn_up_exps.weight"] = rnd(_N_EXPERT, _N_FF_EXP, _N_EMBD)
+            down = rnd(_N_EXPERT, _N_EMBD, _N_FF_EXP)
+            # Zero down projection: the FFN adds nothing to the residual stream.
             t[p + "ffn_down_exps.weight"] = down if rand else np.zeros_like(down)
         else:
-            t[p + "ffn_gate.weight"] = mat(_N_FF, _N_EMBD, std=0.2)
-            t[p + "ffn_up.weight"] = mat(_N_FF, _N_EMBD, std=0.2)
-            # Zero down projection: the FFN adds nothing to the residual stream.
-            t[p + "ffn_down.weight"] = mat(_N_EMBD, _N_FF, zero=not rand, std=0.2)
+            t[p + "ffn_gate.weight"] = rnd(_N_FF, _N_EMBD)
+            t[p + "ffn_up.weight"] = rnd(_N_FF, _N_EMBD)
+            t[p + "ffn_down.weight"] = rnd(_N_EMBD, _N_FF) if rand else zeros(_N_EMBD, _N_FF)
     return t
 
 
@@ -369,10 +426,12 @@ def write_tiny_model(
     behaviour: 'hello' -> chat answers exactly HELLO_TEXT (finish_reason
     'stop'); 'tool_call' -> answers ``<tool_call>`` JSON for TOOL_CALL, which
     llama-server (``--jinja``) returns as an OpenAI tool_calls entry when the
-    request has tools (finish_reason 'tool_calls'); 'random' -> random
+    request has tools (finish_reason 'tool_calls'; without tools the raw
+    ``<tool_call>`` text comes back as content), and answers HELLO_TEXT once
+    a tool result (role 'tool') is in the conversation; 'random' -> random
     weights (gibberish).  arch: 'llama', 'qwen3' or 'qwen3moe'; all three
     are deterministic for 'hello'/'tool_call'.  ``seed`` only affects weights
-    that do not influence the deterministic reply.
+    that do not influence the deterministic reply.  Output: ~0.55 MB, f32.
     """
     import gguf  # imported lazily: only writers need it
 
@@ -384,11 +443,9 @@ def write_tiny_model(
     path.parent.mkdir(parents=True, exist_ok=True)
 
     tokens, types, merges, ids = build_vocab()
-    pieces = _HELLO_PIECES if behaviour != "tool_call" else _TOOL_PIECES
-    program = [ids[p] for p in pieces]
     eos = ids["<|im_end|>"]
     rng = np.random.default_rng(seed)
-    tensors = _tensors(arch, len(tokens), behaviour, program, eos, rng)
+    tensors = _tensors(arch, len(tokens), behaviour, ids, rng)
 
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name(f"tiny-{arch}-{behaviour}")
@@ -402,7 +459,7 @@ def write_tiny_model(
     w.add_key_length(_HEAD_DIM)
     w.add_value_length(_HEAD_DIM)
     w.add_rope_dimension_count(_HEAD_DIM)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(_ROPE_BASE)
     w.add_layer_norm_rms_eps(_RMS_EPS)
     w.add_vocab_size(len(tokens))
     if arch == "qwen3moe":

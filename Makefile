@@ -1,0 +1,35 @@
+# The README's two commands: `make run` (serve the default model) and `make test` (every test).
+# Both install what is missing first: a virtualenv with the sidecar, and llama-server built from the pinned
+# llama.cpp source (cached in ~/.cache/model-orchestrator; LLAMA_SERVER_BIN=/path skips the build).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: install deps llama-server run test bench openapi clean
+
+install: deps llama-server
+
+deps: $(VENV)/.deps
+$(VENV)/.deps: sidecar/pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -e 'sidecar[test]'
+	touch $@
+
+llama-server: deps
+	@if [ -n "$$LLAMA_SERVER_BIN" ]; then echo "using LLAMA_SERVER_BIN=$$LLAMA_SERVER_BIN"; \
+	else $(BIN)/model-orchestrator install-llama-server; fi
+
+run: install
+	$(BIN)/model-orchestrator serve
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python bench/bench_sidecar.py
+
+openapi: deps
+	$(BIN)/model-orchestrator openapi > openapi.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache

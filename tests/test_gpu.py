@@ -1,0 +1,174 @@
+"""The GPU view. Without a GPU here, NVML's API is played by a stand-in for the unit tests; the same code reads a
+real H100 in the tests marked `gpu`, which run on the device (results/ holds their logs)."""
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import metric_value
+
+from model_orchestrator.gpu import MIB, GpuView, NoGpuView, open_gpu_view
+
+
+class FakeNvml:
+    """NVML's Python API as nvidia-ml-py exposes it, for two devices; device 1 refuses power readings."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, procs):
+        self.procs = procs
+        self.inited = False
+
+    def nvmlInit(self):
+        self.inited = True
+
+    def nvmlSystemGetDriverVersion(self):
+        return b"580.00"
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        total = 32607 * MIB
+        used = sum(p.usedGpuMemory for p in self.procs[h])
+        return SimpleNamespace(total=total, used=used, free=total - used)
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return SimpleNamespace(gpu=45, memory=20)
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        return 61
+
+    def nvmlDeviceGetPowerUsage(self, h):
+        if h == 1:
+            raise self.NVMLError("not supported")
+        return 312_500
+
+    def nvmlDeviceGetEnforcedPowerLimit(self, h):
+        return 575_000
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        return self.procs[h]
+
+    def nvmlDeviceGetName(self, h):
+        return "NVIDIA GeForce RTX 5090"
+
+    def nvmlDeviceGetUUID(self, h):
+        return f"GPU-{h}"
+
+
+def proc(pid, mb):
+    return SimpleNamespace(pid=pid, usedGpuMemory=mb * MIB)
+
+
+def test_snapshot_reads_every_field_and_tolerates_unsupported_readings():
+    nv = FakeNvml({0: [proc(100, 17234), proc(200, 6000)], 1: [proc(300, 2**64 - 1)]})
+    view = open_gpu_view(nv)
+    assert isinstance(view, GpuView) and nv.inited and view.driver_version == "580.00"
+    d0, d1 = view.snapshot().devices
+    assert (d0.total_mb, d0.used_mb, d0.free_mb) == (32607, 23234, 32607 - 23234)
+    assert (d0.utilization_percent, d0.temperature_c, d0.power_w, d0.power_limit_w) == (45.0, 61.0, 312.5, 575.0)
+    assert d1.power_w is None  # NVMLError -> unknown, not zero
+    assert [(p.pid, p.used_mb) for p in d0.processes] == [(100, 17234), (200, 6000)]
+    assert d1.processes[0].used_mb is None  # NVML's "not available" sentinel
+
+
+def test_snapshots_are_cached_briefly():
+    nv = FakeNvml({0: [proc(1, 10)], 1: []})
+    view = GpuView(nv, max_age_s=60)
+    first = view.snapshot()
+    nv.procs[0].append(proc(2, 10))
+    assert view.snapshot() is first
+    assert len(view.snapshot(fresh=True).devices[0].processes) == 2
+
+
+def test_no_nvml_means_cpu_mode_with_the_reason():
+    class Broken(FakeNvml):
+        def nvmlInit(self):
+            raise self.NVMLError("NVML Shared Library Not Found")
+
+    view = open_gpu_view(Broken({}))
+    assert isinstance(view, NoGpuView) and not view.available
+    snap = view.snapshot()
+    assert snap.devices == [] and "Shared Library Not Found" in snap.error
+
+
+async def test_status_and_metrics_split_memory_between_models_and_foreign_processes(make_orchestrator, aiohttp_client):
+    """/models/status and /metrics over the stand-in: the sidecar's own llama-server is attributed to its model,
+    everything else is foreign."""
+    from model_orchestrator.api import create_app
+
+    nv = FakeNvml({0: [proc(999999, 6000)], 1: []})
+    orch = make_orchestrator(gpu=GpuView(nv, max_age_s=0))
+    client = await aiohttp_client(create_app(orch))
+    r = await client.post("/models/load", json={"model": "tiny"})
+    pid = (await r.json())["pid"]
+    nv.procs[0].append(proc(pid, 17234))  # the driver now reports the model's llama-server
+    body = await (await client.get("/models/status")).json()
+    assert body["mode"] == "gpu" and body["total_mb"] == 2 * 32607 and body["used_mb"] == 23234
+    assert body["free_mb"] == 2 * 32607 - 23234 and body["utilization_percent"] == 45.0
+    assert body["loaded_models"]["tiny"]["vram_mb"] == 17234
+    g0 = body["gpus"][0]
+    assert g0["foreign_mb"] == 6000
+    assert {p["pid"]: p["model"] for p in g0["processes"]} == {pid: "tiny", 999999: None}
+    text = await (await client.get("/metrics")).text()
+    assert metric_value(text, "model_orchestrator_model_vram_bytes", gpu="0", model="tiny") == 17234 * MIB
+    assert metric_value(text, "model_orchestrator_gpu_foreign_memory_bytes", gpu="0") == 6000 * MIB
+    assert metric_value(text, "model_orchestrator_gpu_memory_total_bytes", gpu="1") == 32607 * MIB
+    assert metric_value(text, "model_orchestrator_gpu_power_watts", gpu="0") == 312.5
+    assert metric_value(text, "model_orchestrator_gpu_power_watts", gpu="1") is None  # unsupported: absent, not 0
+    assert metric_value(text, "model_orchestrator_gpu_available") == 1
+
+
+# ---- on a real GPU (the device) ---------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_real_nvml_reads_the_device():
+    view = open_gpu_view()
+    snap = view.snapshot(fresh=True)
+    d = snap.devices[0]
+    assert d.total_mb > 10_000 and 0 <= d.used_mb <= d.total_mb and d.free_mb == pytest.approx(d.total_mb - d.used_mb, abs=2)
+    assert d.utilization_percent is not None and d.temperature_c is not None and d.power_w is not None
+    print(f"\nGPU {d.name}: total {d.total_mb} MiB, used {d.used_mb} MiB, {d.temperature_c} C, {d.power_w} W, driver {snap.driver_version}")
+
+
+@pytest.mark.gpu
+async def test_real_gpu_load_shows_the_model_memory_and_unload_frees_it(tmp_path, model_dir, aiohttp_client):
+    """A CUDA llama-server (LLAMA_SERVER_BIN) on the GPU: NVML sees its memory attributed to the model; unload frees it."""
+    from model_orchestrator.api import create_app
+    from model_orchestrator.install import find_llama_server
+    from model_orchestrator.orchestrator import Orchestrator
+    from model_orchestrator.registry import parse_registry
+    from model_orchestrator.settings import Settings
+
+    reg = parse_registry(f'default_model = "g"\n[[models]]\nid = "g"\nsource = {{ type = "path", path = "{model_dir / "hello.gguf"}" }}\n'
+                         'context_size = 32768\nn_gpu_layers = 99\n')
+    gpu = open_gpu_view()
+    orch = Orchestrator(Settings(state_dir=tmp_path / "s"), reg, gpu, find_llama_server())
+    client = await aiohttp_client(create_app(orch))
+    before = (await (await client.get("/models/status")).json())["used_mb"]
+    r = await client.post("/models/load", json={"model": "g"})
+    assert r.status == 200, await r.text()
+    await asyncio.sleep(0.5)
+    gpu._cached = None
+    body = await (await client.get("/models/status")).json()
+    vram = body["loaded_models"]["g"]["vram_mb"]
+    print(f"\nused before {before} MiB, model's llama-server {vram} MiB, used after load {body['used_mb']} MiB")
+    assert vram and vram > 100  # a CUDA context plus a 32K KV cache
+    assert body["used_mb"] - before >= vram * 0.9
+    text = await (await client.get("/metrics")).text()
+    assert metric_value(text, "model_orchestrator_model_vram_bytes", gpu="0", model="g") == vram * MIB
+    chat = await client.post("/v1/chat/completions", json={"model": "g", "messages": [{"role": "user", "content": "hi"}]})
+    assert (await chat.json())["choices"][0]["message"]["content"] == "Hello from a tiny model!"
+    await client.post("/models/unload", json={"model": "g"})
+    await asyncio.sleep(0.5)
+    gpu._cached = None
+    after = (await (await client.get("/models/status")).json())["used_mb"]
+    print(f"used after unload {after} MiB")
+    assert after <= before + 64  # freed (a little slack for other processes on a shared card)
