@@ -107,7 +107,7 @@ async def test_streamed_chunks_arrive_before_the_generation_ends(client):
     await load(client, "tiny-random")
     t0 = time.perf_counter()
     r = await client.post("/v1/chat/completions", json={**CHAT, "model": "tiny-random", "stream": True,
-                                                       "max_tokens": 400, "ignore_eos": True})
+                                                       "max_tokens": 3000, "ignore_eos": True})
     first = None
     n = 0
     async for chunk in r.content.iter_any():
@@ -396,3 +396,18 @@ async def test_api_key_guards_every_route_but_health_metrics_and_docs(aiohttp_cl
     assert all(s.state.value == "unloaded" for s in orch.slots.values())  # refused before anything ran
     for path in ("/health", "/metrics", "/docs", "/openapi.json"):
         assert (await c.get(path)).status == 200, path
+
+
+def test_usage_scanner_finds_counts_split_across_chunks():
+    from model_orchestrator.proxy import UsageScanner
+
+    final = b'data: {"choices":[],"timings":{"prompt_n":12,"predicted_n":34}}\n\n'
+    stream = b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n' * 3 + final + b"data: [DONE]\n\n"
+    for cut in range(1, len(stream)):
+        s = UsageScanner()
+        s.feed(stream[:cut])
+        s.feed(stream[cut:])
+        assert (s.prompt_tokens, s.completion_tokens) == (12, 34), cut
+    s = UsageScanner()
+    s.feed(b'data: {"usage":{"prompt_tokens":5,"completion_tokens":6}}\n\n')
+    assert (s.prompt_tokens, s.completion_tokens) == (5, 6)

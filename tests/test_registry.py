@@ -1,5 +1,6 @@
 """Registry validation: a bad file names the field and the reason; env overrides apply; the shipped file is valid."""
 
+import os
 import subprocess
 import sys
 
@@ -72,6 +73,8 @@ def test_serve_refuses_a_bad_registry_naming_the_field(tmp_path):
     bad = tmp_path / "models.toml"
     bad.write_text(GOOD.replace('id = "b"', 'id = "b"\npriority = 500'))
     r = subprocess.run([sys.executable, "-m", "model_orchestrator", "serve", "--config", str(bad)],
-                       capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)})
+                       capture_output=True, text=True, timeout=60,
+                       env={**{k: v for k, v in os.environ.items() if not k.startswith("MODEL_ORCHESTRATOR")},
+                            "HOME": str(tmp_path)})
     assert r.returncode == 2
     assert "models.1.priority: Input should be less than or equal to 100" in r.stderr

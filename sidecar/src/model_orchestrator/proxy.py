@@ -28,9 +28,12 @@ class UsageScanner:
         self.completion_tokens: int | None = None
 
     def feed(self, chunk: bytes) -> None:
-        data = self._tail + chunk
-        *lines, self._tail = data.split(b"\n")
-        for line in lines:
+        # called for every chunk of every stream: two C-level searches, Python work only on the final event
+        data = self._tail + chunk if self._tail else chunk
+        complete, _, self._tail = data.rpartition(b"\n")
+        if b'"usage"' not in complete and b'"timings"' not in complete:
+            return
+        for line in complete.split(b"\n"):
             if line.startswith(b"data: {") and (b'"usage"' in line or b'"timings"' in line):
                 try:
                     self.read(json.loads(line[6:]))
