@@ -1,0 +1,322 @@
+import type {
+	IDataObject,
+	IExecuteFunctions,
+	INodeExecutionData,
+	INodeType,
+	INodeTypeDescription,
+} from 'n8n-workflow';
+import { NodeConnectionTypes, NodeOperationError } from 'n8n-workflow';
+
+import {
+	buildChatBody,
+	parseChatResponse,
+	selectImageProperties,
+	type ChatOptions,
+	type ChatParams,
+	type ImageInput,
+} from '../shared/chat';
+import { asNodeError, extractSidecarError, getModels, sidecarRequest } from '../shared/transport';
+
+interface NodeOptions extends ChatOptions {
+	toolChoice?: ChatParams['toolChoice'];
+	toolChoiceFunction?: string;
+	timeoutS?: number;
+	includeFullResponse?: boolean;
+}
+
+export class ModelOrchestratorChat implements INodeType {
+	description: INodeTypeDescription = {
+		displayName: 'Model Orchestrator Chat',
+		name: 'modelOrchestratorChat',
+		icon: {
+			light: 'file:../../icons/modelOrchestrator.svg',
+			dark: 'file:../../icons/modelOrchestrator.dark.svg',
+		},
+		group: ['transform'],
+		version: 1,
+		subtitle: '={{$parameter["model"]}}',
+		description:
+			'Chat with a local llama.cpp model through the model-orchestrator sidecar: text, images from binary data, tools',
+		defaults: {
+			name: 'Chat',
+		},
+		usableAsTool: true,
+		inputs: [NodeConnectionTypes.Main],
+		outputs: [NodeConnectionTypes.Main],
+		credentials: [{ name: 'modelOrchestratorApi', required: true }],
+		properties: [
+			{
+				displayName: 'Model Name or ID',
+				name: 'model',
+				type: 'options',
+				typeOptions: { loadOptionsMethod: 'getModels' },
+				default: '',
+				required: true,
+				description:
+					'The model to chat with; the sidecar loads it on demand. Choose from the list, or specify an ID using an <a href="https://docs.n8n.io/code/expressions/">expression</a>.',
+			},
+			{
+				displayName: 'Input',
+				name: 'messageMode',
+				type: 'options',
+				noDataExpression: true,
+				default: 'simple',
+				options: [
+					{ name: 'System Prompt and User Message', value: 'simple' },
+					{
+						name: 'Messages (JSON)',
+						value: 'messages',
+						description: 'A full OpenAI messages array',
+					},
+				],
+			},
+			{
+				displayName: 'System Prompt',
+				name: 'systemPrompt',
+				type: 'string',
+				typeOptions: { rows: 3 },
+				default: '',
+				displayOptions: { show: { messageMode: ['simple'] } },
+			},
+			{
+				displayName: 'User Message',
+				name: 'userMessage',
+				type: 'string',
+				typeOptions: { rows: 4 },
+				default: '',
+				required: true,
+				displayOptions: { show: { messageMode: ['simple'] } },
+			},
+			{
+				displayName: 'Messages',
+				name: 'messages',
+				type: 'json',
+				default:
+					'[\n  {"role": "system", "content": "You are a helpful assistant."},\n  {"role": "user", "content": "Hello"}\n]',
+				description: 'OpenAI chat messages: [{"role": "user", "content": "..."}, ...]',
+				displayOptions: { show: { messageMode: ['messages'] } },
+			},
+			{
+				displayName: 'Images From Binary',
+				name: 'images',
+				type: 'options',
+				default: 'auto',
+				description:
+					'Images of the input item sent with the (last) user message as data URLs; the model needs a vision projector',
+				options: [
+					{
+						name: 'All Image Properties',
+						value: 'auto',
+						description: 'Every binary property whose MIME type is image/*',
+					},
+					{ name: 'Selected Properties', value: 'properties' },
+					{ name: 'None', value: 'none' },
+				],
+			},
+			{
+				displayName: 'Binary Properties',
+				name: 'binaryProperties',
+				type: 'string',
+				default: 'data',
+				description: 'Names of the binary properties to send, comma-separated',
+				displayOptions: { show: { images: ['properties'] } },
+			},
+			{
+				displayName: 'Tools',
+				name: 'tools',
+				type: 'json',
+				default: '[]',
+				description:
+					'OpenAI tool definitions: [{"type": "function", "function": {"name": ..., "description": ..., "parameters": {JSON schema}}}]. Calls come back in tool_calls.',
+			},
+			{
+				displayName: 'Options',
+				name: 'options',
+				type: 'collection',
+				placeholder: 'Add Option',
+				default: {},
+				options: [
+					{
+						displayName: 'Frequency Penalty',
+						name: 'frequencyPenalty',
+						type: 'number',
+						default: 0,
+						typeOptions: { minValue: -2, maxValue: 2, numberPrecision: 2 },
+					},
+					{
+						displayName: 'Include Full Response',
+						name: 'includeFullResponse',
+						type: 'boolean',
+						default: false,
+						description: 'Whether to add the whole OpenAI response as "response"',
+					},
+					{
+						displayName: 'Max Tokens',
+						name: 'maxTokens',
+						type: 'number',
+						default: 1024,
+						typeOptions: { minValue: 1 },
+						description: 'The most tokens to generate',
+					},
+					{
+						displayName: 'Presence Penalty',
+						name: 'presencePenalty',
+						type: 'number',
+						default: 0,
+						typeOptions: { minValue: -2, maxValue: 2, numberPrecision: 2 },
+					},
+					{
+						displayName: 'Response Format',
+						name: 'responseFormat',
+						type: 'options',
+						default: 'text',
+						options: [
+							{ name: 'Text', value: 'text' },
+							{ name: 'JSON Object', value: 'json_object' },
+						],
+					},
+					{
+						displayName: 'Seed',
+						name: 'seed',
+						type: 'number',
+						default: 0,
+					},
+					{
+						displayName: 'Stop Sequences',
+						name: 'stop',
+						type: 'string',
+						default: '',
+						description: 'Comma-separated',
+					},
+					{
+						displayName: 'Temperature',
+						name: 'temperature',
+						type: 'number',
+						default: 0.7,
+						typeOptions: { minValue: 0, maxValue: 2, numberPrecision: 2 },
+					},
+					{
+						displayName: 'Timeout (Seconds)',
+						name: 'timeoutS',
+						type: 'number',
+						default: 600,
+						typeOptions: { minValue: 1 },
+						description: 'How long to wait for the answer, including a load on demand',
+					},
+					{
+						displayName: 'Tool Choice',
+						name: 'toolChoice',
+						type: 'options',
+						default: 'auto',
+						options: [
+							{ name: 'Auto', value: 'auto' },
+							{ name: 'None', value: 'none' },
+							{ name: 'Required', value: 'required' },
+							{ name: 'Specific Function', value: 'function' },
+						],
+					},
+					{
+						displayName: 'Tool Choice Function',
+						name: 'toolChoiceFunction',
+						type: 'string',
+						default: '',
+						description: 'With Tool Choice "Specific Function": the function\'s name',
+					},
+					{
+						displayName: 'Top P',
+						name: 'topP',
+						type: 'number',
+						default: 1,
+						typeOptions: { minValue: 0, maxValue: 1, numberPrecision: 2 },
+					},
+				],
+			},
+		],
+	};
+
+	methods = {
+		loadOptions: { getModels },
+	};
+
+	async execute(this: IExecuteFunctions): Promise<INodeExecutionData[][]> {
+		const items = this.getInputData();
+		const returnData: INodeExecutionData[] = [];
+		for (let i = 0; i < items.length; i++) {
+			try {
+				const messageMode = this.getNodeParameter('messageMode', i) as ChatParams['messageMode'];
+				const imageMode = this.getNodeParameter('images', i, 'auto') as
+					| 'auto'
+					| 'properties'
+					| 'none';
+				const options = this.getNodeParameter('options', i, {}) as NodeOptions;
+				let names: string[];
+				let body: IDataObject;
+				const images: ImageInput[] = [];
+				try {
+					names = selectImageProperties(
+						items[i].binary,
+						imageMode,
+						imageMode === 'properties'
+							? (this.getNodeParameter('binaryProperties', i, '') as string)
+							: '',
+					);
+				} catch (error) {
+					throw new NodeOperationError(this.getNode(), error as Error, { itemIndex: i });
+				}
+				for (const name of names) {
+					const meta = items[i].binary![name];
+					const buffer = await this.helpers.getBinaryDataBuffer(i, name);
+					images.push({
+						mimeType: meta.mimeType,
+						base64: buffer.toString('base64'),
+						fileName: meta.fileName,
+					});
+				}
+				const params: ChatParams = {
+					model: this.getNodeParameter('model', i) as string,
+					messageMode,
+					images,
+					tools: this.getNodeParameter('tools', i, '') as unknown,
+					toolChoice: options.toolChoice,
+					toolChoiceFunction: options.toolChoiceFunction,
+					options,
+				};
+				if (messageMode === 'simple') {
+					params.systemPrompt = this.getNodeParameter('systemPrompt', i, '') as string;
+					params.userMessage = this.getNodeParameter('userMessage', i, '') as string;
+				} else {
+					params.messages = this.getNodeParameter('messages', i) as unknown;
+				}
+				try {
+					body = buildChatBody(params);
+				} catch (error) {
+					throw new NodeOperationError(this.getNode(), error as Error, { itemIndex: i });
+				}
+				const response = await sidecarRequest.call(
+					this,
+					{
+						method: 'POST',
+						path: '/v1/chat/completions',
+						body,
+						timeoutMs: (options.timeoutS ?? 600) * 1000,
+					},
+					i,
+				);
+				const json: IDataObject = { ...parseChatResponse(response), images_sent: images.length };
+				if (options.includeFullResponse) json.response = response;
+				returnData.push({ json, pairedItem: { item: i } });
+			} catch (error) {
+				if (this.continueOnFail()) {
+					const info = extractSidecarError(error);
+					returnData.push({
+						json: { error: (error as Error).message, code: info.code ?? null },
+						pairedItem: { item: i },
+					});
+					continue;
+				}
+				throw asNodeError(this.getNode(), error, i);
+			}
+		}
+		return [returnData];
+	}
+}

@@ -1,0 +1,201 @@
+/**
+ * The one request helper every node uses: base URL from the credential, Bearer key through the credential's
+ * `authenticate`, JSON in and out, and the sidecar's error body ({"error": {code, message, type}}) turned into a
+ * NodeApiError that carries the sidecar's own message.
+ */
+import type {
+	IDataObject,
+	IExecuteFunctions,
+	IHttpRequestMethods,
+	IHttpRequestOptions,
+	ILoadOptionsFunctions,
+	INode,
+	INodePropertyOptions,
+	JsonObject,
+} from 'n8n-workflow';
+import { NodeApiError, NodeOperationError } from 'n8n-workflow';
+
+export const CREDENTIAL_NAME = 'modelOrchestratorApi';
+
+export type SidecarContext = IExecuteFunctions | ILoadOptionsFunctions;
+
+/** "http://host:8000/", "http://host:8000/v1" -> "http://host:8000". */
+export function normaliseBaseUrl(url: unknown): string {
+	let s = String(url ?? '').trim();
+	if (!s) throw new Error('The Model Orchestrator credential has no base URL');
+	if (!/^https?:\/\//i.test(s)) s = `http://${s}`;
+	s = s.replace(/\/+$/, '');
+	s = s.replace(/\/v1$/, '');
+	return s;
+}
+
+export interface SidecarErrorInfo {
+	/** HTTP status as a string ('404'), when there was a response */
+	httpCode?: string;
+	/** the sidecar's error.code ('model_not_found', 'load_timeout', ...) */
+	code?: string;
+	message: string;
+	type?: string;
+	/** the whole error body from the sidecar, when there was one */
+	body?: IDataObject;
+}
+
+function asObject(v: unknown): IDataObject | undefined {
+	if (typeof v === 'string') {
+		try {
+			v = JSON.parse(v);
+		} catch {
+			return undefined;
+		}
+	}
+	return v && typeof v === 'object' && !Array.isArray(v) ? (v as IDataObject) : undefined;
+}
+
+/**
+ * Dig the sidecar's error out of whatever the HTTP helper threw: an axios-style error (`response.status`,
+ * `response.data`), an n8n wrapper around one (`cause`, `context`), or a bare Error (connection refused, timeout).
+ */
+export function extractSidecarError(error: unknown): SidecarErrorInfo {
+	const seen = new Set<unknown>();
+	const candidates: unknown[] = [error];
+	let httpCode: string | undefined;
+	let body: IDataObject | undefined;
+	while (candidates.length) {
+		const c = candidates.shift();
+		if (!c || typeof c !== 'object' || seen.has(c)) continue;
+		seen.add(c);
+		const o = c as IDataObject;
+		const response = asObject(o.response);
+		const status =
+			response?.status ?? response?.statusCode ?? o.httpCode ?? o.statusCode ?? o.status;
+		if (
+			!httpCode &&
+			(typeof status === 'number' || (typeof status === 'string' && /^\d{3}$/.test(status)))
+		) {
+			httpCode = String(status);
+		}
+		for (const data of [response?.data, response?.body, o.error, o.errorResponse, o.body]) {
+			const d = asObject(data);
+			if (!body && d && asObject(d.error) && typeof asObject(d.error)?.message === 'string')
+				body = d;
+			else if (d) candidates.push(d);
+		}
+		for (const next of [o.cause, o.context, o.error]) candidates.push(next);
+	}
+	const detail = asObject(body?.error);
+	if (detail) {
+		return {
+			httpCode,
+			code: typeof detail.code === 'string' ? detail.code : undefined,
+			type: typeof detail.type === 'string' ? detail.type : undefined,
+			message: String(detail.message),
+			body,
+		};
+	}
+	const e = error as { message?: unknown; code?: unknown };
+	const message = typeof e?.message === 'string' && e.message ? e.message : String(error);
+	return { httpCode, code: typeof e?.code === 'string' ? e.code : undefined, message };
+}
+
+/** A NodeApiError whose message is the sidecar's message and whose description names its error code. */
+export function toNodeApiError(node: INode, error: unknown, itemIndex?: number): NodeApiError {
+	const info = extractSidecarError(error);
+	const unreachable = ['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'ECONNRESET', 'ETIMEDOUT'].includes(
+		info.code ?? '',
+	);
+	const description = [
+		info.code ? `code: ${info.code}` : undefined,
+		info.httpCode ? `HTTP ${info.httpCode}` : undefined,
+		unreachable ? `${info.message}. Check the Base URL of the Model Orchestrator credential.` : undefined,
+	]
+		.filter(Boolean)
+		.join(', ');
+	const payload: JsonObject = (info.body ?? {
+		error: { message: info.message, code: info.code ?? null },
+	}) as JsonObject;
+	return new NodeApiError(node, payload, {
+		message: info.message,
+		description: description || undefined,
+		httpCode: info.httpCode,
+		itemIndex,
+	});
+}
+
+/** An error as the node throws it: n8n's own errors unchanged, anything else as a NodeApiError. */
+export function asNodeError(
+	node: INode,
+	error: unknown,
+	itemIndex?: number,
+): NodeApiError | NodeOperationError {
+	if (error instanceof NodeApiError || error instanceof NodeOperationError) return error;
+	return toNodeApiError(node, error, itemIndex);
+}
+
+export interface SidecarRequest {
+	method: IHttpRequestMethods;
+	path: string;
+	body?: IDataObject;
+	qs?: IDataObject;
+	/** milliseconds; default 5 minutes */
+	timeoutMs?: number;
+}
+
+/** The request options for one call (kept pure so that the tests can check them). */
+export function buildRequestOptions(baseUrl: string, req: SidecarRequest): IHttpRequestOptions {
+	const options: IHttpRequestOptions = {
+		method: req.method,
+		url: `${normaliseBaseUrl(baseUrl)}${req.path}`,
+		json: true,
+		headers: { Accept: 'application/json' },
+		timeout: req.timeoutMs ?? 300_000,
+	};
+	if (req.body !== undefined) options.body = req.body;
+	if (req.qs !== undefined) options.qs = req.qs;
+	return options;
+}
+
+/** Call the sidecar; errors come back as NodeApiError with the sidecar's message. */
+export async function sidecarRequest(
+	this: SidecarContext,
+	req: SidecarRequest,
+	itemIndex?: number,
+): Promise<IDataObject> {
+	const credentials = await this.getCredentials(CREDENTIAL_NAME);
+	const options = buildRequestOptions(credentials.baseUrl as string, req);
+	try {
+		return (await this.helpers.httpRequestWithAuthentication.call(
+			this,
+			CREDENTIAL_NAME,
+			options,
+		)) as IDataObject;
+	} catch (error) {
+		throw toNodeApiError(this.getNode(), error, itemIndex);
+	}
+}
+
+/** GET /models as dropdown options: "id — status (vision)". */
+export function modelsToOptions(response: IDataObject): INodePropertyOptions[] {
+	const models = Array.isArray(response?.models) ? (response.models as IDataObject[]) : [];
+	return models.map((m) => {
+		const tags = [String(m.status ?? 'unknown')];
+		if (m.vision) tags.push('vision');
+		if (m.default) tags.push('default');
+		return {
+			name: `${String(m.id)} (${tags.join(', ')})`,
+			value: String(m.id),
+			description:
+				Array.isArray(m.aliases) && m.aliases.length
+					? `Aliases: ${(m.aliases as string[]).join(', ')}`
+					: undefined,
+		};
+	});
+}
+
+export async function getModels(this: ILoadOptionsFunctions): Promise<INodePropertyOptions[]> {
+	const response = await sidecarRequest.call(this, {
+		method: 'GET',
+		path: '/models',
+		timeoutMs: 15_000,
+	});
+	return modelsToOptions(response);
+}

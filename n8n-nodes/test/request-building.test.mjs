@@ -1,0 +1,429 @@
+// Unit tests of the request building: run with `node --test test/` after `n8n-node build` (they load dist/).
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import { createRequire } from 'node:module';
+
+const require = createRequire(import.meta.url);
+const chat = require('../dist/nodes/shared/chat.js');
+const transport = require('../dist/nodes/shared/transport.js');
+const vram = require('../dist/nodes/shared/vram.js');
+const {
+	buildLoadBody,
+} = require('../dist/nodes/ModelOrchestratorLoadModel/ModelOrchestratorLoadModel.node.js');
+const { NodeApiError } = require('n8n-workflow');
+
+const PNG = Buffer.from('89504e470d0a1a0a0000000d49484452', 'hex');
+
+test('binary -> data URL', () => {
+	assert.equal(chat.toDataUrl('image/png', PNG), `data:image/png;base64,${PNG.toString('base64')}`);
+	assert.equal(chat.toDataUrl('image/jpeg', 'QUJD'), 'data:image/jpeg;base64,QUJD');
+	// an already prefixed string is not prefixed twice
+	assert.equal(
+		chat.toDataUrl('image/png', 'data:image/png;base64,QUJD'),
+		'data:image/png;base64,QUJD',
+	);
+});
+
+test('simple mode: system prompt, user message, images on the user message', () => {
+	const body = chat.buildChatBody({
+		model: 'tiny-vision',
+		messageMode: 'simple',
+		systemPrompt: 'Be brief.',
+		userMessage: 'Describe the image',
+		images: [{ mimeType: 'image/png', base64: PNG.toString('base64') }],
+	});
+	assert.equal(body.model, 'tiny-vision');
+	assert.equal(body.stream, false);
+	assert.deepEqual(body.messages[0], { role: 'system', content: 'Be brief.' });
+	assert.deepEqual(body.messages[1], {
+		role: 'user',
+		content: [
+			{ type: 'text', text: 'Describe the image' },
+			{ type: 'image_url', image_url: { url: `data:image/png;base64,${PNG.toString('base64')}` } },
+		],
+	});
+	assert.equal(body.tools, undefined);
+	assert.equal(body.tool_choice, undefined);
+});
+
+test('simple mode without system prompt or images keeps content a string', () => {
+	const body = chat.buildChatBody({ model: 'tiny', messageMode: 'simple', userMessage: 'Hi' });
+	assert.deepEqual(body.messages, [{ role: 'user', content: 'Hi' }]);
+	assert.throws(
+		() => chat.buildChatBody({ model: 'tiny', messageMode: 'simple', userMessage: '' }),
+		/user message is empty/,
+	);
+	assert.throws(
+		() => chat.buildChatBody({ model: '', messageMode: 'simple', userMessage: 'x' }),
+		/model/,
+	);
+});
+
+test('messages mode: JSON string or array; images go on the last user message', () => {
+	const messages = [
+		{ role: 'system', content: 's' },
+		{ role: 'user', content: 'first' },
+		{ role: 'assistant', content: 'a' },
+		{ role: 'user', content: [{ type: 'text', text: 'second' }] },
+	];
+	const body = chat.buildChatBody({
+		model: 'm',
+		messageMode: 'messages',
+		messages: JSON.stringify(messages),
+		images: [{ mimeType: 'image/jpeg', base64: 'QUJD' }],
+	});
+	assert.equal(body.messages.length, 4);
+	assert.equal(body.messages[1].content, 'first');
+	assert.deepEqual(body.messages[3].content, [
+		{ type: 'text', text: 'second' },
+		{ type: 'image_url', image_url: { url: 'data:image/jpeg;base64,QUJD' } },
+	]);
+	// the caller's array is not modified
+	assert.deepEqual(messages[3].content, [{ type: 'text', text: 'second' }]);
+	// no user message: the images get one of their own
+	const b2 = chat.buildChatBody({
+		model: 'm',
+		messageMode: 'messages',
+		messages: [{ role: 'system', content: 's' }],
+		images: [{ mimeType: 'image/png', base64: 'QUJD' }],
+	});
+	assert.equal(b2.messages[1].role, 'user');
+	assert.equal(b2.messages[1].content[0].type, 'image_url');
+	assert.throws(
+		() => chat.buildChatBody({ model: 'm', messageMode: 'messages', messages: '[' }),
+		/Messages is not valid JSON/,
+	);
+	assert.throws(
+		() => chat.buildChatBody({ model: 'm', messageMode: 'messages', messages: '[]' }),
+		/non-empty/,
+	);
+	assert.throws(
+		() =>
+			chat.buildChatBody({ model: 'm', messageMode: 'messages', messages: '[{"content": "x"}]' }),
+		/role/,
+	);
+});
+
+const WEATHER = {
+	type: 'function',
+	function: {
+		name: 'get_weather',
+		description: 'Weather for a city',
+		parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] },
+	},
+};
+
+test('tools as JSON with tool_choice', () => {
+	const body = chat.buildChatBody({
+		model: 'tiny-tools',
+		messageMode: 'simple',
+		userMessage: 'Weather in Paris?',
+		tools: JSON.stringify([WEATHER]),
+	});
+	assert.deepEqual(body.tools, [WEATHER]);
+	assert.equal(body.tool_choice, 'auto');
+	// a bare function definition is wrapped; a specific function choice
+	const b2 = chat.buildChatBody({
+		model: 'm',
+		messageMode: 'simple',
+		userMessage: 'x',
+		tools: [WEATHER.function],
+		toolChoice: 'function',
+		toolChoiceFunction: 'get_weather',
+	});
+	assert.deepEqual(b2.tools, [WEATHER]);
+	assert.deepEqual(b2.tool_choice, { type: 'function', function: { name: 'get_weather' } });
+	const b3 = chat.buildChatBody({
+		model: 'm',
+		messageMode: 'simple',
+		userMessage: 'x',
+		tools: '[]',
+		toolChoice: 'required',
+	});
+	assert.equal(b3.tools, undefined);
+	assert.equal(b3.tool_choice, undefined);
+	assert.throws(
+		() =>
+			chat.buildChatBody({
+				model: 'm',
+				messageMode: 'simple',
+				userMessage: 'x',
+				tools: '[{"type": "function"',
+			}),
+		(e) => e instanceof chat.ChatParameterError && /Tools is not valid JSON/.test(e.message),
+	);
+	assert.throws(
+		() =>
+			chat.buildChatBody({
+				model: 'm',
+				messageMode: 'simple',
+				userMessage: 'x',
+				tools: '[{"type": "function", "function": {}}]',
+			}),
+		/name is missing/,
+	);
+	assert.throws(
+		() =>
+			chat.buildChatBody({
+				model: 'm',
+				messageMode: 'simple',
+				userMessage: 'x',
+				tools: [WEATHER],
+				toolChoice: 'function',
+			}),
+		/Name the function/,
+	);
+});
+
+test('sampling options and JSON response format', () => {
+	const body = chat.buildChatBody({
+		model: 'm',
+		messageMode: 'simple',
+		userMessage: 'x',
+		options: {
+			temperature: 0.3,
+			maxTokens: 64,
+			topP: 0.9,
+			frequencyPenalty: 0.5,
+			presencePenalty: -0.5,
+			responseFormat: 'json_object',
+			seed: 7,
+			stop: 'END, ###',
+		},
+	});
+	assert.equal(body.temperature, 0.3);
+	assert.equal(body.max_tokens, 64);
+	assert.equal(body.top_p, 0.9);
+	assert.equal(body.frequency_penalty, 0.5);
+	assert.equal(body.presence_penalty, -0.5);
+	assert.deepEqual(body.response_format, { type: 'json_object' });
+	assert.equal(body.seed, 7);
+	assert.deepEqual(body.stop, ['END', '###']);
+	const plain = chat.buildChatBody({
+		model: 'm',
+		messageMode: 'simple',
+		userMessage: 'x',
+		options: { responseFormat: 'text' },
+	});
+	assert.equal(plain.response_format, undefined);
+	assert.equal(plain.temperature, undefined);
+});
+
+test('response parsing: content, tool calls with parsed arguments, usage, finish_reason', () => {
+	const out = chat.parseChatResponse({
+		id: 'c1',
+		model: 'tiny-tools',
+		choices: [
+			{
+				finish_reason: 'tool_calls',
+				message: {
+					role: 'assistant',
+					content: null,
+					tool_calls: [
+						{
+							id: 't1',
+							type: 'function',
+							function: { name: 'get_weather', arguments: '{"city":"Paris"}' },
+						},
+					],
+				},
+			},
+		],
+		usage: { prompt_tokens: 10, completion_tokens: 5, total_tokens: 15 },
+	});
+	assert.equal(out.content, null);
+	assert.deepEqual(out.tool_calls, [
+		{ id: 't1', type: 'function', name: 'get_weather', arguments: { city: 'Paris' } },
+	]);
+	assert.equal(out.finish_reason, 'tool_calls');
+	assert.deepEqual(out.usage, { prompt_tokens: 10, completion_tokens: 5, total_tokens: 15 });
+	const text = chat.parseChatResponse({
+		choices: [{ finish_reason: 'stop', message: { content: 'Hello' } }],
+	});
+	assert.equal(text.content, 'Hello');
+	assert.deepEqual(text.tool_calls, []);
+	assert.throws(() => chat.parseChatResponse({ choices: [] }), /without choices/);
+});
+
+test('image property selection from binary data', () => {
+	const binary = {
+		data: { mimeType: 'image/png' },
+		doc: { mimeType: 'application/pdf' },
+		photo: { mimeType: 'image/jpeg' },
+	};
+	assert.deepEqual(chat.selectImageProperties(binary, 'auto', ''), ['data', 'photo']);
+	assert.deepEqual(chat.selectImageProperties(binary, 'none', ''), []);
+	assert.deepEqual(chat.selectImageProperties(undefined, 'auto', ''), []);
+	assert.deepEqual(chat.selectImageProperties(binary, 'properties', 'photo, data'), [
+		'photo',
+		'data',
+	]);
+	assert.throws(
+		() => chat.selectImageProperties(binary, 'properties', 'missing'),
+		/no binary property "missing"/,
+	);
+	assert.throws(
+		() => chat.selectImageProperties(undefined, 'properties', 'data'),
+		/no binary data/,
+	);
+});
+
+test('base URL and request options', () => {
+	assert.equal(transport.normaliseBaseUrl('http://llama-cpp:8000/'), 'http://llama-cpp:8000');
+	assert.equal(transport.normaliseBaseUrl('http://h:1/v1/'), 'http://h:1');
+	assert.equal(transport.normaliseBaseUrl('127.0.0.1:8000'), 'http://127.0.0.1:8000');
+	assert.throws(() => transport.normaliseBaseUrl(''), /no base URL/);
+	const o = transport.buildRequestOptions('http://h:1/', {
+		method: 'POST',
+		path: '/models/load',
+		body: { model: 'x' },
+		timeoutMs: 5000,
+	});
+	assert.equal(o.url, 'http://h:1/models/load');
+	assert.equal(o.method, 'POST');
+	assert.equal(o.json, true);
+	assert.equal(o.timeout, 5000);
+	assert.deepEqual(o.body, { model: 'x' });
+	const g = transport.buildRequestOptions('http://h:1', { method: 'GET', path: '/models/status' });
+	assert.equal(g.body, undefined);
+});
+
+test('load body: allow_eviction only when asked, priority, timeout', () => {
+	assert.deepEqual(buildLoadBody('m', true, 600, {}), {
+		model: 'm',
+		service: 'llama-cpp',
+		wait: true,
+		timeout_s: 600,
+	});
+	assert.deepEqual(
+		buildLoadBody('m', false, 60, { priority: 10, allowEviction: true, service: 'llama-cpp' }),
+		{
+			model: 'm',
+			service: 'llama-cpp',
+			wait: false,
+			timeout_s: 60,
+			priority: 10,
+			allow_eviction: true,
+		},
+	);
+});
+
+const node = {
+	id: '1',
+	name: 'Chat',
+	type: 'n8n-nodes-model-orchestrator.modelOrchestratorChat',
+	typeVersion: 1,
+	position: [0, 0],
+	parameters: {},
+};
+
+function axiosLikeError(status, data) {
+	const e = new Error(`Request failed with status code ${status}`);
+	e.isAxiosError = true;
+	e.response = { status, data };
+	return e;
+}
+
+test('errors: the sidecar message is found however the helper wrapped it', () => {
+	const body = {
+		error: {
+			code: 'model_not_found',
+			message: "unknown model 'nope'",
+			type: 'invalid_request_error',
+		},
+	};
+	const direct = transport.extractSidecarError(axiosLikeError(404, body));
+	assert.deepEqual(
+		{ code: direct.code, message: direct.message, httpCode: direct.httpCode },
+		{ code: 'model_not_found', message: "unknown model 'nope'", httpCode: '404' },
+	);
+	// n8n's httpRequestWithAuthentication wraps the axios error in a NodeApiError (cause = the axios error)
+	const wrapped = new NodeApiError(
+		node,
+		axiosLikeError(503, {
+			error: { code: 'load_timeout', message: 'not ready in 5 s', type: 'server_error' },
+		}),
+	);
+	const w = transport.extractSidecarError(wrapped);
+	assert.equal(w.code, 'load_timeout');
+	assert.equal(w.message, 'not ready in 5 s');
+	assert.equal(w.httpCode, '503');
+	// a body that arrived as a string
+	const s = transport.extractSidecarError(
+		axiosLikeError(
+			400,
+			JSON.stringify({ error: { code: 'bad_request', message: 'priority: too big', type: 'x' } }),
+		),
+	);
+	assert.equal(s.message, 'priority: too big');
+	// no response at all: connection refused
+	const refused = Object.assign(new Error('connect ECONNREFUSED 127.0.0.1:9'), {
+		code: 'ECONNREFUSED',
+	});
+	const r = transport.extractSidecarError(refused);
+	assert.equal(r.code, 'ECONNREFUSED');
+	assert.equal(r.httpCode, undefined);
+});
+
+test('errors become NodeApiError carrying the sidecar message', () => {
+	const err = transport.toNodeApiError(
+		node,
+		axiosLikeError(404, {
+			error: { code: 'model_not_found', message: "unknown model 'nope'", type: 'x' },
+		}),
+		2,
+	);
+	assert.ok(err instanceof NodeApiError);
+	assert.equal(err.message, "unknown model 'nope'");
+	assert.equal(err.httpCode, '404');
+	assert.match(err.description, /model_not_found/);
+	assert.equal(err.context.itemIndex, 2);
+	const refused = transport.toNodeApiError(
+		node,
+		Object.assign(new Error('connect ECONNREFUSED 127.0.0.1:9'), { code: 'ECONNREFUSED' }),
+	);
+	assert.match(refused.message, /ECONNREFUSED|refused the connection/);
+	assert.match(refused.description, /Base URL/);
+	// n8n's own errors pass through asNodeError unchanged
+	assert.equal(transport.asNodeError(node, err), err);
+});
+
+test('models -> dropdown options', () => {
+	const opts = transport.modelsToOptions({
+		models: [
+			{ id: 'qwen3-vl-30b', status: 'loaded', vision: true, default: true, aliases: ['qwen3-vl'] },
+			{ id: 'tiny', status: 'unloaded', vision: false, aliases: [] },
+		],
+	});
+	assert.deepEqual(
+		opts.map((o) => o.value),
+		['qwen3-vl-30b', 'tiny'],
+	);
+	assert.equal(opts[0].name, 'qwen3-vl-30b (loaded, vision, default)');
+	assert.equal(opts[0].description, 'Aliases: qwen3-vl');
+	assert.equal(opts[1].description, undefined);
+	assert.deepEqual(transport.modelsToOptions({}), []);
+});
+
+test('VRAM decision: required MB, CPU mode (free_mb null), model already loaded', () => {
+	const gpu = { mode: 'gpu', free_mb: 20000, loaded_models: {} };
+	assert.equal(vram.decideEnough(gpu, 18000, 'enough').enough, true);
+	assert.equal(vram.decideEnough(gpu, 24000, 'enough').enough, false);
+	assert.equal(vram.decideEnough(gpu, 24000, 'enough').gpu, true);
+	const cpu = { mode: 'cpu', free_mb: null, loaded_models: {}, note: 'no NVML' };
+	const asEnough = vram.decideEnough(cpu, 18000, 'enough');
+	assert.deepEqual([asEnough.enough, asEnough.gpu, asEnough.free_mb], [true, false, null]);
+	assert.match(asEnough.reason, /CPU mode/);
+	assert.equal(vram.decideEnough(cpu, 18000, 'notEnough').enough, false);
+	const loaded = {
+		free_mb: 100,
+		loaded_models: {
+			big: { model: 'big', status: 'loaded' },
+			half: { model: 'half', status: 'loading' },
+		},
+	};
+	assert.equal(vram.isModelLoaded(loaded, 'big'), true);
+	assert.equal(vram.isModelLoaded(loaded, 'half'), false);
+	assert.equal(vram.isModelLoaded(loaded, 'other'), false);
+	assert.equal(vram.decideEnough(loaded, 0, 'notEnough', 'big', true).enough, true);
+});
