@@ -1,0 +1,327 @@
+"""Build the Grafana dashboard `grafana/dashboards/model-orchestrator.json` with Grafana's foundation SDK.
+
+    .venv/bin/python grafana/build_dashboard.py          # (re)write the JSON
+    .venv/bin/python grafana/build_dashboard.py --check  # exit 1 if the committed JSON differs
+
+The JSON is generated, never edited by hand: tests/test_grafana.py checks the committed file equals this script's
+output, evaluates every panel's query against a real Prometheus scraping a real sidecar, and checks every metric
+name used here is one the sidecar exports (metrics.py).
+
+Every panel reads only the sidecar's own /metrics (plus Prometheus' `up`). GPU rows stay empty in CPU mode, where
+the sidecar exports no per-GPU series (model_orchestrator_gpu_available is 0 then, which the overview shows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from grafana_foundation_sdk.builders import bargauge, common as cb, dashboard as db, heatmap, prometheus
+from grafana_foundation_sdk.builders import stat, statetimeline, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common, dashboard as dm, heatmap as hm
+from grafana_foundation_sdk.models.prometheus import PromQueryFormat
+
+OUT = Path(__file__).resolve().parent / "dashboards" / "model-orchestrator.json"
+UID = "model-orchestrator"
+JOB = "model-orchestrator"  # the scrape job of grafana/prometheus.yml
+DS = dm.DataSourceRef(type_val="prometheus", uid="${datasource}")
+M = 'model=~"$model"'
+G = 'gpu=~"$gpu"'
+RI = "$__rate_interval"
+
+# model_orchestrator_model_state as one number per model, for the state timeline (value mappings below)
+STATES = ["unloaded", "loading", "loaded", "unloading", "failed"]
+STATE_COLORS = {"unloaded": "#808080", "loading": "blue", "loaded": "green", "unloading": "orange", "failed": "red"}
+
+
+def events(selector: str, window: str = RI) -> str:
+    """Events a counter counted in `window`, including a series' first ones. The sidecar creates a labelled counter
+    at its first event (the first crash of a model, the first 503 of a route), so plain increase() would see it go
+    from "absent" to 1 and count nothing: a series that did not exist `window` ago counts with its whole value."""
+    return f"(({selector} unless {selector} offset {window}) or increase({selector}[{window}]))"
+
+
+def q(expr: str, legend: str = "", *, ref: str = "A", instant: bool = False, fmt: PromQueryFormat | None = None):
+    t = prometheus.Dataquery().expr(expr).ref_id(ref).datasource(DS)
+    if legend:
+        t = t.legend_format(legend)
+    t = t.instant() if instant else t.range()
+    if fmt is not None:
+        t = t.format(fmt)
+    return t
+
+
+def steps(*pairs) -> cb.Builder:
+    """Threshold steps: (None, base colour), (value, colour), ..."""
+    return (db.ThresholdsConfig().mode(dm.ThresholdsMode.ABSOLUTE)
+            .steps([dm.Threshold(value=v, color=c) for v, c in pairs]))
+
+
+def legend_table(*calcs: str) -> cb.VizLegendOptions:
+    return (cb.VizLegendOptions().display_mode(common.LegendDisplayMode.TABLE)
+            .placement(common.LegendPlacement.RIGHT if len(calcs) < 2 else common.LegendPlacement.BOTTOM)
+            .show_legend(True).calcs(list(calcs)))
+
+
+def ts(title: str, desc: str, unit: str, *targets, h: int = 8, w: int = 12, stack: bool = False,
+       thresholds=None, minimum: float | None = 0, maximum: float | None = None, bars: bool = False,
+       calcs=("lastNotNull", "max")) -> timeseries.Panel:
+    p = (timeseries.Panel().title(title).description(desc).unit(unit).height(h).span(w).datasource(DS)
+         .fill_opacity(60 if (stack or bars) else 12).line_width(1 if bars else 2)
+         .legend(legend_table(*calcs))
+         .tooltip(cb.VizTooltipOptions().mode(common.TooltipDisplayMode.MULTI).sort(common.SortOrder.DESCENDING)))
+    if minimum is not None:
+        p = p.min(minimum)
+    if maximum is not None:
+        p = p.max(maximum)
+    if stack:
+        p = p.stacking(cb.StackingConfig().mode(common.StackingMode.NORMAL))
+    if bars:
+        p = p.draw_style(common.GraphDrawStyle.BARS).stacking(cb.StackingConfig().mode(common.StackingMode.NORMAL))
+    if thresholds is not None:
+        p = p.thresholds(thresholds).thresholds_style(
+            cb.GraphThresholdsStyleConfig().mode(common.GraphThresholdsStyleMode.DASHED))
+    for i, t in enumerate(targets):
+        p = p.with_target(t.ref_id(chr(ord("A") + i)))
+    return p
+
+
+def st(title: str, desc: str, unit: str, target, *, thresholds, w: int = 3, h: int = 4, mappings=None,
+       graph: bool = False) -> stat.Panel:
+    p = (stat.Panel().title(title).description(desc).unit(unit).height(h).span(w).datasource(DS)
+         .thresholds(thresholds).color_scheme(db.FieldColor().mode(dm.FieldColorModeId.THRESHOLDS))
+         .graph_mode(common.BigValueGraphMode.AREA if graph else common.BigValueGraphMode.NONE)
+         .color_mode(common.BigValueColorMode.VALUE)
+         .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+         .with_target(target))
+    if mappings:
+        p = p.mappings(mappings)
+    return p
+
+
+def build() -> dm.Dashboard:
+    d = (db.Dashboard("Model orchestrator: GPUs and models").uid(UID)
+         .description("VRAM per GPU and who holds it (each model's llama-server, other processes), GPU load, "
+                      "model lifecycle, chat throughput and latency, API errors. Source: the model-orchestrator "
+                      "sidecar's /metrics.")
+         .tags(["model-orchestrator", "llama.cpp", "gpu"])
+         .editable().timezone("browser").refresh("10s").time("now-1h", "now")
+         .tooltip(dm.DashboardCursorSync.CROSSHAIR)
+         .timepicker(db.TimePicker().refresh_intervals(["5s", "10s", "30s", "1m", "5m"]))
+         .link(db.DashboardLink("Sidecar API docs").type(dm.DashboardLinkType.LINK).url("http://localhost:8000/docs")
+               .target_blank(True).icon("doc")))
+
+    d = d.with_variable(db.DatasourceVariable("datasource").label("Data source").type("prometheus"))
+    d = d.with_variable(
+        db.QueryVariable("gpu").label("GPU").datasource(DS).description("GPU index as NVML numbers them")
+        .query({"query": "label_values(model_orchestrator_gpu_memory_total_bytes, gpu)", "refId": "gpu"})
+        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.NATURAL_ASC)
+        .multi(True).include_all(True).current(dm.VariableOption(text="All", value="$__all")))
+    d = d.with_variable(
+        db.QueryVariable("model").label("Model").datasource(DS).description("Model id from the registry")
+        .query({"query": "label_values(model_orchestrator_model_state, model)", "refId": "model"})
+        .refresh(dm.VariableRefresh.ON_TIME_RANGE_CHANGED).sort(dm.VariableSort.ALPHABETICAL_ASC)
+        .multi(True).include_all(True).current(dm.VariableOption(text="All", value="$__all")))
+
+    # ---- overview: what an operator looks at first ----------------------------------------------------------
+    ok_red = steps((None, "red"), (1, "green"))
+    d = d.with_row(db.Row("Overview"))
+    d = d.with_panel(st("Sidecar up", "Prometheus reached the sidecar's /metrics at the last scrape", "none",
+                        q(f'up{{job="{JOB}"}}', instant=True), thresholds=ok_red,
+                        mappings=[dm.ValueMap(options={"0": dm.ValueMappingResult(text="DOWN", color="red"),
+                                                       "1": dm.ValueMappingResult(text="UP", color="green")})]))
+    d = d.with_panel(st("GPU mode", "1 when NVML sees a GPU; 0 means CPU mode (no GPU panels then)", "none",
+                        q("max(model_orchestrator_gpu_available)", instant=True), thresholds=steps((None, "orange"), (1, "green")),
+                        mappings=[dm.ValueMap(options={"0": dm.ValueMappingResult(text="CPU mode", color="orange"),
+                                                       "1": dm.ValueMappingResult(text="GPU", color="green")})]))
+    d = d.with_panel(st("VRAM used", "Memory in use on the selected GPUs, all processes", "percentunit",
+                        q(f"sum(model_orchestrator_gpu_memory_used_bytes{{{G}}}) / sum(model_orchestrator_gpu_memory_total_bytes{{{G}}})"),
+                        thresholds=steps((None, "green"), (0.85, "orange"), (0.95, "red")), graph=True))
+    d = d.with_panel(st("VRAM free", "Memory free on the selected GPUs: what the next model can take", "bytes",
+                        q(f"sum(model_orchestrator_gpu_memory_free_bytes{{{G}}})"),
+                        thresholds=steps((None, "red"), (2 * 1024**3, "orange"), (8 * 1024**3, "green")), graph=True))
+    d = d.with_panel(st("VRAM held by other processes", "GPU memory of processes the orchestrator does not own "
+                        "(other services, desktop): it cannot evict them", "bytes",
+                        q(f"sum(model_orchestrator_gpu_foreign_memory_bytes{{{G}}})", instant=True),
+                        thresholds=steps((None, "green"), (1024**3, "orange"))))
+    d = d.with_panel(st("Models loaded", "Models whose llama-server is running and ready", "none",
+                        q('sum(model_orchestrator_model_state{state="loaded"})', instant=True),
+                        thresholds=steps((None, "blue"))))
+    d = d.with_panel(st("Models failed", "Models in state failed (a load that failed, or a crash); the next load "
+                        "retries", "none", q('sum(model_orchestrator_model_state{state="failed"})', instant=True),
+                        thresholds=steps((None, "green"), (1, "red"))))
+    chat_5xx = events('llamacpp_requests_total{status=~"5.."}', "5m")
+    chat_all = events("llamacpp_requests_total", "5m")
+    d = d.with_panel(st("Chat 5xx ratio", "Share of OpenAI-API requests answered 5xx over the last 5 minutes", "percentunit",
+                        q(f"sum({chat_5xx}) / sum({chat_all})", instant=True),
+                        thresholds=steps((None, "green"), (0.01, "orange"), (0.05, "red"))))
+
+    # ---- GPUs -----------------------------------------------------------------------------------------------
+    d = d.with_row(db.Row("GPU memory"))
+    d = d.with_panel(
+        ts("VRAM by holder", "Stacked: each model's llama-server, other processes, free; the dashed line is the "
+           "card's total. Per GPU as selected.", "bytes",
+           q(f"sum by (model) (model_orchestrator_model_vram_bytes{{{G}, {M}}})", "{{model}}"),
+           q(f"sum(model_orchestrator_gpu_foreign_memory_bytes{{{G}}})", "other processes"),
+           q(f"sum(model_orchestrator_gpu_memory_free_bytes{{{G}}})", "free"),
+           q(f"sum(model_orchestrator_gpu_memory_total_bytes{{{G}}})", "total"),
+           stack=True, w=16, h=9)
+        .override_by_name("total", [dm.DynamicConfigValue("custom.stacking", {"mode": "none", "group": "A"}),
+                                    dm.DynamicConfigValue("custom.fillOpacity", 0),
+                                    dm.DynamicConfigValue("custom.lineStyle", {"fill": "dash", "dash": [10, 10]}),
+                                    dm.DynamicConfigValue("color", {"mode": "fixed", "fixedColor": "text"})])
+        .override_by_name("free", [dm.DynamicConfigValue("color", {"mode": "fixed", "fixedColor": "#73BF6933"})])
+        .override_by_name("other processes", [dm.DynamicConfigValue("color", {"mode": "fixed", "fixedColor": "purple"})]))
+    d = d.with_panel(
+        bargauge.Panel().title("VRAM per model now").description("GPU memory each model's llama-server holds (NVML), "
+                                                                 "summed over the selected GPUs")
+        .unit("bytes").height(9).span(8).datasource(DS).min(0)
+        .display_mode(common.BarGaugeDisplayMode.GRADIENT).orientation(common.VizOrientation.HORIZONTAL)
+        .thresholds(steps((None, "green"), (40 * 1024**3, "orange"), (70 * 1024**3, "red")))
+        .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        .with_target(q(f"sum by (model) (model_orchestrator_model_vram_bytes{{{G}, {M}}})", "{{model}}", instant=True)))
+    d = d.with_panel(
+        ts("VRAM used per GPU", "Used share of each card, all processes", "percentunit",
+           q(f"model_orchestrator_gpu_memory_used_bytes{{{G}}} / model_orchestrator_gpu_memory_total_bytes{{{G}}}",
+             "GPU {{gpu}} {{name}}"),
+           maximum=1, thresholds=steps((None, "green"), (0.85, "orange"), (0.95, "red")), w=12))
+    d = d.with_panel(
+        ts("VRAM per GPU", "Used, free and total memory of each card", "bytes",
+           q(f"model_orchestrator_gpu_memory_used_bytes{{{G}}}", "used GPU {{gpu}}"),
+           q(f"model_orchestrator_gpu_memory_free_bytes{{{G}}}", "free GPU {{gpu}}"),
+           q(f"model_orchestrator_gpu_memory_total_bytes{{{G}}}", "total GPU {{gpu}}"), w=12))
+
+    d = d.with_row(db.Row("GPU load"))
+    d = d.with_panel(ts("GPU utilisation", "Busy fraction over NVML's sample period", "percentunit",
+                        q(f"model_orchestrator_gpu_utilization_ratio{{{G}}}", "GPU {{gpu}} {{name}}"),
+                        maximum=1, thresholds=steps((None, "green"), (0.9, "orange")), w=8, calcs=("mean", "max")))
+    d = d.with_panel(ts("GPU temperature", "Core temperature; most cards throttle from about 83-87 °C", "celsius",
+                        q(f"model_orchestrator_gpu_temperature_celsius{{{G}}}", "GPU {{gpu}} {{name}}"),
+                        minimum=None, thresholds=steps((None, "green"), (80, "orange"), (88, "red")), w=8))
+    d = d.with_panel(ts("GPU power", "Power draw (absent on boards that do not report it)", "watt",
+                        q(f"model_orchestrator_gpu_power_watts{{{G}}}", "GPU {{gpu}} {{name}}"), w=8, calcs=("mean", "max")))
+
+    # ---- models ---------------------------------------------------------------------------------------------
+    d = d.with_row(db.Row("Models"))
+    state_expr = "\n+ ".join(f'{i} * sum by (model) (model_orchestrator_model_state{{{M}, state="{s}"}})'
+                             for i, s in enumerate(STATES) if i > 0)
+    d = d.with_panel(
+        statetimeline.Panel().title("Model state").description("Lifecycle of each model: unloaded, loading, loaded, "
+                                                               "unloading, failed")
+        .height(8).span(24).datasource(DS).show_value(common.VisibilityMode.NEVER).merge_values(True)
+        .row_height(0.8).fill_opacity(80)
+        .mappings([dm.ValueMap(options={str(i): dm.ValueMappingResult(text=s, color=STATE_COLORS[s], index=i)
+                                        for i, s in enumerate(STATES)})])
+        .legend(cb.VizLegendOptions().show_legend(True).display_mode(common.LegendDisplayMode.LIST)
+                .placement(common.LegendPlacement.BOTTOM))
+        .with_target(q(f"0 * sum by (model) (model_orchestrator_model_state{{{M}, state=\"unloaded\"}})\n+ {state_expr}",
+                       "{{model}}")))
+    d = d.with_panel(
+        heatmap.Panel().title("Load duration").description("Load request to llama-server ready, histogram per time "
+                                                            "bucket (model_orchestrator_load_duration_seconds)")
+        .height(8).span(8).datasource(DS).calculate(False)
+        .color(heatmap.HeatmapColorOptions().mode(hm.HeatmapColorMode.SCHEME).scheme("Oranges")
+               .scale(hm.HeatmapColorScale.EXPONENTIAL).exponent(0.5).steps(64))
+        .y_axis(heatmap.YAxisConfig().unit("s"))
+        .cell_values(heatmap.CellValues().unit("short"))
+        .with_target(q(f"sum by (le) ({events(f'model_orchestrator_load_duration_seconds_bucket{{{M}}}')})",
+                       "{{le}}", fmt=PromQueryFormat.HEATMAP)))
+    d = d.with_panel(
+        bargauge.Panel().title("Load time p50 / p95 (time range)").description("Quantiles of load durations over "
+                                                                             "the dashboard's time range")
+        .unit("s").height(8).span(8).datasource(DS).min(0)
+        .display_mode(common.BarGaugeDisplayMode.GRADIENT).orientation(common.VizOrientation.HORIZONTAL)
+        .thresholds(steps((None, "green"), (30, "orange"), (120, "red")))
+        .reduce_options(cb.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+        .with_target(q(f"histogram_quantile(0.5, sum by (le, model) ({events(f'model_orchestrator_load_duration_seconds_bucket{{{M}}}', '$__range')}))",
+                       "{{model}} p50", instant=True))
+        .with_target(q(f"histogram_quantile(0.95, sum by (le, model) ({events(f'model_orchestrator_load_duration_seconds_bucket{{{M}}}', '$__range')}))",
+                       "{{model}} p95", instant=True, ref="B")))
+    d = d.with_panel(ts("Loads by result", "Load attempts: loaded, failed (bad file, crash during start, timeout), "
+                        "cancelled (an unload during the load)", "short",
+                        q(f"sum by (model, result) ({events(f'model_orchestrator_model_loads_total{{{M}}}')})",
+                          "{{model}} {{result}}"), bars=True, w=8, calcs=("sum",))
+                     .override_by_regexp(".* failed", [dm.DynamicConfigValue("color", {"mode": "fixed", "fixedColor": "red"})]))
+    d = d.with_panel(ts("Unloads by reason", "request, force, idle (idle TTL), evicted (to make room for another "
+                        "model)", "short",
+                        q(f"sum by (model, reason) ({events(f'model_orchestrator_model_unloads_total{{{M}}}')})",
+                          "{{model}} {{reason}}"), bars=True, w=12, calcs=("sum",)))
+    d = d.with_panel(ts("Model failures by code", "Models that went to failed: process_exited (a crash), "
+                        "load_timeout, spawn_failed, ...", "short",
+                        q(f"sum by (model, code) ({events(f'model_orchestrator_model_failures_total{{{M}}}')})",
+                          "{{model}} {{code}}"), bars=True, w=12, calcs=("sum",),
+                        thresholds=steps((None, "green"), (1, "red"))))
+
+    # ---- chat traffic ---------------------------------------------------------------------------------------
+    d = d.with_row(db.Row("Chat traffic (OpenAI API)"))
+    d = d.with_panel(ts("Requests/s per model", "OpenAI-API requests proxied to each model, all endpoints", "reqps",
+                        q(f"sum by (model) (rate(llamacpp_requests_total{{{M}}}[{RI}]))", "{{model}}"), w=8))
+    chat_failed = events(f'llamacpp_requests_total{{{M}, status!~"2.."}}')
+    d = d.with_panel(ts("Failed chat requests", "Non-2xx answers by model and status, per interval (503: the model "
+                        "failed to load or is unloading; 400: llama-server refused the request)", "short",
+                        q(f"sum by (model, status) ({chat_failed})",
+                          "{{model}} {{status}}"), bars=True, w=8, calcs=("sum",),
+                        thresholds=steps((None, "green"), (1, "red"))))
+    d = d.with_panel(ts("Latency p50 / p95", "Request to last byte (streams included), per model", "s",
+                        q(f"histogram_quantile(0.5, sum by (le, model) (rate(llamacpp_requests_duration_seconds_bucket{{{M}}}[{RI}])))",
+                          "{{model}} p50"),
+                        q(f"histogram_quantile(0.95, sum by (le, model) (rate(llamacpp_requests_duration_seconds_bucket{{{M}}}[{RI}])))",
+                          "{{model}} p95"), w=8, calcs=("mean", "max")))
+    d = d.with_panel(ts("Generated tokens/s", "Completion tokens per second, from the responses' usage", "tokens/s",
+                        q(f"sum by (model) (rate(llamacpp_tokens_generated_total{{{M}}}[{RI}]))", "{{model}}"),
+                        w=8, calcs=("mean", "max")))
+    d = d.with_panel(ts("Prompt tokens/s", "Prompt tokens processed per second, from the responses' usage", "tokens/s",
+                        q(f"sum by (model) (rate(llamacpp_prompt_tokens_total{{{M}}}[{RI}]))", "{{model}}"),
+                        w=8, calcs=("mean", "max")))
+    d = d.with_panel(ts("In flight / waiting for load", "Requests being answered, and requests waiting for their "
+                        "model to finish loading", "short",
+                        q(f"sum by (model) (model_orchestrator_requests_in_flight{{{M}}})", "{{model}} in flight"),
+                        q(f"sum by (model) (model_orchestrator_requests_waiting_for_load{{{M}}})", "{{model}} waiting"),
+                        w=8))
+
+    # ---- the sidecar's own API ------------------------------------------------------------------------------
+    d = d.with_row(db.Row("Sidecar HTTP API"))
+    http_errors = events('model_orchestrator_http_requests_total{status=~"[45].."}')
+    d = d.with_panel(ts("HTTP errors by route", "4xx and 5xx answers of the sidecar per route and status, per "
+                        "interval", "short", q(f"sum by (route, status) ({http_errors})", "{{route}} {{status}}"),
+                        bars=True, w=8, calcs=("sum",)))
+    d = d.with_panel(ts("HTTP requests by route", "All answers per route", "reqps",
+                        q(f"sum by (route) (rate(model_orchestrator_http_requests_total[{RI}]))", "{{route}}"), w=8))
+    d = d.with_panel(ts("HTTP latency p95 by route", "Sidecar answer time per route (loads wait for llama-server)",
+                        "s", q(f"histogram_quantile(0.95, sum by (le, route) (rate(model_orchestrator_http_request_duration_seconds_bucket[{RI}])))",
+                               "{{route}}"), w=8, calcs=("mean", "max")))
+    return d.build()
+
+
+def _number_panels(obj: dm.Dashboard) -> None:
+    """Stable panel ids in layout order (links to a panel keep working across rebuilds)."""
+    for i, p in enumerate(obj.panels or [], start=1):
+        p.id_val = i
+
+
+def render() -> str:
+    dash = build()
+    _number_panels(dash)
+    return json.dumps(dash, cls=JSONEncoder, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--check", action="store_true", help="compare with the committed JSON instead of writing it")
+    args = ap.parse_args(argv)
+    text = render()
+    if args.check:
+        same = OUT.exists() and OUT.read_text() == text
+        print(f"{OUT}: {'up to date' if same else 'differs from build_dashboard.py; run it'}")
+        return 0 if same else 1
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(text)
+    print(f"wrote {OUT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
