@@ -83,6 +83,19 @@ class LaunchPlan:
     port: int
 
 
+def llama_server_argv(binary: Path, spec: ModelSpec, model: Path, mmproj: Path | None, port: int) -> list[str]:
+    """The command line for one model: loopback only, its own port, exactly the context and layers the estimate
+    assumed (`--fit off`: llama-server's own fitting would silently change them)."""
+    argv = [
+        str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--alias", spec.id,
+        "-c", str(spec.context_size), "-ngl", str(spec.n_gpu_layers), "-ctk", spec.cache_type, "-ctv", spec.cache_type,
+        "-fa", spec.flash_attn, "--fit", "off", "--metrics", "--jinja",
+    ]
+    if mmproj:
+        argv += ["--mmproj", str(mmproj)]
+    return argv + spec.extra_args
+
+
 @dataclass
 class ExitInfo:
     returncode: int

@@ -18,7 +18,7 @@ from . import __version__
 from .errors import ApiError
 from .gpu import GpuSnapshot, GpuView, NoGpuView
 from .lifecycle import (MODEL_ENV, OWNER_ENV, LaunchPlan, LoadCancelled, LoadFailed, ModelBusy, ModelSlot, State,
-                        reap_leftovers)
+                        llama_server_argv, reap_leftovers)
 from .metrics import Metrics
 from .model_files import ModelFilesMissing, resolve
 from .registry import GeneratedSource, HfSource, ModelSpec, PathSource, Registry
@@ -128,14 +128,7 @@ class Orchestrator:
         port = _free_port()
         while port in taken:
             port = _free_port()
-        argv = [
-            str(self.llama_server_bin), "-m", str(files.model), "--host", "127.0.0.1", "--port", str(port),
-            "--alias", spec.id, "-c", str(spec.context_size), "-ngl", str(spec.n_gpu_layers),
-            "-ctk", spec.cache_type, "-ctv", spec.cache_type, "-fa", spec.flash_attn, "--metrics", "--jinja",
-        ]
-        if files.mmproj:
-            argv += ["--mmproj", str(files.mmproj)]
-        argv += spec.extra_args
+        argv = llama_server_argv(self.llama_server_bin, spec, files.model, files.mmproj, port)
         env = {k: v for k, v in os.environ.items() if not k.startswith(_CHILD_ENV_DROP_PREFIXES)}
         env[OWNER_ENV] = self.owner
         env[MODEL_ENV] = spec.id

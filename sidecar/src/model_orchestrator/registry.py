@@ -20,7 +20,7 @@ MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 RESERVED_FLAGS = {
     "-m", "--model", "--host", "--port", "-a", "--alias", "--mmproj", "-mm", "-c", "--ctx-size",
     "-ngl", "--gpu-layers", "--n-gpu-layers", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
-    "--models-dir", "--api-key", "--api-key-file", "--path",
+    "--models-dir", "--api-key", "--api-key-file", "--path", "-fit", "--fit",
 }
 
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]

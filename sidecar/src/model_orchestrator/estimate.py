@@ -1,0 +1,230 @@
+"""How much GPU memory a llama-server process will take, from the GGUF header alone (the weights are never read).
+
+    total = weights placed on the GPU + KV cache + compute buffer + mmproj + per-process CUDA overhead
+
+Weights follow llama.cpp's placement: the last `n_gpu_layers` blocks go to the GPU, plus the output layer (norm and
+lm_head) once n_gpu_layers > 0 counts it; the token embedding stays on the host, except that a tied lm_head is
+copied to the GPU. Tensor overrides (`-ot REGEX=CPU`, `--cpu-moe`, `--n-cpu-moe N`) keep matching tensors on the host.
+The KV cache is cells × (K + V bytes per cell) for each offloaded attention layer, with the cell count llama.cpp uses
+(the context padded to 256; sliding-window layers keep only their window). The compute buffer and the per-process
+overhead are fitted on a real GPU (CALIBRATION below; bench/vram_table.py measures them and says how).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MIB = 1024 * 1024
+
+# bytes per element of the KV cache types (block-quantized types store 32 elements in a block)
+CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
+               "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32}
+
+# Fitted on an NVIDIA H200 (CUDA 13.0, driver 580, llama.cpp b11434, -fa on, n_ubatch 512) from the buffer sizes
+# llama.cpp logs and the NVML memory of the process, for three shapes x three contexts x two cache types
+# (results/vram/run2-uncalibrated.json; bench/vram_table.py re-measures; how: results/vram/README.md):
+# - compute buffer at zero context = n_ubatch x 4 B x (8 n_embd + 3 n_ff_active [+ n_expert_used n_embd for MoE])
+#   (exact for all three shapes), + 2 KiB per context cell of which NVML sees 1 KiB resident (lazily mapped pool);
+# - a quantized cache with flash attention converts K and V to f16 in the compute buffer: 4 B x n_embd_kv per
+#   cell, minus ~24 MiB the f16 graph already had (the smallest offset seen: the estimate errs on the safe side);
+# - per-process CUDA overhead (context, lazily loaded kernels): ~566 MiB dense, ~676 MiB MoE (more kernel kinds).
+CALIBRATION = {
+    "cuda_overhead_mib": 573.0,
+    "cuda_overhead_moe_mib": 676.0,
+    "compute_embd_floats": 8,
+    "compute_ff_floats": 3,
+    "compute_resident_bytes_per_cell_per_ubatch_token": 2.0,  # 1 KiB per cell at n_ubatch 512
+    "quant_kv_bytes_per_cell_embd": 4.0,
+    "quant_kv_offset_mib": 24.0,
+    "output_bytes_per_vocab": 16.0,  # logits of 4 sequences, f32, in host-visible memory
+}
+# An RTX 5090 or another driver has another per-process overhead: MODEL_ORCHESTRATOR_CUDA_OVERHEAD_MB overrides it
+# (bench/vram_table.py on that card tells the value), and admission keeps a safety margin on top.
+
+
+@dataclass
+class ModelShape:
+    """What the estimate needs from a GGUF header."""
+
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: list[int]  # per layer (some models vary it; 0 marks a layer without attention)
+    head_dim_k: int
+    head_dim_v: int
+    n_ff: int
+    n_vocab: int
+    n_expert: int
+    n_expert_used: int
+    n_ff_exp: int
+    n_swa: int  # sliding window (0: none)
+    swa_layers: list[bool]
+    tensors: dict[str, int]  # name -> bytes
+    file_bytes: int
+
+    @property
+    def tied_output(self) -> bool:
+        return "output.weight" not in self.tensors
+
+
+@dataclass
+class Estimate:
+    weights_mb: float
+    kv_cache_mb: float
+    compute_mb: float
+    mmproj_mb: float
+    overhead_mb: float
+    total_mb: float
+    layers_on_gpu: int
+    n_layer: int
+    context_cells: int
+    cache_type: str
+    details: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    if len(f.data) == 1:
+        v = f.parts[f.data[0]]
+        return v.tobytes().decode() if v.dtype.kind == "u" and v.dtype.itemsize == 1 else v[0].item()
+    return [f.parts[i][0].item() for i in f.data]  # an array (e.g. head_count_kv per layer)
+
+
+def read_shape(path: Path) -> ModelShape:
+    """The header of a GGUF file (gguf-py maps the file; tensor data pages are never touched)."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+    arch = _field(r, "general.architecture")
+    g = lambda key, default=None: _field(r, f"{arch}.{key}", default)  # noqa: E731
+    n_layer = int(g("block_count"))
+    n_embd = int(g("embedding_length"))
+    n_head = g("attention.head_count")
+    n_head = int(n_head if not isinstance(n_head, list) else max(n_head))
+    kv = g("attention.head_count_kv", n_head)
+    kv = [int(x) for x in kv] if isinstance(kv, list) else [int(kv)] * n_layer
+    head_dim = n_embd // n_head if n_head else 0
+    n_swa = int(g("attention.sliding_window", 0) or 0)
+    pattern = g("attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        swa_layers = [bool(x) for x in pattern]
+    elif n_swa and isinstance(pattern, int) and pattern > 0:  # every pattern-th layer is global
+        swa_layers = [(i + 1) % pattern != 0 for i in range(n_layer)]
+    else:
+        swa_layers = [bool(n_swa)] * n_layer
+    tokens = r.fields.get("tokenizer.ggml.tokens")
+    n_vocab = int(g("vocab_size", 0) or (len(tokens.data) if tokens else 0))
+    n_ff = g("feed_forward_length", 0)
+    n_ff = int(max(n_ff) if isinstance(n_ff, list) else n_ff)
+    return ModelShape(
+        arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=kv,
+        head_dim_k=int(g("attention.key_length", head_dim)), head_dim_v=int(g("attention.value_length", head_dim)),
+        n_ff=n_ff, n_vocab=n_vocab, n_expert=int(g("expert_count", 0) or 0),
+        n_expert_used=int(g("expert_used_count", 0) or 0), n_ff_exp=int(g("expert_feed_forward_length", 0) or 0),
+        n_swa=n_swa, swa_layers=swa_layers,
+        tensors={t.name: int(t.n_bytes) for t in r.tensors}, file_bytes=Path(path).stat().st_size,
+    )
+
+
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+_EXPERTS = re.compile(r"ffn_(up|down|gate)_exps")
+
+
+def _cpu_overrides(extra_args: list[str], n_layer: int) -> list[re.Pattern]:
+    """Tensor patterns the llama-server arguments keep on the host."""
+    pats: list[re.Pattern] = []
+    args = list(extra_args)
+    for i, a in enumerate(args):
+        flag, _, inline = a.partition("=")
+        value = inline if inline else (args[i + 1] if i + 1 < len(args) else "")
+        if flag in ("-ot", "--override-tensor"):
+            for rule in value.split(","):
+                pat, _, buft = rule.rpartition("=")
+                if pat and buft.upper().startswith("CPU"):
+                    pats.append(re.compile(pat))
+        elif flag in ("-cmoe", "--cpu-moe"):
+            pats.append(_EXPERTS)
+        elif flag in ("-ncmoe", "--n-cpu-moe") and value.isdigit():
+            n = int(value)
+            pats.append(re.compile(rf"^blk\.({'|'.join(str(j) for j in range(min(n, n_layer)))})\.ffn_(up|down|gate)_exps"))
+    return pats
+
+
+def estimate_shape(shape: ModelShape, *, n_ctx: int, n_gpu_layers: int, cache_type: str = "f16",
+                   cache_type_v: str | None = None, flash_attn: bool = True, n_ubatch: int = 512,
+                   extra_args: list[str] = (), mmproj_bytes: int = 0, kv_offload: bool = True,
+                   overhead_mib: float | None = None) -> Estimate:
+    cal = CALIBRATION
+    n_layer = shape.n_layer
+    ngl = n_layer + 1 if n_gpu_layers < 0 else n_gpu_layers
+    first_gpu_layer = max(n_layer + 1 - ngl, 0)  # llama.cpp: blocks il >= n_layer + 1 - ngl; the output layer is il = n_layer
+    output_on_gpu = ngl >= 1
+    on_gpu = [i >= first_gpu_layer for i in range(n_layer)]
+    overrides = _cpu_overrides(list(extra_args), n_layer)
+
+    weights = 0
+    for name, nbytes in shape.tensors.items():
+        if any(p.search(name) for p in overrides):
+            continue
+        m = _BLOCK.match(name)
+        if m:
+            if int(m.group(1)) < n_layer and on_gpu[int(m.group(1))]:
+                weights += nbytes
+        elif name.startswith(("output.", "output_norm.")):
+            if output_on_gpu:
+                weights += nbytes
+        elif name.startswith("token_embd.") and shape.tied_output and output_on_gpu:
+            weights += nbytes  # the tied lm_head is a GPU copy of the embedding
+    cells = -(-n_ctx // 256) * 256
+    ctype_v = cache_type_v or cache_type
+    kv = 0.0
+    for i in range(n_layer):
+        if not (on_gpu[i] and kv_offload) or shape.n_head_kv[i] == 0:
+            continue
+        layer_cells = cells
+        if shape.swa_layers[i] and shape.n_swa:
+            layer_cells = min(cells, -(-(shape.n_swa + n_ubatch) // 256) * 256)
+        kv += layer_cells * shape.n_head_kv[i] * (shape.head_dim_k * CACHE_BYTES[cache_type]
+                                                  + shape.head_dim_v * CACHE_BYTES[ctype_v])
+    n_embd_kv = max(shape.n_head_kv) * max(shape.head_dim_k, shape.head_dim_v)
+    ff_active = shape.n_ff_exp * shape.n_expert_used if shape.n_expert else shape.n_ff
+    any_gpu = ngl > 0
+    compute = overhead = 0.0
+    if any_gpu:
+        floats = cal["compute_embd_floats"] * shape.n_embd + cal["compute_ff_floats"] * ff_active
+        if shape.n_expert:
+            floats += shape.n_expert_used * shape.n_embd  # the weighted outputs of the chosen experts
+        compute = n_ubatch * 4 * floats
+        compute += cells * n_ubatch * cal["compute_resident_bytes_per_cell_per_ubatch_token"] * (1 if flash_attn else shape.n_head)
+        if flash_attn and (cache_type not in ("f16", "bf16") or ctype_v not in ("f16", "bf16")):
+            compute += max(0.0, cells * n_embd_kv * cal["quant_kv_bytes_per_cell_embd"] - cal["quant_kv_offset_mib"] * MIB)
+        compute += shape.n_vocab * cal["output_bytes_per_vocab"]
+        overhead = (overhead_mib if overhead_mib is not None else
+                    cal["cuda_overhead_moe_mib"] if shape.n_expert else cal["cuda_overhead_mib"]) * MIB
+    total = weights + kv + compute + mmproj_bytes + overhead
+    return Estimate(
+        weights_mb=weights / MIB, kv_cache_mb=kv / MIB, compute_mb=compute / MIB, mmproj_mb=mmproj_bytes / MIB,
+        overhead_mb=overhead / MIB, total_mb=total / MIB, layers_on_gpu=sum(on_gpu) + (1 if output_on_gpu else 0),
+        n_layer=n_layer, context_cells=cells, cache_type=cache_type if ctype_v == cache_type else f"{cache_type}/{ctype_v}",
+        details={"arch": shape.arch, "file_mb": round(shape.file_bytes / MIB, 1), "n_ubatch": n_ubatch,
+                 "flash_attn": flash_attn, "experts": shape.n_expert, "sliding_window": shape.n_swa},
+    )
+
+
+def estimate_file(model: Path, *, mmproj: Path | None = None, **kwargs) -> Estimate:
+    mmproj_bytes = sum(read_shape_tensors_bytes(mmproj)) if mmproj else 0
+    return estimate_shape(read_shape(model), mmproj_bytes=mmproj_bytes, **kwargs)
+
+
+def read_shape_tensors_bytes(path: Path) -> list[int]:
+    from gguf import GGUFReader
+
+    return [int(t.n_bytes) for t in GGUFReader(str(path)).tensors]
