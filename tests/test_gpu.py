@@ -19,8 +19,9 @@ class FakeNvml:
     class NVMLError(Exception):
         pass
 
-    def __init__(self, procs):
-        self.procs = procs
+    def __init__(self, procs, total_mb=32607):
+        self.procs = procs  # device index -> processes; one device per key
+        self.total_mb = total_mb
         self.inited = False
 
     def nvmlInit(self):
@@ -30,13 +31,13 @@ class FakeNvml:
         return b"580.00"
 
     def nvmlDeviceGetCount(self):
-        return 2
+        return len(self.procs)
 
     def nvmlDeviceGetHandleByIndex(self, i):
         return i
 
     def nvmlDeviceGetMemoryInfo(self, h):
-        total = 32607 * MIB
+        total = self.total_mb * MIB
         used = sum(p.usedGpuMemory for p in self.procs[h])
         return SimpleNamespace(total=total, used=used, free=total - used)
 
@@ -172,3 +173,72 @@ async def test_real_gpu_load_shows_the_model_memory_and_unload_frees_it(tmp_path
     after = (await (await client.get("/models/status")).json())["used_mb"]
     print(f"used after unload {after} MiB")
     assert after <= before + 64  # freed (a little slack for other processes on a shared card)
+
+
+@pytest.mark.gpu
+async def test_real_gpu_admission_refuses_then_eviction_makes_room(tmp_path, aiohttp_client):
+    """Real shapes on the real card: with the room cut to 20 GB by a reservation, the 30B-A3B MoE fits, an 8B then
+    does not (refused with what is missing), and allowed to evict, the orchestrator frees the MoE's memory first."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from synthetic_gguf import write_synthetic
+
+    from model_orchestrator.api import create_app
+    from model_orchestrator.install import find_llama_server
+    from model_orchestrator.orchestrator import Orchestrator
+    from model_orchestrator.registry import parse_registry
+    from model_orchestrator.settings import Settings
+
+    moe, dense = write_synthetic(tmp_path / "moe.gguf", "qwen3-30b-a3b"), write_synthetic(tmp_path / "dense.gguf", "llama-8b")
+    reg = parse_registry(f'''default_model = "moe"
+[[models]]
+id = "moe"
+source = {{ type = "path", path = "{moe}" }}
+context_size = 8192
+flash_attn = "on"
+[[models]]
+id = "dense"
+source = {{ type = "path", path = "{dense}" }}
+context_size = 8192
+flash_attn = "on"
+''')
+    gpu = open_gpu_view()
+    orch = Orchestrator(Settings(state_dir=tmp_path / "s", vram_margin_mb=512), reg, gpu, find_llama_server())
+    c = await aiohttp_client(create_app(orch))
+    st = await (await c.get("/models/status")).json()
+    room = st["gpus"][0]["available_mb"]
+    r = await c.post("/reservations", json={"service": "test-squeeze", "vram_mb": room - 20000, "ttl_s": 600})
+    assert r.status == 201, await r.text()
+
+    r = await c.post("/models/load", json={"model": "moe"})
+    body = await r.json()
+    assert r.status == 200, body
+    await asyncio.sleep(0.5)
+    gpu._cached = None
+    st = await (await c.get("/models/status")).json()
+    measured, estimate = st["loaded_models"]["moe"]["vram_mb"], st["loaded_models"]["moe"]["estimate_mb"]
+    print(f"\nmoe: estimate {estimate} MiB, NVML {measured} MiB, available now {st['gpus'][0]['available_mb']} MiB")
+    assert abs(estimate - measured) / measured < 0.05
+    used_with_moe = st["used_mb"]
+
+    r = await c.post("/models/load", json={"model": "dense"})
+    body = await r.json()
+    print(f"dense refused: {body['error']['message']}")
+    assert r.status == 409 and body["error"]["code"] == "insufficient_vram"
+    assert body["error"]["missing_mb"] > 1000 and body["error"]["evictable"] == ["moe"]
+
+    r = await c.post("/models/load", json={"model": "dense", "allow_eviction": True})
+    body = await r.json()
+    assert r.status == 200 and body["evicted"] == ["moe"], body
+    await asyncio.sleep(0.5)
+    gpu._cached = None
+    st = await (await c.get("/models/status")).json()
+    dense_mb = st["loaded_models"]["dense"]["vram_mb"]
+    print(f"after eviction: used {used_with_moe} -> {st['used_mb']} MiB; dense NVML {dense_mb} MiB, "
+          f"estimate {st['loaded_models']['dense']['estimate_mb']} MiB")
+    assert "moe" not in st["loaded_models"] or st["loaded_models"]["moe"]["status"] == "unloaded"
+    assert st["used_mb"] < used_with_moe - measured + dense_mb + 256  # the MoE's memory came back
+    assert abs(st["loaded_models"]["dense"]["estimate_mb"] - dense_mb) / dense_mb < 0.05
+    await c.post("/models/unload", json={"model": "dense"})

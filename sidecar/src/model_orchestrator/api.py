@@ -20,11 +20,13 @@ from pydantic import BaseModel, ValidationError
 from . import __version__, proxy
 from .errors import ApiError
 from .lifecycle import State
+from .model_files import ModelFilesMissing
 from .openapi import build_openapi
 from .orchestrator import Orchestrator
-from .schemas import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, HealthResponse, LoadRequest,
-                      LoadResponse, LogsResponse, ModelsResponse, OpenAIModelList, OpenAIResponse, StatusResponse,
-                      UnloadRequest, UnloadResponse)
+from .schemas import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, EstimateRequest, EstimateResponse,
+                      HealthResponse, LoadRequest, LoadResponse, LogsResponse, ModelsResponse, OpenAIModelList,
+                      OpenAIResponse, RenewRequest, ReservationList, ReservationOut, ReservationRequest,
+                      StatusResponse, UnloadRequest, UnloadResponse)
 
 log = logging.getLogger("model_orchestrator.api")
 ORCH = web.AppKey("orchestrator", Orchestrator)
@@ -88,23 +90,103 @@ async def models_list(request: web.Request) -> web.Response:
 async def models_load(request: web.Request) -> web.Response:
     req = await _body(request, LoadRequest)
     orch = request.app[ORCH]
+    if req.service != "llama-cpp" and orch.registry.lookup(req.model) is None:
+        # the guide's pattern for other GPU services: "load wan2.1-14b in comfyui" reserves its memory (making room)
+        if req.vram_mb is None:
+            raise ApiError(400, "unknown_service", f"{req.model!r} of service {req.service!r} is not run by this "
+                           "orchestrator: pass vram_mb to reserve GPU memory for it (it then counts in admission)")
+        r = await orch.reserve(req.service, req.vram_mb, ttl_s=req.ttl_s, model=req.model,
+                               priority=req.priority if req.priority is not None else 50,
+                               allow_eviction=req.allow_eviction, force=req.force)
+        return _json(LoadResponse, {"model": req.model, "status": "reserved", "result": "reserved",
+                                    "reservation": r.to_dict()})
+    kwargs = dict(priority=req.priority, service=req.service, timeout_s=req.timeout_s,
+                  allow_eviction=req.allow_eviction, force=req.force)
     if not req.wait:
-        slot = orch.load_in_background(req.model, priority=req.priority, service=req.service, timeout_s=req.timeout_s)
+        slot = orch.load_in_background(req.model, **kwargs)
         await asyncio.sleep(0)  # let the load task take the first step so the state reads "loading"
         return _json(LoadResponse, {"model": slot.id, "status": slot.state, "result": "loading"}, status=202)
-    slot, result = await orch.load(req.model, priority=req.priority, service=req.service, timeout_s=req.timeout_s)
+    evicted_before = _evictions(orch)
+    slot, result = await orch.load(req.model, **kwargs)
     server = slot.server
     return _json(LoadResponse, {"model": slot.id, "status": slot.state, "result": result,
                                 "load_seconds": slot.load_seconds, "pid": server.pid if server else None,
-                                "port": server.port if server else None})
+                                "port": server.port if server else None, "gpu": slot.gpu,
+                                "estimate_mb": round(slot.estimate.total_mb, 1) if slot.estimate else None,
+                                "evicted": sorted(m for m, n in _evictions(orch).items() if n > evicted_before.get(m, 0))})
+
+
+def _evictions(orch) -> dict[str, float]:
+    return {m: orch.metrics.unloads.labels(m, "evicted")._value.get() for m in orch.slots}
 
 
 async def models_unload(request: web.Request) -> web.Response:
     req = await _body(request, UnloadRequest)
+    orch = request.app[ORCH]
+    if orch.registry.lookup(req.model) is None:
+        # the guide unloads "wan2.1-14b": not ours to stop, but its reservation is released so admission forgets it
+        released = orch.reservations.release_matching(req.model)
+        if released:
+            return _json(UnloadResponse, {"model": req.model, "status": "released", "result": "released",
+                                          "released": [r.to_dict() for r in released]})
+        raise ApiError(404, "model_not_found", f"unknown model {req.model!r}: not in the registry and no reservation "
+                       f"under that name; known models: {', '.join(sorted(orch.slots))} (GET /models); "
+                       "stop other services' models in those services")
     if req.service not in (None, "llama-cpp"):
         raise ApiError(400, "unknown_service", f"service {req.service!r} is not run by this orchestrator; use 'llama-cpp'")
-    slot, result = await request.app[ORCH].unload(req.model, force=req.force, drain_timeout_s=req.drain_timeout_s)
+    slot, result = await orch.unload(req.model, force=req.force, drain_timeout_s=req.drain_timeout_s)
     return _json(UnloadResponse, {"model": slot.id, "status": slot.state, "result": result})
+
+
+async def models_estimate(request: web.Request) -> web.Response:
+    req = await _body(request, EstimateRequest)
+    orch = request.app[ORCH]
+    slot = orch.slot(req.model)
+    try:
+        est = await orch.estimate(slot.spec, context_size=req.context_size, cache_type=req.cache_type,
+                                  n_gpu_layers=req.n_gpu_layers)
+    except ModelFilesMissing as exc:
+        raise ApiError(409, "model_files_missing", str(exc), model=slot.id) from None
+    except (ValueError, OSError) as exc:
+        raise ApiError(422, "unreadable_model", f"cannot read the GGUF header of {slot.id}: {exc}", model=slot.id) from None
+    fit = await orch.check_fit(slot.spec, est)
+    return _json(EstimateResponse, {"model": slot.id, "context_size": req.context_size or slot.spec.context_size,
+                                    "cache_type": est.cache_type, "estimate": est.to_dict(), "fit": fit})
+
+
+async def reservations_list(request: web.Request) -> web.Response:
+    return _json(ReservationList, {"reservations": [r.to_dict() for r in request.app[ORCH].reservations.active()]})
+
+
+async def reservations_create(request: web.Request) -> web.Response:
+    req = await _body(request, ReservationRequest)
+    r = await request.app[ORCH].reserve(req.service, req.vram_mb, ttl_s=req.ttl_s, gpu=req.gpu, model=req.model,
+                                        priority=req.priority, allow_eviction=req.allow_eviction, force=req.force)
+    return _json(ReservationOut, r.to_dict(), status=201)
+
+
+def _reservation_id(request: web.Request) -> str:
+    rid = request.match_info["id"]
+    if not rid.isalnum() or len(rid) > 64:
+        raise ApiError(400, "invalid_request", "a reservation id is letters and digits")
+    return rid
+
+
+async def reservations_renew(request: web.Request) -> web.Response:
+    rid = _reservation_id(request)
+    req = await _body(request, RenewRequest) if request.can_read_body else RenewRequest()
+    r = request.app[ORCH].reservations.renew(rid, req.ttl_s)
+    if r is None:
+        raise ApiError(404, "reservation_not_found", f"no reservation {rid} (expired or released)")
+    return _json(ReservationOut, r.to_dict())
+
+
+async def reservations_release(request: web.Request) -> web.Response:
+    rid = _reservation_id(request)
+    r = request.app[ORCH].reservations.release(rid)
+    if r is None:
+        raise ApiError(404, "reservation_not_found", f"no reservation {rid} (expired or released)")
+    return _json(ReservationOut, r.to_dict())
 
 
 async def model_logs(request: web.Request) -> web.Response:
@@ -152,6 +234,19 @@ ROUTES: list[Route] = [
           description="Without force, waits up to drain_timeout_s for requests in flight (new ones get 503 + "
           "Retry-After meanwhile) and then refuses with 409, changing nothing. With force, stops llama-server at once; "
           "requests in flight end with a model_unloaded error. An unload during a load cancels it."),
+    Route("POST", "/models/estimate", models_estimate, "Predicted GPU memory of a model's llama-server, and whether it fits now",
+          request=EstimateRequest, response=EstimateResponse,
+          description="From the GGUF header only: weights on the GPU, KV cache, compute buffer, projector, CUDA overhead."),
+    Route("GET", "/reservations", reservations_list, "Memory reserved by other GPU services", response=ReservationList,
+          tag="reservations"),
+    Route("POST", "/reservations", reservations_create, "Reserve GPU memory for another service (WhisperX, ComfyUI...)",
+          request=ReservationRequest, response=ReservationOut, status=201, tag="reservations",
+          description="Counts in admission at once; may evict models of lower priority (or equal, with allow_eviction) "
+                      "to make room; refused with 409 insufficient_vram otherwise. Expires after ttl_s unless renewed."),
+    Route("POST", "/reservations/{id}/renew", reservations_renew, "Extend a reservation's lifetime", request=RenewRequest,
+          response=ReservationOut, tag="reservations"),
+    Route("DELETE", "/reservations/{id}", reservations_release, "Release a reservation", response=ReservationOut,
+          tag="reservations"),
     Route("GET", "/models/{model}/logs", model_logs, "The last lines llama-server printed (?lines=N)", response=LogsResponse),
     Route("GET", "/v1/models", v1_models, "OpenAI: list models", response=OpenAIModelList, tag="openai"),
     Route("POST", "/v1/chat/completions", chat_completions, "OpenAI: chat (images, tools, streaming passed through)",

@@ -193,6 +193,54 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def cmd_estimate(args) -> int:
+    """Predicted GPU memory of a registry model or of any GGUF file, from its header (no server needed)."""
+    from .estimate import estimate_file
+    from .model_files import ModelFilesMissing, resolve
+    from .registry import RegistryError, load_registry
+    from .settings import Settings
+
+    settings = Settings.from_env(models_config=args.config)
+    path, mmproj, spec = Path(args.model), None, None
+    if not path.is_file():
+        try:
+            registry = load_registry(settings.models_config)
+        except RegistryError as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        spec = registry.lookup(args.model)
+        if spec is None:
+            print(f"{args.model!r} is neither a GGUF file nor a model id ({', '.join(s.id for s in registry.models)})",
+                  file=sys.stderr)
+            return 2
+        try:
+            files = resolve(spec, settings.state_dir / "models")
+        except ModelFilesMissing as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        path, mmproj = files.model, files.mmproj
+    ctx = args.ctx or (spec.context_size if spec else 8192)
+    cache = args.cache_type or (spec.cache_type if spec else "f16")
+    ngl = args.ngl if args.ngl is not None else (spec.n_gpu_layers if spec else 99)
+    try:
+        est = estimate_file(path, mmproj=mmproj, n_ctx=ctx, n_gpu_layers=ngl, cache_type=cache,
+                            flash_attn=(spec.flash_attn != "off") if spec else True,
+                            extra_args=spec.extra_args if spec else [], overhead_mib=settings.cuda_overhead_mb)
+    except (ValueError, OSError) as exc:
+        print(f"cannot read the GGUF header of {path}: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(est.to_dict(), indent=2))
+        return 0
+    print(f"{path.name}: {est.details['arch']}, {est.n_layer} layers ({est.layers_on_gpu} on the GPU with the output), "
+          f"context {ctx} ({est.context_cells} cells), KV cache {est.cache_type}")
+    for label, mb in (("weights", est.weights_mb), ("KV cache", est.kv_cache_mb), ("compute", est.compute_mb),
+                      ("mmproj", est.mmproj_mb), ("CUDA overhead", est.overhead_mb)):
+        print(f"  {label:<14}{mb:>10.0f} MiB")
+    print(f"  {'total':<14}{est.total_mb:>10.0f} MiB")
+    return 0
+
+
 def cmd_install(args) -> int:
     from .install import install
 
@@ -255,6 +303,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--config", type=Path)
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_pull)
+
+    sp = sub.add_parser("estimate", help="predicted GPU memory of a model's llama-server (MiB), from the GGUF header")
+    sp.add_argument("model", help="a model id or alias of the registry, or a .gguf path")
+    sp.add_argument("--ctx", type=int, help="context size (default: the model's, or 8192)")
+    sp.add_argument("--cache-type", choices=["f16", "q8_0", "q4_0", "bf16", "f32", "q4_1", "q5_0", "q5_1", "iq4_nl"])
+    sp.add_argument("--ngl", type=int, help="GPU layers (default: the model's, or 99 = all)")
+    sp.add_argument("--config", type=Path)
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=cmd_estimate)
 
     sp = sub.add_parser("install-llama-server", help="build llama-server from the pinned llama.cpp source and cache it")
     sp.add_argument("--backend", choices=["auto", "cpu", "cuda"], default="auto",

@@ -83,9 +83,11 @@ class LaunchPlan:
     port: int
 
 
-def llama_server_argv(binary: Path, spec: ModelSpec, model: Path, mmproj: Path | None, port: int) -> list[str]:
+def llama_server_argv(binary: Path, spec: ModelSpec, model: Path, mmproj: Path | None, port: int,
+                      tensor_split: list[float] | None = None) -> list[str]:
     """The command line for one model: loopback only, its own port, exactly the context and layers the estimate
-    assumed (`--fit off`: llama-server's own fitting would silently change them)."""
+    assumed (`--fit off`: llama-server's own fitting would silently change them). Which GPUs it sees is set by
+    CUDA_VISIBLE_DEVICES (placement_env); a split over several gets their shares here."""
     argv = [
         str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--alias", spec.id,
         "-c", str(spec.context_size), "-ngl", str(spec.n_gpu_layers), "-ctk", spec.cache_type, "-ctv", spec.cache_type,
@@ -93,7 +95,14 @@ def llama_server_argv(binary: Path, spec: ModelSpec, model: Path, mmproj: Path |
     ]
     if mmproj:
         argv += ["--mmproj", str(mmproj)]
+    if tensor_split:
+        argv += ["--split-mode", "layer", "--tensor-split", ",".join(f"{x:g}" for x in tensor_split)]
     return argv + spec.extra_args
+
+
+def placement_env(devices: list[int]) -> dict[str, str]:
+    """Show llama-server only the GPUs admission chose, numbered as NVML numbers them (PCI bus order)."""
+    return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}
 
 
 @dataclass
@@ -273,6 +282,9 @@ class ModelSlot:
         self.last_used_mono: float = 0.0
         self.load_seconds: float | None = None
         self.last_error: dict | None = None  # why it failed or last exited, for status and errors
+        self.estimate = None  # estimate.Estimate of its GPU memory, set by admission
+        self.gpu: int | None = None  # the device admission chose (None: CPU mode, or split)
+        self.split: dict[int, float] = {}  # device -> MB when split over several
         self.in_flight = 0
         self.draining = False
         self._idle = asyncio.Event()
@@ -315,22 +327,25 @@ class ModelSlot:
     async def load(self, launch: Callable[[], Awaitable[LaunchPlan]], http: aiohttp.ClientSession, *,
                    timeout: float, log_lines: int) -> str:
         """Make the model loaded. Returns 'loaded', 'joined' (another load was under way) or 'already_loaded'."""
-        while True:
-            if self.state == State.LOADED:
-                return "already_loaded"
-            if self.state == State.LOADING:
-                assert self._load_task is not None
-                await asyncio.shield(self._load_task)
-                return "joined"
-            if self.state == State.UNLOADING:  # finish the unload, then load again
-                assert self._unload_task is not None
-                await asyncio.gather(asyncio.shield(self._unload_task), return_exceptions=True)
-                continue
-            break
+        while self.state == State.UNLOADING:  # finish the unload, then load again
+            assert self._unload_task is not None
+            await asyncio.gather(asyncio.shield(self._unload_task), return_exceptions=True)
+        if self.state == State.LOADED:
+            return "already_loaded"
+        joined = self.state == State.LOADING
+        await asyncio.shield(self.start_load(launch, http, timeout=timeout, log_lines=log_lines))
+        return "joined" if joined else "loaded"
+
+    def start_load(self, launch: Callable[[], Awaitable[LaunchPlan]], http: aiohttp.ClientSession, *,
+                   timeout: float, log_lines: int) -> asyncio.Task:
+        """Enter LOADING now (no await: whoever decided admission still holds its lock) and return the load task;
+        the running one when a load is already under way."""
+        if self.state == State.LOADING:
+            assert self._load_task is not None
+            return self._load_task
         self._transition(State.LOADING)
         self._load_task = asyncio.create_task(self._run_load(launch, http, timeout, log_lines))
-        await asyncio.shield(self._load_task)
-        return "loaded"
+        return self._load_task
 
     async def _run_load(self, launch, http, timeout: float, log_lines: int) -> None:
         t0 = time.perf_counter()

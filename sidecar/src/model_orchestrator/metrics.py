@@ -17,7 +17,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class Metrics:
-    def __init__(self, gpu_snapshot: Callable[[], GpuSnapshot], owned_pids: Callable[[], dict[int, str]]):
+    def __init__(self, gpu_snapshot: Callable[[], GpuSnapshot], owned_pids: Callable[[], dict[int, str]],
+                 reservations: Callable[[], list] = list):
         self.registry = CollectorRegistry()
         r = self.registry
         self.model_state = Gauge("model_orchestrator_model_state", "1 for the state the model is in", ["model", "state"], registry=r)
@@ -26,6 +27,7 @@ class Metrics:
         self.failures = Counter("model_orchestrator_model_failures", "Models that went to failed, by code", ["model", "code"], registry=r)
         self.load_duration = Histogram("model_orchestrator_load_duration_seconds", "Load request to llama-server ready", ["model"], buckets=LOAD_BUCKETS, registry=r)
         self.in_flight = Gauge("model_orchestrator_requests_in_flight", "Proxied requests in flight", ["model"], registry=r)
+        self.admission_refusals = Counter("model_orchestrator_admission_refusals", "Loads or reservations refused for lack of GPU memory (or the cap)", ["model"], registry=r)
         self.waiting = Gauge("model_orchestrator_requests_waiting_for_load", "Requests waiting for their model to load", ["model"], registry=r)
         self.http_requests = Counter("model_orchestrator_http_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r)
         self.http_duration = Histogram("model_orchestrator_http_request_duration_seconds", "HTTP request latency by route", ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
@@ -35,6 +37,20 @@ class Metrics:
         self.requests = Counter("llamacpp_requests", "OpenAI-API requests by model, endpoint and status", ["model", "endpoint", "status"], registry=r)
         self.request_duration = Histogram("llamacpp_requests_duration_seconds", "OpenAI-API request latency (to the last byte)", ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         r.register(_GpuCollector(gpu_snapshot, owned_pids))
+        r.register(_ReservationCollector(reservations))
+
+    def preset(self, models: list[str]) -> None:
+        """Create every model's counters at 0, so a first event is an increase Prometheus can see."""
+        for m in models:
+            for result in ("loaded", "failed", "cancelled"):
+                self.loads.labels(m, result)
+            for reason in ("request", "force", "idle", "evicted"):
+                self.unloads.labels(m, reason)
+            self.admission_refusals.labels(m)
+            self.tokens_generated.labels(m)
+            self.prompt_tokens.labels(m)
+            self.in_flight.labels(m)
+            self.waiting.labels(m)
 
     def set_state(self, model: str, state: State) -> None:
         for s in State:
@@ -89,3 +105,24 @@ class _GpuCollector:
                     vram.add_metric([owned[p.pid], str(d.index)], p.used_mb * MIB)
         yield from fams.values()
         yield vram
+
+
+class _ReservationCollector:
+    """Memory other services declared (POST /reservations), per service and GPU."""
+
+    def __init__(self, reservations: Callable[[], list]):
+        self._reservations = reservations
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        fam = GaugeMetricFamily("model_orchestrator_reservation_bytes", "GPU memory reserved by other services",
+                                labels=["service", "gpu"])
+        totals: dict[tuple[str, str], float] = {}
+        for res in self._reservations():
+            key = (res.service, str(res.gpu))
+            totals[key] = totals.get(key, 0.0) + res.vram_mb * MIB
+        for (service, gpu), value in totals.items():
+            fam.add_metric([service, gpu], value)
+        yield fam

@@ -18,10 +18,13 @@ from . import __version__
 from .errors import ApiError
 from .gpu import GpuSnapshot, GpuView, NoGpuView
 from .lifecycle import (MODEL_ENV, OWNER_ENV, LaunchPlan, LoadCancelled, LoadFailed, ModelBusy, ModelSlot, State,
-                        llama_server_argv, reap_leftovers)
+                        llama_server_argv, placement_env, reap_leftovers)
+from .estimate import Estimate, estimate_file
 from .metrics import Metrics
-from .model_files import ModelFilesMissing, resolve
+from .model_files import ModelFiles, ModelFilesMissing, resolve
 from .registry import GeneratedSource, HfSource, ModelSpec, PathSource, Registry
+from .reservations import ReservationBook
+from .scheduler import Decision, Device, Request, Resident, available, decide
 from .settings import Settings
 
 log = logging.getLogger("model_orchestrator")
@@ -43,12 +46,15 @@ class Orchestrator:
         self.gpu = gpu
         self.llama_server_bin = llama_server_bin
         self.slots: dict[str, ModelSlot] = {s.id: ModelSlot(s, self._on_transition) for s in registry.models}
-        self.metrics = Metrics(gpu.snapshot, self.owned_pids)
+        self.reservations = ReservationBook()
+        self.metrics = Metrics(gpu.snapshot, self.owned_pids, self.reservations.active)
+        self.metrics.preset([s.id for s in registry.models])
         for slot in self.slots.values():
             self.metrics.set_state(slot.id, slot.state)
         self.http: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task] = set()
         self._idle_task: asyncio.Task | None = None
+        self._admission = asyncio.Lock()  # one decision at a time: two loads never both take the same free memory
         self.reaped: list[int] = []
 
     # ---- start and stop -----------------------------------------------------------------------------------
@@ -89,23 +95,120 @@ class Orchestrator:
 
     # ---- load ---------------------------------------------------------------------------------------------
     async def load(self, name: str, *, priority: int | None = None, service: str = "llama-cpp",
-                   timeout_s: float | None = None) -> tuple[ModelSlot, str]:
+                   timeout_s: float | None = None, allow_eviction: bool = False, force: bool = False) -> tuple[ModelSlot, str]:
         slot = self.slot(name)
         if service != "llama-cpp":
-            raise ApiError(400, "unknown_service", f"service {service!r} is not run by this orchestrator; use 'llama-cpp'")
-        if priority is not None:
-            slot.priority = priority
+            raise ApiError(400, "unknown_service", f"service {service!r} is not run by this orchestrator; use 'llama-cpp', "
+                           "or pass vram_mb to reserve memory for it (POST /reservations)")
         timeout = timeout_s or self.settings.load_timeout_s
+        launch = lambda: self._launch_plan(slot)  # noqa: E731
         try:
-            result = await slot.load(lambda: self._launch_plan(slot.spec), self.http, timeout=timeout,
-                                     log_lines=self.settings.log_lines)
+            while slot.state == State.UNLOADING:
+                await slot.load(launch, self.http, timeout=timeout, log_lines=self.settings.log_lines)
+            if slot.state in (State.LOADED, State.LOADING):  # already admitted: join
+                result = await slot.load(launch, self.http, timeout=timeout, log_lines=self.settings.log_lines)
+                return slot, result
+            async with self._admission:
+                if slot.state not in (State.LOADED, State.LOADING):
+                    if priority is not None:
+                        slot.priority = priority
+                    est = await self._estimate_for_admission(slot.spec)
+                    decision = await self._admit(slot.id, est.total_mb if est else 0.0, slot.priority, allow_eviction,
+                                                 force, slot.spec.split)
+                    slot.estimate, slot.gpu, slot.split = est, decision.gpu, decision.split
+                    task = slot.start_load(launch, self.http, timeout=timeout, log_lines=self.settings.log_lines)
+                    joined = False
+                else:
+                    task, joined = slot._load_task, True
+            await asyncio.shield(task)
+            return slot, "joined" if joined else "loaded"
         except ModelFilesMissing as exc:
             raise ApiError(409, "model_files_missing", str(exc), model=slot.id) from None
         except LoadFailed as exc:
             raise ApiError(503, exc.code, f"{slot.id} could not be loaded: {exc}", model=slot.id, logs=exc.logs) from None
         except LoadCancelled as exc:
             raise ApiError(409, "load_cancelled", str(exc), model=slot.id) from None
-        return slot, result
+
+    async def _admit(self, who: str, need_mb: float, priority: int, allow_eviction: bool, force: bool,
+                     split: bool = False) -> Decision:
+        """Ask the policy (scheduler.decide), evict what it chose, or refuse with what is missing. Call under the lock."""
+        devices, residents = await self._placement_view()
+        decision = decide(Request(who, need_mb, priority, allow_eviction, force, split), devices, residents,
+                          margin_mb=self.settings.vram_margin_mb, max_loaded=self.settings.max_loaded)
+        if not decision.admit:
+            self.metrics.admission_refusals.labels(who).inc()
+            raise ApiError(409, "insufficient_vram", f"{who} does not fit: {decision.reason}; "
+                           + (f"{decision.missing_mb:.0f} MB missing. " if decision.missing_mb else "")
+                           + (f"Could be evicted: {', '.join(decision.evictable)} (pass allow_eviction=true)."
+                              if decision.evictable else "Nothing may be evicted for it."),
+                           model=who, missing_mb=decision.missing_mb, need_mb=round(need_mb, 1), gpu=decision.gpu,
+                           evictable=decision.evictable)
+        for victim in decision.evict:
+            log.info("evicting %s to make room for %s (%s)", victim, who, decision.reason)
+            await self.unload(victim, force=force, drain_timeout_s=0, reason="evicted")
+        return decision
+
+    async def _placement_view(self) -> tuple[list[Device], list[Resident]]:
+        snap = await self.snapshot(fresh=True)
+        owned = self.owned_pids()
+        devices = [Device(d.index, d.total_mb,
+                          foreign_mb=sum(p.used_mb or 0 for p in d.processes if p.pid not in owned),
+                          reserved_mb=self.reservations.reserved_mb(d.index)) for d in snap.devices]
+        residents = []
+        for s in self.slots.values():
+            if s.state not in (State.LOADING, State.LOADED):
+                continue
+            measured = snap.process_mb(s.server.pid) if (s.server and s.server.pid) else {}
+            est = s.estimate.total_mb if s.estimate else 0.0
+            if s.split:
+                by_gpu = {g: max(mb, measured.get(g, 0)) for g, mb in s.split.items()}
+            else:
+                by_gpu = {s.gpu: max(est, sum(measured.values()))} if s.gpu is not None else {}
+            residents.append(Resident(s.id, s.gpu, sum(by_gpu.values()), s.priority, s.in_flight, s.last_used_mono,
+                                      loading=s.state == State.LOADING, held_mb_by_gpu=by_gpu))
+        return devices, residents
+
+    async def estimate(self, spec: ModelSpec, *, context_size: int | None = None, cache_type: str | None = None,
+                       n_gpu_layers: int | None = None) -> Estimate:
+        """GPU memory of `spec`'s llama-server, from its GGUF header (files must be on disk)."""
+        files: ModelFiles = await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")
+        return await asyncio.to_thread(
+            estimate_file, files.model, mmproj=files.mmproj, n_ctx=context_size or spec.context_size,
+            n_gpu_layers=spec.n_gpu_layers if n_gpu_layers is None else n_gpu_layers,
+            cache_type=cache_type or spec.cache_type, flash_attn=spec.flash_attn != "off",
+            extra_args=spec.extra_args, overhead_mib=self.settings.cuda_overhead_mb)
+
+    async def _estimate_for_admission(self, spec: ModelSpec) -> Estimate | None:
+        """The estimate, or None when the header cannot be read (llama-server then reports the real problem with its
+        logs) or the model is not a regular file (a pipe or device: reading it would consume it)."""
+        files = await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")
+        if not files.model.is_file():
+            return None
+        try:
+            return await self.estimate(spec)
+        except ModelFilesMissing:
+            raise
+        except Exception as exc:  # a truncated or foreign file: not ours to diagnose
+            log.warning("%s: cannot estimate from %s: %s", spec.id, files.model, exc)
+            return None
+
+    async def check_fit(self, spec: ModelSpec, est: Estimate) -> dict:
+        """Would it fit now, and what could make room (no eviction is done)."""
+        slot = self.slots[spec.id]
+        devices, residents = await self._placement_view()
+        d = decide(Request(spec.id, est.total_mb, slot.priority, allow_eviction=False, split=spec.split), devices,
+                   residents, margin_mb=self.settings.vram_margin_mb, max_loaded=self.settings.max_loaded)
+        return {"fits": d.admit and not d.evict if devices else None, "fits_after_eviction": d.admit,
+                "gpu": d.gpu, "evict": d.evict, "missing_mb": d.missing_mb, "evictable": d.evictable,
+                "reason": d.reason}
+
+    # ---- reservations -------------------------------------------------------------------------------------
+    async def reserve(self, service: str, vram_mb: float, *, ttl_s: float | None = None, gpu: int = 0,
+                      model: str | None = None, priority: int = 50, allow_eviction: bool = False, force: bool = False):
+        async with self._admission:
+            await self._admit(f"reservation:{service}", vram_mb, priority, allow_eviction, force)
+            return self.reservations.add(service, vram_mb, ttl_s=ttl_s or self.settings.reservation_ttl_s, gpu=gpu,
+                                         model=model)
 
     def load_in_background(self, name: str, **kwargs) -> ModelSlot:
         """POST /models/load with wait=false: start (or join) the load, answer at once."""
@@ -120,7 +223,8 @@ class Orchestrator:
         task.add_done_callback(self._background.discard)
         return slot
 
-    async def _launch_plan(self, spec: ModelSpec) -> LaunchPlan:
+    async def _launch_plan(self, slot: ModelSlot) -> LaunchPlan:
+        spec = slot.spec
         files = await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")
         # the OS may hand out a port that a starting instance has not bound yet; no await from here until the
         # slot holds its server, so this set is complete
@@ -128,10 +232,18 @@ class Orchestrator:
         port = _free_port()
         while port in taken:
             port = _free_port()
-        argv = llama_server_argv(self.llama_server_bin, spec, files.model, files.mmproj, port)
+        devices, split = [], None
+        if self.gpu.available and len(self.gpu.snapshot().devices) > 1:  # one GPU: nothing to choose
+            if slot.split:
+                devices, split = sorted(slot.split), [slot.split[i] for i in sorted(slot.split)]
+            elif slot.gpu is not None:
+                devices = [slot.gpu]
+        argv = llama_server_argv(self.llama_server_bin, spec, files.model, files.mmproj, port, split)
         env = {k: v for k, v in os.environ.items() if not k.startswith(_CHILD_ENV_DROP_PREFIXES)}
         env[OWNER_ENV] = self.owner
         env[MODEL_ENV] = spec.id
+        if devices:
+            env.update(placement_env(devices))
         return LaunchPlan(argv, env, port)
 
     # ---- unload -------------------------------------------------------------------------------------------
@@ -152,6 +264,8 @@ class Orchestrator:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(1.0)
+            for r in self.reservations.expire():
+                log.info("reservation %s of %s (%g MB) expired", r.id, r.service, r.vram_mb)
             for slot in self.slots.values():
                 ttl = slot.spec.idle_ttl_s
                 if ttl and slot.state == State.LOADED and not slot.in_flight and loop.time() - slot.last_used_mono >= ttl:
@@ -200,8 +314,8 @@ class Orchestrator:
         log.info("%s: %s -> %s", slot.id, old.value, new.value)
 
     # ---- views --------------------------------------------------------------------------------------------
-    async def snapshot(self) -> GpuSnapshot:
-        return await asyncio.to_thread(self.gpu.snapshot)
+    async def snapshot(self, fresh: bool = False) -> GpuSnapshot:
+        return await asyncio.to_thread(self.gpu.snapshot, fresh=fresh)
 
     def model_status(self, slot: ModelSlot, snap: GpuSnapshot) -> dict:
         server = slot.server
@@ -213,21 +327,27 @@ class Orchestrator:
             "priority": slot.priority, "context_size": slot.spec.context_size, "in_flight": slot.in_flight,
             "draining": slot.draining, "last_used": slot.last_used.isoformat(timespec="seconds") if slot.last_used else None,
             "load_seconds": round(slot.load_seconds, 4) if slot.load_seconds is not None else None,
-            "vram_mb": vram, "error": slot.last_error,
+            "vram_mb": vram, "estimate_mb": round(slot.estimate.total_mb, 1) if slot.estimate else None,
+            "gpu": slot.gpu, "error": slot.last_error,
         }
 
     async def status(self) -> dict:
         snap = await self.snapshot()
         owned = self.owned_pids()
+        devices, residents = await self._placement_view()
+        room = {d.index: round(available(d, residents, self.settings.vram_margin_mb), 1) for d in devices}
         gpus = []
         for d in snap.devices:
             procs = [{"pid": p.pid, "used_mb": p.used_mb, "model": owned.get(p.pid)} for p in d.processes]
             foreign = sum(p["used_mb"] or 0 for p in procs if p["model"] is None)
-            gpus.append({**{k: v for k, v in d.to_dict().items() if k != "processes"}, "foreign_mb": foreign, "processes": procs})
+            gpus.append({**{k: v for k, v in d.to_dict().items() if k != "processes"}, "foreign_mb": foreign,
+                         "reserved_mb": self.reservations.reserved_mb(d.index), "available_mb": room.get(d.index, 0.0),
+                         "processes": procs})
         loaded = {s.id: self.model_status(s, snap) for s in self.slots.values() if s.state != State.UNLOADED}
+        reservations = [r.to_dict() for r in self.reservations.active()]
         if not snap.available:
             return {"mode": "cpu", "total_mb": None, "used_mb": None, "free_mb": None, "utilization_percent": None,
-                    "loaded_models": loaded, "gpus": [], "driver_version": None,
+                    "loaded_models": loaded, "gpus": [], "reservations": reservations, "driver_version": None,
                     "note": f"CPU mode: {snap.error}. Models run on the CPU; no GPU memory is reported."}
         utils = [d.utilization_percent for d in snap.devices if d.utilization_percent is not None]
         return {
@@ -236,7 +356,8 @@ class Orchestrator:
             "used_mb": sum(d.used_mb for d in snap.devices),
             "free_mb": sum(d.free_mb for d in snap.devices),
             "utilization_percent": round(sum(utils) / len(utils), 1) if utils else None,
-            "loaded_models": loaded, "gpus": gpus, "driver_version": snap.driver_version, "note": None,
+            "loaded_models": loaded, "gpus": gpus, "reservations": reservations, "driver_version": snap.driver_version,
+            "note": None,
         }
 
     def models(self) -> dict:

@@ -21,6 +21,7 @@ RESERVED_FLAGS = {
     "-m", "--model", "--host", "--port", "-a", "--alias", "--mmproj", "-mm", "-c", "--ctx-size",
     "-ngl", "--gpu-layers", "--n-gpu-layers", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
     "--models-dir", "--api-key", "--api-key-file", "--path", "-fit", "--fit",
+    "-dev", "--device", "-ts", "--tensor-split",  # placement is admission's (set split = true to allow splitting)
 }
 
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
@@ -79,6 +80,7 @@ class ModelSpec(_Strict):
     priority: int = Field(0, ge=0, le=100, description="higher stays loaded longer under memory pressure")
     idle_ttl_s: float = Field(0, ge=0, description="unload after this long without requests; 0 = never")
     load_on_demand: bool = True
+    split: bool = Field(False, description="may be split over several GPUs (tensor split) when it fits on none alone")
 
     @field_validator("extra_args")
     @classmethod

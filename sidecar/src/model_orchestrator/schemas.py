@@ -22,6 +22,11 @@ class LoadRequest(_Request):
     priority: int | None = Field(None, ge=0, le=100, description="overrides the registry's priority while loaded")
     wait: bool = Field(True, description="false: answer 202 at once and load in the background")
     timeout_s: float | None = Field(None, gt=0, le=3600, description="how long llama-server may take to be ready")
+    allow_eviction: bool = Field(False, description="may unload idle models of equal priority (lower ones may always go)")
+    force: bool = Field(False, description="with eviction: may also unload models that have requests in flight")
+    vram_mb: float | None = Field(None, gt=0, le=10_000_000, description="for a service other than llama-cpp: reserve "
+                                  "this much GPU memory for it (see /reservations)")
+    ttl_s: float | None = Field(None, gt=0, le=7 * 86400, description="lifetime of that reservation")
 
 
 class UnloadRequest(_Request):
@@ -61,6 +66,8 @@ class GpuOut(BaseModel):
     power_w: float | None
     power_limit_w: float | None
     foreign_mb: int = Field(description="memory held by processes the orchestrator does not own")
+    reserved_mb: float = Field(0, description="memory other services reserved on this GPU")
+    available_mb: float = Field(description="what admission would let a new model take: total - ours - max(foreign, reserved) - margin")
     processes: list[GpuProcessOut]
 
 
@@ -78,6 +85,8 @@ class ModelStatus(BaseModel):
     last_used: str | None
     load_seconds: float | None
     vram_mb: int | None = Field(None, description="NVML-measured memory of its llama-server (all GPUs); null in CPU mode")
+    estimate_mb: float | None = Field(None, description="what admission counted for it (estimate.py)")
+    gpu: int | None = None
     error: dict[str, Any] | None = None
 
 
@@ -89,23 +98,99 @@ class StatusResponse(BaseModel):
     utilization_percent: float | None
     loaded_models: dict[str, ModelStatus] = Field(description="models not in state unloaded, by id")
     gpus: list[GpuOut]
+    reservations: list[ReservationOut] = []
     driver_version: str | None = None
     note: str | None = None
 
 
 class LoadResponse(BaseModel):
     model: str
-    status: State
-    result: Literal["loaded", "joined", "already_loaded", "loading"]
+    status: State | Literal["reserved"]
+    result: Literal["loaded", "joined", "already_loaded", "loading", "reserved"]
     load_seconds: float | None = None
     pid: int | None = None
     port: int | None = None
+    gpu: int | None = None
+    estimate_mb: float | None = None
+    evicted: list[str] = []
+    reservation: "ReservationOut | None" = None
 
 
 class UnloadResponse(BaseModel):
     model: str
-    status: State
-    result: Literal["unloaded", "cancelled_load", "joined", "already_unloaded"]
+    status: State | Literal["released"]
+    result: Literal["unloaded", "cancelled_load", "joined", "already_unloaded", "released"]
+    released: list["ReservationOut"] = []
+
+
+class EstimateRequest(_Request):
+    model: str = Field(min_length=1, max_length=64, description="model id or alias")
+    context_size: int | None = Field(None, ge=64, le=4_194_304)
+    cache_type: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"] | None = None
+    n_gpu_layers: int | None = Field(None, ge=-1, le=10_000)
+
+
+class EstimateOut(BaseModel):
+    weights_mb: float
+    kv_cache_mb: float
+    compute_mb: float
+    mmproj_mb: float
+    overhead_mb: float
+    total_mb: float
+    layers_on_gpu: int
+    n_layer: int
+    context_cells: int
+    cache_type: str
+    details: dict[str, Any]
+
+
+class FitOut(BaseModel):
+    fits: bool | None = Field(description="fits now without evicting anything; null in CPU mode")
+    fits_after_eviction: bool
+    gpu: int | None
+    evict: list[str]
+    missing_mb: float
+    evictable: list[str]
+    reason: str
+
+
+class EstimateResponse(BaseModel):
+    model: str
+    context_size: int
+    cache_type: str
+    estimate: EstimateOut
+    fit: FitOut
+
+
+class ReservationRequest(_Request):
+    service: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    vram_mb: float = Field(gt=0, le=10_000_000)
+    ttl_s: float | None = Field(None, gt=0, le=7 * 86400, description="default MODEL_ORCHESTRATOR_RESERVATION_TTL_S")
+    gpu: int = Field(0, ge=0, le=64)
+    model: str | None = Field(None, max_length=64, description="what the service runs (e.g. wan2.1-14b)")
+    priority: int = Field(50, ge=0, le=100, description="models of lower priority may be evicted to make room")
+    allow_eviction: bool = False
+    force: bool = False
+
+
+class RenewRequest(_Request):
+    ttl_s: float | None = Field(None, gt=0, le=7 * 86400)
+
+
+class ReservationOut(BaseModel):
+    id: str
+    service: str
+    model: str | None
+    vram_mb: float
+    gpu: int
+    ttl_s: float
+    expires_in_s: float
+    expires_at: str
+    created_at: str
+
+
+class ReservationList(BaseModel):
+    reservations: list[ReservationOut]
 
 
 class ModelInfo(BaseModel):
@@ -189,3 +274,7 @@ class OpenAIResponse(BaseModel):
     """llama-server's answer, passed through unchanged (JSON, or an SSE stream when stream is true)."""
 
     model_config = ConfigDict(extra="allow")
+
+
+LoadResponse.model_rebuild()
+UnloadResponse.model_rebuild()

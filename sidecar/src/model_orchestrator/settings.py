@@ -40,6 +40,10 @@ class Settings(BaseModel):
     log_lines: int = Field(400, ge=10)
     max_body_mb: int = Field(64, ge=1)  # images travel base64-encoded inside chat requests
     allow_insecure_bind: bool = False  # bind beyond loopback without an API key (loudly warned)
+    vram_margin_mb: float = Field(512, ge=0)  # kept free on every GPU beyond the estimates
+    max_loaded: int = Field(0, ge=0)  # cap on models loaded at once (0: no cap)
+    cuda_overhead_mb: float | None = Field(None, ge=0)  # per-process CUDA overhead of this card (estimate.py)
+    reservation_ttl_s: float = Field(600, gt=0)  # default lifetime of a reservation
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -58,6 +62,10 @@ class Settings(BaseModel):
             "log_lines": "MODEL_ORCHESTRATOR_LOG_LINES",
             "max_body_mb": "MODEL_ORCHESTRATOR_MAX_BODY_MB",
             "allow_insecure_bind": "MODEL_ORCHESTRATOR_ALLOW_INSECURE_BIND",
+            "vram_margin_mb": "MODEL_ORCHESTRATOR_VRAM_MARGIN_MB",
+            "max_loaded": "MODEL_ORCHESTRATOR_MAX_LOADED",
+            "cuda_overhead_mb": "MODEL_ORCHESTRATOR_CUDA_OVERHEAD_MB",
+            "reservation_ttl_s": "MODEL_ORCHESTRATOR_RESERVATION_TTL_S",
         }
         values = {field: env[var] for field, var in names.items() if env.get(var, "") != ""}
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -1,0 +1,145 @@
+"""Admission and eviction, decided in one place, as a pure function of a snapshot (table-tested without a GPU).
+
+For each GPU:  available = total - ours - max(foreign, reserved) - margin
+  ours     = what our models hold or will hold: max(estimate, NVML-measured) of every model loading or loaded there
+  foreign  = memory NVML sees held by processes we do not own (WhisperX, ComfyUI, another sidecar...)
+  reserved = what other services declared through /reservations (counted even before they allocate it)
+A load is admitted on the device where it fits; if it fits nowhere, models are evicted where that frees enough:
+idle models of lower priority first, then the least recently used among equal priority. A model of higher priority
+is never evicted for a lower one, nor one with requests in flight unless forced. Without eviction allowed by the
+caller only strictly lower priorities may go (the priority rule); equal priorities need allow_eviction. The refusal
+says how many MB are missing and which models could be evicted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Device:
+    index: int
+    total_mb: float
+    foreign_mb: float
+    reserved_mb: float = 0.0
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A model that is loading or loaded, as the policy sees it."""
+
+    id: str
+    gpu: int | None  # None: split over several devices (held_mb_by_gpu tells the shares)
+    held_mb: float
+    priority: int
+    in_flight: int
+    last_used: float  # monotonic seconds; older = smaller
+    loading: bool = False
+    held_mb_by_gpu: dict[int, float] = field(default_factory=dict)
+
+    def on(self, gpu: int) -> float:
+        if self.held_mb_by_gpu:
+            return self.held_mb_by_gpu.get(gpu, 0.0)
+        return self.held_mb if self.gpu == gpu else 0.0
+
+
+@dataclass(frozen=True)
+class Request:
+    model: str
+    need_mb: float
+    priority: int
+    allow_eviction: bool = False
+    force: bool = False  # may evict models with requests in flight
+    split: bool = False  # may spread over several devices (tensor split)
+
+
+@dataclass
+class Decision:
+    admit: bool
+    gpu: int | None = None  # the device; None with split
+    split: dict[int, float] = field(default_factory=dict)  # device -> MB, when split
+    evict: list[str] = field(default_factory=list)
+    missing_mb: float = 0.0
+    evictable: list[str] = field(default_factory=list)  # what the caller could allow to be evicted
+    reason: str = ""
+
+
+def available(device: Device, residents: list[Resident], margin_mb: float) -> float:
+    ours = sum(r.on(device.index) for r in residents)
+    return device.total_mb - ours - max(device.foreign_mb, device.reserved_mb) - margin_mb
+
+
+def _eviction_order(residents: list[Resident], req: Request, gpu: int | None, *, allowed: bool) -> list[Resident]:
+    """Who may be evicted for `req`, best victims first: lower priority, then least recently used."""
+    out = []
+    for r in residents:
+        if r.id == req.model or r.loading or (gpu is not None and r.on(gpu) <= 0):
+            continue
+        if r.in_flight and not req.force:
+            continue
+        if r.priority > req.priority:
+            continue
+        if r.priority == req.priority and not allowed:
+            continue
+        out.append(r)
+    return sorted(out, key=lambda r: (r.priority, r.last_used))
+
+
+def decide(req: Request, devices: list[Device], residents: list[Resident], *, margin_mb: float,
+           max_loaded: int = 0) -> Decision:
+    """Where `req` goes and what must be evicted first; or why not."""
+    if not devices:  # CPU mode: no memory to account; only the cap on loaded models applies
+        return _cap_only(req, residents, max_loaded)
+    others = [r for r in residents if r.id != req.model]
+    over_cap = max(0, len(others) + 1 - max_loaded) if max_loaded else 0
+    free = {d.index: available(d, others, margin_mb) for d in devices}
+
+    # 1. fits somewhere as is (and under the cap): the device with the most room
+    best = max(devices, key=lambda d: free[d.index])
+    if free[best.index] >= req.need_mb and not over_cap:
+        return Decision(True, gpu=best.index, reason="fits")
+    if req.split and not over_cap and sum(max(0.0, f) for f in free.values()) >= req.need_mb:
+        return Decision(True, split=_split(req.need_mb, free), reason="fits split over devices")
+
+    # 2. eviction: per device, the fewest victims (in policy order) that make room
+    plans = []
+    for d in devices:
+        chosen, freed = [], 0.0
+        order = _eviction_order(others, req, d.index, allowed=req.allow_eviction)
+        for victim in order:
+            if free[d.index] + freed >= req.need_mb and len(chosen) >= over_cap:
+                break
+            chosen.append(victim)
+            freed += victim.on(d.index)
+        if free[d.index] + freed >= req.need_mb and len(chosen) >= over_cap:
+            plans.append((max(v.priority for v in chosen) if chosen else -1, len(chosen), -free[d.index], d.index, chosen))
+    if plans:
+        _, _, _, gpu, chosen = min(plans)
+        return Decision(True, gpu=gpu, evict=[v.id for v in chosen],
+                        reason=f"fits on GPU {gpu} after evicting {', '.join(v.id for v in chosen)}" if chosen else "fits")
+
+    # 3. refuse: what is missing on the best device, and what the caller could allow to be evicted
+    missing = max(0.0, req.need_mb - free[best.index])
+    could = _eviction_order(others, Request(req.model, req.need_mb, req.priority, True, req.force), best.index, allowed=True)
+    why = (f"needs {req.need_mb:.0f} MB, GPU {best.index} has {free[best.index]:.0f} MB available "
+           f"(margin {margin_mb:.0f} MB included)" if missing else f"at most {max_loaded} models may be loaded")
+    return Decision(False, gpu=best.index, missing_mb=round(missing, 1), evictable=[r.id for r in could], reason=why)
+
+
+def _cap_only(req: Request, residents: list[Resident], max_loaded: int) -> Decision:
+    others = [r for r in residents if r.id != req.model]
+    if not max_loaded or len(others) < max_loaded:
+        return Decision(True, reason="CPU mode: no GPU memory to account")
+    order = _eviction_order(others, req, None, allowed=req.allow_eviction)
+    need = len(others) + 1 - max_loaded
+    if len(order) >= need:
+        return Decision(True, evict=[r.id for r in order[:need]], reason=f"cap of {max_loaded} loaded models")
+    could = _eviction_order(others, Request(req.model, 0, req.priority, True, req.force), None, allowed=True)
+    return Decision(False, evictable=[r.id for r in could], reason=f"at most {max_loaded} models may be loaded")
+
+
+def _split(need_mb: float, free: dict[int, float]) -> dict[int, float]:
+    """Shares proportional to the room on each device."""
+    room = {i: max(0.0, f) for i, f in free.items()}
+    total = sum(room.values())
+    return {i: round(need_mb * f / total, 1) for i, f in room.items() if f > 0}

@@ -1,0 +1,91 @@
+"""The VRAM estimator on real shapes (synthetic GGUFs: real tensor shapes, sparse zero weights), checked against
+llama.cpp's own buffer sizes and the NVML measurements committed from the GPU run (results/vram/)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from synthetic_gguf import write_synthetic  # noqa: E402
+
+from model_orchestrator.estimate import estimate_file, estimate_shape, read_shape  # noqa: E402
+
+MEASURED = json.loads((ROOT / "results/vram/run2-uncalibrated.json").read_text())["rows"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synthetic")
+    return {s: read_shape(write_synthetic(d / f"{s}.gguf", s)) for s in ("llama-1b", "llama-8b", "qwen3-30b-a3b")}
+
+
+@pytest.mark.parametrize("row", MEASURED, ids=lambda r: f"{r['shape']}-{r['ctx']}-{r['cache']}")
+def test_within_5_percent_of_nvml_and_exact_on_llama_cpp_buffers(shapes, row):
+    est = estimate_shape(shapes[row["shape"]], n_ctx=row["ctx"], n_gpu_layers=99, cache_type=row["cache"])
+    assert abs(est.total_mb - row["measured_mib"]) / row["measured_mib"] < 0.05, (est.total_mb, row["measured_mib"])
+    assert est.weights_mb == pytest.approx(row["llama_buffers_mib"]["model"], abs=0.5)  # what llama.cpp allocated
+    assert est.kv_cache_mb == pytest.approx(row["llama_buffers_mib"]["KV"], abs=0.5)
+
+
+def test_layer_placement_follows_n_gpu_layers(shapes):
+    s = shapes["llama-8b"]  # 32 blocks + output
+    full = estimate_shape(s, n_ctx=8192, n_gpu_layers=99)
+    none = estimate_shape(s, n_ctx=8192, n_gpu_layers=0)
+    output_only = estimate_shape(s, n_ctx=8192, n_gpu_layers=1)
+    half = estimate_shape(s, n_ctx=8192, n_gpu_layers=17)  # 16 blocks + output
+    assert none.total_mb == 0 and none.layers_on_gpu == 0
+    assert output_only.kv_cache_mb == 0 and output_only.weights_mb == pytest.approx(
+        (s.tensors["output.weight"] + s.tensors["output_norm.weight"]) / 2**20)
+    assert half.layers_on_gpu == 17 and half.kv_cache_mb == pytest.approx(full.kv_cache_mb / 2)
+    block = sum(v for k, v in s.tensors.items() if k.startswith("blk.0.")) / 2**20
+    assert half.weights_mb == pytest.approx(output_only.weights_mb + 16 * block)
+
+
+def test_tied_embedding_is_copied_to_the_gpu_with_the_output_layer(shapes):
+    s = shapes["llama-1b"]
+    assert s.tied_output
+    est = estimate_shape(s, n_ctx=8192, n_gpu_layers=99)
+    blocks = sum(v for k, v in s.tensors.items() if k.startswith("blk.")) / 2**20
+    assert est.weights_mb == pytest.approx(blocks + (s.tensors["token_embd.weight"] + s.tensors["output_norm.weight"]) / 2**20)
+
+
+def test_tensor_overrides_keep_experts_on_the_host(shapes):
+    s = shapes["qwen3-30b-a3b"]
+    full = estimate_shape(s, n_ctx=8192, n_gpu_layers=99)
+    experts = sum(v for k, v in s.tensors.items() if "_exps" in k) / 2**20
+    for args in (["-ot", r"ffn_.*_exps\.=CPU"], ["--cpu-moe"]):
+        assert estimate_shape(s, n_ctx=8192, n_gpu_layers=99, extra_args=args).weights_mb == pytest.approx(full.weights_mb - experts)
+    ten = estimate_shape(s, n_ctx=8192, n_gpu_layers=99, extra_args=["--n-cpu-moe", "10"])
+    assert ten.weights_mb == pytest.approx(full.weights_mb - experts * 10 / 48)
+
+
+def test_kv_cache_scales_with_context_and_cache_type(shapes):
+    s = shapes["qwen3-30b-a3b"]  # 48 layers x 4 KV heads x 128 dims x (K + V)
+    assert estimate_shape(s, n_ctx=131072, n_gpu_layers=99).kv_cache_mb == 48 * 4 * 128 * 2 * 2 * 131072 / 2**20
+    assert estimate_shape(s, n_ctx=131072, n_gpu_layers=99, cache_type="q8_0").kv_cache_mb == pytest.approx(12288 * 34 / 64)
+    assert estimate_shape(s, n_ctx=1000, n_gpu_layers=99).context_cells == 1024  # padded like llama.cpp
+
+
+def test_sliding_window_layers_keep_only_their_window(shapes):
+    import dataclasses
+
+    s = dataclasses.replace(shapes["llama-8b"], n_swa=4096, swa_layers=[i % 2 == 0 for i in range(32)])
+    full = estimate_shape(shapes["llama-8b"], n_ctx=131072, n_gpu_layers=99).kv_cache_mb
+    swa = estimate_shape(s, n_ctx=131072, n_gpu_layers=99).kv_cache_mb
+    assert swa == pytest.approx(full / 2 + full / 2 * (4096 + 512) / 131072)
+
+
+def test_estimate_command(shapes, tmp_path):
+    path = write_synthetic(tmp_path / "m.gguf", "llama-8b")
+    out = subprocess.run([sys.executable, "-m", "model_orchestrator", "estimate", str(path), "--ctx", "32768",
+                          "--cache-type", "q8_0", "--json"], capture_output=True, text=True, timeout=60, check=True)
+    body = json.loads(out.stdout)
+    assert body["total_mb"] == pytest.approx(estimate_file(path, n_ctx=32768, n_gpu_layers=99, cache_type="q8_0").total_mb, abs=0.1)
+    assert body["kv_cache_mb"] == 2176.0
+    text = subprocess.run([sys.executable, "-m", "model_orchestrator", "estimate", str(path)], capture_output=True,
+                          text=True, timeout=60).stdout
+    assert "KV cache" in text and "total" in text

@@ -1,0 +1,86 @@
+"""The admission and eviction policy, table-driven: one row per situation, the decision it must give."""
+
+import pytest
+
+from model_orchestrator.scheduler import Device, Request, Resident, available, decide
+
+GPU32 = [Device(0, total_mb=32607, foreign_mb=0)]
+
+
+def res(id, mb, prio=0, busy=0, used=0.0, gpu=0, loading=False):
+    return Resident(id, gpu, mb, prio, busy, used, loading)
+
+
+CASES = [
+    # name, request, devices, residents, margin, max_loaded -> admit, gpu, evict, missing, evictable
+    ("fits on an empty card", Request("q", 17800, 10), GPU32, [], 512, 0, True, 0, [], 0, []),
+    ("the guide's table: Qwen3-VL + Ovi-sized load does not fit, nothing evictable at higher priority",
+     Request("ovi", 22000, 5), GPU32, [res("qwen", 17800, 10)], 512, 0, False, 0, [], 7705, []),
+    ("lower priority idle model is evicted by the priority rule alone",
+     Request("q", 17800, 10), GPU32, [res("small", 20000, 1)], 512, 0, True, 0, ["small"], 0, []),
+    ("equal priority needs allow_eviction: refused, but named as evictable",
+     Request("q", 17800, 5), GPU32, [res("other", 20000, 5)], 512, 0, False, 0, [], 5705, ["other"]),
+    ("equal priority with allow_eviction: evicted",
+     Request("q", 17800, 5, allow_eviction=True), GPU32, [res("other", 20000, 5)], 512, 0, True, 0, ["other"], 0, []),
+    ("lower priority first, then least recently used among equals",
+     Request("q", 17000, 9, allow_eviction=True), GPU32,
+     [res("a", 8000, 3, used=50), res("b", 8000, 2, used=90), res("c", 8000, 3, used=10), res("d", 6000, 9, used=1)],
+     512, 0, True, 0, ["b", "c"], 0, []),
+    ("a model with requests in flight is never evicted unless forced",
+     Request("q", 17800, 10, allow_eviction=True), GPU32, [res("busy", 20000, 1, busy=2)], 512, 0, False, 0, [], 5705, []),
+    ("forced: the busy model goes",
+     Request("q", 17800, 10, allow_eviction=True, force=True), GPU32, [res("busy", 20000, 1, busy=2)], 512, 0,
+     True, 0, ["busy"], 0, []),
+    ("a higher-priority model is never evicted for a lower one",
+     Request("q", 17800, 1, allow_eviction=True), GPU32, [res("vip", 20000, 50)], 512, 0, False, 0, [], 5705, []),
+    ("foreign memory (WhisperX) counts", Request("q", 17800, 10), [Device(0, 32607, foreign_mb=15000)], [], 512, 0,
+     False, 0, [], 705, []),
+    ("a reservation counts even before its service allocates",
+     Request("q", 17800, 10), [Device(0, 32607, foreign_mb=0, reserved_mb=28000)], [], 512, 0, False, 0, [], 13705, []),
+    ("foreign and reserved are the same memory: the larger counts, not the sum",
+     Request("q", 17800, 10), [Device(0, 32607, foreign_mb=6000, reserved_mb=6000)], [], 512, 0, True, 0, [], 0, []),
+    ("a model still loading holds its estimate and is not evicted",
+     Request("q", 17800, 10, allow_eviction=True), GPU32, [res("l", 20000, 1, loading=True)], 512, 0,
+     False, 0, [], 5705, []),
+    ("cap on loaded models evicts the least recently used even when memory fits",
+     Request("q", 1000, 5, allow_eviction=True), GPU32, [res("a", 1000, 5, used=2), res("b", 1000, 5, used=1)],
+     512, 2, True, 0, ["b"], 0, []),
+    ("cap reached and nothing evictable: refused", Request("q", 1000, 5), GPU32, [res("a", 1000, 5)], 512, 1,
+     False, 0, [], 0, ["a"]),
+    ("two GPUs: the one with room, without evicting",
+     Request("q", 17800, 10), [Device(0, 32607, 20000), Device(1, 32607, 0)], [], 512, 0, True, 1, [], 0, []),
+    ("two GPUs: evict where it costs least (the lower-priority victim)",
+     Request("q", 17800, 10, allow_eviction=True), [Device(0, 24576, 0), Device(1, 24576, 0)],
+     [res("p5", 20000, 5, gpu=0), res("p2", 20000, 2, gpu=1)], 512, 0, True, 1, ["p2"], 0, []),
+    ("reloading a model does not count its own memory against it",
+     Request("q", 17800, 10), GPU32, [res("q", 17800, 10)], 512, 0, True, 0, [], 0, []),
+]
+
+
+@pytest.mark.parametrize("name, req, devices, residents, margin, cap, admit, gpu, evict, missing, evictable", CASES,
+                         ids=[c[0] for c in CASES])
+def test_policy(name, req, devices, residents, margin, cap, admit, gpu, evict, missing, evictable):
+    d = decide(req, devices, residents, margin_mb=margin, max_loaded=cap)
+    assert (d.admit, d.gpu, d.evict) == (admit, gpu, evict), d
+    assert d.missing_mb == pytest.approx(missing, abs=1), d
+    assert d.evictable == evictable, d
+    assert d.reason
+
+
+def test_split_over_devices_when_asked():
+    devices = [Device(0, 24576, 0), Device(1, 24576, 12000)]
+    d = decide(Request("big", 30000, 10, split=True), devices, [], margin_mb=512)
+    assert d.admit and d.gpu is None and set(d.split) == {0, 1}
+    assert sum(d.split.values()) == pytest.approx(30000, abs=1) and d.split[0] > d.split[1]
+    assert not decide(Request("big", 30000, 10), devices, [], margin_mb=512).admit  # not without split
+
+
+def test_cpu_mode_only_the_cap_applies():
+    assert decide(Request("q", 10**9, 0), [], [res("a", 0)], margin_mb=512).admit
+    d = decide(Request("q", 0, 0, allow_eviction=True), [], [res("a", 0, used=1), res("b", 0, used=2)], margin_mb=0, max_loaded=2)
+    assert d.admit and d.evict == ["a"]
+
+
+def test_available_subtracts_ours_the_larger_of_foreign_and_reserved_and_the_margin():
+    dev = Device(0, 32000, foreign_mb=3000, reserved_mb=5000)
+    assert available(dev, [res("a", 10000)], 500) == 32000 - 10000 - 5000 - 500
