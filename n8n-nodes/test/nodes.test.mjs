@@ -233,6 +233,19 @@ test('Check VRAM: enough for a model uses POST /models/estimate; a sidecar witho
 	assert.equal(ctx.requests[1].url, 'http://sidecar:8000/models/estimate');
 	assert.deepEqual(ctx.requests[1].body, { model: 'qwen3-vl-30b' });
 	assert.equal(enough[0].json.vram_check.required_mb, 19501);
+	// the sidecar's answer shape: {model, estimate: {total_mb, ...}, fit: {...}}
+	const nested = fakeContext({
+		items: [{ json: {} }],
+		params: { check: 'model', model: 'qwen3-vl-30b', whenNoGpu: 'enough' },
+		respond: (o) =>
+			o.url.endsWith('/models/estimate')
+				? { model: 'qwen3-vl-30b', estimate: { total_mb: 21000 }, fit: { fits: false } }
+				: status,
+	});
+	const [yes, no] = await new ModelOrchestratorCheckVram().execute.call(nested);
+	assert.deepEqual([yes.length, no.length], [0, 1]);
+	assert.equal(no[0].json.vram_check.required_mb, 21000);
+	assert.deepEqual(no[0].json.vram_check.estimate.fit, { fits: false });
 	const old = fakeContext({
 		items: [{ json: {} }],
 		params: { check: 'model', model: 'qwen3-vl-30b', whenNoGpu: 'enough' },

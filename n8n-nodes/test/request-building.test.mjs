@@ -1,4 +1,4 @@
-// Unit tests of the request building: run with `node --test test/` after `n8n-node build` (they load dist/).
+// Unit tests of the request building: run with `node --test "test/*.test.mjs"` after `n8n-node build` (they load dist/).
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { createRequire } from 'node:module';

@@ -125,7 +125,8 @@ export class ModelOrchestratorCheckVram implements INodeType {
 						decision = decideEnough(status, 0, whenNoGpu, model, true);
 					} else {
 						const estimate = await estimateModel.call(this, model, i);
-						decision = decideEnough(status, estimate, whenNoGpu, model);
+						decision = decideEnough(status, estimate.totalMb, whenNoGpu, model);
+						decision.estimate = estimate.response;
 					}
 				}
 				const out = { json: { ...status, vram_check: decision }, pairedItem: { item: i } };
@@ -147,12 +148,15 @@ export class ModelOrchestratorCheckVram implements INodeType {
 	}
 }
 
-/** MB the sidecar estimates for a model; a sidecar without POST /models/estimate gets a clear error. */
+/**
+ * MB the sidecar estimates for a model (its answer's `estimate.total_mb`, or a top-level `total_mb`), and the
+ * whole answer; a sidecar without POST /models/estimate gets a clear error.
+ */
 async function estimateModel(
 	this: IExecuteFunctions,
 	model: string,
 	itemIndex: number,
-): Promise<number> {
+): Promise<{ totalMb: number; response: IDataObject }> {
 	let response: IDataObject;
 	try {
 		response = await sidecarRequest.call(
@@ -176,12 +180,13 @@ async function estimateModel(
 		}
 		throw asNodeError(this.getNode(), error, itemIndex);
 	}
-	const total = Number(response.total_mb);
+	const nested = response.estimate as IDataObject | undefined;
+	const total = Number(response.total_mb ?? nested?.total_mb);
 	if (!Number.isFinite(total)) {
 		throw new NodeApiError(this.getNode(), response as never, {
 			message: "The sidecar's estimate has no total_mb",
 			itemIndex,
 		});
 	}
-	return Math.ceil(total);
+	return { totalMb: Math.ceil(total), response };
 }

@@ -100,13 +100,19 @@ export function extractSidecarError(error: unknown): SidecarErrorInfo {
 /** A NodeApiError whose message is the sidecar's message and whose description names its error code. */
 export function toNodeApiError(node: INode, error: unknown, itemIndex?: number): NodeApiError {
 	const info = extractSidecarError(error);
-	const unreachable = ['ECONNREFUSED', 'ENOTFOUND', 'EAI_AGAIN', 'ECONNRESET', 'ETIMEDOUT'].includes(
-		info.code ?? '',
-	);
+	const unreachable = [
+		'ECONNREFUSED',
+		'ENOTFOUND',
+		'EAI_AGAIN',
+		'ECONNRESET',
+		'ETIMEDOUT',
+	].includes(info.code ?? '');
 	const description = [
 		info.code ? `code: ${info.code}` : undefined,
 		info.httpCode ? `HTTP ${info.httpCode}` : undefined,
-		unreachable ? `${info.message}. Check the Base URL of the Model Orchestrator credential.` : undefined,
+		unreachable
+			? `${info.message}. Check the Base URL of the Model Orchestrator credential.`
+			: undefined,
 	]
 		.filter(Boolean)
 		.join(', ');

@@ -30,7 +30,7 @@ export function decideEnough(
 		return {
 			...base,
 			enough: whenNoGpu === 'enough',
-			reason: `no GPU memory figures (CPU mode${status?.note ? `: ${String(status.note)}` : ''}); treated as ${
+			reason: `CPU mode: the sidecar reports no GPU memory (free_mb is null); treated as ${
 				whenNoGpu === 'enough' ? 'enough' : 'not enough'
 			}`,
 		};

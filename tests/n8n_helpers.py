@@ -1,0 +1,187 @@
+"""Driving a real n8n headless for tests/test_n8n.py: install (cached), build and install the community package,
+import credentials and workflows, execute, and read the run data.
+
+Everything n8n needs is installed by n8n-nodes/scripts/install-n8n.sh into ~/.cache/model-orchestrator/n8n
+(MODEL_ORCHESTRATOR_N8N_CACHE overrides), so only the first run pays for it (~5 minutes, ~3 GB)."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG_DIR = ROOT / "n8n-nodes"
+WORKFLOWS = ROOT / "workflows"
+PKG_NAME = "n8n-nodes-model-orchestrator"
+CREDENTIAL_NAME = "Model Orchestrator account"
+
+
+def install_toolchain(timeout: float = 1500) -> dict[str, str]:
+    """Run the idempotent install script; returns NODE24, N8N_BIN, N8N_CACHE."""
+    proc = subprocess.run([str(PKG_DIR / "scripts" / "install-n8n.sh"), "all"], capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"install-n8n.sh failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    paths = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    return paths
+
+
+def node_env(node24: str) -> dict[str, str]:
+    return {**os.environ, "PATH": f"{Path(node24).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def run_node_tool(node24: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """A tool from n8n-nodes/node_modules/.bin (n8n-node, ...) under Node 24, in n8n-nodes/."""
+    return subprocess.run([str(PKG_DIR / "node_modules" / ".bin" / args[0]), *args[1:]], cwd=PKG_DIR,
+                          env={**node_env(node24), "CI": "1", "NO_COLOR": "1"}, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def build_package(node24: str) -> None:
+    proc = run_node_tool(node24, "n8n-node", "build")
+    if proc.returncode != 0:
+        raise AssertionError(f"n8n-node build failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+
+
+def install_package(node24: str, user_folder: Path, tmp: Path) -> Path:
+    """`npm pack` the built package (so what is tested is what would be published) and unpack it where n8n
+    looks for community packages: $N8N_USER_FOLDER/.n8n/nodes/node_modules/<pkg>."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["npm", "pack", "--json", "--pack-destination", str(tmp)], cwd=PKG_DIR,
+                          env=node_env(node24), capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise AssertionError(f"npm pack failed:\n{proc.stderr[-3000:]}")
+    filename = json.loads(proc.stdout)[0]["filename"]
+    nodes_dir = user_folder / ".n8n" / "nodes"
+    target = nodes_dir / "node_modules" / PKG_NAME
+    shutil.rmtree(target, ignore_errors=True)
+    target.mkdir(parents=True)
+    with tarfile.open(tmp / filename) as tar:
+        for member in tar.getmembers():
+            member.name = member.name.split("/", 1)[1] if "/" in member.name else ""
+            if member.name:
+                tar.extract(member, target, filter="data")
+    (nodes_dir / "package.json").write_text(json.dumps({"name": "installed-nodes", "private": True,
+                                                         "dependencies": {PKG_NAME: "*"}}))
+    return target
+
+
+@dataclass
+class Execution:
+    rc: int
+    stdout: str
+    stderr: str
+    data: dict | None = None
+
+    @property
+    def run_data(self) -> dict:
+        return self.data["data"]["resultData"]["runData"]
+
+    @property
+    def error(self) -> dict | None:
+        return (self.data or {}).get("data", {}).get("resultData", {}).get("error")
+
+    def outputs(self, node: str, run: int = 0) -> list[list[dict]]:
+        """A node's outputs: one list of item JSONs per output."""
+        assert node in self.run_data, f"{node!r} did not run; ran: {list(self.run_data)}\n{self.stderr[-2000:]}"
+        main = self.run_data[node][run].get("data", {}).get("main", [])
+        return [[item["json"] for item in (out or [])] for out in main]
+
+    def json(self, node: str, output: int = 0) -> dict:
+        items = self.outputs(node)[output]
+        assert len(items) == 1, f"{node} output {output}: {items}"
+        return items[0]
+
+    def ran(self, node: str) -> bool:
+        return node in self.run_data
+
+
+@dataclass
+class N8n:
+    node24: str
+    n8n_bin: str
+    user_folder: Path
+    env: dict = field(default_factory=dict)
+
+    @classmethod
+    def create(cls, node24: str, n8n_bin: str, user_folder: Path) -> "N8n":
+        env = {**node_env(node24),
+               "N8N_USER_FOLDER": str(user_folder),
+               "N8N_DIAGNOSTICS_ENABLED": "false",
+               "N8N_VERSION_NOTIFICATIONS_ENABLED": "false",
+               "N8N_TEMPLATES_ENABLED": "false",
+               "N8N_PERSONALIZATION_ENABLED": "false",
+               "N8N_LOG_LEVEL": "info",
+               "N8N_RUNNERS_BROKER_PORT": str(_free_port()),
+               "N8N_ENCRYPTION_KEY": "model-orchestrator-tests",
+               "N8N_ENFORCE_SETTINGS_FILE_PERMISSIONS": "false"}
+        return cls(node24, n8n_bin, user_folder, env)
+
+    def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+        return subprocess.run([self.node24, self.n8n_bin, *args], env=self.env, cwd=self.user_folder,
+                              capture_output=True, text=True, timeout=timeout)
+
+    def import_credentials(self, credentials: list[dict], path: Path) -> None:
+        path.write_text(json.dumps(credentials))
+        proc = self.cli("import:credentials", f"--input={path}")
+        assert proc.returncode == 0 and "Successfully imported" in proc.stdout + proc.stderr, \
+            f"import:credentials failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+
+    def import_workflows(self, workflows: list[dict], directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        for wf in workflows:
+            (directory / f"{wf['id']}.json").write_text(json.dumps(wf))
+        proc = self.cli("import:workflow", "--separate", f"--input={directory}")
+        assert proc.returncode == 0 and "Successfully imported" in proc.stdout + proc.stderr, \
+            f"import:workflow failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+
+    def execute(self, workflow_id: str, timeout: float = 240) -> Execution:
+        proc = self.cli("execute", f"--id={workflow_id}", "--rawOutput", timeout=timeout)
+        lines = proc.stdout.splitlines()
+        start = next((i for i, line in enumerate(lines) if line.startswith("{")), None)
+        data = None
+        if start is not None:  # on a failed run the JSON follows "Execution error:" and may be followed by logs
+            try:
+                data, _ = json.JSONDecoder().raw_decode("\n".join(lines[start:]))
+            except json.JSONDecodeError:
+                data = None
+        return Execution(proc.returncode, proc.stdout, proc.stderr, data)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_workflow(name: str) -> dict:
+    return json.loads((WORKFLOWS / name).read_text())
+
+
+def adapt_workflow(wf: dict, *, workflow_id: str | None = None, models: dict[str, str] | None = None,
+                   params: dict[str, dict] | None = None, credential: dict | None = None,
+                   node_settings: dict[str, dict] | None = None) -> dict:
+    """A copy of a shipped workflow for a test: new id, model ids rewritten (qwen3-vl-30b -> tiny...), node
+    parameters and settings overridden by node name, another credential reference."""
+    wf = copy.deepcopy(wf)
+    if workflow_id:
+        wf["id"] = workflow_id
+        wf["name"] = f"{wf['name']} [{workflow_id}]"
+    for node in wf["nodes"]:
+        p = node["parameters"]
+        if models and p.get("model") in models:
+            p["model"] = models[p["model"]]
+        if params and node["name"] in params:
+            p.update(params[node["name"]])
+        if node_settings and node["name"] in node_settings:
+            node.update(node_settings[node["name"]])
+        if credential and "modelOrchestratorApi" in node.get("credentials", {}):
+            node["credentials"] = {"modelOrchestratorApi": credential}
+    return wf
