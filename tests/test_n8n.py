@@ -97,7 +97,8 @@ def _test_workflows() -> list[dict]:
     return [
         adapt_workflow(chat, workflow_id="tChatEnough", models=tiny),
         adapt_workflow(chat, workflow_id="tChatNotEnough", models=tiny,
-                       params={"Check VRAM": {"whenNoGpu": "notEnough"}}),
+                       params={"Check VRAM": {"whenNoGpu": "notEnough"},
+                               "Load Qwen3-VL": {"options": {"priority": 20, "allowEviction": True}}}),
         adapt_workflow(chat, workflow_id="tChatUnknown", models={"qwen3-vl-30b": "no-such-model"}),
         adapt_workflow(chat, workflow_id="tChatKeyed", models=tiny, credential=keyed),
         adapt_workflow(chat, workflow_id="tChatWrongKey", models=tiny, credential=wrong),
@@ -245,6 +246,7 @@ def test_llama_chat_example_not_enough_branch_unloads_the_heavy_model(n8n, sidec
     assert not_enough[0]["vram_check"]["enough"] is False and "tiny-tools" in not_enough[0]["loaded_models"]
     heavy = ex.json("Unload Heavy Model")
     assert (heavy["model"], heavy["status"], heavy["result"]) == ("tiny-tools", "unloaded", "unloaded")
+    assert ex.json("Load Qwen3-VL")["status"] == "loaded"  # with allow_eviction: true and priority 20
     assert ex.json("Chat")["content"] == HELLO
     assert ex.json("Unload Qwen3-VL")["result"] == "unloaded"
     assert _loaded(sidecar) == set()
