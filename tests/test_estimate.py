@@ -89,3 +89,23 @@ def test_estimate_command(shapes, tmp_path):
     text = subprocess.run([sys.executable, "-m", "model_orchestrator", "estimate", str(path)], capture_output=True,
                           text=True, timeout=60).stdout
     assert "KV cache" in text and "total" in text
+
+
+def test_fast_header_reader_agrees_with_gguf_py(tmp_path):
+    """gguf_header.py replaces gguf-py's reader for speed; on every file kind we make they must agree."""
+    from gguf import GGUFReader
+
+    from model_orchestrator.gguf_header import read_header
+    from model_orchestrator.tiny_gguf import write_tiny_mmproj, write_tiny_model
+
+    files = [write_tiny_model(tmp_path / f"{a}.gguf", arch=a) for a in ("llama", "qwen3", "qwen3moe")]
+    files += [write_tiny_mmproj(tmp_path / "mmproj.gguf"), write_synthetic(tmp_path / "s.gguf", "qwen3-30b-a3b")]
+    for f in files:
+        ours, theirs = read_header(f), GGUFReader(str(f))
+        assert [(t.name, t.n_bytes) for t in ours.tensors] == [(t.name, int(t.n_bytes)) for t in theirs.tensors]
+        assert set(ours.fields) == set(theirs.fields) - {"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"}
+        for key in ("clip.vision.block_count", "llama.block_count", "qwen3.embedding_length", "qwen3moe.expert_count"):
+            if key in theirs.fields:
+                assert ours.fields[key] == theirs.fields[key].parts[-1][0], key
+    with pytest.raises(ValueError, match="not a GGUF"):
+        read_header(ROOT / "README.md")

@@ -12,6 +12,7 @@ overhead are fitted on a real GPU (CALIBRATION below; bench/vram_table.py measur
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,23 +89,20 @@ class Estimate:
         return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    if len(f.data) == 1:
-        v = f.parts[f.data[0]]
-        return v.tobytes().decode() if v.dtype.kind == "u" and v.dtype.itemsize == 1 else v[0].item()
-    return [f.parts[i][0].item() for i in f.data]  # an array (e.g. head_count_kv per layer)
-
-
 def read_shape(path: Path) -> ModelShape:
-    """The header of a GGUF file (gguf-py maps the file; tensor data pages are never touched)."""
-    from gguf import GGUFReader
+    """What the estimate needs, from the GGUF header (gguf_header.py; tensor data is never read). Cached per file
+    version: admission asks on every load."""
+    st = Path(path).stat()
+    return _read_shape(str(path), st.st_mtime_ns, st.st_size)
 
-    r = GGUFReader(str(path))
-    arch = _field(r, "general.architecture")
-    g = lambda key, default=None: _field(r, f"{arch}.{key}", default)  # noqa: E731
+
+@functools.lru_cache(maxsize=64)
+def _read_shape(path: str, mtime_ns: int, size: int) -> ModelShape:
+    from .gguf_header import read_header
+
+    h = read_header(Path(path))
+    arch = h.fields.get("general.architecture")
+    g = lambda key, default=None: h.fields.get(f"{arch}.{key}", default)  # noqa: E731
     n_layer = int(g("block_count"))
     n_embd = int(g("embedding_length"))
     n_head = g("attention.head_count")
@@ -120,8 +118,8 @@ def read_shape(path: Path) -> ModelShape:
         swa_layers = [(i + 1) % pattern != 0 for i in range(n_layer)]
     else:
         swa_layers = [bool(n_swa)] * n_layer
-    tokens = r.fields.get("tokenizer.ggml.tokens")
-    n_vocab = int(g("vocab_size", 0) or (len(tokens.data) if tokens else 0))
+    tokens = h.fields.get("tokenizer.ggml.tokens")
+    n_vocab = int(g("vocab_size", 0) or (tokens["len"] if isinstance(tokens, dict) else len(tokens or [])))
     n_ff = g("feed_forward_length", 0)
     n_ff = int(max(n_ff) if isinstance(n_ff, list) else n_ff)
     return ModelShape(
@@ -130,7 +128,7 @@ def read_shape(path: Path) -> ModelShape:
         n_ff=n_ff, n_vocab=n_vocab, n_expert=int(g("expert_count", 0) or 0),
         n_expert_used=int(g("expert_used_count", 0) or 0), n_ff_exp=int(g("expert_feed_forward_length", 0) or 0),
         n_swa=n_swa, swa_layers=swa_layers,
-        tensors={t.name: int(t.n_bytes) for t in r.tensors}, file_bytes=Path(path).stat().st_size,
+        tensors={t.name: t.n_bytes for t in h.tensors}, file_bytes=Path(path).stat().st_size,
     )
 
 
@@ -220,11 +218,7 @@ def estimate_shape(shape: ModelShape, *, n_ctx: int, n_gpu_layers: int, cache_ty
 
 
 def estimate_file(model: Path, *, mmproj: Path | None = None, **kwargs) -> Estimate:
-    mmproj_bytes = sum(read_shape_tensors_bytes(mmproj)) if mmproj else 0
+    from .gguf_header import read_header
+
+    mmproj_bytes = sum(t.n_bytes for t in read_header(mmproj).tensors) if mmproj else 0
     return estimate_shape(read_shape(model), mmproj_bytes=mmproj_bytes, **kwargs)
-
-
-def read_shape_tensors_bytes(path: Path) -> list[int]:
-    from gguf import GGUFReader
-
-    return [int(t.n_bytes) for t in GGUFReader(str(path)).tensors]

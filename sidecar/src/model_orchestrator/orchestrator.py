@@ -146,7 +146,22 @@ class Orchestrator:
         for victim in decision.evict:
             log.info("evicting %s to make room for %s (%s)", victim, who, decision.reason)
             await self.unload(victim, force=force, drain_timeout_s=0, reason="evicted")
+        if decision.evict and decision.gpu is not None:
+            await self._wait_for_memory(decision.gpu, need_mb)
         return decision
+
+    async def _wait_for_memory(self, gpu: int, need_mb: float, timeout_s: float = 5.0) -> None:
+        """After an eviction the driver may take a moment to return the memory (a dying process shows as foreign):
+        wait until it is available rather than start a load into an out-of-memory error."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            devices, residents = await self._placement_view()
+            device = next((d for d in devices if d.index == gpu), None)
+            if device is None or available(device, residents, self.settings.vram_margin_mb) >= need_mb:
+                return
+            await asyncio.sleep(0.05)
+        log.warning("GPU %d: memory not yet returned %g s after eviction; loading anyway", gpu, timeout_s)
 
     async def _placement_view(self) -> tuple[list[Device], list[Resident]]:
         snap = await self.snapshot(fresh=True)
