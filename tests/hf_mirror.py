@@ -1,0 +1,136 @@
+"""A tiny stand-in for the Hugging Face Hub's file protocol (what huggingface_hub's hf_hub_download speaks), for
+tests that set HF_ENDPOINT to it.
+
+Serves, from an in-memory {repo: {filename: bytes}}:
+  HEAD/GET /{org}/{name}/resolve/{revision}/{filename}
+      ETag (the content's SHA-256, as the Hub gives LFS files), X-Repo-Commit, Content-Length, Accept-Ranges;
+      GET honours `Range: bytes=N-` (206 + Content-Range), which is how huggingface_hub resumes.
+  GET /api/models/{org}/{name}[/revision/{revision}]   {"id", "sha", "siblings": [{"rfilename"}]}
+Every request is recorded (method, path, Range header) so tests can count what was downloaded.
+Fault injection: `cut_once[filename] = n` makes the next GET of that file announce the whole length, send only
+n bytes and drop the connection (an interrupted download).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    range: str | None
+    status: int = 0
+    body_bytes: int = 0
+
+
+@dataclass
+class HfMirror:
+    repos: dict[str, dict[str, bytes]]
+    commit: str = COMMIT
+    requests: list[Request] = field(default_factory=list)
+    cut_once: dict[str, int] = field(default_factory=dict)
+
+    def start(self) -> "HfMirror":
+        mirror = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # quiet
+                pass
+
+            def do_HEAD(self):
+                self._serve(body=False)
+
+            def do_GET(self):
+                self._serve(body=True)
+
+            def _send_json(self, rec: Request, obj) -> None:
+                data = json.dumps(obj).encode()
+                rec.status = 200
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(data)
+
+            def _not_found(self, rec: Request) -> None:
+                rec.status = 404
+                data = b'{"error": "Entry not found"}'
+                self.send_response(404)
+                self.send_header("X-Error-Code", "EntryNotFound")
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command == "GET":
+                    self.wfile.write(data)
+
+            def _serve(self, body: bool) -> None:
+                path = self.path.split("?", 1)[0]
+                rec = Request(self.command, path, self.headers.get("Range"))
+                mirror.requests.append(rec)
+                m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
+                if m and m.group(1) in mirror.repos:
+                    files = mirror.repos[m.group(1)]
+                    return self._send_json(rec, {"id": m.group(1), "sha": mirror.commit,
+                                                 "siblings": [{"rfilename": f} for f in files]})
+                m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+                if not m or m.group(1) not in mirror.repos or m.group(3) not in mirror.repos[m.group(1)]:
+                    return self._not_found(rec)
+                filename = m.group(3)
+                data = mirror.repos[m.group(1)][filename]
+                start = 0
+                rng = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                if rng and body:
+                    start = int(rng.group(1))
+                rec.status = 206 if start else 200
+                self.send_response(rec.status)
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                self.send_header("X-Repo-Commit", mirror.commit)
+                self.send_header("Accept-Ranges", "bytes")
+                self.send_header("Content-Type", "application/octet-stream")
+                self.send_header("Content-Length", str(len(data) - start))
+                if start:
+                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.end_headers()
+                if not body:
+                    return
+                chunk = data[start:]
+                cut = mirror.cut_once.pop(filename, None)
+                if cut is not None and not start:
+                    self.wfile.write(chunk[:cut])
+                    self.wfile.flush()
+                    rec.body_bytes = cut
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # the client sees a short body: an interrupted download
+                    return
+                self.wfile.write(chunk)
+                rec.body_bytes = len(chunk)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def file_gets(self) -> list[Request]:
+        """GET requests for file contents (what counts as downloading)."""
+        return [r for r in self.requests if r.method == "GET" and "/resolve/" in r.path]
