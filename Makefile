@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install deps llama-server run test bench openapi clean
+.PHONY: install deps llama-server run test bench openapi n8n-nodes clean
 
 install: deps llama-server
 
@@ -27,6 +27,10 @@ test: install
 
 bench: install
 	$(BIN)/python bench/bench_sidecar.py
+
+# the n8n community nodes (compose.yml mounts n8n-nodes/dist)
+n8n-nodes:
+	n8n-nodes/scripts/install-n8n.sh tooling && cd n8n-nodes && npx n8n-node build && npx n8n-node lint
 
 openapi: deps
 	$(BIN)/model-orchestrator openapi > openapi.json
