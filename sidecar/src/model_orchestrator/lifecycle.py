@@ -252,7 +252,8 @@ class LlamaServer:
                 os.killpg(self.proc.pid, sig)
 
     async def stop(self, timeout: float) -> ExitInfo | None:
-        """SIGTERM, wait up to `timeout`, then SIGKILL. Returns how it ended."""
+        """SIGTERM, wait up to `timeout`, then SIGKILL (timeout 0: at once; an evicted idle model has nothing to
+        save, and the driver returns its memory sooner than after llama-server's own teardown). Returns how it ended."""
         if self.proc is None:
             return None
         self._stopping = True
@@ -426,7 +427,7 @@ class ModelSlot:
     async def _stop_server(self, stop_timeout: float, force: bool) -> None:
         server = self.server
         if server is not None:
-            exit_info = await server.stop(2.0 if force else stop_timeout)
+            exit_info = await server.stop(min(2.0, stop_timeout) if force else stop_timeout)
             if force and self.in_flight:
                 self.last_error = {"code": "model_unloaded", "message": f"{self.id} was force-unloaded",
                                    "at": _utcnow().isoformat()}
