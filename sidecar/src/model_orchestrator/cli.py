@@ -167,16 +167,23 @@ def cmd_logs(args) -> int:
 
 
 # ---- local commands ---------------------------------------------------------------------------------------------
-def cmd_pull(args) -> int:
-    from .model_files import ModelFilesMissing, pull
+def _registry_or_none(settings):
+    """The registry the settings name, or None after printing why it cannot be used."""
     from .registry import RegistryError, load_registry
-    from .settings import Settings
 
-    settings = Settings.from_env(models_config=args.config)
     try:
-        registry = load_registry(settings.models_config)
+        return load_registry(settings.models_config)
     except RegistryError as exc:
         print(exc, file=sys.stderr)
+        return None
+
+
+def cmd_pull(args) -> int:
+    from .model_files import ModelFilesMissing, pull
+    from .settings import Settings
+
+    registry = _registry_or_none(Settings.from_env(models_config=args.config))
+    if registry is None:
         return 2
     spec = registry.lookup(args.model)
     if spec is None:
@@ -197,16 +204,13 @@ def cmd_estimate(args) -> int:
     """Predicted GPU memory of a registry model or of any GGUF file, from its header (no server needed)."""
     from .estimate import estimate_file
     from .model_files import ModelFilesMissing, resolve
-    from .registry import RegistryError, load_registry
     from .settings import Settings
 
     settings = Settings.from_env(models_config=args.config)
     path, mmproj, spec = Path(args.model), None, None
     if not path.is_file():
-        try:
-            registry = load_registry(settings.models_config)
-        except RegistryError as exc:
-            print(exc, file=sys.stderr)
+        registry = _registry_or_none(settings)
+        if registry is None:
             return 2
         spec = registry.lookup(args.model)
         if spec is None:
