@@ -47,13 +47,15 @@ class Route:
     tag: str = "models"
     stream: bool = False
     description: str = ""
+    query: tuple[dict, ...] = ()  # OpenAPI query parameters
+    statuses: tuple[tuple[int, str], ...] = ()  # answers beyond the common errors (openapi._ERRORS)
 
 
 async def _body(request: web.Request, model: type[BaseModel]):
     """Validate a JSON body with the route's model; a bad body is a 400 naming the field."""
     try:
         data = await request.json()
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deeper than json can parse
         raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
     try:
         return model.model_validate(data)
@@ -220,6 +222,10 @@ async def openapi_json(request: web.Request) -> web.Response:
     return web.json_response(request.app[OPENAPI])
 
 
+_PROXY_STATUSES = ((429, "overloaded: too many requests waiting for this model (MODEL_ORCHESTRATOR_MAX_QUEUE); "
+                           "retry after Retry-After seconds"),
+                   (502, "llama-server crashed or the connection to it broke during the request"))
+
 ROUTES: list[Route] = [
     Route("GET", "/health", health, "Liveness of the orchestrator", response=HealthResponse, auth=False, tag="service"),
     Route("GET", "/metrics", metrics, "Prometheus metrics (GPU, models, requests, tokens)", auth=False, tag="service"),
@@ -229,14 +235,16 @@ ROUTES: list[Route] = [
     Route("GET", "/models", models_list, "The model registry with each model's state (for dropdowns)", response=ModelsResponse),
     Route("POST", "/models/load", models_load, "Load a model (joins a load under way)", request=LoadRequest,
           response=LoadResponse, description="Answers when llama-server is ready, or 202 at once with wait=false. "
-          "A model that cannot start answers 503 with llama-server's last log lines."),
+          "A model that cannot start answers 503 with llama-server's last log lines.",
+          statuses=((202, "wait=false: the load started"),)),
     Route("POST", "/models/unload", models_unload, "Unload a model", request=UnloadRequest, response=UnloadResponse,
           description="Without force, waits up to drain_timeout_s for requests in flight (new ones get 503 + "
           "Retry-After meanwhile) and then refuses with 409, changing nothing. With force, stops llama-server at once; "
           "requests in flight end with a model_unloaded error. An unload during a load cancels it."),
     Route("POST", "/models/estimate", models_estimate, "Predicted GPU memory of a model's llama-server, and whether it fits now",
           request=EstimateRequest, response=EstimateResponse,
-          description="From the GGUF header only: weights on the GPU, KV cache, compute buffer, projector, CUDA overhead."),
+          description="From the GGUF header only: weights on the GPU, KV cache, compute buffer, projector, CUDA overhead.",
+          statuses=((422, "the model file is not a readable GGUF"),)),
     Route("GET", "/reservations", reservations_list, "Memory reserved by other GPU services", response=ReservationList,
           tag="reservations"),
     Route("POST", "/reservations", reservations_create, "Reserve GPU memory for another service (WhisperX, ComfyUI...)",
@@ -247,16 +255,18 @@ ROUTES: list[Route] = [
           response=ReservationOut, tag="reservations"),
     Route("DELETE", "/reservations/{id}", reservations_release, "Release a reservation", response=ReservationOut,
           tag="reservations"),
-    Route("GET", "/models/{model}/logs", model_logs, "The last lines llama-server printed (?lines=N)", response=LogsResponse),
+    Route("GET", "/models/{model}/logs", model_logs, "The last lines llama-server printed (?lines=N)", response=LogsResponse,
+          query=({"name": "lines", "in": "query", "required": False, "description": "how many lines (1..10000)",
+                  "schema": {"type": "integer", "default": 100}},)),
     Route("GET", "/v1/models", v1_models, "OpenAI: list models", response=OpenAIModelList, tag="openai"),
     Route("POST", "/v1/chat/completions", chat_completions, "OpenAI: chat (images, tools, streaming passed through)",
-          request=ChatCompletionRequest, response=OpenAIResponse, tag="openai", stream=True,
+          request=ChatCompletionRequest, response=OpenAIResponse, tag="openai", statuses=_PROXY_STATUSES, stream=True,
           description="Routed by `model` to its llama-server, which is loaded on demand when the registry allows; "
           "requests that arrive during a load wait for it."),
     Route("POST", "/v1/completions", completions, "OpenAI: text completion", request=CompletionRequest,
-          response=OpenAIResponse, tag="openai", stream=True),
+          response=OpenAIResponse, tag="openai", statuses=_PROXY_STATUSES, stream=True),
     Route("POST", "/v1/embeddings", embeddings, "OpenAI: embeddings (the model needs --embeddings in extra_args)",
-          request=EmbeddingRequest, response=OpenAIResponse, tag="openai"),
+          request=EmbeddingRequest, response=OpenAIResponse, tag="openai", statuses=_PROXY_STATUSES),
     Route("GET", "/openapi.json", openapi_json, "This API's OpenAPI document", auth=False, tag="service"),
 ]
 
@@ -287,7 +297,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
                    405: f"{request.method} is not allowed on {request.path}",
                    413: f"the body is larger than {request.app[ORCH].settings.max_body_mb} MB "
                         "(MODEL_ORCHESTRATOR_MAX_BODY_MB)"}.get(exc.status, exc.reason)
-        return ApiError(exc.status, code, message).response()
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405 lists the methods (RFC 9110)
+        return ApiError(exc.status, code, message, headers=allow).response()
     except asyncio.CancelledError:
         status = 499  # the client went away
         raise

@@ -164,6 +164,11 @@ class LlamaServer:
         return self.proc.pid if self.proc else None
 
     @property
+    def stopping(self) -> bool:
+        """The orchestrator asked it to stop (an unload), whether or not it has exited yet."""
+        return self._stopping
+
+    @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
@@ -323,6 +328,12 @@ class ModelSlot:
     def _touch(self) -> None:
         self.last_used = _utcnow()
         self.last_used_mono = time.monotonic()
+
+    async def wait_unloaded(self) -> None:
+        """Return once no unload is under way (at once when none is)."""
+        while self.state == State.UNLOADING:
+            assert self._unload_task is not None
+            await asyncio.gather(asyncio.shield(self._unload_task), return_exceptions=True)
 
     # ---- load ---------------------------------------------------------------------------------------------
     async def load(self, launch: Callable[[], Awaitable[LaunchPlan]], http: aiohttp.ClientSession, *,

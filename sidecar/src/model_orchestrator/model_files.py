@@ -4,6 +4,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,10 +52,19 @@ def resolve(spec: ModelSpec, generated_dir: Path) -> ModelFiles:
     if not path.is_file():
         from .tiny_gguf import write_tiny_model
 
-        generated_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        write_tiny_model(tmp, behaviour=src.behaviour, arch=src.arch)
-        tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+        tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # one per writer
+        try:
+            generated_dir.mkdir(parents=True, exist_ok=True)
+            write_tiny_model(tmp, behaviour=src.behaviour, arch=src.arch)
+            tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+        except OSError as exc:  # disk full, read-only state dir: say so, leave no partial file, spawn nothing
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            free = ""
+            with contextlib.suppress(OSError):
+                free = f"; {shutil.disk_usage(generated_dir).free // 1024} KiB free there"
+            raise ModelFilesMissing(f"{spec.id}: cannot write the generated model to {path}: "
+                                    f"{exc.strerror or exc}{free} (MODEL_ORCHESTRATOR_STATE)") from None
     return ModelFiles(path)
 
 

@@ -5,10 +5,17 @@ There is no hand-kept copy of the schema: a route's request model is the class t
 
 from __future__ import annotations
 
+import re
+
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
+from .registry import MODEL_ID_PATTERN
 from .schemas import ErrorResponse
+
+# what the handlers accept in the URL: a model id or alias, a reservation id (letters and digits)
+_PATH_PARAMS = {"model": {"type": "string", "pattern": MODEL_ID_PATTERN},
+                "id": {"type": "string", "pattern": r"^[A-Za-z0-9]{1,64}$"}}
 
 _ERRORS = {"400": "invalid request (bad JSON, wrong types, unknown fields)", "401": "missing or wrong API key",
            "404": "unknown model or route", "409": "conflict with the model's state (busy, cancelled, files missing)",
@@ -27,8 +34,17 @@ def build_openapi(routes, *, version: str, title: str = "model-orchestrator") ->
                     "responses": {str(r.status): _content(r.response, r.stream)}}
         if r.description:
             op["description"] = r.description
+        params = [{"name": name, "in": "path", "required": True, "schema": _PATH_PARAMS[name]}
+                  for name in re.findall(r"{(\w+)}", r.path)] + list(r.query)
+        if params:
+            op["parameters"] = params
+        for code, text in r.statuses:
+            op["responses"][str(code)] = {"description": text, "content": {"application/json": {
+                "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
         if r.request is not None:
-            op["requestBody"] = {"required": True, "content": {"application/json": {
+            # a body whose fields are all optional may be left out (POST /reservations/{id}/renew)
+            op["requestBody"] = {"required": bool(r.request.model_json_schema().get("required")),
+                                 "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{r.request.__name__}"}}}}
         for code, text in _ERRORS.items():
             if code != "401" or r.auth:
@@ -54,5 +70,10 @@ def _content(model: type[BaseModel] | None, stream: bool) -> dict:
         return {"description": "text", "content": {"text/plain": {"schema": {"type": "string"}}}}
     content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
     if stream:
-        content["text/event-stream"] = {"schema": {"type": "string", "description": "SSE chunks when stream is true"}}
+        # OpenAPI 3.1 reads an event stream's `schema` as one event (3.2 calls it itemSchema)
+        content["text/event-stream"] = {"schema": {
+            "type": "object", "description": "one SSE event when stream is true: `data` is a JSON chunk as llama-server "
+            "wrote it, `[DONE]` at the end, or {\"error\": ...} if the model crashed or was unloaded mid-stream",
+            "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"},
+                           "retry": {"type": "integer"}}}}
     return {"description": "OK", "content": content}

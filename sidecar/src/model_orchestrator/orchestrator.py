@@ -90,6 +90,13 @@ class Orchestrator:
             raise ApiError(404, "model_not_found", f"unknown model {name!r}; known models: {known} (GET /models)")
         return self.slots[spec.id]
 
+    def queue_limit(self, slot: ModelSlot) -> int:
+        """The most proxied requests one model may hold at once (waiting for a load, queued or running in
+        llama-server): MODEL_ORCHESTRATOR_MAX_QUEUE on top of llama-server's parallel slots; 0 means no cap."""
+        if not self.settings.max_queue:
+            return 0
+        return self.settings.max_queue + _parallel_slots(slot.spec.extra_args)
+
     def owned_pids(self) -> dict[int, str]:
         return {s.server.pid: s.id for s in self.slots.values() if s.server and s.server.pid}
 
@@ -103,12 +110,18 @@ class Orchestrator:
         timeout = timeout_s or self.settings.load_timeout_s
         launch = lambda: self._launch_plan(slot)  # noqa: E731
         try:
-            while slot.state == State.UNLOADING:
-                await slot.load(launch, self.http, timeout=timeout, log_lines=self.settings.log_lines)
-            if slot.state in (State.LOADED, State.LOADING):  # already admitted: join
-                result = await slot.load(launch, self.http, timeout=timeout, log_lines=self.settings.log_lines)
-                return slot, result
-            async with self._admission:
+            while True:
+                # an unload under way finishes first; the load after it is admitted like any other (never started
+                # behind admission's back, which could overcommit memory)
+                await slot.wait_unloaded()
+                if slot.state in (State.LOADED, State.LOADING):  # already admitted: join (no await before it)
+                    result = await slot.load(launch, self.http, timeout=timeout, log_lines=self.settings.log_lines)
+                    return slot, result
+                await self._admission.acquire()
+                if slot.state != State.UNLOADING:  # an unload may have begun while we waited for the lock
+                    break
+                self._admission.release()
+            try:
                 if slot.state not in (State.LOADED, State.LOADING):
                     if priority is not None:
                         slot.priority = priority
@@ -120,6 +133,8 @@ class Orchestrator:
                     joined = False
                 else:
                     task, joined = slot._load_task, True
+            finally:
+                self._admission.release()
             await asyncio.shield(task)
             return slot, "joined" if joined else "loaded"
         except ModelFilesMissing as exc:
@@ -392,6 +407,21 @@ class Orchestrator:
         return {"status": "ok", "version": __version__, "mode": "gpu" if self.gpu.available else "cpu",
                 "llama_server": str(self.llama_server_bin),
                 "models_loaded": sum(1 for s in self.slots.values() if s.state == State.LOADED)}
+
+
+def _parallel_slots(extra_args: list[str]) -> int:
+    """llama-server's -np/--parallel from the model's extra_args; its default (auto) is 4 slots."""
+    for i, arg in enumerate(extra_args):
+        value = None
+        if arg in ("-np", "--parallel") and i + 1 < len(extra_args):
+            value = extra_args[i + 1]
+        elif arg.startswith("--parallel="):
+            value = arg.split("=", 1)[1]
+        if value is not None:
+            with contextlib.suppress(ValueError):
+                if int(value) > 0:
+                    return int(value)
+    return 4
 
 
 def _files_present(spec: ModelSpec, generated_dir: Path) -> bool:

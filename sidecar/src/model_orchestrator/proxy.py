@@ -11,11 +11,14 @@ import time
 
 import aiohttp
 from aiohttp import web
+from pydantic import ValidationError
 
 from .errors import ApiError
 from .lifecycle import LlamaServer, ModelSlot
 from .orchestrator import Orchestrator
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
+_REQUESTS = {"chat_completions": ChatCompletionRequest, "completions": CompletionRequest, "embeddings": EmbeddingRequest}
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
 
 
@@ -59,7 +62,7 @@ async def _upstream_lost(slot: ModelSlot, server: LlamaServer) -> ApiError:
         return ApiError(502, "model_crashed", f"llama-server for {slot.id} {server.exit.reason} during the request; "
                         "the model is marked failed and the next request reloads it", model=slot.id,
                         logs=server.exit.last_logs[-10:])
-    if server.exit is not None or err.get("code") == "model_unloaded":
+    if server.exit is not None or server.stopping or err.get("code") == "model_unloaded":
         return ApiError(503, "model_unloaded", f"{slot.id} was unloaded while the request was in flight",
                         model=slot.id, headers={"Retry-After": "1"})
     return ApiError(502, "upstream_error", f"lost the connection to llama-server for {slot.id}", model=slot.id)
@@ -69,20 +72,33 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
     raw = await request.read()
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
         raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "the request body must be a JSON object")
+    try:  # the documented request model (fields it does not list pass through): llama-server answers some
+        _REQUESTS[endpoint].model_validate(body)  # malformed bodies with a 500, e.g. a message without a role
+    except ValidationError as exc:
+        problems = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]} for e in exc.errors()]
+        raise ApiError(400, "invalid_request", f"{problems[0]['field']}: {problems[0]['problem']}",
+                       problems=problems) from None
     name = body.get("model")
-    if name is not None and not isinstance(name, str):
-        raise ApiError(400, "invalid_request", "'model' must be a string")
     slot = orch.slot(name)
+    if endpoint == "embeddings" and not any(a in ("--embedding", "--embeddings") for a in slot.spec.extra_args):
+        # llama-server would answer 501 after a load on demand: say what to change instead
+        raise ApiError(400, "embeddings_not_enabled", f"{slot.id} does not serve embeddings: add \"--embeddings\" "
+                       "to its extra_args in the model registry", model=slot.id)
     stream = body.get("stream") is True
     t0 = time.perf_counter()
     status = 500
     m = orch.metrics
     m.in_flight.labels(slot.id).inc()
     try:
+        limit = orch.queue_limit(slot)
+        if limit and slot.in_flight >= limit:  # bounded: a burst cannot pile up unbounded work behind one model
+            raise ApiError(429, "overloaded", f"{slot.id} already has {slot.in_flight} requests waiting or in flight "
+                           f"(limit {limit}: MODEL_ORCHESTRATOR_MAX_QUEUE plus llama-server's slots); retry later",
+                           headers={"Retry-After": "1"}, model=slot.id, in_flight=slot.in_flight, limit=limit)
         with slot.request():
             server = await orch.ready_server(slot)
             headers = {"Content-Type": "application/json"}

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from .lifecycle import State
 from .registry import MODEL_ID_PATTERN
@@ -12,14 +12,24 @@ from .registry import MODEL_ID_PATTERN
 ModelName = Field(min_length=1, max_length=64, pattern=MODEL_ID_PATTERN, description="model id or alias")
 
 
+def _whole(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+# JSON Schema's integer: 3 and 3.0, never "3" or true
+JsonInt = Annotated[int, BeforeValidator(_whole)]
+
+
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt field is an error, not silently ignored
+    # a misspelt field is an error, not silently ignored; types are the documented ones (strict: "3" is not an
+    # integer, 0 is not a boolean), so the OpenAPI document says exactly what is accepted
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class LoadRequest(_Request):
     model: str = ModelName
     service: str = Field("llama-cpp", max_length=64, description="the service that runs the model (llama-cpp)")
-    priority: int | None = Field(None, ge=0, le=100, description="overrides the registry's priority while loaded")
+    priority: JsonInt | None = Field(None, ge=0, le=100, description="overrides the registry's priority while loaded")
     wait: bool = Field(True, description="false: answer 202 at once and load in the background")
     timeout_s: float | None = Field(None, gt=0, le=3600, description="how long llama-server may take to be ready")
     allow_eviction: bool = Field(False, description="may unload idle models of equal priority (lower ones may always go)")
@@ -38,7 +48,8 @@ class UnloadRequest(_Request):
 
 class ErrorDetail(BaseModel):
     model_config = ConfigDict(extra="allow")
-    code: str
+    code: str | int = Field(description="a word for the orchestrator's errors; llama-server's own errors, passed "
+                                        "through, carry their HTTP status as a number")
     message: str
     type: str
 
@@ -125,9 +136,9 @@ class UnloadResponse(BaseModel):
 
 class EstimateRequest(_Request):
     model: str = Field(min_length=1, max_length=64, description="model id or alias")
-    context_size: int | None = Field(None, ge=64, le=4_194_304)
+    context_size: JsonInt | None = Field(None, ge=64, le=4_194_304)
     cache_type: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"] | None = None
-    n_gpu_layers: int | None = Field(None, ge=-1, le=10_000)
+    n_gpu_layers: JsonInt | None = Field(None, ge=-1, le=10_000)
 
 
 class EstimateOut(BaseModel):
@@ -166,9 +177,9 @@ class ReservationRequest(_Request):
     service: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     vram_mb: float = Field(gt=0, le=10_000_000)
     ttl_s: float | None = Field(None, gt=0, le=7 * 86400, description="default MODEL_ORCHESTRATOR_RESERVATION_TTL_S")
-    gpu: int = Field(0, ge=0, le=64)
+    gpu: JsonInt = Field(0, ge=0, le=64)
     model: str | None = Field(None, max_length=64, description="what the service runs (e.g. wan2.1-14b)")
-    priority: int = Field(50, ge=0, le=100, description="models of lower priority may be evicted to make room")
+    priority: JsonInt = Field(50, ge=0, le=100, description="models of lower priority may be evicted to make room")
     allow_eviction: bool = False
     force: bool = False
 
@@ -230,7 +241,7 @@ class LogsResponse(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     role: str
     content: Any = None
 
@@ -238,21 +249,21 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(BaseModel):
     """The OpenAI chat request; fields not listed here (tools, tool_choice, response_format, ...) pass through."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str | None = Field(None, description="model id or alias; default: the registry's default model")
     messages: list[ChatMessage]
-    stream: bool = False
+    stream: bool | None = Field(False, description="null reads as false (llama-server's reading)")
 
 
 class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str | None = None
     prompt: Any
-    stream: bool = False
+    stream: bool | None = Field(False, description="null reads as false (llama-server's reading)")
 
 
 class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str | None = None
     input: Any
 

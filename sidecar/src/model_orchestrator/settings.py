@@ -44,6 +44,7 @@ class Settings(BaseModel):
     max_loaded: int = Field(0, ge=0)  # cap on models loaded at once (0: no cap)
     cuda_overhead_mb: float | None = Field(None, ge=0)  # per-process CUDA overhead of this card (estimate.py)
     reservation_ttl_s: float = Field(600, gt=0)  # default lifetime of a reservation
+    max_queue: int = Field(64, ge=0)  # per model: requests waiting beyond llama-server's slots before 429 (0: no cap)
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -66,6 +67,7 @@ class Settings(BaseModel):
             "max_loaded": "MODEL_ORCHESTRATOR_MAX_LOADED",
             "cuda_overhead_mb": "MODEL_ORCHESTRATOR_CUDA_OVERHEAD_MB",
             "reservation_ttl_s": "MODEL_ORCHESTRATOR_RESERVATION_TTL_S",
+            "max_queue": "MODEL_ORCHESTRATOR_MAX_QUEUE",
         }
         values = {field: env[var] for field, var in names.items() if env.get(var, "") != ""}
         values.update({k: v for k, v in overrides.items() if v is not None})
