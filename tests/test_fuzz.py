@@ -40,11 +40,11 @@ def _llama_children(sidecar_pid: int) -> list[int]:
     return out
 
 
-def _schemathesis(url: str, *args: str, timeout: float = 240) -> tuple[int, str, int]:
+def _schemathesis(url: str, cwd: Path, *args: str, timeout: float = 240) -> tuple[int, str, int]:
     """Run the schemathesis CLI; returns (exit code, output, number of generated cases)."""
     r = subprocess.run([str(SCHEMATHESIS), "run", f"{url}/openapi.json", "-H", f"Authorization: Bearer {KEY}",
                         "--workers", "1", "--seed", "20261126", "--request-timeout", "30", "--no-color", *args],
-                       capture_output=True, text=True, timeout=timeout,
+                       capture_output=True, text=True, timeout=timeout, cwd=cwd,  # it writes .schemathesis/ there
                        env={**os.environ, "SCHEMATHESIS_HOOKS": "", "NO_COLOR": "1"})
     out = r.stdout + r.stderr
     m = re.search(r"(\d+) generated", out)
@@ -61,7 +61,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(sidecar_proc
     sc = sidecar_process(env={"MODEL_ORCHESTRATOR_API_KEY": KEY, "MODEL_ORCHESTRATOR_MAX_BODY_MB": "1"})
     state = tmp_path / "state"
     before = _files(state)
-    rc, out, n_core = _schemathesis(sc.url, "--checks", "all", "--exclude-checks",
+    rc, out, n_core = _schemathesis(sc.url, tmp_path, "--checks", "all", "--exclude-checks",
                                     "positive_data_acceptance,ensure_resource_availability",
                                     "--exclude-path-regex", "^/v1/", "--max-examples", "40")
     print(out[-1500:])
@@ -70,7 +70,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(sidecar_proc
     # random model ids never name a registry model: nothing was spawned or written by the API fuzzing
     assert _llama_children(sc.proc.pid) == [] and find_leftovers(str(state.resolve())) == []
     assert _files(state) == before
-    rc, out, n_v1 = _schemathesis(sc.url, "--checks", "not_a_server_error,status_code_conformance,"
+    rc, out, n_v1 = _schemathesis(sc.url, tmp_path, "--checks", "not_a_server_error,status_code_conformance,"
                                   "content_type_conformance,response_schema_conformance,negative_data_rejection",
                                   "--include-path-regex", "^/v1/", "--max-examples", "8")
     print(out[-1500:])

@@ -371,6 +371,10 @@ class ModelSlot:
         except LoadFailed as exc:
             self._fail({"code": exc.code, "message": str(exc), "logs": exc.logs})
             raise
+        if self.state != State.LOADING:  # an unload's cancel can be lost when start() finishes at that moment
+            await self.server.stop(5)
+            self.server = None
+            raise LoadCancelled(f"load of {self.id} was cancelled by an unload")
         self.load_seconds = time.perf_counter() - t0
         self.loaded_at = _utcnow()
         self.last_error = None
