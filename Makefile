@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install deps llama-server run test bench openapi n8n-nodes clean
+.PHONY: install deps llama-server run test bench load-test openapi n8n-nodes clean
 
 install: deps llama-server
 
@@ -27,6 +27,10 @@ test: install
 
 bench: install
 	$(BIN)/python bench/bench_sidecar.py
+
+# the full load test (make test runs a short variant): 200 clients for a minute
+load-test: install
+	$(BIN)/python bench/load_test.py --clients 200 --seconds 60
 
 # the n8n community nodes (compose.yml mounts n8n-nodes/dist)
 n8n-nodes:

@@ -160,7 +160,8 @@ class Orchestrator:
                            evictable=decision.evictable)
         for victim in decision.evict:
             log.info("evicting %s to make room for %s (%s)", victim, who, decision.reason)
-            await self.unload(victim, force=force, drain_timeout_s=0, reason="evicted")
+            # an evicted model is idle (or forced): killed at once, its memory returns without llama-server's teardown
+            await self.unload(victim, force=force, drain_timeout_s=0, reason="evicted", stop_timeout_s=0)
         if decision.evict and decision.gpu is not None:
             await self._wait_for_memory(decision.gpu, need_mb)
         return decision
@@ -175,7 +176,7 @@ class Orchestrator:
             device = next((d for d in devices if d.index == gpu), None)
             if device is None or available(device, residents, self.settings.vram_margin_mb) >= need_mb:
                 return
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(0.01)
         log.warning("GPU %d: memory not yet returned %g s after eviction; loading anyway", gpu, timeout_s)
 
     async def _placement_view(self) -> tuple[list[Device], list[Resident]]:
@@ -278,10 +279,11 @@ class Orchestrator:
 
     # ---- unload -------------------------------------------------------------------------------------------
     async def unload(self, name: str, *, force: bool = False, drain_timeout_s: float = 30.0,
-                     reason: str | None = None) -> tuple[ModelSlot, str]:
+                     reason: str | None = None, stop_timeout_s: float | None = None) -> tuple[ModelSlot, str]:
         slot = self.slot(name)
+        stop_timeout = self.settings.stop_timeout_s if stop_timeout_s is None else stop_timeout_s
         try:
-            result = await slot.unload(force=force, drain_timeout=drain_timeout_s, stop_timeout=self.settings.stop_timeout_s)
+            result = await slot.unload(force=force, drain_timeout=drain_timeout_s, stop_timeout=stop_timeout)
         except ModelBusy as exc:
             raise ApiError(409, "model_busy", f"{slot.id}: {exc}; nothing was changed. Retry later, raise drain_timeout_s, "
                            "or pass force=true to end them", model=slot.id, in_flight=exc.in_flight) from None
