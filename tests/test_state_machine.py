@@ -39,3 +39,19 @@ def test_every_pair(old, new):
         with pytest.raises(IllegalTransition):
             slot._transition(new)
         assert slot.state == old and seen == []
+
+
+async def test_a_waiter_of_a_load_cancelled_before_it_ran_gets_load_cancelled():
+    """An unload can cancel the load task before its first step; its waiters (HTTP handlers) must get an answer,
+    not a CancelledError that drops their connection (seen under load: ServerDisconnectedError)."""
+    from model_orchestrator.lifecycle import LoadCancelled, join_load
+
+    slot = _slot()
+
+    async def launch():  # never reached
+        raise AssertionError("the load ran")
+
+    task = slot.start_load(launch, None, timeout=1, log_lines=10)
+    task.cancel()
+    with pytest.raises(LoadCancelled):
+        await join_load(task, slot.id)

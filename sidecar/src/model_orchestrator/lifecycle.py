@@ -271,6 +271,19 @@ class LlamaServer:
         return self.exit
 
 
+async def join_load(task: asyncio.Task, model: str) -> None:
+    """Wait for a load task without being cancelled with it. An unload can cancel the task before it ever ran (so
+    _run_load had no chance to turn that into LoadCancelled): a waiter then gets LoadCancelled too, not a
+    CancelledError that would drop its HTTP connection without an answer."""
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if task.cancelled() and not (current and current.cancelling()):
+            raise LoadCancelled(f"load of {model} was cancelled by an unload") from None
+        raise
+
+
 StateListener = Callable[["ModelSlot", State, State], None]
 
 
@@ -345,7 +358,7 @@ class ModelSlot:
         if self.state == State.LOADED:
             return "already_loaded"
         joined = self.state == State.LOADING
-        await asyncio.shield(self.start_load(launch, http, timeout=timeout, log_lines=log_lines))
+        await join_load(self.start_load(launch, http, timeout=timeout, log_lines=log_lines), self.id)
         return "joined" if joined else "loaded"
 
     def start_load(self, launch: Callable[[], Awaitable[LaunchPlan]], http: aiohttp.ClientSession, *,

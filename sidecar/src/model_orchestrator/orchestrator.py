@@ -18,7 +18,7 @@ from . import __version__
 from .errors import ApiError
 from .gpu import GpuSnapshot, GpuView, NoGpuView
 from .lifecycle import (MODEL_ENV, OWNER_ENV, LaunchPlan, LoadCancelled, LoadFailed, ModelBusy, ModelSlot, State,
-                        llama_server_argv, placement_env, reap_leftovers)
+                        join_load, llama_server_argv, placement_env, reap_leftovers)
 from .estimate import Estimate, estimate_file
 from .metrics import Metrics
 from .model_files import ModelFiles, ModelFilesMissing, resolve
@@ -135,7 +135,7 @@ class Orchestrator:
                     task, joined = slot._load_task, True
             finally:
                 self._admission.release()
-            await asyncio.shield(task)
+            await join_load(task, slot.id)
             return slot, "joined" if joined else "loaded"
         except ModelFilesMissing as exc:
             raise ApiError(409, "model_files_missing", str(exc), model=slot.id) from None
