@@ -68,6 +68,17 @@ async def _upstream_lost(slot: ModelSlot, server: LlamaServer) -> ApiError:
     return ApiError(502, "upstream_error", f"lost the connection to llama-server for {slot.id}", model=slot.id)
 
 
+def _validate(endpoint: str, body: dict) -> None:
+    """The documented request model (fields it does not list pass through): llama-server answers some malformed
+    bodies with a 500, e.g. a message without a role."""
+    try:
+        _REQUESTS[endpoint].model_validate(body)
+    except ValidationError as exc:
+        problems = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]} for e in exc.errors()]
+        raise ApiError(400, "invalid_request", f"{problems[0]['field']}: {problems[0]['problem']}",
+                       problems=problems) from None
+
+
 async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> web.StreamResponse:
     raw = await request.read()
     try:
@@ -76,24 +87,21 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
         raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(400, "invalid_request", "the request body must be a JSON object")
-    try:  # the documented request model (fields it does not list pass through): llama-server answers some
-        _REQUESTS[endpoint].model_validate(body)  # malformed bodies with a 500, e.g. a message without a role
-    except ValidationError as exc:
-        problems = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]} for e in exc.errors()]
-        raise ApiError(400, "invalid_request", f"{problems[0]['field']}: {problems[0]['problem']}",
-                       problems=problems) from None
     name = body.get("model")
+    if name is not None and not isinstance(name, str):
+        raise ApiError(400, "invalid_request", "model: Input should be a valid string")
     slot = orch.slot(name)
-    if endpoint == "embeddings" and not any(a in ("--embedding", "--embeddings") for a in slot.spec.extra_args):
-        # llama-server would answer 501 after a load on demand: say what to change instead
-        raise ApiError(400, "embeddings_not_enabled", f"{slot.id} does not serve embeddings: add \"--embeddings\" "
-                       "to its extra_args in the model registry", model=slot.id)
     stream = body.get("stream") is True
     t0 = time.perf_counter()
     status = 500
     m = orch.metrics
     m.in_flight.labels(slot.id).inc()
-    try:
+    try:  # from here on every answer is counted for the model, refusals included
+        _validate(endpoint, body)
+        if endpoint == "embeddings" and not any(a in ("--embedding", "--embeddings") for a in slot.spec.extra_args):
+            # llama-server would answer 501 after a load on demand: say what to change instead
+            raise ApiError(400, "embeddings_not_enabled", f"{slot.id} does not serve embeddings: add \"--embeddings\" "
+                           "to its extra_args in the model registry", model=slot.id)
         limit = orch.queue_limit(slot)
         if limit and slot.in_flight >= limit:  # bounded: a burst cannot pile up unbounded work behind one model
             raise ApiError(429, "overloaded", f"{slot.id} already has {slot.in_flight} requests waiting or in flight "
