@@ -6,7 +6,6 @@ import os
 import signal
 import time
 
-import pytest
 
 from conftest import pid_alive
 from model_orchestrator.tiny_gguf import HELLO_TEXT, TOOL_CALL

@@ -19,7 +19,6 @@ from pydantic import BaseModel, ValidationError
 
 from . import __version__, proxy
 from .errors import ApiError
-from .lifecycle import State
 from .model_files import ModelFilesMissing
 from .openapi import build_openapi
 from .orchestrator import Orchestrator
