@@ -352,9 +352,7 @@ class ModelSlot:
     async def load(self, launch: Callable[[], Awaitable[LaunchPlan]], http: aiohttp.ClientSession, *,
                    timeout: float, log_lines: int) -> str:
         """Make the model loaded. Returns 'loaded', 'joined' (another load was under way) or 'already_loaded'."""
-        while self.state == State.UNLOADING:  # finish the unload, then load again
-            assert self._unload_task is not None
-            await asyncio.gather(asyncio.shield(self._unload_task), return_exceptions=True)
+        await self.wait_unloaded()  # finish an unload under way, then load again
         if self.state == State.LOADED:
             return "already_loaded"
         joined = self.state == State.LOADING
