@@ -56,7 +56,7 @@ def _tensors(s: dict) -> list[tuple[str, tuple[int, ...], bool]]:
 def write_synthetic(path: Path, shape: str, *, n_ctx_train: int = 262144) -> Path:
     import gguf
 
-    from model_orchestrator.tiny_gguf import CHAT_TEMPLATE, build_vocab
+    from model_orchestrator.tiny_gguf import build_vocab, write_tokenizer
 
     s = SHAPES[shape]
     arch = s["arch"]
@@ -83,15 +83,7 @@ def write_synthetic(path: Path, shape: str, *, n_ctx_train: int = 262144) -> Pat
         w.add_expert_count(s["n_expert"])
         w.add_expert_used_count(s["n_expert_used"])
         w.add_expert_feed_forward_length(s["n_ff_exp"])
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(ids["<|endoftext|>"])
-    w.add_eos_token_id(ids["<|im_end|>"])
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    write_tokenizer(w, tokens, types, merges, ids)
     q4 = gguf.GGMLQuantizationType.Q4_0
     data = 0
     for name, ne, quant in _tensors(s):

@@ -443,7 +443,6 @@ def write_tiny_model(
     path.parent.mkdir(parents=True, exist_ok=True)
 
     tokens, types, merges, ids = build_vocab()
-    eos = ids["<|im_end|>"]
     rng = np.random.default_rng(seed)
     tensors = _tensors(arch, len(tokens), behaviour, ids, rng)
 
@@ -467,16 +466,7 @@ def write_tiny_model(
         w.add_expert_used_count(_N_EXPERT_USED)
         w.add_expert_feed_forward_length(_N_FF_EXP)
 
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("qwen2")
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
-    w.add_bos_token_id(ids["<|endoftext|>"])
-    w.add_eos_token_id(eos)
-    w.add_pad_token_id(ids["<|endoftext|>"])
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    write_tokenizer(w, tokens, types, merges, ids)
 
     for name, arr in tensors.items():
         w.add_tensor(name, arr)
@@ -485,6 +475,20 @@ def write_tiny_model(
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def write_tokenizer(w, tokens: list[str], types: list[int], merges: list[str], ids: dict[str, int]) -> None:
+    """The byte-level BPE tokenizer, ChatML specials and the Qwen chat template (also used by bench/synthetic_gguf.py)."""
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(ids["<|endoftext|>"])
+    w.add_eos_token_id(ids["<|im_end|>"])
+    w.add_pad_token_id(ids["<|endoftext|>"])
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHAT_TEMPLATE)
 
 
 # Vision projector geometry (LLaVA-style "mlp" projector, CLIP encoder).
