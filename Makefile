@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install deps llama-server run test bench load-test openapi n8n-nodes clean
+.PHONY: install deps llama-server run test bench load-test openapi docs n8n-nodes clean
 
 install: deps llama-server
 
@@ -35,6 +35,10 @@ load-test: install
 # the n8n community nodes (compose.yml mounts n8n-nodes/dist)
 n8n-nodes:
 	n8n-nodes/scripts/install-n8n.sh tooling && cd n8n-nodes && npx n8n-node build && npx n8n-node lint
+
+# README's settings table and docs/models.schema.json, generated from the code (tests/test_docs.py checks them)
+docs: deps
+	$(BIN)/python docs/generate.py
 
 openapi: deps
 	$(BIN)/model-orchestrator openapi > openapi.json

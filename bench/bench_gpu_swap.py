@@ -21,7 +21,7 @@ from bench_sidecar import free_port  # noqa: E402
 from synthetic_gguf import write_synthetic  # noqa: E402
 
 from model_orchestrator.install import find_llama_server  # noqa: E402
-from model_orchestrator.lifecycle import llama_server_argv  # noqa: E402
+from model_orchestrator.llama_args import build_argv  # noqa: E402
 from model_orchestrator.registry import parse_registry  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def call(base: str, method: str, path: str, body: dict | None = None) -> tuple[i
 
 def bare_start_ms(binary: Path, spec, model: Path) -> float:
     port = free_port()
-    argv = llama_server_argv(binary, spec, model, None, port)
+    argv = build_argv(binary, spec, model, None, port)
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

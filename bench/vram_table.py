@@ -27,7 +27,7 @@ from synthetic_gguf import SHAPES, write_synthetic  # noqa: E402
 
 from model_orchestrator.estimate import estimate_shape, read_shape  # noqa: E402
 from model_orchestrator.install import find_llama_server  # noqa: E402
-from model_orchestrator.lifecycle import llama_server_argv  # noqa: E402
+from model_orchestrator.llama_args import build_argv  # noqa: E402
 from model_orchestrator.registry import parse_registry  # noqa: E402
 
 BUFFER = re.compile(r"(\w+)\s+(model|KV|compute|output|RS) buffer size =\s+([\d.]+) MiB")
@@ -54,7 +54,7 @@ def measure(binary: Path, model: Path, ctx: int, cache: str, nvml, fit_projectio
     spec = parse_registry(f'default_model = "m"\n[[models]]\nid = "m"\nsource = {{ type = "path", path = "{model}" }}\n'
                           f'context_size = {ctx}\nn_gpu_layers = 99\ncache_type = "{cache}"\nflash_attn = "on"\n').models[0]
     port = free_port()
-    argv = llama_server_argv(binary, spec, model, None, port) + ["-lv", "4"]
+    argv = build_argv(binary, spec, model, None, port) + ["-lv", "4"]
     if fit_projection:  # let llama.cpp print its own projection (our -c and -ngl are explicit, so it changes nothing)
         argv[argv.index("--fit") + 1] = "on"
     t0 = time.perf_counter()

@@ -12,7 +12,9 @@ from test_gpu import FakeNvml
 
 # Every tiny model is estimated at ~1000 MB by pretending each llama-server costs 1000 MB of CUDA overhead;
 # the card has 1800 MB and 200 MB stay free: one model fits, two do not.
-SETTINGS = dict(cuda_overhead_mb=1000, vram_margin_mb=200)
+# Swap on demand is off here: these tests check the strict rules (equal priorities only with allow_eviction); the
+# default (swap on) has its own tests below.
+SETTINGS = dict(cuda_overhead_mb=1000, vram_margin_mb=200, swap_on_demand=False)
 
 
 @pytest.fixture
@@ -42,7 +44,7 @@ async def test_estimate_endpoint_and_refusal_with_missing_mb_and_evictable(gpu_c
     err = body["error"]
     assert status == 409 and err["code"] == "insufficient_vram", body
     assert err["missing_mb"] > 300 and err["evictable"] == ["tiny"] and "allow_eviction" in err["message"]
-    assert c.orch.slots["tiny-tools"].state.value == "unloaded" and c.orch.slots["tiny"].state.value == "loaded"
+    assert c.orch.models["tiny-tools"].state.value == "unloaded" and c.orch.models["tiny"].state.value == "loaded"
     text = await (await c.get("/metrics")).text()
     assert metric_value(text, "model_orchestrator_admission_refusals_total", model="tiny-tools") == 1
 
@@ -52,7 +54,7 @@ async def test_allow_eviction_makes_room_and_says_what_it_evicted(gpu_client):
     _, first = await post(c, "/models/load", {"model": "tiny"})
     status, body = await post(c, "/models/load", {"model": "tiny-tools", "allow_eviction": True})
     assert status == 200 and body["evicted"] == ["tiny"], body
-    assert c.orch.slots["tiny"].state.value == "unloaded" and c.orch.slots["tiny-tools"].state.value == "loaded"
+    assert c.orch.models["tiny"].state.value == "unloaded" and c.orch.models["tiny-tools"].state.value == "loaded"
     text = await (await c.get("/metrics")).text()
     assert metric_value(text, "model_orchestrator_model_unloads_total", model="tiny", reason="evicted") == 1
 
@@ -60,7 +62,7 @@ async def test_allow_eviction_makes_room_and_says_what_it_evicted(gpu_client):
 async def test_lower_priority_goes_by_the_priority_rule_alone_but_never_a_busy_one(gpu_client):
     c = gpu_client
     await post(c, "/models/load", {"model": "tiny", "priority": 1})
-    slot = c.orch.slots["tiny"]
+    slot = c.orch.models["tiny"]
     with slot.request():  # a request in flight
         status, body = await post(c, "/models/load", {"model": "tiny-tools", "priority": 9})
         assert status == 409 and body["error"]["evictable"] == [], body  # busy: not even offered
@@ -81,7 +83,7 @@ async def test_two_loads_at_once_do_not_both_take_the_same_memory(gpu_client):
     (s1, b1), (s2, b2) = await asyncio.gather(post(c, "/models/load", {"model": "tiny"}),
                                               post(c, "/models/load", {"model": "tiny-tools"}))
     assert sorted([s1, s2]) == [200, 409], (b1, b2)
-    assert sum(s.state.value == "loaded" for s in c.orch.slots.values()) == 1
+    assert sum(s.state.value == "loaded" for s in c.orch.models.values()) == 1
 
 
 async def test_reservations_count_evict_lower_priority_expire_and_release(gpu_client):
@@ -89,7 +91,7 @@ async def test_reservations_count_evict_lower_priority_expire_and_release(gpu_cl
     await post(c, "/models/load", {"model": "tiny"})  # priority 0
     status, r = await post(c, "/reservations", {"service": "whisperx", "vram_mb": 1200, "ttl_s": 60})
     assert status == 201 and r["service"] == "whisperx", r  # priority 50 > 0: tiny was evicted for it
-    assert c.orch.slots["tiny"].state.value == "unloaded"
+    assert c.orch.models["tiny"].state.value == "unloaded"
     st = await (await c.get("/models/status")).json()
     assert st["reservations"][0]["id"] == r["id"] and st["gpus"][0]["reserved_mb"] == 1200
     assert st["gpus"][0]["available_mb"] == pytest.approx(1800 - 1200 - 200)
@@ -152,14 +154,14 @@ async def test_two_loads_that_both_evict_the_same_model_do_not_both_fit_into_its
     memory being freed as its own too."""
     c = gpu_client
     await post(c, "/models/load", {"model": "tiny", "priority": 0})
-    real_unload = c.orch.unload
+    real_unload = c.orch._unload_model
 
     async def slow_unload(*args, **kwargs):  # a big model takes a while to stop and free its memory
         await asyncio.sleep(0.3)
         return await real_unload(*args, **kwargs)
 
-    c.orch.unload = slow_unload
+    c.orch._unload_model = slow_unload
     (s1, b1), (s2, b2) = await asyncio.gather(post(c, "/models/load", {"model": "tiny-tools", "priority": 9}),
                                               post(c, "/models/load", {"model": "tiny-vision", "priority": 9}))
     assert sorted([s1, s2]) == [200, 409], (b1, b2)
-    assert [s.id for s in c.orch.slots.values() if s.state.value == "loaded"] in (["tiny-vision"], ["tiny-tools"])
+    assert [s.id for s in c.orch.models.values() if s.state.value == "loaded"] in (["tiny-vision"], ["tiny-tools"])

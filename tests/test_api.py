@@ -179,7 +179,7 @@ async def test_model_without_on_demand_load_is_refused_until_loaded(client):
     status, body = await chat(client, "tiny-manual")
     assert status == 409
     assert_error(body, "model_not_loaded")
-    assert client.orch.slots["tiny-manual"].state.value == "unloaded"
+    assert client.orch.models["tiny-manual"].state.value == "unloaded"
 
 
 async def test_two_concurrent_loads_share_one_process(client):
@@ -210,7 +210,7 @@ async def test_unknown_model_bad_json_and_bad_fields_are_clear_4xx(client):
     r = await client.get("/models/load")
     assert r.status == 405
     assert_error(await r.json(), "method_not_allowed")
-    assert all(s.state.value == "unloaded" for s in client.orch.slots.values())  # nothing spawned
+    assert all(s.state.value == "unloaded" for s in client.orch.models.values())  # nothing spawned
 
 
 async def test_a_model_that_cannot_start_answers_with_llama_servers_last_log_lines(client):
@@ -234,13 +234,13 @@ async def test_a_load_that_never_becomes_ready_times_out_with_logs_and_leaves_no
     assert status == 503 and body["error"]["code"] == "load_timeout", body
     assert 1.4 < time.perf_counter() - t0 < 10
     assert body["error"]["logs"]
-    assert client.orch.slots["hangs"].state.value == "failed"
+    assert client.orch.models["hangs"].state.value == "failed"
     assert client.orch.owned_pids() == {}
 
 
 async def test_unload_during_loading_cancels_it_cleanly(client):
     task = asyncio.ensure_future(load(client, "hangs"))
-    slot = client.orch.slots["hangs"]
+    slot = client.orch.models["hangs"]
     for _ in range(500):
         if slot.server and slot.server.pid:
             break
@@ -258,7 +258,7 @@ async def test_kill_9_of_llama_server_is_seen_within_a_second_and_the_next_reque
     _, body = await load(client, "tiny")
     pid = body["pid"]
     os.kill(pid, signal.SIGKILL)
-    slot = client.orch.slots["tiny"]
+    slot = client.orch.models["tiny"]
     t0 = time.perf_counter()
     while slot.state.value != "failed" and time.perf_counter() - t0 < 1.0:
         await asyncio.sleep(0.005)
@@ -284,27 +284,27 @@ async def _start_long_stream(client, model="tiny-random", max_tokens=3000):
 
 async def test_kill_9_mid_stream_gives_the_client_a_clear_error(client):
     r = await _start_long_stream(client)
-    os.kill(client.orch.slots["tiny-random"].server.pid, signal.SIGKILL)
+    os.kill(client.orch.models["tiny-random"].server.pid, signal.SIGKILL)
     events = await read_sse(r)
     last = events[-1]
     assert last != "[DONE]" and last["error"]["code"] == "model_crashed", last
-    assert client.orch.slots["tiny-random"].state.value == "failed"
+    assert client.orch.models["tiny-random"].state.value == "failed"
 
 
 async def test_force_unload_during_a_stream_ends_it_with_an_error(client):
     r = await _start_long_stream(client)
-    pid = client.orch.slots["tiny-random"].server.pid
+    pid = client.orch.models["tiny-random"].server.pid
     u = await client.post("/models/unload", json={"model": "tiny-random", "force": True})
     assert (await u.json())["result"] == "unloaded"
     events = await read_sse(r)
     assert events[-1] != "[DONE]" and events[-1]["error"]["code"] == "model_unloaded", events[-1]
     assert not pid_alive(pid)
-    assert client.orch.slots["tiny-random"].in_flight == 0
+    assert client.orch.models["tiny-random"].in_flight == 0
 
 
 async def test_unload_without_force_refuses_after_the_drain_timeout_and_changes_nothing(client):
     r = await _start_long_stream(client)
-    slot = client.orch.slots["tiny-random"]
+    slot = client.orch.models["tiny-random"]
     pid = slot.server.pid
     u = await client.post("/models/unload", json={"model": "tiny-random", "drain_timeout_s": 0.2})
     body = await u.json()
@@ -316,7 +316,7 @@ async def test_unload_without_force_refuses_after_the_drain_timeout_and_changes_
 
 async def test_unload_without_force_waits_for_requests_in_flight(client):
     await load(client, "tiny")
-    slot = client.orch.slots["tiny"]
+    slot = client.orch.models["tiny"]
     with slot.request():  # a request in flight, held open by the test for as long as it likes
         u = asyncio.ensure_future(client.post("/models/unload", json={"model": "tiny"}))
         await asyncio.sleep(0.2)
@@ -392,7 +392,7 @@ async def test_api_key_guards_every_route_but_health_metrics_and_docs(aiohttp_cl
         assert r.status == 200, path
     r = await c.post("/models/load", json={"model": "tiny"})
     assert r.status == 401
-    assert all(s.state.value == "unloaded" for s in orch.slots.values())  # refused before anything ran
+    assert all(s.state.value == "unloaded" for s in orch.models.values())  # refused before anything ran
     for path in ("/health", "/metrics", "/docs", "/openapi.json"):
         assert (await c.get(path)).status == 200, path
 

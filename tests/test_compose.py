@@ -14,7 +14,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVICE = ROOT / "llama-cpp-service"
 COMPOSE = ROOT / "compose.yml"
 DOCKERFILE = SERVICE / "Dockerfile"
+SHIPPED_REGISTRY = ROOT / "sidecar/src/model_orchestrator/models.toml"
 VENV_BIN = Path(sys.executable).parent
 SIDECAR_PORT = 8000
 # the integration guide's URLs for the sidecar (../shared/integration-guide.md, "n8n Workflow Integration")
@@ -147,14 +147,15 @@ def test_services_ports_volumes_and_health(resolved):
     for (name, target), v in mounts.items():  # every bind source is in the repository, the files grafana/ names
         if v["type"] == "bind":
             rel = Path(v["source"]).relative_to(ROOT)
-            assert rel.parts[0] in {"grafana", "n8n-nodes", "workflows", "llama-cpp-service"}, rel
+            assert rel.parts[0] in {"grafana", "n8n-nodes", "workflows", "llama-cpp-service", "sidecar"}, rel
             assert v.get("read_only"), f"{name}: {target} should be read-only"
             if rel != Path("n8n-nodes/dist"):  # dist/ is built (npm run build), not committed
                 assert (ROOT / rel).exists(), rel
     assert mounts[("prometheus", "/etc/prometheus/prometheus.yml")]["source"] == str(ROOT / "grafana/prometheus.yml")
     assert mounts[("grafana", "/etc/grafana/provisioning")]["source"] == str(ROOT / "grafana/provisioning")
     assert mounts[("grafana", "/var/lib/grafana/dashboards")]["source"] == str(ROOT / "grafana/dashboards")
-    assert mounts[("llama-cpp", "/etc/model-orchestrator/models.toml")]["source"] == str(SERVICE / "models.toml")
+    # one registry: the container serves the shipped one (with the guide's model as default)
+    assert mounts[("llama-cpp", "/etc/model-orchestrator/models.toml")]["source"] == str(SHIPPED_REGISTRY)
 
 
 def test_n8n_mounts_the_package_as_npm_lays_it_out(resolved):
@@ -237,12 +238,10 @@ def test_build_settings_agree(resolved):
         assert (ROOT / src).exists(), src
     from model_orchestrator.registry import load_registry
 
-    registry = load_registry(SERVICE / "models.toml")
+    default = re.search(r"MODEL_ORCHESTRATOR_DEFAULT_MODEL=(\S+)", text).group(1)
+    registry = load_registry(SHIPPED_REGISTRY, default_model=default)
     assert registry.default.id == "qwen3-vl-30b"
-    shipped = tomllib.loads((ROOT / "sidecar/src/model_orchestrator/models.toml").read_text())
-    ours = tomllib.loads((SERVICE / "models.toml").read_text())
-    pick = lambda reg: next(m for m in reg["models"] if m["id"] == "qwen3-vl-30b")  # noqa: E731
-    assert pick(ours)["source"] == pick(shipped)["source"]
+    assert not (SERVICE / "models.toml").exists()  # one shipped registry
 
 
 def test_dockerfile_lint():

@@ -41,7 +41,7 @@ async def test_idle_ttl_unloads_an_unused_model(aiohttp_client, tmp_path, model_
     orch = Orchestrator(Settings(state_dir=tmp_path / "s"), reg, NoGpuView("test"), llama_server_bin)
     c = await aiohttp_client(create_app(orch))
     await c.post("/models/load", json={"model": "t"})
-    slot = orch.slots["t"]
+    slot = orch.models["t"]
     with slot.request():  # in flight: never unloaded for idleness
         await asyncio.sleep(3)
         assert slot.state.value == "loaded"

@@ -78,7 +78,7 @@ async def test_kill_9_mid_stream_fails_the_model_within_1_s_frees_its_memory_and
                                                    "max_tokens": 3000, "ignore_eos": True})
     assert r.status == 200
     await r.content.readuntil(b"\n\n")  # streaming
-    slot = c.orch.slots["tiny-random"]
+    slot = c.orch.models["tiny-random"]
     pid = slot.server.pid
     t0 = time.perf_counter()
     os.kill(pid, signal.SIGKILL)
@@ -109,7 +109,7 @@ async def test_a_registry_path_that_does_not_exist_is_409_and_nothing_is_spawned
         err = (await r.json())["error"]
         assert r.status == 409 and err["code"] == "model_files_missing" and "gone.gguf" in err["message"], (path, err)
     assert client.orch.owned_pids() == {} and children(os.getpid()) == []
-    assert client.orch.slots["missing"].state.value == "unloaded"
+    assert client.orch.models["missing"].state.value == "unloaded"
     models = {m["id"]: m for m in (await (await client.get("/models")).json())["models"]}
     assert models["missing"]["files_present"] is False
 
@@ -137,7 +137,7 @@ async def test_a_generated_model_on_a_full_disk_is_a_clear_error_with_nothing_sp
         r = await client.post("/v1/chat/completions", json={**CHAT, "model": "tiny-generated"})
         assert r.status == 409
         assert client.orch.owned_pids() == {} and children(os.getpid()) == []
-        assert client.orch.slots["tiny-generated"].state.value == "unloaded"
+        assert client.orch.models["tiny-generated"].state.value == "unloaded"
         if mounted:
             assert list(gen_dir.iterdir()) == []  # no partial file left behind
         print(f"full disk ({'tmpfs 64 KiB' if mounted else 'unwritable dir'}): {err['message']}")
@@ -166,7 +166,7 @@ async def test_a_full_queue_answers_429_overloaded_with_retry_after(aiohttp_clie
 
     orch = make_orchestrator(max_queue=1)
     c = await aiohttp_client(create_app(orch))
-    assert orch.queue_limit(orch.slots["tiny-random"]) == 1 + 4  # on top of llama-server's 4 slots
+    assert orch.queue_limit(orch.models["tiny-random"]) == 1 + 4  # on top of llama-server's 4 slots
     body = {**CHAT, "model": "tiny-random", "max_tokens": 400, "ignore_eos": True}
     answers = await asyncio.gather(*(c.post("/v1/chat/completions", json=body) for _ in range(12)))
     statuses = sorted(r.status for r in answers)
@@ -174,7 +174,7 @@ async def test_a_full_queue_answers_429_overloaded_with_retry_after(aiohttp_clie
     assert statuses.count(200) == 5 and len(over) == 7, statuses
     for r in over:
         assert r.headers["Retry-After"] == "1" and (await r.json())["error"]["code"] == "overloaded"
-    assert orch.slots["tiny-random"].in_flight == 0
+    assert orch.models["tiny-random"].in_flight == 0
 
 
 # ---- access -----------------------------------------------------------------------------------------------------

@@ -7,8 +7,8 @@ from model_orchestrator.scheduler import Device, Request, Resident, available, d
 GPU32 = [Device(0, total_mb=32607, foreign_mb=0)]
 
 
-def res(id, mb, prio=0, busy=0, used=0.0, gpu=0, loading=False):
-    return Resident(id, gpu, mb, prio, busy, used, loading)
+def res(id, mb, prio=0, busy=0, used=0.0, gpu=0, loading=False, leaving=False):
+    return Resident(id, gpu, mb, prio, busy, used, loading, leaving)
 
 
 CASES = [
@@ -52,6 +52,14 @@ CASES = [
     ("two GPUs: evict where it costs least (the lower-priority victim)",
      Request("q", 17800, 10, allow_eviction=True), [Device(0, 24576, 0), Device(1, 24576, 0)],
      [res("p5", 20000, 5, gpu=0), res("p2", 20000, 2, gpu=1)], 512, 0, True, 1, ["p2"], 0, []),
+    ("a model still stopping counts in memory and is no victim: refused until it has exited",
+     Request("q", 17800, 10, allow_eviction=True), GPU32, [res("going", 20000, 1, leaving=True)], 512, 0,
+     False, 0, [], 5705, []),
+    ("a model still stopping counts against the cap",
+     Request("q", 1000, 5, allow_eviction=True), GPU32, [res("going", 1000, 5, leaving=True)], 512, 1,
+     False, 0, [], 0, []),
+    ("a reservation is memory, not a model: the cap does not evict for it",
+     Request("reservation:comfyui", 1, 50, is_model=False), GPU32, [res("a", 1000, 5)], 512, 1, True, 0, [], 0, []),
     ("reloading a model does not count its own memory against it",
      Request("q", 17800, 10), GPU32, [res("q", 17800, 10)], 512, 0, True, 0, [], 0, []),
 ]
@@ -84,3 +92,17 @@ def test_cpu_mode_only_the_cap_applies():
 def test_available_subtracts_ours_the_larger_of_foreign_and_reserved_and_the_margin():
     dev = Device(0, 32000, foreign_mb=3000, reserved_mb=5000)
     assert available(dev, [res("a", 10000)], 500) == 32000 - 10000 - 5000 - 500
+
+
+@pytest.mark.parametrize("devices", [GPU32, []], ids=["gpu", "cpu"])
+def test_a_refusal_says_whether_memory_or_the_cap_is_the_reason(devices):
+    cap = decide(Request("q", 1000, 5), devices, [res("a", 1000, 5)], margin_mb=512, max_loaded=1)
+    assert not cap.admit and cap.refusal == "too_many_models" and "MODEL_ORCHESTRATOR_MAX_LOADED" in cap.reason
+    if devices:
+        mem = decide(Request("q", 40000, 5), devices, [], margin_mb=512)
+        assert not mem.admit and mem.refusal == "insufficient_vram"
+
+
+def test_cpu_mode_a_reservation_never_evicts_for_the_cap():
+    d = decide(Request("reservation:x", 1, 50, is_model=False), [], [res("a", 0)], margin_mb=0, max_loaded=1)
+    assert d.admit and d.evict == []

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from model_orchestrator.lifecycle import TRANSITIONS, IllegalTransition, ModelSlot, State
+from model_orchestrator.lifecycle import TRANSITIONS, IllegalTransition, LoadCancelled, ManagedModel, State
 from model_orchestrator.registry import parse_registry
 
 LEGAL = {
@@ -16,9 +16,9 @@ LEGAL = {
 }
 
 
-def _slot() -> ModelSlot:
+def _slot() -> ManagedModel:
     reg = parse_registry('default_model = "m"\n[[models]]\nid = "m"\nsource = { type = "generated" }\n')
-    return ModelSlot(reg.models[0])
+    return ManagedModel(reg.models[0])
 
 
 def test_table_is_exactly_the_documented_lifecycle():
@@ -44,14 +44,26 @@ def test_every_pair(old, new):
 async def test_a_waiter_of_a_load_cancelled_before_it_ran_gets_load_cancelled():
     """An unload can cancel the load task before its first step; its waiters (HTTP handlers) must get an answer,
     not a CancelledError that drops their connection (seen under load: ServerDisconnectedError)."""
-    from model_orchestrator.lifecycle import LoadCancelled, join_load
-
     slot = _slot()
 
     async def launch():  # never reached
         raise AssertionError("the load ran")
 
-    task = slot.start_load(launch, None, timeout=1, log_lines=10)
-    task.cancel()
+    slot.begin_load(launch, None, timeout=1, log_lines=10)
+    slot._load_task.cancel()
     with pytest.raises(LoadCancelled):
-        await join_load(task, slot.id)
+        await slot.join_load()
+
+
+def test_a_load_priority_override_lasts_as_long_as_its_process():
+    """A load's `priority` applied to that load only: after the model fails or is unloaded, the registry's holds
+    again (it used to stick after an unload)."""
+    slot = _slot()
+    slot.state = State.UNLOADED
+    slot.priority_override = 42
+    assert slot.priority == 42
+    for path in ([State.LOADING, State.LOADED, State.UNLOADING, State.UNLOADED], [State.LOADING, State.FAILED]):
+        slot.state, slot.priority_override = State.UNLOADED, 42
+        for state in path:
+            slot._transition(state)
+        assert slot.priority == slot.spec.priority == 0

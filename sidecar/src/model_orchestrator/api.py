@@ -18,7 +18,9 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from . import __version__, proxy
-from .errors import ApiError
+from .errors import Code, Refused
+from .http_errors import error_body, refusal_response
+from .lifecycle import LoadResult
 from .model_files import ModelFilesMissing
 from .openapi import build_openapi
 from .orchestrator import Orchestrator
@@ -55,13 +57,13 @@ async def _body(request: web.Request, model: type[BaseModel]):
     try:
         data = await request.json()
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deeper than json can parse
-        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+        raise Refused(Code.INVALID_JSON, "the request body is not valid JSON") from None
     try:
         return model.model_validate(data)
     except ValidationError as exc:
         problems = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]} for e in exc.errors()]
         first = problems[0]
-        raise ApiError(400, "invalid_request", f"{first['field']}: {first['problem']}", problems=problems) from None
+        raise Refused(Code.INVALID_REQUEST, f"{first['field']}: {first['problem']}", problems=problems) from None
 
 
 def _json(model: type[BaseModel], data: dict, status: int = 200) -> web.Response:
@@ -85,7 +87,7 @@ async def models_status(request: web.Request) -> web.Response:
 
 async def models_list(request: web.Request) -> web.Response:
     orch = request.app[ORCH]
-    return _json(ModelsResponse, await asyncio.to_thread(orch.models))  # checks the HF cache on disk
+    return _json(ModelsResponse, await asyncio.to_thread(orch.registry_view))  # checks the HF cache on disk
 
 
 async def models_load(request: web.Request) -> web.Response:
@@ -94,64 +96,49 @@ async def models_load(request: web.Request) -> web.Response:
     if req.service != "llama-cpp" and orch.registry.lookup(req.model) is None:
         # the guide's pattern for other GPU services: "load wan2.1-14b in comfyui" reserves its memory (making room)
         if req.vram_mb is None:
-            raise ApiError(400, "unknown_service", f"{req.model!r} of service {req.service!r} is not run by this "
-                           "orchestrator: pass vram_mb to reserve GPU memory for it (it then counts in admission)")
+            raise Refused(Code.UNKNOWN_SERVICE, f"{req.model!r} of service {req.service!r} is not run by this "
+                          "orchestrator: pass vram_mb to reserve GPU memory for it (it then counts in admission)")
         r = await orch.reserve(req.service, req.vram_mb, ttl_s=req.ttl_s, model=req.model,
                                priority=req.priority if req.priority is not None else 50,
-                               allow_eviction=req.allow_eviction, force=req.force)
-        return _json(LoadResponse, {"model": req.model, "status": "reserved", "result": "reserved",
+                               allow_eviction=bool(req.allow_eviction), force=req.force)
+        return _json(LoadResponse, {"model": req.model, "status": "reserved", "result": LoadResult.RESERVED,
                                     "reservation": r.to_dict()})
     kwargs = dict(priority=req.priority, service=req.service, timeout_s=req.timeout_s,
                   allow_eviction=req.allow_eviction, force=req.force)
     if not req.wait:
-        slot = orch.load_in_background(req.model, **kwargs)
+        model = orch.load_in_background(req.model, **kwargs)
         await asyncio.sleep(0)  # let the load task take the first step so the state reads "loading"
-        return _json(LoadResponse, {"model": slot.id, "status": slot.state, "result": "loading"}, status=202)
-    evicted_before = _evictions(orch)
-    slot, result = await orch.load(req.model, **kwargs)
-    server = slot.server
-    return _json(LoadResponse, {"model": slot.id, "status": slot.state, "result": result,
-                                "load_seconds": slot.load_seconds, "pid": server.pid if server else None,
-                                "port": server.port if server else None, "gpu": slot.gpu,
-                                "estimate_mb": round(slot.estimate.total_mb, 1) if slot.estimate else None,
-                                "evicted": sorted(m for m, n in _evictions(orch).items() if n > evicted_before.get(m, 0))})
-
-
-def _evictions(orch) -> dict[str, float]:
-    return {m: orch.metrics.unloads.labels(m, "evicted")._value.get() for m in orch.slots}
+        return _json(LoadResponse, {"model": model.id, "status": model.state, "result": LoadResult.LOADING}, status=202)
+    outcome = await orch.ensure_loaded(req.model, **kwargs)
+    model, server = outcome.model, outcome.model.server
+    return _json(LoadResponse, {"model": model.id, "status": model.state, "result": outcome.result,
+                                "load_seconds": model.load_seconds, "pid": server.pid if server else None,
+                                "port": server.port if server else None, "gpu": model.gpu,
+                                "estimate_mb": round(model.estimate.total_mb, 1) if model.estimate else None,
+                                "evicted": outcome.evicted})
 
 
 async def models_unload(request: web.Request) -> web.Response:
     req = await _body(request, UnloadRequest)
-    orch = request.app[ORCH]
-    if orch.registry.lookup(req.model) is None:
-        # the guide unloads "wan2.1-14b": not ours to stop, but its reservation is released so admission forgets it
-        released = orch.reservations.release_matching(req.model)
-        if released:
-            return _json(UnloadResponse, {"model": req.model, "status": "released", "result": "released",
-                                          "released": [r.to_dict() for r in released]})
-        raise ApiError(404, "model_not_found", f"unknown model {req.model!r}: not in the registry and no reservation "
-                       f"under that name; known models: {', '.join(sorted(orch.slots))} (GET /models); "
-                       "stop other services' models in those services")
-    if req.service not in (None, "llama-cpp"):
-        raise ApiError(400, "unknown_service", f"service {req.service!r} is not run by this orchestrator; use 'llama-cpp'")
-    slot, result = await orch.unload(req.model, force=req.force, drain_timeout_s=req.drain_timeout_s)
-    return _json(UnloadResponse, {"model": slot.id, "status": slot.state, "result": result})
+    outcome = await request.app[ORCH].unload(req.model, service=req.service, force=req.force,
+                                             drain_timeout_s=req.drain_timeout_s)
+    return _json(UnloadResponse, {"model": outcome.model, "status": outcome.status, "result": outcome.result,
+                                  "released": [r.to_dict() for r in outcome.released]})
 
 
 async def models_estimate(request: web.Request) -> web.Response:
     req = await _body(request, EstimateRequest)
     orch = request.app[ORCH]
-    slot = orch.slot(req.model)
+    model = orch.model(req.model)
     try:
-        est = await orch.estimate(slot.spec, context_size=req.context_size, cache_type=req.cache_type,
+        est = await orch.estimate(model.spec, context_size=req.context_size, cache_type=req.cache_type,
                                   n_gpu_layers=req.n_gpu_layers)
     except ModelFilesMissing as exc:
-        raise ApiError(409, "model_files_missing", str(exc), model=slot.id) from None
+        raise Refused(Code.MODEL_FILES_MISSING, str(exc), model=model.id) from None
     except (ValueError, OSError) as exc:
-        raise ApiError(422, "unreadable_model", f"cannot read the GGUF header of {slot.id}: {exc}", model=slot.id) from None
-    fit = await orch.check_fit(slot.spec, est)
-    return _json(EstimateResponse, {"model": slot.id, "context_size": req.context_size or slot.spec.context_size,
+        raise Refused(Code.UNREADABLE_MODEL, f"cannot read the GGUF header of {model.id}: {exc}", model=model.id) from None
+    fit = await orch.check_fit(model.spec, est)
+    return _json(EstimateResponse, {"model": model.id, "context_size": req.context_size or model.spec.context_size,
                                     "cache_type": est.cache_type, "estimate": est.to_dict(), "fit": fit})
 
 
@@ -169,7 +156,7 @@ async def reservations_create(request: web.Request) -> web.Response:
 def _reservation_id(request: web.Request) -> str:
     rid = request.match_info["id"]
     if not rid.isalnum() or len(rid) > 64:
-        raise ApiError(400, "invalid_request", "a reservation id is letters and digits")
+        raise Refused(Code.INVALID_REQUEST, "a reservation id is letters and digits")
     return rid
 
 
@@ -178,7 +165,7 @@ async def reservations_renew(request: web.Request) -> web.Response:
     req = await _body(request, RenewRequest) if request.can_read_body else RenewRequest()
     r = request.app[ORCH].reservations.renew(rid, req.ttl_s)
     if r is None:
-        raise ApiError(404, "reservation_not_found", f"no reservation {rid} (expired or released)")
+        raise Refused(Code.RESERVATION_NOT_FOUND, f"no reservation {rid} (expired or released)")
     return _json(ReservationOut, r.to_dict())
 
 
@@ -186,19 +173,19 @@ async def reservations_release(request: web.Request) -> web.Response:
     rid = _reservation_id(request)
     r = request.app[ORCH].reservations.release(rid)
     if r is None:
-        raise ApiError(404, "reservation_not_found", f"no reservation {rid} (expired or released)")
+        raise Refused(Code.RESERVATION_NOT_FOUND, f"no reservation {rid} (expired or released)")
     return _json(ReservationOut, r.to_dict())
 
 
 async def model_logs(request: web.Request) -> web.Response:
-    slot = request.app[ORCH].slot(request.match_info["model"])
+    model = request.app[ORCH].model(request.match_info["model"])
     try:
         n = max(1, min(int(request.query.get("lines", "100")), 10000))
     except ValueError:
-        raise ApiError(400, "invalid_request", "lines must be an integer") from None
-    server = slot.server
-    lines = server.last_logs(n) if server else (slot.last_error or {}).get("logs", [])[-n:]
-    return _json(LogsResponse, {"model": slot.id, "pid": server.pid if server else None, "lines": lines})
+        raise Refused(Code.INVALID_REQUEST, "lines must be an integer") from None
+    server = model.server
+    lines = server.last_logs(n) if server else (model.last_error or {}).get("logs", [])[-n:]
+    return _json(LogsResponse, {"model": model.id, "pid": server.pid if server else None, "lines": lines})
 
 
 async def v1_models(request: web.Request) -> web.Response:
@@ -286,24 +273,27 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         resp = await handler(request)
         status = resp.status
         return resp
-    except ApiError as err:
-        status = err.status
-        return err.response()
+    except Refused as err:
+        resp = refusal_response(err)
+        status = resp.status
+        return resp
     except web.HTTPException as exc:
         status = exc.status
-        code = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status, "http_error")
+        code = {404: Code.NOT_FOUND, 405: Code.METHOD_NOT_ALLOWED, 413: Code.BODY_TOO_LARGE}.get(exc.status)
         message = {404: f"no route {request.method} {request.path} (GET /docs lists them)",
                    405: f"{request.method} is not allowed on {request.path}",
                    413: f"the body is larger than {request.app[ORCH].settings.max_body_mb} MB "
                         "(MODEL_ORCHESTRATOR_MAX_BODY_MB)"}.get(exc.status, exc.reason)
         allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None  # 405 lists the methods (RFC 9110)
-        return ApiError(exc.status, code, message, headers=allow).response()
+        if code is None:  # an HTTP error aiohttp raised that we have no code for: keep its status
+            return web.json_response(error_body(exc.status, "http_error", message), status=exc.status)
+        return refusal_response(Refused(code, message), headers=allow)
     except asyncio.CancelledError:
         status = 499  # the client went away
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
-        return ApiError(500, "internal_error", "internal error; the sidecar's log has the details").response()
+        return refusal_response(Refused(Code.INTERNAL_ERROR, "internal error; the sidecar's log has the details"))
     finally:
         orch = request.app[ORCH]
         route = _route_label(request)
@@ -320,8 +310,8 @@ def auth_middleware(api_key: str, public_paths: set[str]):
             return await handler(request)
         given = request.headers.get("Authorization", "").encode()
         if not hmac.compare_digest(given, expected):  # constant time: no timing oracle on the key
-            raise ApiError(401, "invalid_api_key", "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                           headers={"WWW-Authenticate": "Bearer"})
+            return refusal_response(Refused(Code.INVALID_API_KEY, "missing or wrong API key: send "
+                                            "'Authorization: Bearer <key>'"), headers={"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
     return check

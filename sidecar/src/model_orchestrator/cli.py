@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from .llama_args import CACHE_TYPES
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
@@ -34,7 +36,7 @@ def cmd_serve(args) -> int:
     from .install import find_llama_server
     from .model_files import ModelFilesMissing, resolve
     from .orchestrator import Orchestrator
-    from .registry import RegistryError, load_registry
+    from .registry import RegistryError, registry_from_settings
     from .settings import Settings
 
     logging.basicConfig(level=os.environ.get("MODEL_ORCHESTRATOR_LOG_LEVEL", "INFO"),
@@ -42,8 +44,7 @@ def cmd_serve(args) -> int:
     log = logging.getLogger("model_orchestrator")
     settings = Settings.from_env(host=args.host, port=args.port, models_config=args.config)
     try:
-        registry = load_registry(settings.models_config, context_size=settings.context_size,
-                                 n_gpu_layers=settings.n_gpu_layers)
+        registry = registry_from_settings(settings)
     except RegistryError as exc:
         print(exc, file=sys.stderr)
         return 2
@@ -69,7 +70,7 @@ def cmd_serve(args) -> int:
     app = create_app(orch)
     if args.preload:
         async def preload(app):
-            await orch.load(args.preload)
+            await orch.ensure_loaded(args.preload)
         app.on_startup.append(preload)
     try:  # uvloop: a faster event loop (libuv), the proxy's per-request and per-chunk cost is mostly loop overhead
         import uvloop
@@ -169,10 +170,10 @@ def cmd_logs(args) -> int:
 # ---- local commands ---------------------------------------------------------------------------------------------
 def _registry_or_none(settings):
     """The registry the settings name, or None after printing why it cannot be used."""
-    from .registry import RegistryError, load_registry
+    from .registry import RegistryError, registry_from_settings
 
     try:
-        return load_registry(settings.models_config)
+        return registry_from_settings(settings)
     except RegistryError as exc:
         print(exc, file=sys.stderr)
         return None
@@ -311,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("estimate", help="predicted GPU memory of a model's llama-server (MiB), from the GGUF header")
     sp.add_argument("model", help="a model id or alias of the registry, or a .gguf path")
     sp.add_argument("--ctx", type=int, help="context size (default: the model's, or 8192)")
-    sp.add_argument("--cache-type", choices=["f16", "q8_0", "q4_0", "bf16", "f32", "q4_1", "q5_0", "q5_1", "iq4_nl"])
+    sp.add_argument("--cache-type", choices=CACHE_TYPES)
     sp.add_argument("--ngl", type=int, help="GPU layers (default: the model's, or 99 = all)")
     sp.add_argument("--config", type=Path)
     sp.add_argument("--json", action="store_true")

@@ -17,6 +17,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .llama_args import host_tensor_patterns
+
 MIB = 1024 * 1024
 
 # bytes per element of the KV cache types (block-quantized types store 32 elements in a block)
@@ -133,27 +135,6 @@ def _read_shape(path: str, mtime_ns: int, size: int) -> ModelShape:
 
 
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
-_EXPERTS = re.compile(r"ffn_(up|down|gate)_exps")
-
-
-def _cpu_overrides(extra_args: list[str], n_layer: int) -> list[re.Pattern]:
-    """Tensor patterns the llama-server arguments keep on the host."""
-    pats: list[re.Pattern] = []
-    args = list(extra_args)
-    for i, a in enumerate(args):
-        flag, _, inline = a.partition("=")
-        value = inline if inline else (args[i + 1] if i + 1 < len(args) else "")
-        if flag in ("-ot", "--override-tensor"):
-            for rule in value.split(","):
-                pat, _, buft = rule.rpartition("=")
-                if pat and buft.upper().startswith("CPU"):
-                    pats.append(re.compile(pat))
-        elif flag in ("-cmoe", "--cpu-moe"):
-            pats.append(_EXPERTS)
-        elif flag in ("-ncmoe", "--n-cpu-moe") and value.isdigit():
-            n = int(value)
-            pats.append(re.compile(rf"^blk\.({'|'.join(str(j) for j in range(min(n, n_layer)))})\.ffn_(up|down|gate)_exps"))
-    return pats
 
 
 def estimate_shape(shape: ModelShape, *, n_ctx: int, n_gpu_layers: int, cache_type: str = "f16",
@@ -166,7 +147,7 @@ def estimate_shape(shape: ModelShape, *, n_ctx: int, n_gpu_layers: int, cache_ty
     first_gpu_layer = max(n_layer + 1 - ngl, 0)  # llama.cpp: blocks il >= n_layer + 1 - ngl; the output layer is il = n_layer
     output_on_gpu = ngl >= 1
     on_gpu = [i >= first_gpu_layer for i in range(n_layer)]
-    overrides = _cpu_overrides(list(extra_args), n_layer)
+    overrides = host_tensor_patterns(list(extra_args), n_layer)
 
     weights = 0
     for name, nbytes in shape.tensors.items():

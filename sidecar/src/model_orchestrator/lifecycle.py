@@ -5,9 +5,10 @@ ready when its /health says so, logs in a bounded buffer, stopped with SIGTERM t
 once (a task awaits it) with the reason kept. It dies with the sidecar (PR_SET_PDEATHSIG) and carries a marker in
 its environment so a restarted sidecar can find and reap leftovers.
 
-`ModelSlot` is one model's state machine. Every state change goes through `_transition`, checked against
+`ManagedModel` is one model's state machine. Every state change goes through `_transition`, checked against
 TRANSITIONS, the single table of legal moves. A second load joins the load in progress; an unload during a load
-cancels it and stops the half-started process.
+cancels it and stops the half-started process (and waits until it has exited). Which load may start is decided by
+the orchestrator (`ensure_loaded`); this module only carries it out.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Awaitable, Callable
 
 import aiohttp
 
+from .errors import Code, Refused
 from .registry import ModelSpec
 
 
@@ -55,25 +57,48 @@ class IllegalTransition(RuntimeError):
     pass
 
 
-class LoadFailed(Exception):
+class LoadResult(str, enum.Enum):
+    """What a load did (POST /models/load's `result`)."""
+
+    LOADED = "loaded"  # this call started it and it is ready
+    JOINED = "joined"  # a load was under way; this call waited for it
+    ALREADY_LOADED = "already_loaded"
+    LOADING = "loading"  # wait=false: started (or joined) in the background
+    RESERVED = "reserved"  # another service's model: its memory is reserved
+
+
+class UnloadResult(str, enum.Enum):
+    """What an unload did (POST /models/unload's `result`)."""
+
+    UNLOADED = "unloaded"
+    CANCELLED_LOAD = "cancelled_load"  # it was loading: the load was cancelled and its process stopped
+    JOINED = "joined"  # an unload was under way; this call waited for it
+    NOT_LOADED = "not_loaded"  # a registry model that was not loaded: nothing to do
+    RELEASED = "released"  # another service's model: its reservation was released
+    NOT_HELD = "not_held"  # a name that is neither a registry model nor reserved: nothing to do
+
+
+class LoadFailed(Refused):
     """llama-server could not be started or never became ready; carries its last log lines."""
 
-    def __init__(self, message: str, logs: list[str] | None = None, code: str = "load_failed"):
-        super().__init__(message)
-        self.logs = logs or []
-        self.code = code
+    def __init__(self, message: str, logs: list[str] | None = None, code: Code = Code.LOAD_FAILED):
+        super().__init__(code, message, logs=logs or [])
 
 
-class LoadCancelled(Exception):
+class LoadCancelled(Refused):
     """The load was cancelled by an unload of the same model."""
 
+    def __init__(self, message: str, **details):
+        super().__init__(Code.LOAD_CANCELLED, message, **details)
 
-class ModelBusy(Exception):
+
+class ModelBusy(Refused):
     """An unload without force timed out waiting for requests in flight."""
 
-    def __init__(self, in_flight: int, waited_s: float):
-        super().__init__(f"{in_flight} request(s) still in flight after {waited_s:g} s")
-        self.in_flight = in_flight
+    def __init__(self, model: str, in_flight: int, waited_s: float):
+        super().__init__(Code.MODEL_BUSY, f"{model}: {in_flight} request(s) still in flight after {waited_s:g} s; "
+                         "nothing was changed. Retry later, raise drain_timeout_s, or pass force=true to end them",
+                         model=model, in_flight=in_flight)
 
 
 @dataclass
@@ -81,23 +106,6 @@ class LaunchPlan:
     argv: list[str]
     env: dict[str, str]
     port: int
-
-
-def llama_server_argv(binary: Path, spec: ModelSpec, model: Path, mmproj: Path | None, port: int,
-                      tensor_split: list[float] | None = None) -> list[str]:
-    """The command line for one model: loopback only, its own port, exactly the context and layers the estimate
-    assumed (`--fit off`: llama-server's own fitting would silently change them). Which GPUs it sees is set by
-    CUDA_VISIBLE_DEVICES (placement_env); a split over several gets their shares here."""
-    argv = [
-        str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--alias", spec.id,
-        "-c", str(spec.context_size), "-ngl", str(spec.n_gpu_layers), "-ctk", spec.cache_type, "-ctv", spec.cache_type,
-        "-fa", spec.flash_attn, "--fit", "off", "--metrics", "--jinja",
-    ]
-    if mmproj:
-        argv += ["--mmproj", str(mmproj)]
-    if tensor_split:
-        argv += ["--split-mode", "layer", "--tensor-split", ",".join(f"{x:g}" for x in tensor_split)]
-    return argv + spec.extra_args
 
 
 def placement_env(devices: list[int]) -> dict[str, str]:
@@ -178,22 +186,33 @@ class LlamaServer:
     async def start(self, http: aiohttp.ClientSession, timeout: float) -> None:
         """Spawn and wait until /health answers 200. Raises LoadFailed (process stopped) on any failure."""
         t0 = time.perf_counter()
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                *self.plan.argv, env=self.plan.env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C at the terminal reaches the sidecar, which stops children in order
-                preexec_fn=_child_setup(os.getpid()), limit=1 << 20)
-        except OSError as exc:
-            raise LoadFailed(f"cannot execute {self.plan.argv[0]}: {exc.strerror}", code="spawn_failed") from None
+        # The spawn is shielded: an unload that cancels us mid-spawn must not leave a child that nobody waits for
+        # (uvloop kills it without reaping, and the model would be unloaded while its process still runs).
+        spawn = asyncio.ensure_future(asyncio.create_subprocess_exec(
+            *self.plan.argv, env=self.plan.env, stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C at the terminal reaches the sidecar, which stops children in order
+            preexec_fn=_child_setup(os.getpid()), limit=1 << 20))
+        cancelled = False
+        while True:
+            try:
+                self.proc = await asyncio.shield(spawn)
+                break
+            except asyncio.CancelledError:
+                cancelled = True  # wait for the spawn to finish, then stop what it started
+            except OSError as exc:
+                raise LoadFailed(f"cannot execute {self.plan.argv[0]}: {exc.strerror}", code=Code.SPAWN_FAILED) from None
         self.started_at = _utcnow()
         self._tasks = [asyncio.create_task(self._read_logs()), asyncio.create_task(self._watch_exit())]
+        if cancelled:
+            await self.stop(0)
+            raise asyncio.CancelledError
         try:
             await asyncio.wait_for(self._wait_healthy(http), timeout)
         except TimeoutError:
             await self.stop(5)
             raise LoadFailed(f"llama-server for {self.model_id} was not ready after {timeout:g} s",
-                             self.last_logs(), code="load_timeout") from None
+                             self.last_logs(), code=Code.LOAD_TIMEOUT) from None
         except LoadFailed:
             await self.stop(5)
             raise
@@ -207,7 +226,7 @@ class LlamaServer:
         while True:
             if self.exit is not None:
                 raise LoadFailed(f"llama-server for {self.model_id} {self.exit.reason} during start-up",
-                                 self.exit.last_logs, code="process_exited")
+                                 self.exit.last_logs, code=Code.PROCESS_EXITED)
             self._wake.clear()
             try:
                 async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
@@ -271,31 +290,21 @@ class LlamaServer:
         return self.exit
 
 
-async def join_load(task: asyncio.Task, model: str) -> None:
-    """Wait for a load task without being cancelled with it. An unload can cancel the task before it ever ran (so
-    _run_load had no chance to turn that into LoadCancelled): a waiter then gets LoadCancelled too, not a
-    CancelledError that would drop its HTTP connection without an answer."""
-    try:
-        await asyncio.shield(task)
-    except asyncio.CancelledError:
-        current = asyncio.current_task()
-        if task.cancelled() and not (current and current.cancelling()):
-            raise LoadCancelled(f"load of {model} was cancelled by an unload") from None
-        raise
+StateListener = Callable[["ManagedModel", State, State], None]
 
 
-StateListener = Callable[["ModelSlot", State, State], None]
+class ManagedModel:
+    """One registry model: its state, its llama-server (when running) and its requests in flight.
 
-
-class ModelSlot:
-    """One registry model: its state, its llama-server (when running) and its requests in flight."""
+    Loads are started only by the orchestrator's `ensure_loaded`, under its admission lock (`begin_load`); everyone
+    else joins the load under way (`join_load`) or waits for an unload to finish (`wait_unloaded`)."""
 
     def __init__(self, spec: ModelSpec, on_transition: StateListener | None = None):
         self.spec = spec
         self.state = State.UNLOADED
         self.server: LlamaServer | None = None
         self.service = "llama-cpp"
-        self.priority = spec.priority
+        self.priority_override: int | None = None  # a load's `priority`, for as long as that load's process lives
         self.loaded_at: datetime | None = None
         self.last_used: datetime | None = None
         self.last_used_mono: float = 0.0
@@ -316,10 +325,23 @@ class ModelSlot:
     def id(self) -> str:
         return self.spec.id
 
+    @property
+    def priority(self) -> int:
+        return self.spec.priority if self.priority_override is None else self.priority_override
+
+    @property
+    def holds_process(self) -> bool:
+        """Its llama-server may still hold memory: loading, loaded, or unloading until the process has exited."""
+        if self.state in (State.LOADING, State.LOADED):
+            return True
+        return self.state == State.UNLOADING and self.server is not None and self.server.exit is None
+
     def _transition(self, new: State) -> None:
         if new not in TRANSITIONS[self.state]:
             raise IllegalTransition(f"{self.id}: {self.state.value} -> {new.value} is not a legal transition")
         old, self.state = self.state, new
+        if new in (State.UNLOADED, State.FAILED):
+            self.priority_override = None  # the override belonged to the process that is gone
         if self._on_transition:
             self._on_transition(self, old, new)
 
@@ -349,26 +371,27 @@ class ModelSlot:
             await asyncio.gather(asyncio.shield(self._unload_task), return_exceptions=True)
 
     # ---- load ---------------------------------------------------------------------------------------------
-    async def load(self, launch: Callable[[], Awaitable[LaunchPlan]], http: aiohttp.ClientSession, *,
-                   timeout: float, log_lines: int) -> str:
-        """Make the model loaded. Returns 'loaded', 'joined' (another load was under way) or 'already_loaded'."""
-        await self.wait_unloaded()  # finish an unload under way, then load again
-        if self.state == State.LOADED:
-            return "already_loaded"
-        joined = self.state == State.LOADING
-        await join_load(self.start_load(launch, http, timeout=timeout, log_lines=log_lines), self.id)
-        return "joined" if joined else "loaded"
-
-    def start_load(self, launch: Callable[[], Awaitable[LaunchPlan]], http: aiohttp.ClientSession, *,
-                   timeout: float, log_lines: int) -> asyncio.Task:
-        """Enter LOADING now (no await: whoever decided admission still holds its lock) and return the load task;
-        the running one when a load is already under way."""
-        if self.state == State.LOADING:
-            assert self._load_task is not None
-            return self._load_task
+    def begin_load(self, launch: Callable[[], Awaitable[LaunchPlan]], http: aiohttp.ClientSession, *,
+                   timeout: float, log_lines: int, priority: int | None = None) -> None:
+        """Enter LOADING and start the load task. Only the orchestrator's ensure_loaded calls this, holding the
+        admission lock, with the model UNLOADED or FAILED."""
         self._transition(State.LOADING)
+        self.priority_override = priority
         self._load_task = asyncio.create_task(self._run_load(launch, http, timeout, log_lines))
-        return self._load_task
+
+    async def join_load(self) -> None:
+        """Wait for the load under way without being cancelled with it. An unload can cancel the task before it
+        ever ran (so _run_load had no chance to turn that into LoadCancelled): a waiter then gets LoadCancelled
+        too, not a CancelledError that would drop its HTTP connection without an answer."""
+        task = self._load_task
+        assert task is not None
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and not (current and current.cancelling()):
+                raise LoadCancelled(f"load of {self.id} was cancelled by an unload", model=self.id) from None
+            raise
 
     async def _run_load(self, launch, http, timeout: float, log_lines: int) -> None:
         t0 = time.perf_counter()
@@ -377,15 +400,14 @@ class ModelSlot:
             self.server = LlamaServer(self.id, plan, log_lines=log_lines, on_exit=self._on_server_exit)
             await self.server.start(http, timeout)
         except asyncio.CancelledError:
-            self.server = None  # start() stopped the process; unload() moves the state
-            raise LoadCancelled(f"load of {self.id} was cancelled by an unload") from None
+            # start() stopped the process and waited for it; unload() moves the state
+            raise LoadCancelled(f"load of {self.id} was cancelled by an unload", model=self.id) from None
         except LoadFailed as exc:
-            self._fail({"code": exc.code, "message": str(exc), "logs": exc.logs})
+            self._fail({"code": exc.code.value, "message": exc.message, "logs": exc.details.get("logs", [])})
             raise
         if self.state != State.LOADING:  # an unload's cancel can be lost when start() finishes at that moment
-            await self.server.stop(5)
-            self.server = None
-            raise LoadCancelled(f"load of {self.id} was cancelled by an unload")
+            await self.server.stop(0)
+            raise LoadCancelled(f"load of {self.id} was cancelled by an unload", model=self.id)
         self.load_seconds = time.perf_counter() - t0
         self.loaded_at = _utcnow()
         self.last_error = None
@@ -402,32 +424,30 @@ class ModelSlot:
     def _on_server_exit(self, server: LlamaServer) -> None:
         """A crash (not a stop we asked for) while loaded marks the model failed at once."""
         if server is self.server and self.state == State.LOADED and server.exit and not server.exit.expected:
-            self._fail({"code": "process_exited", "message": f"llama-server {server.exit.reason}",
+            self._fail({"code": Code.PROCESS_EXITED.value, "message": f"llama-server {server.exit.reason}",
                         "logs": server.exit.last_logs})
 
     # ---- unload -------------------------------------------------------------------------------------------
-    async def unload(self, *, force: bool, drain_timeout: float, stop_timeout: float) -> str:
-        """Returns 'unloaded', 'cancelled_load', 'joined' or 'already_unloaded'.
-
-        Without force, waits up to drain_timeout for requests in flight (new ones are refused meanwhile), then
-        raises ModelBusy and changes nothing. With force, stops llama-server at once; its clients get an error.
+    async def unload(self, *, force: bool, drain_timeout: float, stop_timeout: float) -> UnloadResult:
+        """Without force, waits up to drain_timeout for requests in flight (new ones are refused meanwhile), then
+        raises ModelBusy and changes nothing. With force, kills llama-server at once; its clients get an error.
         """
         if self.state == State.UNLOADED:
-            return "already_unloaded"
+            return UnloadResult.NOT_LOADED
         if self.state == State.FAILED:
             self._transition(State.UNLOADED)
-            return "unloaded"
+            return UnloadResult.UNLOADED
         if self.state == State.UNLOADING:
             assert self._unload_task is not None
             await asyncio.shield(self._unload_task)
-            return "joined"
+            return UnloadResult.JOINED
         if self.state == State.LOADING:
             assert self._load_task is not None
             self._transition(State.UNLOADING)
             self._load_task.cancel()
             self._unload_task = asyncio.create_task(self._finish_cancelled_load(self._load_task))
             await asyncio.shield(self._unload_task)
-            return "cancelled_load"
+            return UnloadResult.CANCELLED_LOAD
         # LOADED
         if not force and self.in_flight:
             self.draining = True
@@ -435,15 +455,15 @@ class ModelSlot:
             try:
                 await asyncio.wait_for(self._idle.wait(), drain_timeout)
             except TimeoutError:
-                raise ModelBusy(self.in_flight, drain_timeout) from None
+                raise ModelBusy(self.id, self.in_flight, drain_timeout) from None
             finally:
                 self.draining = False
             return await self.unload(force=force, drain_timeout=max(0.0, drain_timeout - (time.perf_counter() - t0)),
                                      stop_timeout=stop_timeout)  # the state may have moved while we waited
         self._transition(State.UNLOADING)
-        self._unload_task = asyncio.create_task(self._stop_server(stop_timeout, force))
+        self._unload_task = asyncio.create_task(self._stop_server(0 if force else stop_timeout, force))
         await asyncio.shield(self._unload_task)
-        return "unloaded"
+        return UnloadResult.UNLOADED
 
     async def _finish_cancelled_load(self, load_task: asyncio.Task) -> None:
         await asyncio.gather(load_task, return_exceptions=True)
@@ -453,11 +473,10 @@ class ModelSlot:
     async def _stop_server(self, stop_timeout: float, force: bool) -> None:
         server = self.server
         if server is not None:
-            exit_info = await server.stop(min(2.0, stop_timeout) if force else stop_timeout)
             if force and self.in_flight:
-                self.last_error = {"code": "model_unloaded", "message": f"{self.id} was force-unloaded",
+                self.last_error = {"code": Code.MODEL_UNLOADED.value, "message": f"{self.id} was force-unloaded",
                                    "at": _utcnow().isoformat()}
-            del exit_info
+            await server.stop(stop_timeout)  # returns once the process has exited: its memory is counted until then
         self.server = None
         self.loaded_at = None
         self._transition(State.UNLOADED)

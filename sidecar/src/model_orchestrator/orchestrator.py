@@ -1,6 +1,9 @@
 """The orchestrator: the one place that holds the state of every model, and the operations on it.
 
-Handlers in api.py and proxy.py call these methods; they never touch processes themselves.
+Handlers in api.py and proxy.py call these methods; they never touch processes themselves. `ensure_loaded` is the
+only entry that starts a load: it owns the admission lock, the state check, admission (scheduler.decide) and the
+start, so callers never inspect a model's state first. Refusals are values (errors.Refused with a Code); which HTTP
+status each becomes is the API layer's business (http_errors.py).
 """
 
 from __future__ import annotations
@@ -10,20 +13,22 @@ import contextlib
 import logging
 import os
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
 
 from . import __version__
-from .errors import ApiError
-from .gpu import GpuSnapshot, GpuView, NoGpuView
-from .lifecycle import (MODEL_ENV, OWNER_ENV, LaunchPlan, LoadCancelled, LoadFailed, ModelBusy, ModelSlot, State,
-                        join_load, llama_server_argv, placement_env, reap_leftovers)
+from .errors import Code, Refused
 from .estimate import Estimate, estimate_file
+from .gpu import GpuSnapshot, GpuView, NoGpuView
+from .lifecycle import (MODEL_ENV, OWNER_ENV, LaunchPlan, LoadResult, ManagedModel, State, UnloadResult,
+                        placement_env, reap_leftovers)
+from .llama_args import build_argv, parallel_slots
 from .metrics import Metrics
 from .model_files import ModelFiles, ModelFilesMissing, resolve
 from .registry import GeneratedSource, HfSource, ModelSpec, PathSource, Registry
-from .reservations import ReservationBook
+from .reservations import Reservation, ReservationBook
 from .scheduler import Decision, Device, Request, Resident, available, decide
 from .settings import Settings
 
@@ -31,6 +36,8 @@ log = logging.getLogger("model_orchestrator")
 
 # Never handed to llama-server: our secrets, and LLAMA_ARG_* which would override the flags we set.
 _CHILD_ENV_DROP_PREFIXES = ("LLAMA_ARG_", "MODEL_ORCHESTRATOR_API_KEY", "HF_TOKEN")
+# How long admission waits for models that are stopping to exit and return their memory before refusing.
+_LEAVING_WAIT_S = 10.0
 
 
 def _free_port() -> int:
@@ -39,136 +46,191 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class LoadOutcome:
+    """What a load did: the model, the result, and what admission evicted to make room for it."""
+
+    model: ManagedModel
+    result: LoadResult
+    evicted: list[str] = field(default_factory=list)
+
+
+@dataclass
+class UnloadOutcome:
+    """What an unload did. `model` is the registry id, or the name given when it is another service's."""
+
+    model: str
+    status: str
+    result: UnloadResult
+    released: list[Reservation] = field(default_factory=list)
+
+
 class Orchestrator:
-    def __init__(self, settings: Settings, registry: Registry, gpu: GpuView | NoGpuView, llama_server_bin: Path):
+    def __init__(self, settings: Settings, registry: Registry, gpu_view: GpuView | NoGpuView, llama_server_bin: Path):
         self.settings = settings
         self.registry = registry
-        self.gpu = gpu
+        self.gpu_view = gpu_view
         self.llama_server_bin = llama_server_bin
-        self.slots: dict[str, ModelSlot] = {s.id: ModelSlot(s, self._on_transition) for s in registry.models}
+        self.models: dict[str, ManagedModel] = {s.id: ManagedModel(s, self._on_transition) for s in registry.models}
         self.reservations = ReservationBook()
-        self.metrics = Metrics(gpu.snapshot, self.owned_pids, self.reservations.active)
+        self.metrics = Metrics(gpu_view.snapshot, self.owned_pids, self.reservations.active)
         self.metrics.preset([s.id for s in registry.models])
-        for slot in self.slots.values():
-            self.metrics.set_state(slot.id, slot.state)
+        for model in self.models.values():
+            self.metrics.set_state(model.id, model.state)
         self.http: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task] = set()
-        self._idle_task: asyncio.Task | None = None
         self._admission = asyncio.Lock()  # one decision at a time: two loads never both take the same free memory
-        self.reaped: list[int] = []
+        self._closing = False  # terminal: once close() began, no load starts
 
     # ---- start and stop -----------------------------------------------------------------------------------
     async def start(self) -> None:
-        self.reaped = await asyncio.to_thread(reap_leftovers, self.owner)
-        if self.reaped:
-            log.warning("reaped %d llama-server process(es) left by a previous run: %s", len(self.reaped), self.reaped)
+        reaped = await asyncio.to_thread(reap_leftovers, self.owner)
+        if reaped:
+            log.warning("reaped %d llama-server process(es) left by a previous run: %s", len(reaped), reaped)
         # no connection cap: concurrency is bounded per model by llama-server's slots, not by our pool
         # keepalive_timeout below llama-server's own (5 s) so we rarely reuse a connection it is closing
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
                                           auto_decompress=False)
-        self._idle_task = asyncio.create_task(self._unload_idle_models())
+        self._spawn(self._unload_idle_models())
 
     async def close(self) -> None:
-        if self._idle_task:
-            self._idle_task.cancel()
-        for task in list(self._background):
+        """Shut down: refuse new loads from now on, stop background work and wait for it, stop every model."""
+        self._closing = True
+        tasks = list(self._background)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*(s.unload(force=True, drain_timeout=0, stop_timeout=self.settings.stop_timeout_s)
-                               for s in self.slots.values()), return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*(m.unload(force=True, drain_timeout=0, stop_timeout=self.settings.stop_timeout_s)
+                               for m in self.models.values()), return_exceptions=True)
         if self.http:
             await self.http.close()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     @property
     def owner(self) -> str:
         return str(self.settings.state_dir.resolve())
 
     # ---- lookups ------------------------------------------------------------------------------------------
-    def slot(self, name: str | None) -> ModelSlot:
+    def model(self, name: str | None) -> ManagedModel:
         spec = self.registry.lookup(name) if name else self.registry.default
         if spec is None:
-            known = ", ".join(sorted(self.slots))
-            raise ApiError(404, "model_not_found", f"unknown model {name!r}; known models: {known} (GET /models)")
-        return self.slots[spec.id]
+            known = ", ".join(sorted(self.models))
+            raise Refused(Code.MODEL_NOT_FOUND, f"unknown model {name!r}; known models: {known} (GET /models)")
+        return self.models[spec.id]
 
-    def queue_limit(self, slot: ModelSlot) -> int:
+    def queue_limit(self, model: ManagedModel) -> int:
         """The most proxied requests one model may hold at once (waiting for a load, queued or running in
         llama-server): MODEL_ORCHESTRATOR_MAX_QUEUE on top of llama-server's parallel slots; 0 means no cap."""
         if not self.settings.max_queue:
             return 0
-        return self.settings.max_queue + _parallel_slots(slot.spec.extra_args)
+        return self.settings.max_queue + parallel_slots(model.spec.extra_args)
 
     def owned_pids(self) -> dict[int, str]:
-        return {s.server.pid: s.id for s in self.slots.values() if s.server and s.server.pid}
+        return {m.server.pid: m.id for m in self.models.values() if m.server and m.server.pid}
+
+    def _allow_eviction(self, spec: ModelSpec, requested: bool | None) -> bool:
+        """May a load of `spec` evict idle models of equal priority? The request says, else the model, else the
+        global setting (swap on demand, on by default as in every peer)."""
+        if requested is not None:
+            return requested
+        return self.settings.swap_on_demand if spec.swap_on_demand is None else spec.swap_on_demand
 
     # ---- load ---------------------------------------------------------------------------------------------
-    async def load(self, name: str, *, priority: int | None = None, service: str = "llama-cpp",
-                   timeout_s: float | None = None, allow_eviction: bool = False, force: bool = False) -> tuple[ModelSlot, str]:
-        slot = self.slot(name)
+    async def ensure_loaded(self, name: str, *, priority: int | None = None, service: str = "llama-cpp",
+                            timeout_s: float | None = None, allow_eviction: bool | None = None,
+                            force: bool = False) -> LoadOutcome:
+        """Make the model loaded: join a load under way, wait for an unload under way, or admit and start one."""
+        model = self.model(name)
         if service != "llama-cpp":
-            raise ApiError(400, "unknown_service", f"service {service!r} is not run by this orchestrator; use 'llama-cpp', "
-                           "or pass vram_mb to reserve memory for it (POST /reservations)")
+            raise Refused(Code.UNKNOWN_SERVICE, f"service {service!r} is not run by this orchestrator; use "
+                          "'llama-cpp', or pass vram_mb to reserve memory for it (POST /reservations)")
         timeout = timeout_s or self.settings.load_timeout_s
-        launch = lambda: self._launch_plan(slot)  # noqa: E731
-        try:
-            while True:
-                # an unload under way finishes first; the load after it is admitted like any other (never started
-                # behind admission's back, which could overcommit memory)
-                await slot.wait_unloaded()
-                if slot.state in (State.LOADED, State.LOADING):  # already admitted: join (no await before it)
-                    result = await slot.load(launch, self.http, timeout=timeout, log_lines=self.settings.log_lines)
-                    return slot, result
-                await self._admission.acquire()
-                if slot.state != State.UNLOADING:  # an unload may have begun while we waited for the lock
-                    break
-                self._admission.release()
-            try:
-                if slot.state not in (State.LOADED, State.LOADING):
-                    if priority is not None:
-                        slot.priority = priority
-                    est = await self._estimate_for_admission(slot.spec)
-                    decision = await self._admit(slot.id, est.total_mb if est else 0.0, slot.priority, allow_eviction,
-                                                 force, slot.spec.split)
-                    slot.estimate, slot.gpu, slot.split = est, decision.gpu, decision.split
-                    task = slot.start_load(launch, self.http, timeout=timeout, log_lines=self.settings.log_lines)
-                    joined = False
-                else:
-                    task, joined = slot._load_task, True
-            finally:
-                self._admission.release()
-            await join_load(task, slot.id)
-            return slot, "joined" if joined else "loaded"
-        except ModelFilesMissing as exc:
-            raise ApiError(409, "model_files_missing", str(exc), model=slot.id) from None
-        except LoadFailed as exc:
-            raise ApiError(503, exc.code, f"{slot.id} could not be loaded: {exc}", model=slot.id, logs=exc.logs) from None
-        except LoadCancelled as exc:
-            raise ApiError(409, "load_cancelled", str(exc), model=slot.id) from None
+        while True:
+            self._refuse_if_closing()
+            await model.wait_unloaded()
+            if model.state == State.LOADED:
+                return LoadOutcome(model, LoadResult.ALREADY_LOADED)
+            if model.state == State.LOADING:
+                await model.join_load()
+                return LoadOutcome(model, LoadResult.JOINED)
+            async with self._admission:
+                # only code holding this lock starts a load, so a model found UNLOADED or FAILED here stays out of
+                # LOADING until we start it (an unload may only move FAILED to UNLOADED meanwhile)
+                self._refuse_if_closing()
+                if model.state not in (State.UNLOADED, State.FAILED):
+                    continue  # someone else's load or unload got there first: look again
+                est = await self._estimate_for_admission(model.spec)
+                decision = await self._admit(model.id, est.total_mb if est else 0.0,
+                                             model.spec.priority if priority is None else priority,
+                                             self._allow_eviction(model.spec, allow_eviction), force, model.spec.split)
+                self._refuse_if_closing()
+                model.estimate, model.gpu, model.split = est, decision.gpu, decision.split
+                model.begin_load(lambda: self._launch_plan(model), self.http, timeout=timeout,
+                                 log_lines=self.settings.log_lines, priority=priority)
+            await model.join_load()
+            return LoadOutcome(model, LoadResult.LOADED, evicted=decision.evict)
+
+    def _refuse_if_closing(self) -> None:
+        if self._closing:
+            raise Refused(Code.SHUTTING_DOWN, "the orchestrator is shutting down", retry_after=5)
+
+    def load_in_background(self, name: str, **kwargs) -> ManagedModel:
+        """POST /models/load with wait=false: start (or join) the load, answer at once."""
+        model = self.model(name)
+        self._refuse_if_closing()
+
+        async def run() -> None:
+            with contextlib.suppress(Refused):  # the outcome is visible in status and metrics
+                await self.ensure_loaded(name, **kwargs)
+
+        self._spawn(run())
+        return model
 
     async def _admit(self, who: str, need_mb: float, priority: int, allow_eviction: bool, force: bool,
-                     split: bool = False) -> Decision:
-        """Ask the policy (scheduler.decide), evict what it chose, or refuse with what is missing. Call under the lock."""
-        devices, residents = await self._placement_view()
-        decision = decide(Request(who, need_mb, priority, allow_eviction, force, split), devices, residents,
-                          margin_mb=self.settings.vram_margin_mb, max_loaded=self.settings.max_loaded)
+                     split: bool = False, is_model: bool = True) -> Decision:
+        """Ask the policy (scheduler.decide), evict what it chose, or refuse with what is missing. Models that are
+        still stopping count until their process has exited; a refusal they cause waits for them first. Call under
+        the admission lock."""
+        request = Request(who, need_mb, priority, allow_eviction, force, split, is_model)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + _LEAVING_WAIT_S
+        while True:
+            devices, residents = await self._placement_view()
+            decision = decide(request, devices, residents, margin_mb=self.settings.vram_margin_mb,
+                              max_loaded=self.settings.max_loaded)
+            leaving = [m for m in self.models.values() if m.state == State.UNLOADING]
+            if decision.admit or not leaving or loop.time() >= deadline:
+                break
+            await asyncio.wait([asyncio.ensure_future(m.wait_unloaded()) for m in leaving],
+                               timeout=max(0.0, deadline - loop.time()))
+            await self._wait_for_memory(decision.gpu, need_mb, timeout_s=max(0.0, deadline - loop.time()))
         if not decision.admit:
             self.metrics.admission_refusals.labels(who).inc()
-            raise ApiError(409, "insufficient_vram", f"{who} does not fit: {decision.reason}; "
-                           + (f"{decision.missing_mb:.0f} MB missing. " if decision.missing_mb else "")
-                           + (f"Could be evicted: {', '.join(decision.evictable)} (pass allow_eviction=true)."
-                              if decision.evictable else "Nothing may be evicted for it."),
-                           model=who, missing_mb=decision.missing_mb, need_mb=round(need_mb, 1), gpu=decision.gpu,
-                           evictable=decision.evictable)
+            raise Refused(decision.refusal or Code.INSUFFICIENT_VRAM, f"{who} does not fit: {decision.reason}; "
+                          + (f"{decision.missing_mb:.0f} MB missing. " if decision.missing_mb else "")
+                          + (f"Could be evicted: {', '.join(decision.evictable)} (pass allow_eviction=true)."
+                             if decision.evictable else "Nothing may be evicted for it."),
+                          model=who, missing_mb=decision.missing_mb, need_mb=round(need_mb, 1), gpu=decision.gpu,
+                          evictable=decision.evictable)
         for victim in decision.evict:
             log.info("evicting %s to make room for %s (%s)", victim, who, decision.reason)
             # an evicted model is idle (or forced): killed at once, its memory returns without llama-server's teardown
-            await self.unload(victim, force=force, drain_timeout_s=0, reason="evicted", stop_timeout_s=0)
+            await self._unload_model(self.models[victim], force=force, drain_timeout_s=0, reason="evicted",
+                                     stop_timeout_s=0)
         if decision.evict and decision.gpu is not None:
             await self._wait_for_memory(decision.gpu, need_mb)
         return decision
 
-    async def _wait_for_memory(self, gpu: int, need_mb: float, timeout_s: float = 5.0) -> None:
+    async def _wait_for_memory(self, gpu: int | None, need_mb: float, timeout_s: float = 5.0) -> None:
         """After an eviction the driver may take a moment to return the memory (a dying process shows as foreign):
         wait until it is available rather than start a load into an out-of-memory error."""
+        if gpu is None:
+            return
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
@@ -186,17 +248,18 @@ class Orchestrator:
                           foreign_mb=sum(p.used_mb or 0 for p in d.processes if p.pid not in owned),
                           reserved_mb=self.reservations.reserved_mb(d.index)) for d in snap.devices]
         residents = []
-        for s in self.slots.values():
-            if s.state not in (State.LOADING, State.LOADED):
+        for m in self.models.values():
+            if not m.holds_process:
                 continue
-            measured = snap.process_mb(s.server.pid) if (s.server and s.server.pid) else {}
-            est = s.estimate.total_mb if s.estimate else 0.0
-            if s.split:
-                by_gpu = {g: max(mb, measured.get(g, 0)) for g, mb in s.split.items()}
+            measured = snap.process_mb(m.server.pid) if (m.server and m.server.pid) else {}
+            est = m.estimate.total_mb if m.estimate else 0.0
+            if m.split:
+                by_gpu = {g: max(mb, measured.get(g, 0)) for g, mb in m.split.items()}
             else:
-                by_gpu = {s.gpu: max(est, sum(measured.values()))} if s.gpu is not None else {}
-            residents.append(Resident(s.id, s.gpu, sum(by_gpu.values()), s.priority, s.in_flight, s.last_used_mono,
-                                      loading=s.state == State.LOADING, held_mb_by_gpu=by_gpu))
+                by_gpu = {m.gpu: max(est, sum(measured.values()))} if m.gpu is not None else {}
+            residents.append(Resident(m.id, m.gpu, sum(by_gpu.values()), m.priority, m.in_flight, m.last_used_mono,
+                                      loading=m.state == State.LOADING, leaving=m.state == State.UNLOADING,
+                                      held_mb_by_gpu=by_gpu))
         return devices, residents
 
     async def estimate(self, spec: ModelSpec, *, context_size: int | None = None, cache_type: str | None = None,
@@ -212,64 +275,53 @@ class Orchestrator:
     async def _estimate_for_admission(self, spec: ModelSpec) -> Estimate | None:
         """The estimate, or None when the header cannot be read (llama-server then reports the real problem with its
         logs) or the model is not a regular file (a pipe or device: reading it would consume it)."""
-        files = await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")
+        try:
+            files = await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")
+        except ModelFilesMissing as exc:
+            raise Refused(Code.MODEL_FILES_MISSING, str(exc), model=spec.id) from None
         if not files.model.is_file():
             return None
         try:
             return await self.estimate(spec)
-        except ModelFilesMissing:
-            raise
         except Exception as exc:  # a truncated or foreign file: not ours to diagnose
             log.warning("%s: cannot estimate from %s: %s", spec.id, files.model, exc)
             return None
 
     async def check_fit(self, spec: ModelSpec, est: Estimate) -> dict:
-        """Would it fit now, and what could make room (no eviction is done)."""
-        slot = self.slots[spec.id]
+        """Would a load of `spec` fit now, and what would it evict (the same decision a load takes; nothing done)."""
+        model = self.models[spec.id]
         devices, residents = await self._placement_view()
-        d = decide(Request(spec.id, est.total_mb, slot.priority, allow_eviction=False, split=spec.split), devices,
-                   residents, margin_mb=self.settings.vram_margin_mb, max_loaded=self.settings.max_loaded)
+        d = decide(Request(spec.id, est.total_mb, model.priority, self._allow_eviction(spec, None), split=spec.split),
+                   devices, residents, margin_mb=self.settings.vram_margin_mb, max_loaded=self.settings.max_loaded)
         return {"fits": d.admit and not d.evict if devices else None, "fits_after_eviction": d.admit,
                 "gpu": d.gpu, "evict": d.evict, "missing_mb": d.missing_mb, "evictable": d.evictable,
-                "reason": d.reason}
+                "reason": d.reason, "refusal": d.refusal.value if d.refusal else None}
 
     # ---- reservations -------------------------------------------------------------------------------------
     async def reserve(self, service: str, vram_mb: float, *, ttl_s: float | None = None, gpu: int = 0,
-                      model: str | None = None, priority: int = 50, allow_eviction: bool = False, force: bool = False):
+                      model: str | None = None, priority: int = 50, allow_eviction: bool = False,
+                      force: bool = False) -> Reservation:
         async with self._admission:
-            await self._admit(f"reservation:{service}", vram_mb, priority, allow_eviction, force)
+            self._refuse_if_closing()
+            await self._admit(f"reservation:{service}", vram_mb, priority, allow_eviction, force, is_model=False)
             return self.reservations.add(service, vram_mb, ttl_s=ttl_s or self.settings.reservation_ttl_s, gpu=gpu,
                                          model=model)
 
-    def load_in_background(self, name: str, **kwargs) -> ModelSlot:
-        """POST /models/load with wait=false: start (or join) the load, answer at once."""
-        slot = self.slot(name)
-
-        async def run() -> None:
-            with contextlib.suppress(ApiError):  # the outcome is visible in status and metrics
-                await self.load(name, **kwargs)
-
-        task = asyncio.create_task(run())
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return slot
-
-    async def _launch_plan(self, slot: ModelSlot) -> LaunchPlan:
-        spec = slot.spec
+    async def _launch_plan(self, model: ManagedModel) -> LaunchPlan:
+        spec = model.spec
         files = await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")
-        # the OS may hand out a port that a starting instance has not bound yet; no await from here until the
-        # slot holds its server, so this set is complete
-        taken = {s.server.port for s in self.slots.values() if s.server}
+        # the OS may hand out a port that a starting instance has not bound yet: skip ports our servers hold
+        taken = {m.server.port for m in self.models.values() if m.server}
         port = _free_port()
         while port in taken:
             port = _free_port()
         devices, split = [], None
-        if self.gpu.available and len(self.gpu.snapshot().devices) > 1:  # one GPU: nothing to choose
-            if slot.split:
-                devices, split = sorted(slot.split), [slot.split[i] for i in sorted(slot.split)]
-            elif slot.gpu is not None:
-                devices = [slot.gpu]
-        argv = llama_server_argv(self.llama_server_bin, spec, files.model, files.mmproj, port, split)
+        if self.gpu_view.available and len(self.gpu_view.snapshot().devices) > 1:  # one GPU: nothing to choose
+            if model.split:
+                devices, split = sorted(model.split), [model.split[i] for i in sorted(model.split)]
+            elif model.gpu is not None:
+                devices = [model.gpu]
+        argv = build_argv(self.llama_server_bin, spec, files.model, files.mmproj, port, split)
         env = {k: v for k, v in os.environ.items() if not k.startswith(_CHILD_ENV_DROP_PREFIXES)}
         env[OWNER_ENV] = self.owner
         env[MODEL_ENV] = spec.id
@@ -278,89 +330,107 @@ class Orchestrator:
         return LaunchPlan(argv, env, port)
 
     # ---- unload -------------------------------------------------------------------------------------------
-    async def unload(self, name: str, *, force: bool = False, drain_timeout_s: float = 30.0,
-                     reason: str | None = None, stop_timeout_s: float | None = None) -> tuple[ModelSlot, str]:
-        slot = self.slot(name)
+    async def unload(self, name: str, *, service: str | None = None, force: bool = False,
+                     drain_timeout_s: float = 30.0) -> UnloadOutcome:
+        """Unload a registry model; for another service's model name release its reservations. Idempotent:
+        unloading what is not held is a result (not_loaded, not_held), not an error."""
+        spec = self.registry.lookup(name)
+        if spec is None:
+            # the guide unloads "wan2.1-14b": not ours to stop, but its reservation is released so admission forgets it
+            released = self.reservations.release_matching(name)
+            if released:
+                return UnloadOutcome(name, "released", UnloadResult.RELEASED, released)
+            return UnloadOutcome(name, "not_held", UnloadResult.NOT_HELD)
+        if service not in (None, "llama-cpp"):
+            raise Refused(Code.UNKNOWN_SERVICE, f"service {service!r} is not run by this orchestrator; use 'llama-cpp'")
+        model = self.models[spec.id]
+        result = await self._unload_model(model, force=force, drain_timeout_s=drain_timeout_s)
+        return UnloadOutcome(model.id, model.state.value, result)
+
+    async def _unload_model(self, model: ManagedModel, *, force: bool = False, drain_timeout_s: float = 30.0,
+                            reason: str | None = None, stop_timeout_s: float | None = None) -> UnloadResult:
         stop_timeout = self.settings.stop_timeout_s if stop_timeout_s is None else stop_timeout_s
-        try:
-            result = await slot.unload(force=force, drain_timeout=drain_timeout_s, stop_timeout=stop_timeout)
-        except ModelBusy as exc:
-            raise ApiError(409, "model_busy", f"{slot.id}: {exc}; nothing was changed. Retry later, raise drain_timeout_s, "
-                           "or pass force=true to end them", model=slot.id, in_flight=exc.in_flight) from None
-        if result in ("unloaded", "cancelled_load"):
-            self.metrics.unloads.labels(slot.id, reason or ("force" if force else "request")).inc()
-        return slot, result
+        result = await model.unload(force=force, drain_timeout=drain_timeout_s, stop_timeout=stop_timeout)
+        if result in (UnloadResult.UNLOADED, UnloadResult.CANCELLED_LOAD):
+            self.metrics.unloads.labels(model.id, reason or ("force" if force else "request")).inc()
+        return result
 
     async def _unload_idle_models(self) -> None:
-        """Idle TTL: a model unused for idle_ttl_s seconds is unloaded (never one with requests in flight)."""
+        """Idle TTL: a model unused for idle_ttl_s seconds is unloaded (never one with requests in flight); expired
+        reservations are dropped. An error in one round is logged and counted; the loop goes on."""
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(1.0)
-            for r in self.reservations.expire():
-                log.info("reservation %s of %s (%g MB) expired", r.id, r.service, r.vram_mb)
-            for slot in self.slots.values():
-                ttl = slot.spec.idle_ttl_s
-                if ttl and slot.state == State.LOADED and not slot.in_flight and loop.time() - slot.last_used_mono >= ttl:
-                    log.info("unloading %s: idle for %g s", slot.id, ttl)
-                    with contextlib.suppress(ApiError):
-                        await self.unload(slot.id, reason="idle")
+            try:
+                for r in self.reservations.expire():
+                    log.info("reservation %s of %s (%g MB) expired", r.id, r.service, r.vram_mb)
+                for model in self.models.values():
+                    ttl = model.spec.idle_ttl_s
+                    if (ttl and model.state == State.LOADED and not model.in_flight
+                            and loop.time() - model.last_used_mono >= ttl):
+                        log.info("unloading %s: idle for %g s", model.id, ttl)
+                        with contextlib.suppress(Refused):
+                            await self._unload_model(model, reason="idle")
+            except Exception:
+                log.exception("idle-unload round failed; retrying in 1 s")
+                self.metrics.background_errors.labels("idle_unload").inc()
 
     # ---- requests -----------------------------------------------------------------------------------------
-    async def ready_server(self, slot: ModelSlot):
+    async def ready_server(self, model: ManagedModel):
         """The running llama-server for a proxied request: loads on demand, waits for a load under way."""
-        if slot.state == State.LOADED and slot.server is not None:
-            if slot.draining:
-                raise ApiError(503, "model_draining", f"{slot.id} is being unloaded; retry in a moment",
-                               headers={"Retry-After": "1"}, model=slot.id)
-            return slot.server
-        if slot.state == State.UNLOADING:
-            raise ApiError(503, "model_unloading", f"{slot.id} is being unloaded; retry in a moment",
-                           headers={"Retry-After": "1"}, model=slot.id)
-        if slot.state != State.LOADING and not slot.spec.load_on_demand:
-            raise ApiError(409, "model_not_loaded", f"{slot.id} is not loaded and loads only on request: "
-                           "POST /models/load first", model=slot.id)
-        self.metrics.waiting.labels(slot.id).inc()
+        if model.state == State.LOADED and model.server is not None:
+            if model.draining:
+                raise Refused(Code.MODEL_DRAINING, f"{model.id} is being unloaded; retry in a moment", retry_after=1,
+                              model=model.id)
+            return model.server
+        if model.state == State.UNLOADING:
+            raise Refused(Code.MODEL_UNLOADING, f"{model.id} is being unloaded; retry in a moment", retry_after=1,
+                          model=model.id)
+        if model.state != State.LOADING and not model.spec.load_on_demand:
+            raise Refused(Code.MODEL_NOT_LOADED, f"{model.id} is not loaded and loads only on request: "
+                          "POST /models/load first", model=model.id)
+        self.metrics.waiting.labels(model.id).inc()
         try:
-            await self.load(slot.id)
+            await self.ensure_loaded(model.id)
         finally:
-            self.metrics.waiting.labels(slot.id).dec()
-        if slot.server is None:  # unloaded again between the load and now
-            raise ApiError(503, "model_unloading", f"{slot.id} was unloaded while the request waited",
-                           headers={"Retry-After": "1"}, model=slot.id)
-        return slot.server
+            self.metrics.waiting.labels(model.id).dec()
+        if model.server is None:  # unloaded again between the load and now
+            raise Refused(Code.MODEL_UNLOADING, f"{model.id} was unloaded while the request waited", retry_after=1,
+                          model=model.id)
+        return model.server
 
     # ---- state changes ------------------------------------------------------------------------------------
-    def _on_transition(self, slot: ModelSlot, old: State, new: State) -> None:
-        self.metrics.set_state(slot.id, new)
+    def _on_transition(self, model: ManagedModel, old: State, new: State) -> None:
+        self.metrics.set_state(model.id, new)
         if old == State.LOADING and new == State.LOADED:
-            self.metrics.loads.labels(slot.id, "loaded").inc()
-            if slot.load_seconds is not None:
-                self.metrics.load_duration.labels(slot.id).observe(slot.load_seconds)
+            self.metrics.loads.labels(model.id, "loaded").inc()
+            if model.load_seconds is not None:
+                self.metrics.load_duration.labels(model.id).observe(model.load_seconds)
         elif new == State.FAILED:
-            code = (slot.last_error or {}).get("code", "unknown")
-            self.metrics.failures.labels(slot.id, code).inc()
+            code = (model.last_error or {}).get("code", "unknown")
+            self.metrics.failures.labels(model.id, code).inc()
             if old == State.LOADING:
-                self.metrics.loads.labels(slot.id, "failed").inc()
+                self.metrics.loads.labels(model.id, "failed").inc()
         elif old == State.LOADING and new == State.UNLOADING:
-            self.metrics.loads.labels(slot.id, "cancelled").inc()
-        log.info("%s: %s -> %s", slot.id, old.value, new.value)
+            self.metrics.loads.labels(model.id, "cancelled").inc()
+        log.info("%s: %s -> %s", model.id, old.value, new.value)
 
     # ---- views --------------------------------------------------------------------------------------------
     async def snapshot(self, fresh: bool = False) -> GpuSnapshot:
-        return await asyncio.to_thread(self.gpu.snapshot, fresh=fresh)
+        return await asyncio.to_thread(self.gpu_view.snapshot, fresh=fresh)
 
-    def model_status(self, slot: ModelSlot, snap: GpuSnapshot) -> dict:
-        server = slot.server
+    def model_status(self, model: ManagedModel, snap: GpuSnapshot) -> dict:
+        server = model.server
         vram = sum(snap.process_mb(server.pid).values()) if (server and server.pid and snap.available) else None
         return {
-            "model": slot.id, "service": slot.service,
-            "loaded_at": slot.loaded_at.isoformat(timespec="seconds") if slot.loaded_at else None,
-            "status": slot.state, "pid": server.pid if server else None, "port": server.port if server else None,
-            "priority": slot.priority, "context_size": slot.spec.context_size, "in_flight": slot.in_flight,
-            "draining": slot.draining, "last_used": slot.last_used.isoformat(timespec="seconds") if slot.last_used else None,
-            "load_seconds": round(slot.load_seconds, 4) if slot.load_seconds is not None else None,
-            "vram_mb": vram, "estimate_mb": round(slot.estimate.total_mb, 1) if slot.estimate else None,
-            "gpu": slot.gpu, "error": slot.last_error,
+            "model": model.id, "service": model.service,
+            "loaded_at": model.loaded_at.isoformat(timespec="seconds") if model.loaded_at else None,
+            "status": model.state, "pid": server.pid if server else None, "port": server.port if server else None,
+            "priority": model.priority, "context_size": model.spec.context_size, "in_flight": model.in_flight,
+            "draining": model.draining, "last_used": model.last_used.isoformat(timespec="seconds") if model.last_used else None,
+            "load_seconds": round(model.load_seconds, 4) if model.load_seconds is not None else None,
+            "vram_mb": vram, "estimate_mb": round(model.estimate.total_mb, 1) if model.estimate else None,
+            "gpu": model.gpu, "error": model.last_error,
         }
 
     async def status(self) -> dict:
@@ -375,7 +445,7 @@ class Orchestrator:
             gpus.append({**{k: v for k, v in d.to_dict().items() if k != "processes"}, "foreign_mb": foreign,
                          "reserved_mb": self.reservations.reserved_mb(d.index), "available_mb": room.get(d.index, 0.0),
                          "processes": procs})
-        loaded = {s.id: self.model_status(s, snap) for s in self.slots.values() if s.state != State.UNLOADED}
+        loaded = {m.id: self.model_status(m, snap) for m in self.models.values() if m.state != State.UNLOADED}
         reservations = [r.to_dict() for r in self.reservations.active()]
         if not snap.available:
             return {"mode": "cpu", "total_mb": None, "used_mb": None, "free_mb": None, "utilization_percent": None,
@@ -392,38 +462,25 @@ class Orchestrator:
             "note": None,
         }
 
-    def models(self) -> dict:
+    def registry_view(self) -> dict:
+        """GET /models: the registry with each model's state."""
         out = []
         for spec in self.registry.models:
-            slot = self.slots[spec.id]
+            model = self.models[spec.id]
             out.append({
-                "id": spec.id, "name": spec.name or spec.id, "aliases": spec.aliases, "status": slot.state,
+                "id": spec.id, "name": spec.name or spec.id, "aliases": spec.aliases, "status": model.state,
                 "source": spec.source.type, "files_present": _files_present(spec, self.settings.state_dir / "models"),
                 "context_size": spec.context_size, "n_gpu_layers": spec.n_gpu_layers, "cache_type": spec.cache_type,
-                "priority": slot.priority, "idle_ttl_s": spec.idle_ttl_s, "load_on_demand": spec.load_on_demand,
-                "vision": bool(getattr(spec.source, "mmproj", None)), "default": spec.id == self.registry.default.id,
+                "priority": model.priority, "idle_ttl_s": spec.idle_ttl_s, "load_on_demand": spec.load_on_demand,
+                "vision": spec.vision, "default": spec.id == self.registry.default.id,
+                "swap_on_demand": self._allow_eviction(spec, None),
             })
         return {"default_model": self.registry.default.id, "models": out}
 
     def health(self) -> dict:
-        return {"status": "ok", "version": __version__, "mode": "gpu" if self.gpu.available else "cpu",
+        return {"status": "ok", "version": __version__, "mode": "gpu" if self.gpu_view.available else "cpu",
                 "llama_server": str(self.llama_server_bin),
-                "models_loaded": sum(1 for s in self.slots.values() if s.state == State.LOADED)}
-
-
-def _parallel_slots(extra_args: list[str]) -> int:
-    """llama-server's -np/--parallel from the model's extra_args; its default (auto) is 4 slots."""
-    for i, arg in enumerate(extra_args):
-        value = None
-        if arg in ("-np", "--parallel") and i + 1 < len(extra_args):
-            value = extra_args[i + 1]
-        elif arg.startswith("--parallel="):
-            value = arg.split("=", 1)[1]
-        if value is not None:
-            with contextlib.suppress(ValueError):
-                if int(value) > 0:
-                    return int(value)
-    return 4
+                "models_loaded": sum(1 for m in self.models.values() if m.state == State.LOADED)}
 
 
 def _files_present(spec: ModelSpec, generated_dir: Path) -> bool:

@@ -13,8 +13,10 @@ import aiohttp
 from aiohttp import web
 from pydantic import ValidationError
 
-from .errors import ApiError
-from .lifecycle import LlamaServer, ModelSlot
+from .errors import Code, Refused
+from .http_errors import refusal_body, refusal_response
+from .lifecycle import LlamaServer, ManagedModel
+from .llama_args import serves_embeddings
 from .orchestrator import Orchestrator
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
@@ -54,18 +56,18 @@ class UsageScanner:
             self.completion_tokens = completion
 
 
-async def _upstream_lost(slot: ModelSlot, server: LlamaServer) -> ApiError:
+async def _upstream_lost(model: ManagedModel, server: LlamaServer) -> Refused:
     """Why the connection to llama-server broke: force-unloaded, crashed, or a plain network error."""
     await server.wait_exit(0.5)  # the socket may close a moment before the exit is reaped
-    err = slot.last_error or {}
+    err = model.last_error or {}
     if server.exit is not None and not server.exit.expected:
-        return ApiError(502, "model_crashed", f"llama-server for {slot.id} {server.exit.reason} during the request; "
-                        "the model is marked failed and the next request reloads it", model=slot.id,
-                        logs=server.exit.last_logs[-10:])
-    if server.exit is not None or server.stopping or err.get("code") == "model_unloaded":
-        return ApiError(503, "model_unloaded", f"{slot.id} was unloaded while the request was in flight",
-                        model=slot.id, headers={"Retry-After": "1"})
-    return ApiError(502, "upstream_error", f"lost the connection to llama-server for {slot.id}", model=slot.id)
+        return Refused(Code.MODEL_CRASHED, f"llama-server for {model.id} {server.exit.reason} during the request; "
+                       "the model is marked failed and the next request reloads it", model=model.id,
+                       logs=server.exit.last_logs[-10:])
+    if server.exit is not None or server.stopping or err.get("code") == Code.MODEL_UNLOADED.value:
+        return Refused(Code.MODEL_UNLOADED, f"{model.id} was unloaded while the request was in flight",
+                       model=model.id, retry_after=1)
+    return Refused(Code.UPSTREAM_ERROR, f"lost the connection to llama-server for {model.id}", model=model.id)
 
 
 def _validate(endpoint: str, body: dict) -> None:
@@ -75,8 +77,8 @@ def _validate(endpoint: str, body: dict) -> None:
         _REQUESTS[endpoint].model_validate(body)
     except ValidationError as exc:
         problems = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]} for e in exc.errors()]
-        raise ApiError(400, "invalid_request", f"{problems[0]['field']}: {problems[0]['problem']}",
-                       problems=problems) from None
+        raise Refused(Code.INVALID_REQUEST, f"{problems[0]['field']}: {problems[0]['problem']}",
+                      problems=problems) from None
 
 
 async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> web.StreamResponse:
@@ -84,13 +86,13 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
     try:
         body = json.loads(raw)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
-        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+        raise Refused(Code.INVALID_JSON, "the request body is not valid JSON") from None
     if not isinstance(body, dict):
-        raise ApiError(400, "invalid_request", "the request body must be a JSON object")
+        raise Refused(Code.INVALID_REQUEST, "the request body must be a JSON object")
     name = body.get("model")
     if name is not None and not isinstance(name, str):
-        raise ApiError(400, "invalid_request", "model: Input should be a valid string")
-    slot = orch.slot(name)
+        raise Refused(Code.INVALID_REQUEST, "model: Input should be a valid string")
+    slot = orch.model(name)
     stream = body.get("stream") is True
     t0 = time.perf_counter()
     status = 500
@@ -98,15 +100,21 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
     m.in_flight.labels(slot.id).inc()
     try:  # from here on every answer is counted for the model, refusals included
         _validate(endpoint, body)
-        if endpoint == "embeddings" and not any(a in ("--embedding", "--embeddings") for a in slot.spec.extra_args):
+        if endpoint == "embeddings" and not serves_embeddings(slot.spec.extra_args):
             # llama-server would answer 501 after a load on demand: say what to change instead
-            raise ApiError(400, "embeddings_not_enabled", f"{slot.id} does not serve embeddings: add \"--embeddings\" "
-                           "to its extra_args in the model registry", model=slot.id)
+            raise Refused(Code.EMBEDDINGS_NOT_ENABLED, f"{slot.id} does not serve embeddings: add \"--embeddings\" "
+                          "to its extra_args in the model registry", model=slot.id)
+        if endpoint == "chat_completions" and b'"image_url"' in raw and not slot.spec.vision \
+                and _has_image(body):
+            # llama-server would answer 500: name the fix instead
+            raise Refused(Code.VISION_NOT_SUPPORTED, f"{slot.id} has no vision projector, so it cannot read images: "
+                          "send the image to a model with an mmproj (GET /models: vision=true), or add `mmproj` to "
+                          f"{slot.id}'s source in the model registry", model=slot.id)
         limit = orch.queue_limit(slot)
         if limit and slot.in_flight >= limit:  # bounded: a burst cannot pile up unbounded work behind one model
-            raise ApiError(429, "overloaded", f"{slot.id} already has {slot.in_flight} requests waiting or in flight "
-                           f"(limit {limit}: MODEL_ORCHESTRATOR_MAX_QUEUE plus llama-server's slots); retry later",
-                           headers={"Retry-After": "1"}, model=slot.id, in_flight=slot.in_flight, limit=limit)
+            raise Refused(Code.OVERLOADED, f"{slot.id} already has {slot.in_flight} requests waiting or in flight "
+                          f"(limit {limit}: MODEL_ORCHESTRATOR_MAX_QUEUE plus llama-server's slots); retry later",
+                          retry_after=1, model=slot.id, in_flight=slot.in_flight, limit=limit)
         with slot.request():
             server = await orch.ready_server(slot)
             headers = {"Content-Type": "application/json"}
@@ -125,11 +133,9 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
                     return web.Response(body=data, status=up.status, headers={
                         k: v for k, v in up.headers.items() if k.lower() not in _HOP_HEADERS})
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
-                err = await _upstream_lost(slot, server)
-                status = err.status
-                raise err from None
-    except ApiError as err:
-        status = err.status
+                raise await _upstream_lost(slot, server) from None
+    except Refused as err:
+        status = refusal_response(err).status
         raise
     finally:
         m.in_flight.labels(slot.id).dec()
@@ -160,10 +166,19 @@ async def _pass_stream(request, up, slot, server, orch, endpoint) -> web.StreamR
     except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
         # the status line is gone already: report the failure as a last SSE event, as OpenAI does
         err = await _upstream_lost(slot, server)
-        await resp.write(b"data: " + json.dumps(err.body()).encode() + b"\n\n")
+        await resp.write(b"data: " + json.dumps(refusal_body(err)).encode() + b"\n\n")
     _record(orch, slot.id, scanner.prompt_tokens, scanner.completion_tokens)
     await resp.write_eof()
     return resp
+
+
+def _has_image(body: dict) -> bool:
+    """Does any message carry image_url content (OpenAI's list-of-parts form)?"""
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image_url" for p in content):
+            return True
+    return False
 
 
 def _count_tokens(orch: Orchestrator, model: str, data: bytes) -> None:
@@ -188,4 +203,4 @@ def list_models(orch: Orchestrator) -> dict:
     created = int(time.time())
     return {"object": "list", "data": [
         {"id": s.id, "object": "model", "created": created, "owned_by": "model-orchestrator", "status": s.state}
-        for s in orch.slots.values()]}
+        for s in orch.models.values()]}

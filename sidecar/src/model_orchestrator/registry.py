@@ -13,18 +13,12 @@ from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .llama_args import CACHE_TYPES, reserved_flag
+
 # Model ids become metric labels, URL parts and file names: keep them to a safe alphabet (no path traversal).
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
-# Flags the orchestrator sets itself; letting extra_args set them would break routing or expose llama-server.
-RESERVED_FLAGS = {
-    "-m", "--model", "--host", "--port", "-a", "--alias", "--mmproj", "-mm", "-c", "--ctx-size",
-    "-ngl", "--gpu-layers", "--n-gpu-layers", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
-    "--models-dir", "--api-key", "--api-key-file", "--path", "-fit", "--fit",
-    "-dev", "--device", "-ts", "--tensor-split",  # placement is admission's (set split = true to allow splitting)
-}
-
-CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+CacheType = Literal[CACHE_TYPES]
 
 
 class _Strict(BaseModel):
@@ -81,13 +75,20 @@ class ModelSpec(_Strict):
     idle_ttl_s: float = Field(0, ge=0, description="unload after this long without requests; 0 = never")
     load_on_demand: bool = True
     split: bool = Field(False, description="may be split over several GPUs (tensor split) when it fits on none alone")
+    swap_on_demand: bool | None = Field(None, description="a load of this model may evict idle models of equal "
+                                        "priority (least recently used first); unset: MODEL_ORCHESTRATOR_SWAP_ON_DEMAND")
+
+    @property
+    def vision(self) -> bool:
+        """Has a multimodal projector: accepts image_url content."""
+        return bool(getattr(self.source, "mmproj", None))
 
     @field_validator("extra_args")
     @classmethod
     def _no_reserved_flags(cls, args: list[str]) -> list[str]:
         for arg in args:
-            flag = arg.split("=", 1)[0]
-            if flag in RESERVED_FLAGS:
+            flag = reserved_flag(arg)
+            if flag:
                 raise ValueError(f"{flag} is set by the orchestrator; use the model's own field instead")
         return args
 
@@ -141,12 +142,15 @@ def _format_errors(source: str, exc: ValidationError) -> str:
 
 
 def parse_registry(text: str, source: str = "<registry>", *, context_size: int | None = None,
-                   n_gpu_layers: int | None = None) -> Registry:
-    """Parse and validate; the guide's CONTEXT_SIZE / N_GPU_LAYERS override every model's value."""
+                   n_gpu_layers: int | None = None, default_model: str | None = None) -> Registry:
+    """Parse and validate; the guide's CONTEXT_SIZE / N_GPU_LAYERS override every model's value,
+    MODEL_ORCHESTRATOR_DEFAULT_MODEL the file's default_model."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RegistryError(f"{source}: not valid TOML: {exc}") from None
+    if default_model is not None:
+        data["default_model"] = default_model
     try:
         registry = Registry.model_validate(data)
     except ValidationError as exc:
@@ -160,6 +164,12 @@ def parse_registry(text: str, source: str = "<registry>", *, context_size: int |
             # relative paths are relative to the registry file, not to wherever the sidecar was started
             spec.source.path = Path(source).parent / spec.source.path
     return registry
+
+
+def registry_from_settings(settings) -> Registry:
+    """The registry the settings name, with the settings' overrides: the one way the sidecar and the CLI load it."""
+    return load_registry(settings.models_config, context_size=settings.context_size,
+                         n_gpu_layers=settings.n_gpu_layers, default_model=settings.default_model)
 
 
 def load_registry(path: Path | None = None, **overrides) -> Registry:

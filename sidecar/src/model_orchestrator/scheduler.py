@@ -7,13 +7,18 @@ For each GPU:  available = total - ours - max(foreign, reserved) - margin
 A load is admitted on the device where it fits; if it fits nowhere, models are evicted where that frees enough:
 idle models of lower priority first, then the least recently used among equal priority. A model of higher priority
 is never evicted for a lower one, nor one with requests in flight unless forced. Without eviction allowed by the
-caller only strictly lower priorities may go (the priority rule); equal priorities need allow_eviction. The refusal
-says how many MB are missing and which models could be evicted.
+caller only strictly lower priorities may go (the priority rule); equal priorities need allow_eviction (which the
+orchestrator grants by default: swap on demand). A model that is being unloaded still counts (memory and cap) until
+its process has exited, and cannot be evicted again. Reservations are memory, not models: they never count against
+the cap on loaded models. The refusal says why (`insufficient_vram` or `too_many_models`), how many MB are missing
+and which models could be evicted.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from .errors import Code
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,7 @@ class Resident:
     in_flight: int
     last_used: float  # monotonic seconds; older = smaller
     loading: bool = False
+    leaving: bool = False  # being unloaded: counts until its process has exited, never a victim
     held_mb_by_gpu: dict[int, float] = field(default_factory=dict)
 
     def on(self, gpu: int) -> float:
@@ -51,6 +57,7 @@ class Request:
     allow_eviction: bool = False
     force: bool = False  # may evict models with requests in flight
     split: bool = False  # may spread over several devices (tensor split)
+    is_model: bool = True  # False for a reservation: memory only, never counted against max_loaded
 
 
 @dataclass
@@ -62,6 +69,7 @@ class Decision:
     missing_mb: float = 0.0
     evictable: list[str] = field(default_factory=list)  # what the caller could allow to be evicted
     reason: str = ""
+    refusal: Code | None = None  # why not: Code.INSUFFICIENT_VRAM or Code.TOO_MANY_MODELS
 
 
 def available(device: Device, residents: list[Resident], margin_mb: float) -> float:
@@ -73,7 +81,7 @@ def _eviction_order(residents: list[Resident], req: Request, gpu: int | None, *,
     """Who may be evicted for `req`, best victims first: lower priority, then least recently used."""
     out = []
     for r in residents:
-        if r.id == req.model or r.loading or (gpu is not None and r.on(gpu) <= 0):
+        if r.id == req.model or r.loading or r.leaving or (gpu is not None and r.on(gpu) <= 0):
             continue
         if r.in_flight and not req.force:
             continue
@@ -91,7 +99,7 @@ def decide(req: Request, devices: list[Device], residents: list[Resident], *, ma
     if not devices:  # CPU mode: no memory to account; only the cap on loaded models applies
         return _cap_only(req, residents, max_loaded)
     others = [r for r in residents if r.id != req.model]
-    over_cap = max(0, len(others) + 1 - max_loaded) if max_loaded else 0
+    over_cap = _over_cap(req, others, max_loaded)
     free = {d.index: available(d, others, margin_mb) for d in devices}
 
     # 1. fits somewhere as is (and under the cap): the device with the most room
@@ -121,21 +129,39 @@ def decide(req: Request, devices: list[Device], residents: list[Resident], *, ma
     # 3. refuse: what is missing on the best device, and what the caller could allow to be evicted
     missing = max(0.0, req.need_mb - free[best.index])
     could = _eviction_order(others, Request(req.model, req.need_mb, req.priority, True, req.force), best.index, allowed=True)
-    why = (f"needs {req.need_mb:.0f} MB, GPU {best.index} has {free[best.index]:.0f} MB available "
-           f"(margin {margin_mb:.0f} MB included)" if missing else f"at most {max_loaded} models may be loaded")
-    return Decision(False, gpu=best.index, missing_mb=round(missing, 1), evictable=[r.id for r in could], reason=why)
+    if missing:
+        why, refusal = (f"needs {req.need_mb:.0f} MB, GPU {best.index} has {free[best.index]:.0f} MB available "
+                        f"(margin {margin_mb:.0f} MB included)"), Code.INSUFFICIENT_VRAM
+    else:
+        why, refusal = _cap_reason(others, max_loaded), Code.TOO_MANY_MODELS
+    return Decision(False, gpu=best.index, missing_mb=round(missing, 1), evictable=[r.id for r in could], reason=why,
+                    refusal=refusal)
+
+
+def _over_cap(req: Request, others: list[Resident], max_loaded: int) -> int:
+    """How many models must go for `req` to stay within max_loaded (reservations are not models)."""
+    if not max_loaded or not req.is_model:
+        return 0
+    return max(0, len(others) + 1 - max_loaded)
+
+
+def _cap_reason(others: list[Resident], max_loaded: int) -> str:
+    leaving = [r.id for r in others if r.leaving]
+    return (f"at most {max_loaded} model(s) may be loaded (MODEL_ORCHESTRATOR_MAX_LOADED)"
+            + (f"; still stopping: {', '.join(leaving)}" if leaving else ""))
 
 
 def _cap_only(req: Request, residents: list[Resident], max_loaded: int) -> Decision:
     others = [r for r in residents if r.id != req.model]
-    if not max_loaded or len(others) < max_loaded:
+    need = _over_cap(req, others, max_loaded)
+    if not need:
         return Decision(True, reason="CPU mode: no GPU memory to account")
     order = _eviction_order(others, req, None, allowed=req.allow_eviction)
-    need = len(others) + 1 - max_loaded
     if len(order) >= need:
         return Decision(True, evict=[r.id for r in order[:need]], reason=f"cap of {max_loaded} loaded models")
     could = _eviction_order(others, Request(req.model, 0, req.priority, True, req.force), None, allowed=True)
-    return Decision(False, evictable=[r.id for r in could], reason=f"at most {max_loaded} models may be loaded")
+    return Decision(False, evictable=[r.id for r in could], reason=_cap_reason(others, max_loaded),
+                    refusal=Code.TOO_MANY_MODELS)
 
 
 def _split(need_mb: float, free: dict[int, float]) -> dict[int, float]:

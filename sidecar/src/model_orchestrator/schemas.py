@@ -6,8 +6,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from .lifecycle import State
-from .registry import MODEL_ID_PATTERN
+from .lifecycle import LoadResult, State, UnloadResult
+from .registry import MODEL_ID_PATTERN, CacheType
 
 ModelName = Field(min_length=1, max_length=64, pattern=MODEL_ID_PATTERN, description="model id or alias")
 
@@ -32,7 +32,8 @@ class LoadRequest(_Request):
     priority: JsonInt | None = Field(None, ge=0, le=100, description="overrides the registry's priority while loaded")
     wait: bool = Field(True, description="false: answer 202 at once and load in the background")
     timeout_s: float | None = Field(None, gt=0, le=3600, description="how long llama-server may take to be ready")
-    allow_eviction: bool = Field(False, description="may unload idle models of equal priority (lower ones may always go)")
+    allow_eviction: bool | None = Field(None, description="may unload idle models of equal priority (lower ones may "
+                                        "always go); default: the model's swap_on_demand (on unless configured off)")
     force: bool = Field(False, description="with eviction: may also unload models that have requests in flight")
     vram_mb: float | None = Field(None, gt=0, le=10_000_000, description="for a service other than llama-cpp: reserve "
                                   "this much GPU memory for it (see /reservations)")
@@ -117,7 +118,7 @@ class StatusResponse(BaseModel):
 class LoadResponse(BaseModel):
     model: str
     status: State | Literal["reserved"]
-    result: Literal["loaded", "joined", "already_loaded", "loading", "reserved"]
+    result: LoadResult
     load_seconds: float | None = None
     pid: int | None = None
     port: int | None = None
@@ -129,15 +130,15 @@ class LoadResponse(BaseModel):
 
 class UnloadResponse(BaseModel):
     model: str
-    status: State | Literal["released"]
-    result: Literal["unloaded", "cancelled_load", "joined", "already_unloaded", "released"]
+    status: State | Literal["released", "not_held"]
+    result: UnloadResult
     released: list["ReservationOut"] = []
 
 
 class EstimateRequest(_Request):
     model: str = Field(min_length=1, max_length=64, description="model id or alias")
     context_size: JsonInt | None = Field(None, ge=64, le=4_194_304)
-    cache_type: Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"] | None = None
+    cache_type: CacheType | None = None
     n_gpu_layers: JsonInt | None = Field(None, ge=-1, le=10_000)
 
 
@@ -163,6 +164,8 @@ class FitOut(BaseModel):
     missing_mb: float
     evictable: list[str]
     reason: str
+    refusal: Literal["insufficient_vram", "too_many_models"] | None = Field(
+        None, description="the error code a load would be refused with now")
 
 
 class EstimateResponse(BaseModel):
@@ -219,6 +222,7 @@ class ModelInfo(BaseModel):
     load_on_demand: bool
     vision: bool = Field(description="has a multimodal projector (accepts image_url content)")
     default: bool
+    swap_on_demand: bool = Field(description="a load of it evicts idle models of equal priority when needed")
 
 
 class ModelsResponse(BaseModel):

@@ -26,49 +26,63 @@ def state_dir() -> Path:
     return Path(os.environ.get("MODEL_ORCHESTRATOR_STATE") or _xdg("XDG_STATE_HOME", ".local/state") / "model-orchestrator")
 
 
+def setting(default, env: str, description: str, **constraints):
+    """A setting: its default, the one environment variable that sets it, and what it does (README's table)."""
+    if callable(default):
+        return Field(default_factory=default, description=description, json_schema_extra={"env": env}, **constraints)
+    return Field(default, description=description, json_schema_extra={"env": env}, **constraints)
+
+
 class Settings(BaseModel):
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    api_key: str | None = Field(None, repr=False)
-    models_config: Path | None = None  # None: the registry shipped in the package
-    llama_server_bin: Path | None = None  # None: the build cached by `install-llama-server`
-    state_dir: Path = Field(default_factory=state_dir)
-    context_size: int | None = Field(None, ge=64)  # guide: CONTEXT_SIZE overrides every model's context
-    n_gpu_layers: int | None = Field(None, ge=-1)  # guide: N_GPU_LAYERS overrides every model's layers
-    load_timeout_s: float = Field(600.0, gt=0)
-    stop_timeout_s: float = Field(10.0, gt=0)
-    log_lines: int = Field(400, ge=10)
-    max_body_mb: int = Field(64, ge=1)  # images travel base64-encoded inside chat requests
-    allow_insecure_bind: bool = False  # bind beyond loopback without an API key (loudly warned)
-    vram_margin_mb: float = Field(512, ge=0)  # kept free on every GPU beyond the estimates
-    max_loaded: int = Field(0, ge=0)  # cap on models loaded at once (0: no cap)
-    cuda_overhead_mb: float | None = Field(None, ge=0)  # per-process CUDA overhead of this card (estimate.py)
-    reservation_ttl_s: float = Field(600, gt=0)  # default lifetime of a reservation
-    max_queue: int = Field(64, ge=0)  # per model: requests waiting beyond llama-server's slots before 429 (0: no cap)
+    """Every setting, declared once with its environment variable; README's settings table is generated from this
+    class (`model-orchestrator settings-table`, checked by a drift test)."""
+
+    host: str = setting("127.0.0.1", "MODEL_ORCHESTRATOR_HOST", "address the API listens on")
+    port: int = setting(8000, "MODEL_ORCHESTRATOR_PORT", "port the API listens on", ge=0, le=65535)
+    api_key: str | None = setting(None, "MODEL_ORCHESTRATOR_API_KEY", "Bearer key every route but /health, /metrics "
+                                  "and the docs needs", repr=False)
+    models_config: Path | None = setting(None, "MODEL_ORCHESTRATOR_MODELS", "the model registry file (unset: the "
+                                         "shipped one)")
+    default_model: str | None = setting(None, "MODEL_ORCHESTRATOR_DEFAULT_MODEL", "overrides the registry's "
+                                        "default_model (the model for requests that name none)")
+    llama_server_bin: Path | None = setting(None, "LLAMA_SERVER_BIN", "use this llama-server (unset: the build cached "
+                                            "by `install-llama-server`)")
+    state_dir: Path = setting(state_dir, "MODEL_ORCHESTRATOR_STATE", "generated models, the lock of the running "
+                              "sidecar, the marker of its processes (default ~/.local/state/model-orchestrator)")
+    context_size: int | None = setting(None, "CONTEXT_SIZE", "the guide's override of every model's context_size",
+                                       ge=64)
+    n_gpu_layers: int | None = setting(None, "N_GPU_LAYERS", "the guide's override of every model's n_gpu_layers",
+                                       ge=-1)
+    load_timeout_s: float = setting(600.0, "MODEL_ORCHESTRATOR_LOAD_TIMEOUT_S", "how long llama-server may take to "
+                                    "become ready", gt=0)
+    stop_timeout_s: float = setting(10.0, "MODEL_ORCHESTRATOR_STOP_TIMEOUT_S", "how long an unload waits for "
+                                    "llama-server to exit after SIGTERM before SIGKILL", gt=0)
+    log_lines: int = setting(400, "MODEL_ORCHESTRATOR_LOG_LINES", "llama-server log lines kept per model", ge=10)
+    max_body_mb: int = setting(64, "MODEL_ORCHESTRATOR_MAX_BODY_MB", "largest request body (images travel "
+                               "base64-encoded)", ge=1)
+    allow_insecure_bind: bool = setting(False, "MODEL_ORCHESTRATOR_ALLOW_INSECURE_BIND", "listen beyond loopback "
+                                        "without an API key (loudly warned)")
+    vram_margin_mb: float = setting(512, "MODEL_ORCHESTRATOR_VRAM_MARGIN_MB", "kept free on every GPU beyond the "
+                                    "estimates", ge=0)
+    max_loaded: int = setting(0, "MODEL_ORCHESTRATOR_MAX_LOADED", "models loaded at once (0: no cap)", ge=0)
+    swap_on_demand: bool = setting(True, "MODEL_ORCHESTRATOR_SWAP_ON_DEMAND", "a load that needs an idle model of "
+                                   "equal priority evicted (cap or memory) evicts the least recently used one; 0 "
+                                   "refuses instead (per model: swap_on_demand in the registry)")
+    cuda_overhead_mb: float | None = setting(None, "MODEL_ORCHESTRATOR_CUDA_OVERHEAD_MB", "per-process CUDA "
+                                             "overhead of your card (default: measured on an H200)", ge=0)
+    reservation_ttl_s: float = setting(600, "MODEL_ORCHESTRATOR_RESERVATION_TTL_S", "default lifetime of a "
+                                       "reservation", gt=0)
+    max_queue: int = setting(64, "MODEL_ORCHESTRATOR_MAX_QUEUE", "per model: requests waiting beyond llama-server's "
+                             "--parallel slots before `429 overloaded` (0: no cap)", ge=0)
+
+    @classmethod
+    def env_names(cls) -> dict[str, str]:
+        return {name: f.json_schema_extra["env"] for name, f in cls.model_fields.items()}
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
         env = os.environ if env is None else env
-        names = {
-            "host": "MODEL_ORCHESTRATOR_HOST",
-            "port": "MODEL_ORCHESTRATOR_PORT",
-            "api_key": "MODEL_ORCHESTRATOR_API_KEY",
-            "models_config": "MODEL_ORCHESTRATOR_MODELS",
-            "llama_server_bin": "LLAMA_SERVER_BIN",
-            "state_dir": "MODEL_ORCHESTRATOR_STATE",
-            "context_size": "CONTEXT_SIZE",
-            "n_gpu_layers": "N_GPU_LAYERS",
-            "load_timeout_s": "MODEL_ORCHESTRATOR_LOAD_TIMEOUT_S",
-            "stop_timeout_s": "MODEL_ORCHESTRATOR_STOP_TIMEOUT_S",
-            "log_lines": "MODEL_ORCHESTRATOR_LOG_LINES",
-            "max_body_mb": "MODEL_ORCHESTRATOR_MAX_BODY_MB",
-            "allow_insecure_bind": "MODEL_ORCHESTRATOR_ALLOW_INSECURE_BIND",
-            "vram_margin_mb": "MODEL_ORCHESTRATOR_VRAM_MARGIN_MB",
-            "max_loaded": "MODEL_ORCHESTRATOR_MAX_LOADED",
-            "cuda_overhead_mb": "MODEL_ORCHESTRATOR_CUDA_OVERHEAD_MB",
-            "reservation_ttl_s": "MODEL_ORCHESTRATOR_RESERVATION_TTL_S",
-            "max_queue": "MODEL_ORCHESTRATOR_MAX_QUEUE",
-        }
+        names = cls.env_names()
         values = {field: env[var] for field, var in names.items() if env.get(var, "") != ""}
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
@@ -77,3 +91,24 @@ class Settings(BaseModel):
             # name the environment variable, not the Python field
             lines = [f"{names.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors()]
             raise SystemExit("invalid settings:\n  " + "\n  ".join(lines)) from None
+
+
+def settings_table() -> str:
+    """The README's table of settings, generated from Settings (one owner for names, defaults and meanings)."""
+    rows = ["| variable | default | what it does |", "|---|---|---|"]
+    for name, f in Settings.model_fields.items():
+        default = "unset" if f.default_factory is None and f.default is None else (
+            "see text" if f.default_factory is not None else f"`{str(f.default).lower() if isinstance(f.default, bool) else f.default}`")
+        rows.append(f"| `{f.json_schema_extra['env']}` | {default} | {f.description} |")
+    return "\n".join(rows)
+
+
+README_MARKERS = ("<!-- settings-table:begin -->", "<!-- settings-table:end -->")
+
+
+def with_settings_table(readme: str) -> str:
+    """README text with the generated settings table between its markers."""
+    begin, end = README_MARKERS
+    head, rest = readme.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{settings_table()}\n{end}{tail}"

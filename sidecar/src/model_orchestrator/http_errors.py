@@ -1,0 +1,67 @@
+"""The one table that maps the orchestrator's error codes (errors.Code) to HTTP statuses, and the JSON shape of
+every error answer: OpenAI style, `{"error": {"code", "message", "type", ...details}}`."""
+
+from __future__ import annotations
+
+import math
+
+from aiohttp import web
+
+from .errors import Code, Refused
+
+STATUS: dict[Code, int] = {
+    Code.INVALID_JSON: 400,
+    Code.INVALID_REQUEST: 400,
+    Code.UNKNOWN_SERVICE: 400,
+    Code.EMBEDDINGS_NOT_ENABLED: 400,
+    Code.VISION_NOT_SUPPORTED: 400,
+    Code.REMOTE_IMAGE_NOT_ALLOWED: 400,
+    Code.INVALID_API_KEY: 401,
+    Code.FORBIDDEN_ORIGIN: 403,
+    Code.NOT_FOUND: 404,
+    Code.MODEL_NOT_FOUND: 404,
+    Code.RESERVATION_NOT_FOUND: 404,
+    Code.METHOD_NOT_ALLOWED: 405,
+    Code.BODY_TOO_LARGE: 413,
+    Code.UNREADABLE_MODEL: 422,
+    Code.INSUFFICIENT_VRAM: 409,
+    Code.TOO_MANY_MODELS: 409,
+    Code.MODEL_BUSY: 409,
+    Code.MODEL_FILES_MISSING: 409,
+    Code.MODEL_NOT_LOADED: 409,
+    Code.LOAD_CANCELLED: 409,
+    Code.OVERLOADED: 429,
+    Code.INTERNAL_ERROR: 500,
+    Code.MODEL_CRASHED: 502,
+    Code.UPSTREAM_ERROR: 502,
+    Code.LOAD_FAILED: 503,
+    Code.SPAWN_FAILED: 503,
+    Code.PROCESS_EXITED: 503,
+    Code.LOAD_TIMEOUT: 503,
+    Code.MODEL_UNLOADED: 503,
+    Code.MODEL_UNLOADING: 503,
+    Code.MODEL_DRAINING: 503,
+    Code.SHUTTING_DOWN: 503,
+    Code.UPSTREAM_TIMEOUT: 504,
+}
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+          409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+def error_body(status: int, code: str, message: str, details: dict | None = None) -> dict:
+    err = {"code": code, "message": message,
+           "type": _TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")}
+    err.update({k: v for k, v in (details or {}).items() if v is not None})
+    return {"error": err}
+
+
+def refusal_body(err: Refused) -> dict:
+    return error_body(STATUS[err.code], err.code.value, err.message, err.details)
+
+
+def refusal_response(err: Refused, headers: dict[str, str] | None = None) -> web.Response:
+    headers = dict(headers or {})
+    if err.retry_after is not None:
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
+    return web.json_response(refusal_body(err), status=STATUS[err.code], headers=headers)

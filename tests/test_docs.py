@@ -1,0 +1,46 @@
+"""What is generated from the code is committed as generated: README's settings table and the registry's schema."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from model_orchestrator.settings import Settings, settings_table, with_settings_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _generator():
+    spec = importlib.util.spec_from_file_location("generate_docs", ROOT / "docs" / "generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_settings_table_is_generated_from_settings():
+    readme = (ROOT / "README.md").read_text()
+    assert with_settings_table(readme) == readme, "README's settings table drifted: run `make docs`"
+    for env in Settings.env_names().values():
+        assert f"`{env}`" in settings_table()
+
+
+def test_every_setting_names_its_variable_and_says_what_it_does():
+    names = Settings.env_names()
+    assert len(set(names.values())) == len(names)
+    for field, info in Settings.model_fields.items():
+        assert info.description, field
+
+
+def test_registry_schema_is_generated_from_registry_py():
+    committed = (ROOT / "docs" / "models.schema.json").read_text()
+    assert committed == _generator().registry_schema(), "docs/models.schema.json drifted: run `make docs`"
+
+
+@pytest.mark.parametrize("path", ["sidecar/src/model_orchestrator/models.toml"])
+def test_the_shipped_registry_validates_against_the_schema(path):
+    import tomllib
+
+    schema = json.loads((ROOT / "docs" / "models.schema.json").read_text())
+    jsonschema.validate(tomllib.loads((ROOT / path).read_text()), schema)

@@ -1,0 +1,218 @@
+"""Swap on demand, the cap's own refusal code, idempotent unloads, and the races of the unloading window, with real
+llama-servers (CPU mode: the cap on loaded models is what forces swaps here; memory swaps are in test_admission)."""
+
+import asyncio
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import pid_alive
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
+
+
+def llama_pids(owner: str) -> set[int]:
+    """llama-server processes of the sidecar whose state dir is `owner` (their environment carries it)."""
+    from model_orchestrator.lifecycle import find_leftovers
+
+    return {p for p in find_leftovers(owner) if pid_alive(p)}
+
+
+class ProcessSampler:
+    """Samples the owner's llama-server processes every 2 ms in a thread; remembers the most seen at once."""
+
+    def __init__(self, owner: str):
+        self.owner, self.most, self._stop = owner, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.most = max(self.most, len(llama_pids(self.owner)))
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+@pytest.fixture
+async def capped(aiohttp_client, make_orchestrator):
+    """A sidecar with MODEL_ORCHESTRATOR_MAX_LOADED=1 and everything else default (swap on demand on)."""
+    from model_orchestrator.api import create_app
+
+    orch = make_orchestrator(max_loaded=1)
+    c = await aiohttp_client(create_app(orch))
+    c.orch = orch
+    yield c
+
+
+async def chat(c, model):
+    r = await c.post("/v1/chat/completions", json={**CHAT, "model": model})
+    return r.status, await r.json()
+
+
+async def test_chats_for_two_models_swap_on_demand_under_a_cap_of_one(capped):
+    c = capped
+    with ProcessSampler(c.orch.owner) as sampler:
+        for i in range(6):
+            model = ("tiny", "tiny-tools")[i % 2]
+            status, body = await chat(c, model)
+            assert status == 200, body
+            loaded = [m.id for m in c.orch.models.values() if m.state.value == "loaded"]
+            assert loaded == [model]
+    assert sampler.most == 1, "two llama-servers were alive at once"
+    text = await (await c.get("/metrics")).text()
+    assert "model_orchestrator_model_unloads_total{model=\"tiny\",reason=\"evicted\"} 3.0" in text
+
+
+async def test_an_explicit_load_says_what_it_swapped_out(capped):
+    c = capped
+    assert (await c.post("/models/load", json={"model": "tiny"})).status == 200
+    r = await c.post("/models/load", json={"model": "tiny-tools"})
+    body = await r.json()
+    assert r.status == 200 and body["result"] == "loaded" and body["evicted"] == ["tiny"], body
+
+
+async def test_strict_when_asked_per_request_and_the_cap_has_its_own_code(capped):
+    c = capped
+    await c.post("/models/load", json={"model": "tiny"})
+    r = await c.post("/models/load", json={"model": "tiny-tools", "allow_eviction": False})
+    err = (await r.json())["error"]
+    assert r.status == 409 and err["code"] == "too_many_models", err
+    assert err["evictable"] == ["tiny"] and "MODEL_ORCHESTRATOR_MAX_LOADED" in err["message"]
+    assert c.orch.models["tiny"].state.value == "loaded" and c.orch.models["tiny-tools"].state.value == "unloaded"
+
+
+async def test_strict_when_configured_globally(aiohttp_client, make_orchestrator):
+    from model_orchestrator.api import create_app
+
+    orch = make_orchestrator(max_loaded=1, swap_on_demand=False)
+    c = await aiohttp_client(create_app(orch))
+    assert (await chat(c, "tiny"))[0] == 200
+    status, body = await chat(c, "tiny-tools")
+    assert status == 409 and body["error"]["code"] == "too_many_models"
+    models = {m["id"]: m for m in (await (await c.get("/models")).json())["models"]}
+    assert models["tiny"]["swap_on_demand"] is False
+
+
+async def test_higher_priority_and_busy_models_stay_protected(capped):
+    c = capped
+    await c.post("/models/load", json={"model": "tiny", "priority": 50})
+    status, body = await chat(c, "tiny-tools")  # priority 0 may not evict priority 50
+    assert status == 409 and body["error"]["code"] == "too_many_models", body
+    await c.post("/models/unload", json={"model": "tiny"})
+    await c.post("/models/load", json={"model": "tiny"})
+    with c.orch.models["tiny"].request():  # busy: not evicted without force
+        status, body = await chat(c, "tiny-tools")
+        assert status == 409 and body["error"]["code"] == "too_many_models", body
+
+
+async def test_the_load_priority_override_ends_with_its_process(capped):
+    c = capped
+    await c.post("/models/load", json={"model": "tiny", "priority": 50})
+    assert c.orch.models["tiny"].priority == 50
+    await c.post("/models/unload", json={"model": "tiny"})
+    assert c.orch.models["tiny"].priority == 0
+    # a refused load leaves no override behind either
+    await c.post("/models/load", json={"model": "tiny-tools", "priority": 90})
+    r = await c.post("/models/load", json={"model": "tiny", "priority": 5, "allow_eviction": False})
+    assert r.status == 409 and c.orch.models["tiny"].priority == 0
+
+
+async def test_unloading_what_is_not_held_is_a_result_not_an_error(client):
+    r = await client.post("/models/unload", json={"model": "tiny"})
+    assert (r.status, (await r.json())["result"]) == (200, "not_loaded")
+    r = await client.post("/models/unload", json={"model": "wan2.1-14b"})
+    body = await r.json()
+    assert r.status == 200 and body["result"] == "not_held" and body["status"] == "not_held", body
+    r = await client.post("/reservations", json={"service": "comfyui", "model": "wan2.1-14b", "vram_mb": 100})
+    assert r.status == 201
+    r = await client.post("/models/unload", json={"model": "wan2.1-14b"})
+    assert (await r.json())["result"] == "released"
+
+
+async def test_a_reservation_does_not_count_against_the_model_cap(capped):
+    """M2: a 1 MB reservation under a cap of one evicted the loaded model."""
+    c = capped
+    await c.post("/models/load", json={"model": "tiny"})
+    r = await c.post("/reservations", json={"service": "whisperx", "vram_mb": 1})
+    assert r.status == 201, await r.text()
+    assert c.orch.models["tiny"].state.value == "loaded"
+
+
+async def test_an_image_for_a_model_without_projector_is_a_clear_400(client):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}
+    r = await client.post("/v1/chat/completions", json=body)
+    err = (await r.json())["error"]
+    assert r.status == 400 and err["code"] == "vision_not_supported" and "mmproj" in err["message"], err
+    assert client.orch.models["tiny"].state.value == "unloaded"  # refused before a load on demand
+
+
+async def test_a_load_right_after_a_force_unload_waits_for_the_old_process(capped):
+    """M1: a force unload during a stream and a load 5 ms later had both llama-servers alive for ~2 s."""
+    c = capped
+    await c.post("/models/load", json={"model": "tiny-random"})
+    stream = asyncio.create_task(c.post("/v1/chat/completions", json={
+        "model": "tiny-random", "stream": True, "max_tokens": 2000, "messages": [{"role": "user", "content": "go"}]}))
+    for _ in range(200):
+        if c.orch.models["tiny-random"].in_flight:
+            break
+        await asyncio.sleep(0.01)
+    with ProcessSampler(c.orch.owner) as sampler:
+        unload = asyncio.create_task(c.post("/models/unload", json={"model": "tiny-random", "force": True}))
+        await asyncio.sleep(0.005)
+        r = await c.post("/models/load", json={"model": "tiny"})
+        assert r.status == 200, await r.text()
+        await unload
+    assert sampler.most == 1, "the new llama-server started before the old one had exited"
+    resp = await stream
+    await resp.read()
+
+
+async def test_an_unload_during_the_spawn_leaves_no_process(client):
+    """L1: an unload that cancels a load inside the spawn must not leave a child that nobody waits for."""
+    owner = client.orch.owner
+    for delay in (0, 0.001, 0.003, 0.006, 0.01):
+        load = asyncio.create_task(client.post("/models/load", json={"model": "tiny"}))
+        await asyncio.sleep(delay)
+        await client.post("/models/unload", json={"model": "tiny", "force": True})
+        await load
+        if client.orch.models["tiny"].state.value == "unloaded":
+            assert not llama_pids(owner), f"a llama-server outlived the cancelled load (delay {delay})"
+        await client.post("/models/unload", json={"model": "tiny", "force": True})
+        assert not llama_pids(owner)
+
+
+async def test_no_load_starts_once_shutdown_began(make_orchestrator):
+    from model_orchestrator.errors import Code, Refused
+
+    orch = make_orchestrator()
+    await orch.start()
+    await orch.ensure_loaded("tiny")
+    pid = orch.models["tiny"].server.pid
+    closing = asyncio.create_task(orch.close())
+    await asyncio.sleep(0)
+    with pytest.raises(Refused) as refused:
+        await orch.ensure_loaded("tiny-tools")
+    assert refused.value.code == Code.SHUTTING_DOWN
+    await closing
+    assert not pid_alive(pid) and all(m.state.value == "unloaded" for m in orch.models.values())
+    assert not orch._background  # the idle loop was cancelled and awaited
+
+
+def test_the_orchestrator_knows_nothing_of_http():
+    """Domain errors are values: the orchestrator and the lifecycle import no aiohttp.web and name no status."""
+    src = Path(__file__).resolve().parents[1] / "sidecar" / "src" / "model_orchestrator"
+    for name in ("orchestrator.py", "lifecycle.py", "scheduler.py", "errors.py"):
+        text = (src / name).read_text()
+        assert "aiohttp import web" not in text and "from .http_errors" not in text, name
+        assert "ApiError" not in text, name
