@@ -84,7 +84,7 @@ async def test_load_chat_status_unload(client):
     st = await (await client.get("/models/status")).json()
     assert "tiny" not in st["loaded_models"]
     r = await client.post("/models/unload", json={"model": "tiny"})
-    assert (await r.json())["result"] == "already_unloaded"
+    assert (await r.json())["result"] == "not_loaded"
 
 
 async def test_streaming_is_passed_through_chunk_by_chunk(client):

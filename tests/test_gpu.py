@@ -223,7 +223,7 @@ flash_attn = "on"
     assert abs(estimate - measured) / measured < 0.05
     used_with_moe = st["used_mb"]
 
-    r = await c.post("/models/load", json={"model": "dense"})
+    r = await c.post("/models/load", json={"model": "dense", "allow_eviction": False})
     body = await r.json()
     print(f"dense refused: {body['error']['message']}")
     assert r.status == 409 and body["error"]["code"] == "insufficient_vram"

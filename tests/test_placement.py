@@ -25,7 +25,7 @@ async def test_a_model_goes_to_the_gpu_where_it_fits_and_sees_only_that_gpu(aioh
     assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
     st = await (await c.get("/models/status")).json()
     assert st["loaded_models"]["tiny"]["gpu"] == 1 and st["gpus"][0]["foreign_mb"] == 1500
-    r = await c.post("/models/load", json={"model": "tiny-tools"})  # neither GPU has room left
+    r = await c.post("/models/load", json={"model": "tiny-tools", "allow_eviction": False})  # neither GPU has room
     assert r.status == 409 and (await r.json())["error"]["evictable"] == ["tiny"]
 
 

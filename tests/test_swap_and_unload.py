@@ -216,3 +216,18 @@ def test_the_orchestrator_knows_nothing_of_http():
         text = (src / name).read_text()
         assert "aiohttp import web" not in text and "from .http_errors" not in text, name
         assert "ApiError" not in text, name
+
+
+async def test_wait_false_answers_202_once_the_load_is_admitted_and_started(capped):
+    """A wait:false 202 used to report status "unloaded"; and a refusal must still be an error, not a 202."""
+    c = capped
+    r = await c.post("/models/load", json={"model": "tiny", "wait": False})
+    body = await r.json()
+    assert r.status == 202 and body["result"] == "loading" and body["status"] in ("loading", "loaded"), body
+    r = await c.post("/models/load", json={"model": "tiny-tools", "wait": False, "allow_eviction": False})
+    assert r.status == 409 and (await r.json())["error"]["code"] == "too_many_models"
+    for _ in range(500):
+        if c.orch.models["tiny"].state.value == "loaded":
+            break
+        await asyncio.sleep(0.02)
+    assert c.orch.models["tiny"].state.value == "loaded"

@@ -105,17 +105,14 @@ async def models_load(request: web.Request) -> web.Response:
                                     "reservation": r.to_dict()})
     kwargs = dict(priority=req.priority, service=req.service, timeout_s=req.timeout_s,
                   allow_eviction=req.allow_eviction, force=req.force)
-    if not req.wait:
-        model = orch.load_in_background(req.model, **kwargs)
-        await asyncio.sleep(0)  # let the load task take the first step so the state reads "loading"
-        return _json(LoadResponse, {"model": model.id, "status": model.state, "result": LoadResult.LOADING}, status=202)
-    outcome = await orch.ensure_loaded(req.model, **kwargs)
+    outcome = await orch.ensure_loaded(req.model, wait=req.wait, **kwargs)
     model, server = outcome.model, outcome.model.server
     return _json(LoadResponse, {"model": model.id, "status": model.state, "result": outcome.result,
                                 "load_seconds": model.load_seconds, "pid": server.pid if server else None,
                                 "port": server.port if server else None, "gpu": model.gpu,
                                 "estimate_mb": round(model.estimate.total_mb, 1) if model.estimate else None,
-                                "evicted": outcome.evicted})
+                                "evicted": outcome.evicted},
+                 status=202 if outcome.result == LoadResult.LOADING else 200)
 
 
 async def models_unload(request: web.Request) -> web.Response:
@@ -220,9 +217,10 @@ ROUTES: list[Route] = [
                       "per-GPU details. In CPU mode the memory fields are null and `note` says why."),
     Route("GET", "/models", models_list, "The model registry with each model's state (for dropdowns)", response=ModelsResponse),
     Route("POST", "/models/load", models_load, "Load a model (joins a load under way)", request=LoadRequest,
-          response=LoadResponse, description="Answers when llama-server is ready, or 202 at once with wait=false. "
-          "A model that cannot start answers 503 with llama-server's last log lines.",
-          statuses=((202, "wait=false: the load started"),)),
+          response=LoadResponse, description="Answers when llama-server is ready; with wait=false, 202 as soon as "
+          "the load is admitted and started (status `loading`; a refusal is still an error). A model that cannot "
+          "start answers 503 with llama-server's last log lines.",
+          statuses=((202, "wait=false: the load was admitted and started"),)),
     Route("POST", "/models/unload", models_unload, "Unload a model", request=UnloadRequest, response=UnloadResponse,
           description="Without force, waits up to drain_timeout_s for requests in flight (new ones get 503 + "
           "Retry-After meanwhile) and then refuses with 409, changing nothing. With force, stops llama-server at once; "

@@ -378,6 +378,8 @@ class ManagedModel:
         self._transition(State.LOADING)
         self.priority_override = priority
         self._load_task = asyncio.create_task(self._run_load(launch, http, timeout, log_lines))
+        # nobody may await it (a load with wait=false): its outcome is kept in the state and last_error
+        self._load_task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
     async def join_load(self) -> None:
         """Wait for the load under way without being cancelled with it. An unload can cancel the task before it

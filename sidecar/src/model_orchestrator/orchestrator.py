@@ -143,8 +143,10 @@ class Orchestrator:
     # ---- load ---------------------------------------------------------------------------------------------
     async def ensure_loaded(self, name: str, *, priority: int | None = None, service: str = "llama-cpp",
                             timeout_s: float | None = None, allow_eviction: bool | None = None,
-                            force: bool = False) -> LoadOutcome:
-        """Make the model loaded: join a load under way, wait for an unload under way, or admit and start one."""
+                            force: bool = False, wait: bool = True) -> LoadOutcome:
+        """Make the model loaded: join a load under way, wait for an unload under way, or admit and start one.
+        With wait=False, answer once the load is admitted and started (result `loading`): a refusal still comes
+        back as an error, the load's own outcome shows in status and metrics."""
         model = self.model(name)
         if service != "llama-cpp":
             raise Refused(Code.UNKNOWN_SERVICE, f"service {service!r} is not run by this orchestrator; use "
@@ -156,6 +158,8 @@ class Orchestrator:
             if model.state == State.LOADED:
                 return LoadOutcome(model, LoadResult.ALREADY_LOADED)
             if model.state == State.LOADING:
+                if not wait:
+                    return LoadOutcome(model, LoadResult.LOADING)
                 await model.join_load()
                 return LoadOutcome(model, LoadResult.JOINED)
             async with self._admission:
@@ -172,24 +176,14 @@ class Orchestrator:
                 model.estimate, model.gpu, model.split = est, decision.gpu, decision.split
                 model.begin_load(lambda: self._launch_plan(model), self.http, timeout=timeout,
                                  log_lines=self.settings.log_lines, priority=priority)
+            if not wait:
+                return LoadOutcome(model, LoadResult.LOADING, evicted=decision.evict)
             await model.join_load()
             return LoadOutcome(model, LoadResult.LOADED, evicted=decision.evict)
 
     def _refuse_if_closing(self) -> None:
         if self._closing:
             raise Refused(Code.SHUTTING_DOWN, "the orchestrator is shutting down", retry_after=5)
-
-    def load_in_background(self, name: str, **kwargs) -> ManagedModel:
-        """POST /models/load with wait=false: start (or join) the load, answer at once."""
-        model = self.model(name)
-        self._refuse_if_closing()
-
-        async def run() -> None:
-            with contextlib.suppress(Refused):  # the outcome is visible in status and metrics
-                await self.ensure_loaded(name, **kwargs)
-
-        self._spawn(run())
-        return model
 
     async def _admit(self, who: str, need_mb: float, priority: int, allow_eviction: bool, force: bool,
                      split: bool = False, is_model: bool = True) -> Decision:
