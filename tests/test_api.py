@@ -153,12 +153,13 @@ async def test_image_request_reaches_the_vision_model(client):
     assert next(m for m in models["models"] if m["id"] == "tiny-vision")["vision"] is True
 
 
-async def test_image_to_a_text_only_model_gets_llama_servers_own_error(client):
-    """llama-server itself answers that it cannot take images: the image_url part was passed through as sent."""
+async def test_image_to_a_text_only_model_is_a_clear_400_naming_the_projector(client):
+    """llama-server would answer 500 ("image input is not supported"): the sidecar names the fix first, before
+    loading anything."""
     r = await client.post("/v1/chat/completions", json={"model": "tiny", "messages": IMAGE_MSG})
     body = await r.json()
-    assert r.status in (400, 500), body
-    assert "image input is not supported" in body["error"]["message"], body
+    assert r.status == 400 and body["error"]["code"] == "vision_not_supported", body
+    assert "mmproj" in body["error"]["message"] and client.orch.models["tiny"].state.value == "unloaded"
 
 
 async def test_load_on_demand_and_requests_during_a_load_wait(client):
@@ -190,7 +191,7 @@ async def test_two_concurrent_loads_share_one_process(client):
 
 
 async def test_unknown_model_bad_json_and_bad_fields_are_clear_4xx(client):
-    for path in ("/models/load", "/models/unload", "/v1/chat/completions"):
+    for path in ("/models/load", "/models/estimate", "/v1/chat/completions"):
         r = await client.post(path, json={"model": "no-such-model", "messages": []} if "v1" in path else {"model": "no-such-model"})
         assert r.status == 404, path
         assert_error(await r.json(), "model_not_found")

@@ -147,16 +147,6 @@ async def test_a_reservation_does_not_count_against_the_model_cap(capped):
     assert c.orch.models["tiny"].state.value == "loaded"
 
 
-async def test_an_image_for_a_model_without_projector_is_a_clear_400(client):
-    body = {"model": "tiny", "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "what is this?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}]}
-    r = await client.post("/v1/chat/completions", json=body)
-    err = (await r.json())["error"]
-    assert r.status == 400 and err["code"] == "vision_not_supported" and "mmproj" in err["message"], err
-    assert client.orch.models["tiny"].state.value == "unloaded"  # refused before a load on demand
-
-
 async def test_a_load_right_after_a_force_unload_waits_for_the_old_process(capped):
     """M1: a force unload during a stream and a load 5 ms later had both llama-servers alive for ~2 s."""
     c = capped

@@ -405,6 +405,7 @@ class ManagedModel:
             # start() stopped the process and waited for it; unload() moves the state
             raise LoadCancelled(f"load of {self.id} was cancelled by an unload", model=self.id) from None
         except LoadFailed as exc:
+            exc.details.setdefault("model", self.id)
             self._fail({"code": exc.code.value, "message": exc.message, "logs": exc.details.get("logs", [])})
             raise
         if self.state != State.LOADING:  # an unload's cancel can be lost when start() finishes at that moment
