@@ -1,28 +1,32 @@
-"""Shared fixtures: a real llama-server binary, tiny generated GGUF models, a registry for them, and sidecars
-(in-process through pytest-aiohttp, or as a real subprocess when a test kills things)."""
+"""Fixtures: the llama-server binary, tiny generated GGUF models, a registry for them, orchestrators and sidecars
+(in-process through pytest-aiohttp, or as a real subprocess when a test kills things). Helpers live in support/.
+
+Tiers (markers): `gpu` runs only where NVML sees a GPU (the device); `external` starts a third-party program
+(n8n, Prometheus, Grafana, Chromium); `slow` takes more than a few seconds of wall time on its own. `make test`
+runs them all; `pytest -m "not external and not slow"` is the quick loop.
+"""
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from model_orchestrator.install import find_llama_server, install
+from model_orchestrator.install import find_llama_server
 from model_orchestrator.tiny_gguf import write_tiny_mmproj, write_tiny_model
+from support.helpers import SidecarProcess, registry_text
 
-ROOT = Path(__file__).resolve().parents[1]
+MARKERS = {
+    "gpu": "needs an NVIDIA GPU with NVML and a CUDA llama-server (skipped elsewhere; runs on the device)",
+    "external": "starts a third-party program: n8n, Prometheus, Grafana or Chromium",
+    "slow": "takes more than a few seconds of wall time on its own",
+}
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU with NVML and a CUDA llama-server (skipped elsewhere)")
+    for name, text in MARKERS.items():
+        config.addinivalue_line("markers", f"{name}: {text}")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -38,11 +42,11 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def llama_server_bin() -> Path:
-    """LLAMA_SERVER_BIN, else the cached build, else build it now (the project's own install step)."""
+    """LLAMA_SERVER_BIN, else the cached build; never builds here (that is `make install`, which `make test` runs)."""
     try:
         return find_llama_server()
-    except FileNotFoundError:
-        return install()
+    except FileNotFoundError as exc:
+        pytest.skip(f"no llama-server: {exc}. Run `make install` (about 5 minutes) or set LLAMA_SERVER_BIN")
 
 
 @pytest.fixture(scope="session")
@@ -55,55 +59,6 @@ def model_dir(tmp_path_factory) -> Path:
     (d / "broken.gguf").write_bytes(b"GGUF" + b"\x00" * 60)  # a header llama-server rejects
     os.mkfifo(d / "never.gguf")  # llama-server blocks reading it: a load that never becomes ready
     return d
-
-
-def registry_text(model_dir: Path, **extra) -> str:
-    """A registry for the fixtures; the hung model has a short idle TTL only when asked."""
-    return f"""
-default_model = "tiny"
-
-[[models]]
-id = "tiny"
-aliases = ["tiny-alias"]
-source = {{ type = "path", path = "{model_dir / 'hello.gguf'}" }}
-context_size = 512
-
-[[models]]
-id = "tiny-vision"
-source = {{ type = "path", path = "{model_dir / 'hello.gguf'}", mmproj = "{model_dir / 'mmproj.gguf'}" }}
-context_size = 512
-
-[[models]]
-id = "tiny-tools"
-source = {{ type = "path", path = "{model_dir / 'tools.gguf'}" }}
-context_size = 1024
-
-[[models]]
-id = "tiny-random"
-source = {{ type = "path", path = "{model_dir / 'random-llama.gguf'}" }}
-context_size = 4096
-
-[[models]]
-id = "tiny-manual"
-source = {{ type = "path", path = "{model_dir / 'hello.gguf'}" }}
-context_size = 512
-load_on_demand = false
-
-[[models]]
-id = "tiny-generated"
-source = {{ type = "generated", behaviour = "hello" }}
-context_size = 512
-
-[[models]]
-id = "broken"
-source = {{ type = "path", path = "{model_dir / 'broken.gguf'}" }}
-
-[[models]]
-id = "hangs"
-source = {{ type = "path", path = "{model_dir / 'never.gguf'}" }}
-context_size = 512
-idle_ttl_s = {extra.get('hangs_ttl', 0)}
-"""
 
 
 @pytest.fixture
@@ -138,82 +93,6 @@ async def client(aiohttp_client, make_orchestrator):
     yield c
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def wait_until(predicate, timeout: float, interval: float = 0.01) -> float | None:
-    """Seconds until predicate() was true, or None on timeout."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if predicate():
-            return time.monotonic() - t0
-        time.sleep(interval)
-    return None
-
-
-class SidecarProcess:
-    """`model-orchestrator serve` as a real subprocess, for tests that kill it."""
-
-    def __init__(self, registry: Path, state_dir: Path, llama_bin: Path, env: dict | None = None):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "MODEL_ORCHESTRATOR_STATE": str(state_dir), "LLAMA_SERVER_BIN": str(llama_bin),
-                    "MODEL_ORCHESTRATOR_MODELS": str(registry), "MODEL_ORCHESTRATOR_PORT": str(self.port),
-                    "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.proc: subprocess.Popen | None = None
-        self.log = state_dir.parent / f"sidecar-{self.port}.log"
-
-    def start(self, timeout: float = 30) -> "SidecarProcess":
-        self.proc = subprocess.Popen([sys.executable, "-m", "model_orchestrator", "serve"], env=self.env,
-                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        if wait_until(self._healthy, timeout, 0.05) is None:
-            self.stop()
-            raise AssertionError(f"sidecar did not start:\n{self.log.read_text()[-3000:]}")
-        return self
-
-    def _healthy(self) -> bool:
-        if self.proc.poll() is not None:
-            raise AssertionError(f"sidecar exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
-    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
-        req = urllib.request.Request(self.url + path, method=method, headers={"Content-Type": "application/json"},
-                                     data=json.dumps(body).encode() if body is not None else None)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout) as r:
-                return r.status, json.loads(r.read())
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read())
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-
 @pytest.fixture
 def sidecar_process(tmp_path, registry_file, llama_server_bin):
     made: list[SidecarProcess] = []
@@ -226,14 +105,3 @@ def sidecar_process(tmp_path, registry_file, llama_server_bin):
     yield start
     for sp in made:
         sp.stop()
-
-
-def metric_value(text: str, name: str, **labels) -> float | None:
-    """The value of one sample in Prometheus text format (labels given must match; others are ignored)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return None

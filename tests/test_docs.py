@@ -44,3 +44,12 @@ def test_the_shipped_registry_validates_against_the_schema(path):
 
     schema = json.loads((ROOT / "docs" / "models.schema.json").read_text())
     jsonschema.validate(tomllib.loads((ROOT / path).read_text()), schema)
+
+
+def test_no_test_module_imports_another_test_module():
+    """Shared code lives in tests/support; a test module imports no test module and not conftest."""
+    import re
+
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        imports = re.findall(r"(?m)^\s*(?:from|import)\s+(test_\w+|conftest)\b", path.read_text())
+        assert not imports, f"{path.name} imports {imports}: move what it needs to tests/support"

@@ -4,15 +4,13 @@ llama.cpp's own buffer sizes and the NVML measurements committed from the GPU ru
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-from synthetic_gguf import write_synthetic  # noqa: E402
+from model_orchestrator.estimate import estimate_file, estimate_shape, read_shape
+from support.helpers import ROOT, bench_module
 
-from model_orchestrator.estimate import estimate_file, estimate_shape, read_shape  # noqa: E402
+write_synthetic = bench_module("synthetic_gguf").write_synthetic
 
 MEASURED = json.loads((ROOT / "results/vram/run2-uncalibrated.json").read_text())["rows"]
 

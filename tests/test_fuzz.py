@@ -51,6 +51,7 @@ def _schemathesis(url: str, cwd: Path, *args: str, timeout: float = 240) -> tupl
     return r.returncode, out, int(m.group(1)) if m else 0
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(sidecar_process, tmp_path):
     """Every operation but the /v1 proxy, deeply (coverage, fuzzing and stateful phases, every check but two:
     positive_data_acceptance, since ids are drawn at random, so valid-looking requests rightly get 404

@@ -2,71 +2,12 @@
 real H100 in the tests marked `gpu`, which run on the device (results/ holds their logs)."""
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
 
-from conftest import metric_value
-
 from model_orchestrator.gpu import MIB, GpuView, NoGpuView, open_gpu_view
-
-
-class FakeNvml:
-    """NVML's Python API as nvidia-ml-py exposes it, for two devices; device 1 refuses power readings."""
-
-    NVML_TEMPERATURE_GPU = 0
-
-    class NVMLError(Exception):
-        pass
-
-    def __init__(self, procs, total_mb=32607):
-        self.procs = procs  # device index -> processes; one device per key
-        self.total_mb = total_mb
-        self.inited = False
-
-    def nvmlInit(self):
-        self.inited = True
-
-    def nvmlSystemGetDriverVersion(self):
-        return b"580.00"
-
-    def nvmlDeviceGetCount(self):
-        return len(self.procs)
-
-    def nvmlDeviceGetHandleByIndex(self, i):
-        return i
-
-    def nvmlDeviceGetMemoryInfo(self, h):
-        total = self.total_mb * MIB
-        used = sum(p.usedGpuMemory for p in self.procs[h])
-        return SimpleNamespace(total=total, used=used, free=total - used)
-
-    def nvmlDeviceGetUtilizationRates(self, h):
-        return SimpleNamespace(gpu=45, memory=20)
-
-    def nvmlDeviceGetTemperature(self, h, sensor):
-        return 61
-
-    def nvmlDeviceGetPowerUsage(self, h):
-        if h == 1:
-            raise self.NVMLError("not supported")
-        return 312_500
-
-    def nvmlDeviceGetEnforcedPowerLimit(self, h):
-        return 575_000
-
-    def nvmlDeviceGetComputeRunningProcesses(self, h):
-        return self.procs[h]
-
-    def nvmlDeviceGetName(self, h):
-        return "NVIDIA GeForce RTX 5090"
-
-    def nvmlDeviceGetUUID(self, h):
-        return f"GPU-{h}"
-
-
-def proc(pid, mb):
-    return SimpleNamespace(pid=pid, usedGpuMemory=mb * MIB)
+from support.helpers import metric_value
+from support.nvml import FakeNvml, proc
 
 
 def test_snapshot_reads_every_field_and_tolerates_unsupported_readings():
@@ -179,11 +120,9 @@ async def test_real_gpu_load_shows_the_model_memory_and_unload_frees_it(tmp_path
 async def test_real_gpu_admission_refuses_then_eviction_makes_room(tmp_path, aiohttp_client):
     """Real shapes on the real card: with the room cut to 20 GB by a reservation, the 30B-A3B MoE fits, an 8B then
     does not (refused with what is missing), and allowed to evict, the orchestrator frees the MoE's memory first."""
-    import sys
-    from pathlib import Path
+    from support.helpers import bench_module
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-    from synthetic_gguf import write_synthetic
+    write_synthetic = bench_module("synthetic_gguf").write_synthetic
 
     from model_orchestrator.api import create_app
     from model_orchestrator.install import find_llama_server

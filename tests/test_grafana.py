@@ -26,7 +26,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import ROOT, SidecarProcess, free_port, metric_value, registry_text, wait_until
+from support.helpers import ROOT, SidecarProcess, free_port, metric_value, registry_text, wait_until
+
+pytestmark = pytest.mark.external  # starts a third-party program (see conftest.MARKERS)
 
 GRAFANA = ROOT / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "model-orchestrator.json"

@@ -20,11 +20,12 @@ import urllib.request
 
 import pytest
 
-from conftest import SidecarProcess, registry_text
-from n8n_helpers import (CREDENTIAL_NAME, PKG_DIR, N8n, adapt_workflow, build_package, install_package,
+from support.helpers import SidecarProcess, registry_text
+from support.n8n import (CREDENTIAL_NAME, PKG_DIR, N8n, adapt_workflow, build_package, install_package,
                          install_toolchain, load_workflow, run_node_tool)
 
 pytestmark = [
+    pytest.mark.external,
     pytest.mark.timeout(1800),  # the first run installs n8n
     pytest.mark.skipif(os.environ.get("MODEL_ORCHESTRATOR_SKIP_N8N") == "1", reason="MODEL_ORCHESTRATOR_SKIP_N8N=1"),
 ]

@@ -1,10 +1,10 @@
 """Placement over several GPUs and the idle TTL, with real llama-servers (the GPUs are NVML's API played by the
-stand-in of tests/test_gpu.py)."""
+stand-in of tests/support/nvml.py)."""
 
 import asyncio
 
 from model_orchestrator.gpu import GpuView
-from test_gpu import FakeNvml, proc
+from support.nvml import FakeNvml, proc
 
 
 def environ(pid: int) -> dict[str, str]:

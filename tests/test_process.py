@@ -4,7 +4,7 @@ import os
 import subprocess
 import time
 
-from conftest import pid_alive, wait_until
+from support.helpers import pid_alive, wait_until
 from model_orchestrator.lifecycle import MODEL_ENV, OWNER_ENV, find_leftovers
 
 

@@ -13,20 +13,17 @@ import inspect
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, pid_alive, registry_text
+from support.helpers import CHAT, bench_module, pid_alive, read_sse, registry_text
 from model_orchestrator.gpu import GpuView
 from model_orchestrator.tiny_gguf import HELLO_TEXT
-from test_api import CHAT, read_sse
-from test_gpu import FakeNvml
+from support.nvml import FakeNvml
 
-sys.path.insert(0, str(ROOT / "bench"))
-import load_test  # noqa: E402
+load_test = bench_module("load_test")
 
 
 @pytest.fixture
@@ -149,6 +146,7 @@ async def test_a_generated_model_on_a_full_disk_is_a_clear_error_with_nothing_sp
 
 
 # ---- load -------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_load_ci_variant_keeps_every_invariant(tmp_path):
     """bench/load_test.py, shorter: 50 clients for 8 s; a small queue so overload answers are exercised too."""
     run, _ = load_test.run_load(50, 8, workdir=tmp_path, max_queue=2)

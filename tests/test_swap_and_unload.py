@@ -2,14 +2,13 @@
 llama-servers (CPU mode: the cap on loaded models is what forces swaps here; memory swaps are in test_admission)."""
 
 import asyncio
-import os
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from conftest import pid_alive
+from support.helpers import pid_alive
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 

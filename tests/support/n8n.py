@@ -15,7 +15,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PKG_DIR = ROOT / "n8n-nodes"
 WORKFLOWS = ROOT / "workflows"
 PKG_NAME = "n8n-nodes-model-orchestrator"

@@ -1,0 +1,176 @@
+"""Helpers the tests share: the fixture registry, process checks, a real sidecar subprocess, Prometheus parsing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CHAT = {"messages": [{"role": "user", "content": "hi"}]}
+
+
+def bench_module(name: str):
+    """A script of bench/ as a module (the load test and the synthetic real-shape models are shared with tests)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def registry_text(model_dir: Path, **extra) -> str:
+    """A registry for the fixtures; the hung model has a short idle TTL only when asked."""
+    return f"""
+default_model = "tiny"
+
+[[models]]
+id = "tiny"
+aliases = ["tiny-alias"]
+source = {{ type = "path", path = "{model_dir / 'hello.gguf'}" }}
+context_size = 512
+
+[[models]]
+id = "tiny-vision"
+source = {{ type = "path", path = "{model_dir / 'hello.gguf'}", mmproj = "{model_dir / 'mmproj.gguf'}" }}
+context_size = 512
+
+[[models]]
+id = "tiny-tools"
+source = {{ type = "path", path = "{model_dir / 'tools.gguf'}" }}
+context_size = 1024
+
+[[models]]
+id = "tiny-random"
+source = {{ type = "path", path = "{model_dir / 'random-llama.gguf'}" }}
+context_size = 4096
+
+[[models]]
+id = "tiny-manual"
+source = {{ type = "path", path = "{model_dir / 'hello.gguf'}" }}
+context_size = 512
+load_on_demand = false
+
+[[models]]
+id = "tiny-generated"
+source = {{ type = "generated", behaviour = "hello" }}
+context_size = 512
+
+[[models]]
+id = "broken"
+source = {{ type = "path", path = "{model_dir / 'broken.gguf'}" }}
+
+[[models]]
+id = "hangs"
+source = {{ type = "path", path = "{model_dir / 'never.gguf'}" }}
+context_size = 512
+idle_ttl_s = {extra.get('hangs_ttl', 0)}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.01) -> float | None:
+    """Seconds until predicate() was true, or None on timeout."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if predicate():
+            return time.monotonic() - t0
+        time.sleep(interval)
+    return None
+
+
+class SidecarProcess:
+    """`model-orchestrator serve` as a real subprocess, for tests that kill it."""
+
+    def __init__(self, registry: Path, state_dir: Path, llama_bin: Path, env: dict | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, "MODEL_ORCHESTRATOR_STATE": str(state_dir), "LLAMA_SERVER_BIN": str(llama_bin),
+                    "MODEL_ORCHESTRATOR_MODELS": str(registry), "MODEL_ORCHESTRATOR_PORT": str(self.port),
+                    "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.log = state_dir.parent / f"sidecar-{self.port}.log"
+
+    def start(self, timeout: float = 30) -> "SidecarProcess":
+        self.proc = subprocess.Popen([sys.executable, "-m", "model_orchestrator", "serve"], env=self.env,
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        if wait_until(self._healthy, timeout, 0.05) is None:
+            self.stop()
+            raise AssertionError(f"sidecar did not start:\n{self.log.read_text()[-3000:]}")
+        return self
+
+    def _healthy(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"sidecar exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def call(self, method: str, path: str, body: dict | None = None, timeout: float = 60) -> tuple[int, dict]:
+        req = urllib.request.Request(self.url + path, method=method, headers={"Content-Type": "application/json"},
+                                     data=json.dumps(body).encode() if body is not None else None)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def metric_value(text: str, name: str, **labels) -> float | None:
+    """The value of one sample in Prometheus text format (labels given must match; others are ignored)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return None
+
+
+async def read_sse(resp) -> list:
+    """Events of an SSE response, in order, as they arrive."""
+    events, buf = [], b""
+    async for chunk in resp.content.iter_any():
+        buf += chunk
+        while b"\n\n" in buf:
+            event, buf = buf.split(b"\n\n", 1)
+            if event.startswith(b"data: "):
+                data = event[6:]
+                events.append("[DONE]" if data == b"[DONE]" else json.loads(data))
+    return events
