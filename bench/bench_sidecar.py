@@ -29,7 +29,9 @@ import aiohttp
 
 from model_orchestrator.install import find_llama_server
 from model_orchestrator.proxy import UsageScanner
-from model_orchestrator.tiny_gguf import write_tiny_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.tiny_models import write_tiny_model  # noqa: E402  the tests' fixtures
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
 

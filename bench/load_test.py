@@ -43,7 +43,7 @@ def serve(args) -> None:
     from aiohttp import web
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_gpu import FakeNvml  # the stand-in the unit tests use
+    from support.nvml import FakeNvml  # the stand-in the unit tests use
 
     from model_orchestrator.api import create_app
     from model_orchestrator.gpu import GpuView
@@ -62,7 +62,8 @@ def serve(args) -> None:
 
 
 def write_models(d: Path) -> Path:
-    from model_orchestrator.tiny_gguf import write_tiny_model
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support.tiny_models import write_tiny_model  # the tests' fixtures
 
     d.mkdir(parents=True, exist_ok=True)
     write_tiny_model(d / "hello.gguf", behaviour="hello", arch="qwen3")
@@ -85,7 +86,7 @@ source = {{ type = "path", path = "{d / 'random.gguf'}" }}
 context_size = 1024
 [[models]]
 id = "tiny-gen"
-source = {{ type = "generated", behaviour = "hello" }}
+source = {{ type = "generated" }}
 context_size = 512
 """)
     return registry

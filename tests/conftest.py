@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from model_orchestrator.install import find_llama_server
-from model_orchestrator.tiny_gguf import write_tiny_mmproj, write_tiny_model
+from support.tiny_models import write_tiny_mmproj, write_tiny_model
 from support.helpers import SidecarProcess, registry_text
 
 MARKERS = {

@@ -8,7 +8,7 @@ import time
 
 
 from support.helpers import CHAT, pid_alive, read_sse
-from model_orchestrator.tiny_gguf import HELLO_TEXT, TOOL_CALL
+from support.tiny_models import HELLO_TEXT, TOOL_CALL
 
 GUIDE_STATUS_KEYS = {"total_mb", "used_mb", "free_mb", "utilization_percent", "loaded_models"}
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from support.hf_mirror import HfMirror
-from model_orchestrator.tiny_gguf import write_tiny_mmproj, write_tiny_model
+from support.tiny_models import write_tiny_mmproj, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = ROOT / "llama-cpp-service"

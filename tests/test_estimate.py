@@ -94,7 +94,7 @@ def test_fast_header_reader_agrees_with_gguf_py(tmp_path):
     from gguf import GGUFReader
 
     from model_orchestrator.gguf_header import read_header
-    from model_orchestrator.tiny_gguf import write_tiny_mmproj, write_tiny_model
+    from support.tiny_models import write_tiny_mmproj, write_tiny_model
 
     files = [write_tiny_model(tmp_path / f"{a}.gguf", arch=a) for a in ("llama", "qwen3", "qwen3moe")]
     files += [write_tiny_mmproj(tmp_path / "mmproj.gguf"), write_synthetic(tmp_path / "s.gguf", "qwen3-30b-a3b")]

@@ -61,7 +61,7 @@ load_on_demand = false
 
 [[models]]
 id = "tiny-generated"
-source = {{ type = "generated", behaviour = "hello" }}
+source = {{ type = "generated" }}
 context_size = 512
 
 [[models]]

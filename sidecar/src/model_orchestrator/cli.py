@@ -257,7 +257,7 @@ def cmd_install(args) -> int:
 def cmd_tiny_model(args) -> int:
     from .tiny_gguf import write_tiny_model
 
-    print(write_tiny_model(Path(args.out), behaviour=args.behaviour, arch=args.arch))
+    print(write_tiny_model(Path(args.out)))
     return 0
 
 
@@ -328,8 +328,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("tiny-model", help="write a tiny generated GGUF (for tests and trying the stack)")
     sp.add_argument("out")
-    sp.add_argument("--behaviour", choices=["hello", "tool_call", "random"], default="hello")
-    sp.add_argument("--arch", choices=["llama", "qwen3", "qwen3moe"], default="qwen3")
     sp.set_defaults(func=cmd_tiny_model)
 
     sub.add_parser("openapi", help="print the OpenAPI document").set_defaults(func=cmd_openapi)

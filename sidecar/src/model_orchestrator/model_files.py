@@ -55,7 +55,7 @@ def resolve(spec: ModelSpec, generated_dir: Path) -> ModelFiles:
         tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # one per writer
         try:
             generated_dir.mkdir(parents=True, exist_ok=True)
-            write_tiny_model(tmp, behaviour=src.behaviour, arch=src.arch)
+            write_tiny_model(tmp)
             tmp.replace(path)  # atomic: a concurrent reader never sees half a file
         except OSError as exc:  # disk full, read-only state dir: say so, leave no partial file, spawn nothing
             with contextlib.suppress(OSError):

@@ -51,11 +51,9 @@ class PathSource(_Strict):
 
 
 class GeneratedSource(_Strict):
-    """A tiny generated GGUF (see tiny_gguf.py): the embedded default, answering a fixed sentence."""
+    """A tiny generated GGUF (tiny_gguf.py), written on first load: answers "Hello from a tiny model!"."""
 
     type: Literal["generated"]
-    behaviour: Literal["hello", "tool_call", "random"] = "hello"
-    arch: Literal["llama", "qwen3", "qwen3moe"] = "qwen3"
 
 
 Source = Annotated[Union[HfSource, PathSource, GeneratedSource], Field(discriminator="type")]
