@@ -22,6 +22,7 @@ RESERVED_FLAGS = {
     "-ngl", "--gpu-layers", "--n-gpu-layers", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
     "--models-dir", "--api-key", "--api-key-file", "--path", "-fit", "--fit",
     "-dev", "--device", "-ts", "--tensor-split",  # placement is admission's (set split = true to allow splitting)
+    "--api-prefix", "--ssl-key-file", "--ssl-cert-file",  # /health and the proxy talk plain HTTP at the root
 }
 
 CacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
