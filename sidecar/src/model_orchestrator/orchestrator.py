@@ -17,8 +17,8 @@ import aiohttp
 from . import __version__
 from .errors import ApiError
 from .gpu import GpuSnapshot, GpuView, NoGpuView
-from .lifecycle import (MODEL_ENV, OWNER_ENV, LaunchPlan, LoadCancelled, LoadFailed, ModelBusy, ModelSlot, State,
-                        join_load, llama_server_argv, placement_env, reap_leftovers)
+from .lifecycle import (MODEL_ENV, LaunchPlan, LoadCancelled, LoadFailed, ModelBusy, ModelSlot, State,
+                        join_load, llama_server_argv, owner_env, placement_env, reap_leftovers)
 from .estimate import Estimate, estimate_file
 from .metrics import Metrics
 from .model_files import ModelFiles, ModelFilesMissing, resolve
@@ -54,6 +54,7 @@ class Orchestrator:
         self.http: aiohttp.ClientSession | None = None
         self._background: set[asyncio.Task] = set()
         self._idle_task: asyncio.Task | None = None
+        self._health_task: asyncio.Task | None = None
         self._admission = asyncio.Lock()  # one decision at a time: two loads never both take the same free memory
         self.reaped: list[int] = []
 
@@ -67,10 +68,14 @@ class Orchestrator:
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
                                           auto_decompress=False)
         self._idle_task = asyncio.create_task(self._unload_idle_models())
+        self._health_task = asyncio.create_task(self._forever("health", self.settings.health_interval_s,
+                                                              self._check_health))
 
     async def close(self) -> None:
         if self._idle_task:
             self._idle_task.cancel()
+        if self._health_task:
+            self._health_task.cancel()
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*(s.unload(force=True, drain_timeout=0, stop_timeout=self.settings.stop_timeout_s)
@@ -271,7 +276,7 @@ class Orchestrator:
                 devices = [slot.gpu]
         argv = llama_server_argv(self.llama_server_bin, spec, files.model, files.mmproj, port, split)
         env = {k: v for k, v in os.environ.items() if not k.startswith(_CHILD_ENV_DROP_PREFIXES)}
-        env[OWNER_ENV] = self.owner
+        env.update(owner_env(self.owner))
         env[MODEL_ENV] = spec.id
         if devices:
             env.update(placement_env(devices))
@@ -291,19 +296,47 @@ class Orchestrator:
             self.metrics.unloads.labels(slot.id, reason or ("force" if force else "request")).inc()
         return slot, result
 
+    async def _forever(self, name: str, interval_s: float, step) -> None:
+        """Run `step` every interval_s until cancelled; an exception is logged and counted, never ends the loop."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await step()
+            except Exception:
+                log.exception("background loop %r: unexpected error (the loop goes on)", name)
+                self.metrics.background_errors.labels(name).inc()
+
     async def _unload_idle_models(self) -> None:
+        await self._forever("idle", 1.0, self._unload_idle_step)
+
+    async def _unload_idle_step(self) -> None:
         """Idle TTL: a model unused for idle_ttl_s seconds is unloaded (never one with requests in flight)."""
         loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(1.0)
-            for r in self.reservations.expire():
-                log.info("reservation %s of %s (%g MB) expired", r.id, r.service, r.vram_mb)
-            for slot in self.slots.values():
-                ttl = slot.spec.idle_ttl_s
-                if ttl and slot.state == State.LOADED and not slot.in_flight and loop.time() - slot.last_used_mono >= ttl:
-                    log.info("unloading %s: idle for %g s", slot.id, ttl)
-                    with contextlib.suppress(ApiError):
-                        await self.unload(slot.id, reason="idle")
+        for r in self.reservations.expire():
+            log.info("reservation %s of %s (%g MB) expired", r.id, r.service, r.vram_mb)
+        for slot in list(self.slots.values()):
+            ttl = slot.spec.idle_ttl_s
+            if ttl and slot.state == State.LOADED and not slot.in_flight and loop.time() - slot.last_used_mono >= ttl:
+                log.info("unloading %s: idle for %g s", slot.id, ttl)
+                with contextlib.suppress(ApiError):
+                    await self.unload(slot.id, reason="idle")
+
+    async def _check_health(self) -> None:
+        """Watchdog: ask every loaded llama-server's /health; one that misses health_misses checks in a row (frozen,
+        deadlocked: its process is alive but answers nothing) is marked failed and killed, so its requests end with
+        an error, its memory returns and the next request loads it again."""
+        servers = [(s, s.server) for s in self.slots.values() if s.state == State.LOADED and s.server is not None]
+        problems = await asyncio.gather(*(server.check_health(self.http, self.settings.health_timeout_s)
+                                          for _, server in servers))
+        for (slot, server), problem in zip(servers, problems):
+            if problem is None:
+                continue
+            self.metrics.health_misses.labels(slot.id).inc()
+            log.warning("%s: %s (%d in a row)", slot.id, problem, server.health_misses)
+            if server.health_misses >= self.settings.health_misses and slot.server is server and slot.state == State.LOADED:
+                slot._fail({"code": "health_timeout", "message": f"llama-server stopped answering ({problem}, "
+                            f"{server.health_misses} checks in a row); it was killed", "logs": server.last_logs()})
+                await server.stop(0)  # it answers nothing: SIGKILL at once
 
     # ---- requests -----------------------------------------------------------------------------------------
     async def ready_server(self, slot: ModelSlot):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -24,6 +24,9 @@ def cache_dir() -> Path:
 def state_dir() -> Path:
     """Where generated models and the record of spawned processes live."""
     return Path(os.environ.get("MODEL_ORCHESTRATOR_STATE") or _xdg("XDG_STATE_HOME", ".local/state") / "model-orchestrator")
+
+
+MIN_REMOTE_API_KEY_CHARS = 16  # an API key guarding a port beyond loopback is at least this long
 
 
 class Settings(BaseModel):
@@ -45,6 +48,22 @@ class Settings(BaseModel):
     cuda_overhead_mb: float | None = Field(None, ge=0)  # per-process CUDA overhead of this card (estimate.py)
     reservation_ttl_s: float = Field(600, gt=0)  # default lifetime of a reservation
     max_queue: int = Field(64, ge=0)  # per model: requests waiting beyond llama-server's slots before 429 (0: no cap)
+    # without an API key, what a browser may reach (api.browser_guard): origins besides the sidecar's own, and
+    # host names besides loopback, the bind address and IP literals (DNS rebinding sends a foreign name)
+    allowed_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
+    health_interval_s: float = Field(5.0, gt=0)  # how often a loaded model's /health is asked (watchdog)
+    health_timeout_s: float = Field(5.0, gt=0)  # one /health answer slower than this is a miss
+    health_misses: int = Field(3, ge=1)  # this many misses in a row: the model is marked failed and stopped
+    shutdown_timeout_s: float = Field(30.0, gt=0)  # SIGTERM: requests drain this long, then children are killed
+    idle_timeout_s: float = Field(60.0, gt=0)  # a client connection that sends nothing this long is closed
+
+    @field_validator("allowed_origins", "allowed_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        if isinstance(value, str):
+            value = value.split(",")
+        return tuple(v.strip().lower().rstrip("/") for v in value if v and v.strip())
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -68,6 +87,13 @@ class Settings(BaseModel):
             "cuda_overhead_mb": "MODEL_ORCHESTRATOR_CUDA_OVERHEAD_MB",
             "reservation_ttl_s": "MODEL_ORCHESTRATOR_RESERVATION_TTL_S",
             "max_queue": "MODEL_ORCHESTRATOR_MAX_QUEUE",
+            "allowed_origins": "MODEL_ORCHESTRATOR_ALLOWED_ORIGINS",
+            "allowed_hosts": "MODEL_ORCHESTRATOR_ALLOWED_HOSTS",
+            "health_interval_s": "MODEL_ORCHESTRATOR_HEALTH_INTERVAL_S",
+            "health_timeout_s": "MODEL_ORCHESTRATOR_HEALTH_TIMEOUT_S",
+            "health_misses": "MODEL_ORCHESTRATOR_HEALTH_MISSES",
+            "shutdown_timeout_s": "MODEL_ORCHESTRATOR_SHUTDOWN_TIMEOUT_S",
+            "idle_timeout_s": "MODEL_ORCHESTRATOR_IDLE_TIMEOUT_S",
         }
         values = {field: env[var] for field, var in names.items() if env.get(var, "") != ""}
         values.update({k: v for k, v in overrides.items() if v is not None})
