@@ -157,6 +157,7 @@ class LlamaServer:
         self.ready_after_s: float | None = None
         self._stopping = False
         self.health_misses = 0  # failed /health checks in a row since it was ready (check_health)
+        self._cpu_ticks: int | None = None  # its CPU time at the last check
         self._wake = asyncio.Event()  # a ready hint in the log, or the process exited
         self._exited = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -222,8 +223,11 @@ class LlamaServer:
                 await asyncio.wait_for(self._wake.wait(), 0.01)
 
     async def check_health(self, http: aiohttp.ClientSession, timeout: float) -> str | None:
-        """Ask /health once; None when it answers 200 within `timeout`, else what went wrong (the watchdog counts
-        these: a frozen or deadlocked llama-server keeps its process but stops answering)."""
+        """Ask /health once; None when it is alive, else what went wrong, counted in health_misses (the watchdog
+        acts on them: a frozen or deadlocked llama-server keeps its process but stops answering). A slow answer from
+        a process that is using CPU is not a miss: under a storm of requests its HTTP threads can all be busy, and
+        /health waits in line behind them; a stopped or deadlocked process uses none."""
+        cpu_before = self._cpu_ticks
         try:
             async with http.get(f"{self.base_url}/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 problem = None if resp.status == 200 else f"/health answered {resp.status}"
@@ -231,6 +235,10 @@ class LlamaServer:
             problem = f"/health did not answer within {timeout:g} s"
         except aiohttp.ClientError as exc:
             problem = f"/health failed: {exc.__class__.__name__}"
+        state, self._cpu_ticks = _proc_state(self.pid)
+        if problem and state != "T" and cpu_before is not None and self._cpu_ticks is not None \
+                and self._cpu_ticks > cpu_before:
+            problem = None  # busy, not frozen
         self.health_misses = self.health_misses + 1 if problem else 0
         return problem
 
@@ -519,6 +527,18 @@ def reap_leftovers(owner: str, timeout: float = 5.0) -> list[int]:
         if not any(_alive(p) for p in pids):
             break
     return pids
+
+
+def _proc_state(pid: int | None) -> tuple[str | None, int | None]:
+    """A process's state letter (R, S, T for stopped, Z...) and its CPU time in clock ticks, from /proc."""
+    if pid is None:
+        return None, None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return None, None
 
 
 def _alive(pid: int) -> bool:
