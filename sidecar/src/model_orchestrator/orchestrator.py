@@ -67,7 +67,7 @@ class Orchestrator:
         # keepalive_timeout below llama-server's own (5 s) so we rarely reuse a connection it is closing
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
                                           auto_decompress=False)
-        self._idle_task = asyncio.create_task(self._unload_idle_models())
+        self._idle_task = asyncio.create_task(self._forever("idle", 1.0, self._unload_idle_step))
         self._health_task = asyncio.create_task(self._forever("health", self.settings.health_interval_s,
                                                               self._check_health))
 
@@ -305,9 +305,6 @@ class Orchestrator:
             except Exception:
                 log.exception("background loop %r: unexpected error (the loop goes on)", name)
                 self.metrics.background_errors.labels(name).inc()
-
-    async def _unload_idle_models(self) -> None:
-        await self._forever("idle", 1.0, self._unload_idle_step)
 
     async def _unload_idle_step(self) -> None:
         """Idle TTL: a model unused for idle_ttl_s seconds is unloaded (never one with requests in flight)."""
