@@ -102,8 +102,9 @@ def cmd_serve(args) -> int:
 
 
 def shutdown_bound_s(settings) -> float:
-    """The most a SIGTERM'd `serve` takes to exit: the drain, the children's stop, and 5 s of slack."""
-    return settings.shutdown_timeout_s + settings.stop_timeout_s + 5.0
+    """The most a SIGTERM'd `serve` takes to exit: aiohttp gives requests shutdown_timeout_s to finish, then cancels
+    them and gives them shutdown_timeout_s again to unwind; then the children's stop, and 5 s of slack."""
+    return 2 * settings.shutdown_timeout_s + settings.stop_timeout_s + 5.0
 
 
 def _exit_deadline(orch, log):

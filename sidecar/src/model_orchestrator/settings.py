@@ -55,7 +55,7 @@ class Settings(BaseModel):
     health_interval_s: float = Field(5.0, gt=0)  # how often a loaded model's /health is asked (watchdog)
     health_timeout_s: float = Field(5.0, gt=0)  # one /health answer slower than this is a miss
     health_misses: int = Field(3, ge=1)  # this many misses in a row: the model is marked failed and stopped
-    shutdown_timeout_s: float = Field(30.0, gt=0)  # SIGTERM: requests drain this long, then children are killed
+    shutdown_timeout_s: float = Field(15.0, gt=0)  # SIGTERM: requests drain this long, then are cancelled (cli.serve)
     idle_timeout_s: float = Field(60.0, gt=0)  # a client connection that sends nothing this long is closed
 
     @field_validator("allowed_origins", "allowed_hosts", mode="before")
