@@ -312,6 +312,9 @@ def second_serve(work: Path, registry: Path, state: Path, first: Sidecar) -> Non
 
 
 def sigterm_frozen(sc: Sidecar) -> None:
+    from model_orchestrator.cli import shutdown_bound_s
+    from model_orchestrator.settings import Settings
+
     s, b = sc.call("POST", "/models/load", {"model": "tiny"})
     pid = b["pid"]
     os.kill(pid, signal.SIGSTOP)
@@ -325,7 +328,8 @@ def sigterm_frozen(sc: Sidecar) -> None:
     except subprocess.TimeoutExpired:
         pass
     took = time.monotonic() - t0
-    bound = float(sc.env["MODEL_ORCHESTRATOR_SHUTDOWN_TIMEOUT_S"]) + float(sc.env["MODEL_ORCHESTRATOR_STOP_TIMEOUT_S"]) + 5
+    bound = shutdown_bound_s(Settings(shutdown_timeout_s=float(sc.env["MODEL_ORCHESTRATOR_SHUTDOWN_TIMEOUT_S"]),
+                                      stop_timeout_s=float(sc.env["MODEL_ORCHESTRATOR_STOP_TIMEOUT_S"])))
     gone = not alive(pid)
     row(f"M4 SIGTERM while a chat waits on a SIGSTOPped llama-server (bound {bound:g} s)",
         "exits within the bound, llama-server gone", f"exit {sc.proc.returncode} after {took:.2f} s; llama-server gone: "
