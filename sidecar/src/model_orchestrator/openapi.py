@@ -30,7 +30,7 @@ _BODY_ERRORS = {"408": "the request body did not arrive in time (MODEL_ORCHESTRA
 _BOUND_NAMES = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
 
 
-def _json_schema_bounds(node):
+def json_schema_bounds(node):
     """Rename pydantic's ge/le/gt/lt to JSON Schema's keywords throughout a schema (in place)."""
     if isinstance(node, dict):
         if node.get("type") in ("integer", "number"):
@@ -38,10 +38,10 @@ def _json_schema_bounds(node):
                 if py in node:
                     node[js] = node.pop(py)
         for v in node.values():
-            _json_schema_bounds(v)
+            json_schema_bounds(v)
     elif isinstance(node, list):
         for v in node:
-            _json_schema_bounds(v)
+            json_schema_bounds(v)
     return node
 
 
@@ -82,7 +82,7 @@ def build_openapi(routes, *, version: str, title: str = "model-orchestrator") ->
                  "description": "Runs llama-server processes for n8n and manages GPU memory: load, unload, status, "
                                 "and an OpenAI-compatible proxy routed by model."},
         "paths": paths,
-        "components": {"schemas": _json_schema_bounds(defs.get("$defs", {})),
+        "components": {"schemas": json_schema_bounds(defs.get("$defs", {})),
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}],
     }
