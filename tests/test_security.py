@@ -404,3 +404,38 @@ async def test_background_loops_survive_exceptions_logged_and_counted(aiohttp_cl
     assert metric_value(metrics, "model_orchestrator_background_errors_total", loop="health") == 3
     assert "boom in the idle loop" in caplog.text
     assert not orch._idle_task.done() and not orch._health_task.done()
+
+
+def test_the_shutdown_deadline_kills_the_children_and_exits_when_the_graceful_path_is_stuck(tmp_path):
+    """The last resort of the bound: cli._exit_deadline's timer, armed at shutdown, fires in a process whose graceful
+    shutdown never finishes (here: a main thread that never returns), SIGKILLs the llama-server process groups it
+    owns and exits with code 1 at the bound."""
+    child = subprocess.Popen(["sleep", "300"], start_new_session=True)  # stands for a llama-server ignoring SIGTERM
+    code = f"""
+import asyncio, logging, time
+from model_orchestrator.cli import _exit_deadline, shutdown_bound_s
+from model_orchestrator.settings import Settings
+
+class Orch:
+    settings = Settings(shutdown_timeout_s=0.5, stop_timeout_s=0.5)
+    def owned_pids(self):
+        return {{{child.pid}: "tiny"}}
+
+asyncio.run(_exit_deadline(Orch(), logging.getLogger("t"))(None))
+print(shutdown_bound_s(Orch.settings), flush=True)
+time.sleep(60)  # a shutdown that never finishes
+"""
+    try:
+        t0 = time.monotonic()
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+        took = time.monotonic() - t0
+        bound = float(r.stdout.split()[0])
+        assert r.returncode == 1, r
+        assert bound <= took < bound + 3, (took, bound)
+        assert wait_until(lambda: child.poll() is not None, 5) is not None, "the child was not killed"
+        assert child.returncode == -signal.SIGKILL
+        print(f"stuck shutdown: forced exit after {took:.2f} s (bound {bound:g} s), child killed")
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
