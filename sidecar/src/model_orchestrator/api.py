@@ -1,7 +1,8 @@
 """What the API can answer: every route, its request and response models, in one table (ROUTES).
 
 /openapi.json and /docs are generated from this table; errors are JSON on every route (OpenAI style); when an API
-key is configured every route but /health, /metrics and the docs needs `Authorization: Bearer <key>`.
+key is configured every route but /health, /metrics and the docs needs `Authorization: Bearer <key>`; without one,
+browser_guard refuses web pages of other origins and Host names that DNS rebinding would send.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Route:
 async def _body(request: web.Request, model: type[BaseModel]):
     """Validate a JSON body with the route's model; a bad body is a 400 naming the field."""
     charset = request.charset  # JSON is UTF-8 (RFC 8259); another declared charset is refused, not guessed
-    if charset is not None and codecs_name(charset) not in ("utf-8", "ascii"):
+    if charset is not None and _codec_name(charset) not in ("utf-8", "ascii"):
         raise ApiError(415, "unsupported_charset", f"charset={charset!r} is not supported: send the JSON body as UTF-8 "
                        "(Content-Type: application/json)")
     timeout = request.app[ORCH].settings.idle_timeout_s
@@ -76,7 +77,7 @@ async def _body(request: web.Request, model: type[BaseModel]):
         raise ApiError(400, "invalid_request", f"{first['field']}: {first['problem']}", problems=problems) from None
 
 
-def codecs_name(charset: str) -> str | None:
+def _codec_name(charset: str) -> str | None:
     """The canonical name of a charset ('UTF8' -> 'utf-8'), None when Python knows no such codec."""
     try:
         return codecs.lookup(charset).name
