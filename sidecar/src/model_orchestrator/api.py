@@ -1,13 +1,16 @@
 """What the API can answer: every route, its request and response models, in one table (ROUTES).
 
 /openapi.json and /docs are generated from this table; errors are JSON on every route (OpenAI style); when an API
-key is configured every route but /health, /metrics and the docs needs `Authorization: Bearer <key>`.
+key is configured every route but /health, /metrics and the docs needs `Authorization: Bearer <key>`; without one,
+browser_guard refuses web pages of other origins and Host names that DNS rebinding would send.
 """
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import hmac
+import ipaddress
 import json
 import logging
 import time
@@ -19,7 +22,7 @@ from pydantic import BaseModel, ValidationError
 
 from . import __version__, proxy
 from .errors import Code, Refused
-from .http_errors import error_body, refusal_response
+from .http_errors import HttpRefused, error_body, refusal_response
 from .lifecycle import LoadResult
 from .model_files import ModelFilesMissing
 from .openapi import build_openapi
@@ -54,8 +57,18 @@ class Route:
 
 async def _body(request: web.Request, model: type[BaseModel]):
     """Validate a JSON body with the route's model; a bad body is a 400 naming the field."""
+    charset = request.charset  # JSON is UTF-8 (RFC 8259); another declared charset is refused, not guessed
+    if charset is not None and _codec_name(charset) not in ("utf-8", "ascii"):
+        raise Refused(Code.UNSUPPORTED_CHARSET, f"charset={charset!r} is not supported: send the JSON body as UTF-8 "
+                      "(Content-Type: application/json)")
+    timeout = request.app[ORCH].settings.idle_timeout_s
+    try:  # a client that announces a body and then trickles it must not hold a handler forever
+        raw = await asyncio.wait_for(request.read(), timeout)
+    except TimeoutError:
+        raise HttpRefused(Code.BODY_TIMEOUT, f"the request body did not arrive within {timeout:g} s "
+                          "(MODEL_ORCHESTRATOR_IDLE_TIMEOUT_S)", headers={"Connection": "close"}) from None
     try:
-        data = await request.json()
+        data = json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deeper than json can parse
         raise Refused(Code.INVALID_JSON, "the request body is not valid JSON") from None
     try:
@@ -64,6 +77,14 @@ async def _body(request: web.Request, model: type[BaseModel]):
         problems = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]} for e in exc.errors()]
         first = problems[0]
         raise Refused(Code.INVALID_REQUEST, f"{first['field']}: {first['problem']}", problems=problems) from None
+
+
+def _codec_name(charset: str) -> str | None:
+    """The canonical name of a charset ('UTF8' -> 'utf-8'), None when Python knows no such codec."""
+    try:
+        return codecs.lookup(charset).name
+    except LookupError:
+        return None
 
 
 def _json(model: type[BaseModel], data: dict, status: int = 200) -> web.Response:
@@ -306,10 +327,61 @@ def auth_middleware(api_key: str, public_paths: set[str]):
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path in public_paths or request.path.startswith(PUBLIC_PREFIXES):
             return await handler(request)
-        given = request.headers.get("Authorization", "").encode()
+        # aiohttp decodes header bytes that are not UTF-8 with surrogateescape: encode them back the same way
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
         if not hmac.compare_digest(given, expected):  # constant time: no timing oracle on the key
-            return refusal_response(Refused(Code.INVALID_API_KEY, "missing or wrong API key: send "
-                                            "'Authorization: Bearer <key>'"), headers={"WWW-Authenticate": "Bearer"})
+            raise HttpRefused(Code.INVALID_API_KEY, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                              headers={"WWW-Authenticate": "Bearer"})
+        return await handler(request)
+
+    return check
+
+
+def _split_host(host: str) -> str:
+    """The name or address of a Host header or an origin's authority, without the port ('[::1]:8000' -> '::1')."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _is_ip_literal(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
+
+
+def browser_guard(settings):
+    """Without an API key, a web page must not drive the API (a text/plain POST needs no CORS preflight) nor read
+    it through DNS rebinding. Refused with 403: an `Origin` that is neither this sidecar's own nor listed in
+    MODEL_ORCHESTRATOR_ALLOWED_ORIGINS; a `Host` that is not loopback, an IP address, the bind address or a name
+    listed in MODEL_ORCHESTRATOR_ALLOWED_HOSTS (a rebinding page reaches us under its own domain name; an IP
+    literal cannot be served by anyone but whoever listens there). Clients that are not browsers (n8n, curl, the
+    CLI) send no Origin and are unaffected."""
+    hosts = {"localhost", settings.host.lower(), *settings.allowed_hosts}
+    origins = set(settings.allowed_origins)
+
+    def host_allowed(host: str) -> bool:
+        return host in hosts or host.endswith(".localhost") or _is_ip_literal(host)
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        raw_host = request.headers.get("Host")
+        if raw_host is not None and not host_allowed(_split_host(raw_host)):
+            raise Refused(Code.HOST_NOT_ALLOWED, f"Host {raw_host!r} is not allowed without an API key (DNS rebinding "
+                          "protection): use 127.0.0.1 or localhost, add the name to MODEL_ORCHESTRATOR_ALLOWED_HOSTS, "
+                          "or set MODEL_ORCHESTRATOR_API_KEY")
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            normalized = origin.strip().lower().rstrip("/")
+            authority = normalized.split("://", 1)[1] if "://" in normalized else None
+            same_origin = raw_host is not None and authority == raw_host.strip().lower()
+            if not (same_origin or normalized in origins):
+                raise Refused(Code.ORIGIN_NOT_ALLOWED, f"requests from web pages at {origin!r} are refused without an "
+                              "API key: list the origin in MODEL_ORCHESTRATOR_ALLOWED_ORIGINS, or set "
+                              "MODEL_ORCHESTRATOR_API_KEY")
         return await handler(request)
 
     return check
@@ -320,6 +392,8 @@ def create_app(orch: Orchestrator) -> web.Application:
     middlewares = [errors_and_metrics]
     if orch.settings.api_key:
         middlewares.append(auth_middleware(orch.settings.api_key, {r.path for r in ROUTES if not r.auth}))
+    else:
+        middlewares.append(browser_guard(orch.settings))
     app = web.Application(middlewares=middlewares, client_max_size=orch.settings.max_body_mb * 1024 * 1024)
     app[ORCH] = orch
     for r in ROUTES:

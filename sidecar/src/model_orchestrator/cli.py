@@ -37,7 +37,9 @@ def cmd_serve(args) -> int:
     from .model_files import ModelFilesMissing, resolve
     from .orchestrator import Orchestrator
     from .registry import RegistryError, registry_from_settings
-    from .settings import Settings
+    from .settings import MIN_REMOTE_API_KEY_CHARS, Settings
+    from .state_lock import StateDirBusy
+    from .state_lock import acquire as acquire_state_lock
 
     logging.basicConfig(level=os.environ.get("MODEL_ORCHESTRATOR_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -54,6 +56,16 @@ def cmd_serve(args) -> int:
                   "MODEL_ORCHESTRATOR_ALLOW_INSECURE_BIND=1 on a network you trust", file=sys.stderr)
             return 2
         log.warning("!!! listening on %s WITHOUT an API key: anyone who can reach this port controls your GPU", settings.host)
+    if not _is_loopback(settings.host) and settings.api_key and len(settings.api_key) < MIN_REMOTE_API_KEY_CHARS:
+        print(f"refusing to listen on {settings.host} with an API key of {len(settings.api_key)} characters: use at "
+              f"least {MIN_REMOTE_API_KEY_CHARS} random ones (e.g. `openssl rand -hex 24`)", file=sys.stderr)
+        return 2
+    address = f"http://{settings.host}:{settings.port}"
+    try:  # before anything in the state dir is touched: a second sidecar there must change nothing
+        state_lock = acquire_state_lock(settings.state_dir, address)
+    except StateDirBusy as exc:
+        print(f"refusing to start: {exc}", file=sys.stderr)
+        return 3
     try:
         llama_bin = find_llama_server(settings.llama_server_bin)
     except FileNotFoundError as exc:
@@ -68,6 +80,7 @@ def cmd_serve(args) -> int:
              else f"none ({gpu.reason}) - CPU mode")
     orch = Orchestrator(settings, registry, gpu, llama_bin)
     app = create_app(orch)
+    app.on_shutdown.append(_exit_deadline(orch, log))
     if args.preload:
         async def preload(app):
             await orch.ensure_loaded(args.preload)
@@ -78,9 +91,50 @@ def cmd_serve(args) -> int:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
     except ImportError:
         pass
+    # SIGTERM: stop accepting, let requests finish for up to shutdown_timeout_s (aiohttp then cancels them), then
+    # stop every llama-server (orch.close: SIGTERM, SIGKILL after stop_timeout_s); _exit_deadline bounds the whole
+    # shutdown whatever the children or a stuck thread do. keepalive_timeout closes a connection idle that long
+    # (from its first byte on, and between requests).
     web.run_app(app, host=settings.host, port=settings.port, access_log=None,
-                print=lambda _: log.info("serving on http://%s:%d (API docs: /docs)", settings.host, settings.port))
+                shutdown_timeout=settings.shutdown_timeout_s, keepalive_timeout=settings.idle_timeout_s,
+                print=lambda _: log.info("serving on %s (API docs: /docs)", address))
+    state_lock.release()
     return 0
+
+
+def shutdown_bound_s(settings) -> float:
+    """The most a SIGTERM'd `serve` takes to exit: aiohttp gives requests shutdown_timeout_s to finish, then cancels
+    them and gives them shutdown_timeout_s again to unwind; then the children's stop, and 5 s of slack."""
+    return 2 * settings.shutdown_timeout_s + settings.stop_timeout_s + 5.0
+
+
+def _exit_deadline(orch, log):
+    """An on_shutdown hook arming a timer thread: if the graceful shutdown has not finished within
+    shutdown_bound_s, kill every llama-server (SIGKILL to its process group) and exit with code 1."""
+    import signal
+    import threading
+
+    async def arm(app) -> None:
+        bound = shutdown_bound_s(orch.settings)
+
+        def force() -> None:
+            pids = list(orch.owned_pids())
+            log.error("shutdown did not finish within %g s: killing llama-server(s) %s and exiting", bound, pids)
+            for pid in pids:
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            logging.shutdown()
+            os._exit(1)
+
+        timer = threading.Timer(bound, force)
+        timer.daemon = True
+        timer.start()
+        log.info("shutting down: requests drain for up to %g s; exit within %g s at most",
+                 orch.settings.shutdown_timeout_s, bound)
+
+    return arm
 
 
 # ---- client commands --------------------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ load. This walks the same format with struct over an mmap and skips string array
 from __future__ import annotations
 
 import mmap
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +40,18 @@ def _type_sizes() -> dict[int, tuple[int, int]]:
     return {int(t): v for t, v in GGML_QUANT_SIZES.items()}
 
 
+def _open_regular(path: Path):
+    """Open for reading without blocking: a FIFO or a device would hang the thread that opens it (forever, for a
+    pipe nobody writes), so anything but a regular file is refused."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"{path} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
 def read_header(path: Path) -> GgufHeader:
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+    with _open_regular(path) as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
         if m[:4] != b"GGUF":
             raise ValueError(f"{path} is not a GGUF file")
         version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)

@@ -17,7 +17,10 @@ STATUS: dict[Code, int] = {
     Code.VISION_NOT_SUPPORTED: 400,
     Code.REMOTE_IMAGE_NOT_ALLOWED: 400,
     Code.INVALID_API_KEY: 401,
-    Code.FORBIDDEN_ORIGIN: 403,
+    Code.HOST_NOT_ALLOWED: 403,
+    Code.ORIGIN_NOT_ALLOWED: 403,
+    Code.BODY_TIMEOUT: 408,
+    Code.UNSUPPORTED_CHARSET: 415,
     Code.NOT_FOUND: 404,
     Code.MODEL_NOT_FOUND: 404,
     Code.RESERVATION_NOT_FOUND: 404,
@@ -37,6 +40,7 @@ STATUS: dict[Code, int] = {
     Code.LOAD_FAILED: 503,
     Code.SPAWN_FAILED: 503,
     Code.PROCESS_EXITED: 503,
+    Code.HEALTH_TIMEOUT: 503,
     Code.LOAD_TIMEOUT: 503,
     Code.MODEL_UNLOADED: 503,
     Code.MODEL_UNLOADING: 503,
@@ -46,7 +50,16 @@ STATUS: dict[Code, int] = {
 }
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-          409: "conflict_error", 413: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
+          408: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 415: "invalid_request_error",
+          422: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class HttpRefused(Refused):
+    """A refusal of the HTTP layer itself that needs response headers (WWW-Authenticate, Connection: close)."""
+
+    def __init__(self, code: Code, message: str, *, headers: dict[str, str], **details):
+        super().__init__(code, message, **details)
+        self.headers = headers
 
 
 def error_body(status: int, code: str, message: str, details: dict | None = None) -> dict:
@@ -61,7 +74,7 @@ def refusal_body(err: Refused) -> dict:
 
 
 def refusal_response(err: Refused, headers: dict[str, str] | None = None) -> web.Response:
-    headers = dict(headers or {})
+    headers = {**getattr(err, "headers", {}), **(headers or {})}
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
     return web.json_response(refusal_body(err), status=STATUS[err.code], headers=headers)

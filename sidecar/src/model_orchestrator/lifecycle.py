@@ -49,6 +49,7 @@ TRANSITIONS: dict[State, frozenset[State]] = {
 }
 
 OWNER_ENV = "MODEL_ORCHESTRATOR_OWNER"  # marks processes spawned by a sidecar; value = its state dir
+OWNER_PID_ENV = "MODEL_ORCHESTRATOR_OWNER_PID"  # and the PID of that sidecar: a leftover is one whose owner is gone
 MODEL_ENV = "MODEL_ORCHESTRATOR_MODEL"
 READY_LOG_HINTS = ("model loaded", "listening on")  # llama-server prints these as /health turns 200
 
@@ -163,6 +164,8 @@ class LlamaServer:
         self.started_at: datetime | None = None
         self.ready_after_s: float | None = None
         self._stopping = False
+        self.health_misses = 0  # failed /health checks in a row since it was ready (check_health)
+        self._cpu_ticks: int | None = None  # its CPU time at the last check
         self._wake = asyncio.Event()  # a ready hint in the log, or the process exited
         self._exited = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -237,6 +240,26 @@ class LlamaServer:
             # poll every 10 ms, or at once when the log says the model is loaded / the process exited
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), 0.01)
+
+    async def check_health(self, http: aiohttp.ClientSession, timeout: float) -> str | None:
+        """Ask /health once; None when it is alive, else what went wrong, counted in health_misses (the watchdog
+        acts on them: a frozen or deadlocked llama-server keeps its process but stops answering). A slow answer from
+        a process that is using CPU is not a miss: under a storm of requests its HTTP threads can all be busy, and
+        /health waits in line behind them; a stopped or deadlocked process uses none."""
+        cpu_before = self._cpu_ticks
+        try:
+            async with http.get(f"{self.base_url}/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+                problem = None if resp.status == 200 else f"/health answered {resp.status}"
+        except (asyncio.TimeoutError, TimeoutError):
+            problem = f"/health did not answer within {timeout:g} s"
+        except aiohttp.ClientError as exc:
+            problem = f"/health failed: {exc.__class__.__name__}"
+        state, self._cpu_ticks = _proc_state(self.pid)
+        if problem and state != "T" and cpu_before is not None and self._cpu_ticks is not None \
+                and self._cpu_ticks > cpu_before:
+            problem = None  # busy, not frozen
+        self.health_misses = self.health_misses + 1 if problem else 0
+        return problem
 
     async def _read_logs(self) -> None:
         assert self.proc and self.proc.stdout
@@ -485,18 +508,31 @@ class ManagedModel:
         self._transition(State.UNLOADED)
 
 
+def owner_env(owner: str) -> dict[str, str]:
+    """The marker a sidecar puts in its children's environment (find_leftovers reads it back)."""
+    return {OWNER_ENV: owner, OWNER_PID_ENV: str(os.getpid())}
+
+
 def find_leftovers(owner: str) -> list[int]:
-    """llama-server processes a previous sidecar with the same state dir spawned and left running."""
+    """llama-server processes a sidecar with the same state dir spawned and left running: marked with `owner`, and
+    their sidecar (OWNER_PID_ENV; absent in markers of older versions) is no longer alive. The children of a running
+    sidecar are never leftovers, whoever asks."""
     marker = f"{OWNER_ENV}={owner}".encode()
+    pid_prefix = f"{OWNER_PID_ENV}=".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if marker in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
+            env = (entry / "environ").read_bytes().split(b"\0")
         except OSError:  # gone, or another user's process
             continue
+        if marker not in env:
+            continue
+        owner_pid = next((v[len(pid_prefix):] for v in env if v.startswith(pid_prefix)), b"")
+        if owner_pid.isdigit() and int(owner_pid) != os.getpid() and _alive(int(owner_pid)):
+            continue  # its sidecar is running: not ours to reap
+        found.append(int(entry.name))
     return found
 
 
@@ -513,6 +549,18 @@ def reap_leftovers(owner: str, timeout: float = 5.0) -> list[int]:
         if not any(_alive(p) for p in pids):
             break
     return pids
+
+
+def _proc_state(pid: int | None) -> tuple[str | None, int | None]:
+    """A process's state letter (R, S, T for stopped, Z...) and its CPU time in clock ticks, from /proc."""
+    if pid is None:
+        return None, None
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[11]) + int(fields[12])  # utime + stime
+    except (OSError, IndexError, ValueError):
+        return None, None
 
 
 def _alive(pid: int) -> bool:

@@ -21,7 +21,7 @@ RESERVED_FLAGS = frozenset({
     "-m", "--model", "--host", "--port", "-a", "--alias", "--mmproj", "-mm", "-c", "--ctx-size",
     "-ngl", "--gpu-layers", "--n-gpu-layers", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
     "--models-dir", "--models-preset", "--api-key", "--api-key-file", "--path", "-fit", "--fit",
-    "--api-prefix",  # moves /health: readiness would never be seen
+    "--api-prefix", "--ssl-key-file", "--ssl-cert-file",  # /health and the proxy talk plain HTTP at the root
     "-dev", "--device", "-ts", "--tensor-split",  # placement is admission's (set split = true to allow splitting)
 })
 

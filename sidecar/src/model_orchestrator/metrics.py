@@ -28,9 +28,10 @@ class Metrics:
         self.load_duration = Histogram("model_orchestrator_load_duration_seconds", "Load request to llama-server ready", ["model"], buckets=LOAD_BUCKETS, registry=r)
         self.in_flight = Gauge("model_orchestrator_requests_in_flight", "Proxied requests in flight", ["model"], registry=r)
         self.admission_refusals = Counter("model_orchestrator_admission_refusals", "Loads or reservations refused for lack of GPU memory (or the cap)", ["model"], registry=r)
-        self.background_errors = Counter("model_orchestrator_background_errors", "Errors in background loops (logged; the loop goes on), by loop", ["loop"], registry=r)
         self.waiting = Gauge("model_orchestrator_requests_waiting_for_load", "Requests waiting for their model to load", ["model"], registry=r)
         self.http_requests = Counter("model_orchestrator_http_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r)
+        self.background_errors = Counter("model_orchestrator_background_errors", "Exceptions caught in a background loop (logged; the loop goes on)", ["loop"], registry=r)
+        self.health_misses = Counter("model_orchestrator_health_misses", "Health checks of a loaded llama-server that failed or timed out", ["model"], registry=r)
         self.http_duration = Histogram("model_orchestrator_http_request_duration_seconds", "HTTP request latency by route", ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
         # the integration guide's names
         self.tokens_generated = Counter("llamacpp_tokens_generated", "Tokens generated (from responses' usage)", ["model"], registry=r)

@@ -19,7 +19,30 @@ _PATH_PARAMS = {"model": {"type": "string", "pattern": MODEL_ID_PATTERN},
 
 _ERRORS = {"400": "invalid request (bad JSON, wrong types, unknown fields)", "401": "missing or wrong API key",
            "404": "unknown model or route", "409": "conflict with the model's state (busy, cancelled, files missing)",
-           "413": "body too large", "503": "model not ready (loading failed, being unloaded)"}
+           "413": "body too large", "503": "model not ready (loading failed, being unloaded)",
+           "403": "without an API key: refused for a web page's Origin or a Host name that is not allowed"}
+_BODY_ERRORS = {"408": "the request body did not arrive in time (MODEL_ORCHESTRATOR_IDLE_TIMEOUT_S)",
+                "415": "the body's declared charset is not UTF-8"}
+
+
+# pydantic writes a bound it cannot attach to a plain type (a constrained `int | None` behind a validator) under
+# its Python name, which JSON Schema ignores: a fuzzer would then send context_size 0 as valid
+_BOUND_NAMES = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+
+
+def json_schema_bounds(node):
+    """Rename pydantic's ge/le/gt/lt to JSON Schema's keywords throughout a schema (in place)."""
+    if isinstance(node, dict):
+        if node.get("type") in ("integer", "number"):
+            for py, js in _BOUND_NAMES.items():
+                if py in node:
+                    node[js] = node.pop(py)
+        for v in node.values():
+            json_schema_bounds(v)
+    elif isinstance(node, list):
+        for v in node:
+            json_schema_bounds(v)
+    return node
 
 
 def build_openapi(routes, *, version: str, title: str = "model-orchestrator") -> dict:
@@ -46,7 +69,7 @@ def build_openapi(routes, *, version: str, title: str = "model-orchestrator") ->
             op["requestBody"] = {"required": bool(r.request.model_json_schema().get("required")),
                                  "content": {"application/json": {
                 "schema": {"$ref": f"#/components/schemas/{r.request.__name__}"}}}}
-        for code, text in _ERRORS.items():
+        for code, text in (_ERRORS | (_BODY_ERRORS if r.request is not None else {})).items():
             if code != "401" or r.auth:
                 op["responses"].setdefault(code, {"description": text, "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
@@ -59,7 +82,7 @@ def build_openapi(routes, *, version: str, title: str = "model-orchestrator") ->
                  "description": "Runs llama-server processes for n8n and manages GPU memory: load, unload, status, "
                                 "and an OpenAI-compatible proxy routed by model."},
         "paths": paths,
-        "components": {"schemas": defs.get("$defs", {}),
+        "components": {"schemas": json_schema_bounds(defs.get("$defs", {})),
                        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
         "security": [{"bearer": []}],
     }

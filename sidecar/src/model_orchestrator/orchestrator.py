@@ -22,7 +22,7 @@ from . import __version__
 from .errors import Code, Refused
 from .estimate import Estimate, estimate_file
 from .gpu import GpuSnapshot, GpuView, NoGpuView
-from .lifecycle import (MODEL_ENV, OWNER_ENV, LaunchPlan, LoadResult, ManagedModel, State, UnloadResult,
+from .lifecycle import (MODEL_ENV, LaunchPlan, LoadResult, ManagedModel, State, UnloadResult, owner_env,
                         placement_env, reap_leftovers)
 from .llama_args import build_argv, parallel_slots
 from .metrics import Metrics
@@ -91,7 +91,8 @@ class Orchestrator:
         # keepalive_timeout below llama-server's own (5 s) so we rarely reuse a connection it is closing
         self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
                                           auto_decompress=False)
-        self._spawn(self._unload_idle_models())
+        self._spawn(self._forever("idle", 1.0, self._unload_idle_step))
+        self._spawn(self._forever("health", self.settings.health_interval_s, self._check_health))
 
     async def close(self) -> None:
         """Shut down: refuse new loads from now on, stop background work and wait for it, stop every model."""
@@ -317,7 +318,7 @@ class Orchestrator:
                 devices = [model.gpu]
         argv = build_argv(self.llama_server_bin, spec, files.model, files.mmproj, port, split)
         env = {k: v for k, v in os.environ.items() if not k.startswith(_CHILD_ENV_DROP_PREFIXES)}
-        env[OWNER_ENV] = self.owner
+        env.update(owner_env(self.owner))
         env[MODEL_ENV] = spec.id
         if devices:
             env.update(placement_env(devices))
@@ -349,25 +350,47 @@ class Orchestrator:
             self.metrics.unloads.labels(model.id, reason or ("force" if force else "request")).inc()
         return result
 
-    async def _unload_idle_models(self) -> None:
-        """Idle TTL: a model unused for idle_ttl_s seconds is unloaded (never one with requests in flight); expired
-        reservations are dropped. An error in one round is logged and counted; the loop goes on."""
-        loop = asyncio.get_running_loop()
+    async def _forever(self, name: str, interval_s: float, step) -> None:
+        """Run `step` every interval_s until cancelled; an exception is logged and counted, never ends the loop."""
         while True:
-            await asyncio.sleep(1.0)
+            await asyncio.sleep(interval_s)
             try:
-                for r in self.reservations.expire():
-                    log.info("reservation %s of %s (%g MB) expired", r.id, r.service, r.vram_mb)
-                for model in self.models.values():
-                    ttl = model.spec.idle_ttl_s
-                    if (ttl and model.state == State.LOADED and not model.in_flight
-                            and loop.time() - model.last_used_mono >= ttl):
-                        log.info("unloading %s: idle for %g s", model.id, ttl)
-                        with contextlib.suppress(Refused):
-                            await self._unload_model(model, reason="idle")
+                await step()
             except Exception:
-                log.exception("idle-unload round failed; retrying in 1 s")
-                self.metrics.background_errors.labels("idle_unload").inc()
+                log.exception("background loop %r: unexpected error (the loop goes on)", name)
+                self.metrics.background_errors.labels(name).inc()
+
+    async def _unload_idle_step(self) -> None:
+        """Idle TTL: a model unused for idle_ttl_s seconds is unloaded (never one with requests in flight); expired
+        reservations are dropped."""
+        loop = asyncio.get_running_loop()
+        for r in self.reservations.expire():
+            log.info("reservation %s of %s (%g MB) expired", r.id, r.service, r.vram_mb)
+        for model in list(self.models.values()):
+            ttl = model.spec.idle_ttl_s
+            if ttl and model.state == State.LOADED and not model.in_flight and loop.time() - model.last_used_mono >= ttl:
+                log.info("unloading %s: idle for %g s", model.id, ttl)
+                with contextlib.suppress(Refused):
+                    await self._unload_model(model, reason="idle")
+
+    async def _check_health(self) -> None:
+        """Watchdog: ask every loaded llama-server's /health; one that misses health_misses checks in a row (frozen,
+        deadlocked: its process is alive but answers nothing) is marked failed and killed, so its requests end with
+        an error, its memory returns and the next request loads it again."""
+        servers = [(m, m.server) for m in self.models.values() if m.state == State.LOADED and m.server is not None]
+        problems = await asyncio.gather(*(server.check_health(self.http, self.settings.health_timeout_s)
+                                          for _, server in servers))
+        for (model, server), problem in zip(servers, problems):
+            if problem is None:
+                continue
+            self.metrics.health_misses.labels(model.id).inc()
+            log.warning("%s: %s (%d in a row)", model.id, problem, server.health_misses)
+            if server.health_misses >= self.settings.health_misses and model.server is server \
+                    and model.state == State.LOADED:
+                model._fail({"code": Code.HEALTH_TIMEOUT.value, "message": f"llama-server stopped answering "
+                             f"({problem}, {server.health_misses} checks in a row); it was killed",
+                             "logs": server.last_logs()})
+                await server.stop(0)  # it answers nothing: SIGKILL at once
 
     # ---- requests -----------------------------------------------------------------------------------------
     async def ready_server(self, model: ManagedModel):

@@ -27,6 +27,11 @@ class _Request(BaseModel):
 
 
 class LoadRequest(_Request):
+    # a service other than llama-cpp is a reservation: it needs vram_mb (api.models_load answers 400 unknown_service
+    # otherwise); said in the schema so a client, or a fuzzer, knows it is not a valid request
+    model_config = ConfigDict(json_schema_extra={
+        "if": {"required": ["service"], "properties": {"service": {"not": {"const": "llama-cpp"}}}},
+        "then": {"required": ["vram_mb"], "properties": {"vram_mb": {"type": "number"}}}})
     model: str = ModelName
     service: str = Field("llama-cpp", max_length=64, description="the service that runs the model (llama-cpp)")
     priority: JsonInt | None = Field(None, ge=0, le=100, description="overrides the registry's priority while loaded")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 
 def _xdg(var: str, fallback: str) -> Path:
@@ -24,6 +24,9 @@ def cache_dir() -> Path:
 def state_dir() -> Path:
     """Where generated models and the record of spawned processes live."""
     return Path(os.environ.get("MODEL_ORCHESTRATOR_STATE") or _xdg("XDG_STATE_HOME", ".local/state") / "model-orchestrator")
+
+
+MIN_REMOTE_API_KEY_CHARS = 16  # an API key guarding a port beyond loopback is at least this long
 
 
 def setting(default, env: str, description: str, **constraints):
@@ -75,6 +78,31 @@ class Settings(BaseModel):
     max_queue: int = setting(64, "MODEL_ORCHESTRATOR_MAX_QUEUE", "per model: requests waiting beyond llama-server's "
                              "--parallel slots before `429 overloaded` (0: no cap)", ge=0)
 
+    # without an API key, what a browser may reach (api.browser_guard): origins besides the sidecar's own, and
+    # host names besides loopback, the bind address and IP literals (DNS rebinding sends a foreign name)
+    allowed_origins: tuple[str, ...] = setting((), "MODEL_ORCHESTRATOR_ALLOWED_ORIGINS", "without a key: web origins "
+                                               "(`https://host:port`, comma-separated) allowed besides the sidecar's own")
+    allowed_hosts: tuple[str, ...] = setting((), "MODEL_ORCHESTRATOR_ALLOWED_HOSTS", "without a key: `Host` names "
+                                             "allowed besides loopback, IP addresses and the bind address")
+    health_interval_s: float = setting(5.0, "MODEL_ORCHESTRATOR_HEALTH_INTERVAL_S", "watchdog: how often each loaded "
+                                       "llama-server's /health is asked", gt=0)
+    health_timeout_s: float = setting(5.0, "MODEL_ORCHESTRATOR_HEALTH_TIMEOUT_S", "watchdog: a /health answer slower "
+                                      "than this is a miss", gt=0)
+    health_misses: int = setting(3, "MODEL_ORCHESTRATOR_HEALTH_MISSES", "watchdog: this many misses in a row mark the "
+                                 "model `failed` (health_timeout) and kill its llama-server", ge=1)
+    shutdown_timeout_s: float = setting(15.0, "MODEL_ORCHESTRATOR_SHUTDOWN_TIMEOUT_S", "on SIGTERM, how long requests "
+                                        "in flight may finish before they are cancelled (exit within 2 × this + "
+                                        "STOP_TIMEOUT_S + 5 s)", gt=0)
+    idle_timeout_s: float = setting(60.0, "MODEL_ORCHESTRATOR_IDLE_TIMEOUT_S", "a client connection silent this long "
+                                    "is closed; a body not arrived by then is `408`", gt=0)
+
+    @field_validator("allowed_origins", "allowed_hosts", mode="before")
+    @classmethod
+    def _comma_list(cls, value):
+        if isinstance(value, str):
+            value = value.split(",")
+        return tuple(v.strip().lower().rstrip("/") for v in value if v and v.strip())
+
     @classmethod
     def env_names(cls) -> dict[str, str]:
         return {name: f.json_schema_extra["env"] for name, f in cls.model_fields.items()}
@@ -97,8 +125,12 @@ def settings_table() -> str:
     """The README's table of settings, generated from Settings (one owner for names, defaults and meanings)."""
     rows = ["| variable | default | what it does |", "|---|---|---|"]
     for name, f in Settings.model_fields.items():
-        default = "unset" if f.default_factory is None and f.default is None else (
-            "see text" if f.default_factory is not None else f"`{str(f.default).lower() if isinstance(f.default, bool) else f.default}`")
+        if f.default_factory is not None:
+            default = "see text"
+        elif f.default is None or f.default == ():
+            default = "unset"
+        else:
+            default = f"`{str(f.default).lower() if isinstance(f.default, bool) else f.default}`"
         rows.append(f"| `{f.json_schema_extra['env']}` | {default} | {f.description} |")
     return "\n".join(rows)
 
