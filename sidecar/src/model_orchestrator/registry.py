@@ -9,7 +9,7 @@ from __future__ import annotations
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -126,6 +126,7 @@ class PypiSource(_Strict):
 
 
 Source = Annotated[Union[HfSource, PathSource, GeneratedSource, PypiSource], Field(discriminator="type")]
+SOURCE_TYPES = tuple(get_args(m.model_fields["type"].annotation)[0] for m in get_args(get_args(Source)[0]))
 
 
 class ModelSpec(_Strict):
