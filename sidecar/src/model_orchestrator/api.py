@@ -146,8 +146,8 @@ async def models_estimate(request: web.Request) -> web.Response:
     try:
         est = await orch.estimate(slot.spec, context_size=req.context_size, cache_type=req.cache_type,
                                   n_gpu_layers=req.n_gpu_layers)
-    except ModelFilesMissing as exc:
-        raise ApiError(409, "model_files_missing", str(exc), model=slot.id) from None
+    except ModelFilesMissing as exc:  # hub.HubError too: unreachable, wrong repo, gated... each with its code
+        raise ApiError(exc.status, exc.code, str(exc), model=slot.id) from None
     except (ValueError, OSError) as exc:
         raise ApiError(422, "unreadable_model", f"cannot read the GGUF header of {slot.id}: {exc}", model=slot.id) from None
     fit = await orch.check_fit(slot.spec, est)

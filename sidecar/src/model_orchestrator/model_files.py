@@ -11,6 +11,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .gguf_header import GgufHeader
 from .registry import GeneratedSource, HfSource, ModelSpec, PathSource
 
 
@@ -22,6 +23,8 @@ class ModelFiles:
 
 class ModelFilesMissing(Exception):
     """The files are not on disk; the message says how to get them. Nothing was spawned."""
+
+    code, status = "model_files_missing", 409  # the API's answer (hub.HubError has its own per failure)
 
 
 def _cached(src: HfSource, filename: str) -> Path | None:
@@ -69,18 +72,56 @@ def resolve(spec: ModelSpec, generated_dir: Path) -> ModelFiles:
 
 
 def pull(spec: ModelSpec, *, progress: bool = True) -> ModelFiles:
-    """Download a Hugging Face model into the shared cache: resumable, checked, a no-op when already there."""
+    """Download a Hugging Face model into the shared cache: resumable, checked, a no-op when already there.
+    Raises hub.HubError (one line with the fix) when the Hub cannot give it."""
     src = spec.source
     if not isinstance(src, HfSource):
         raise ModelFilesMissing(f"{spec.id} has no Hugging Face source (source.type = {src.type}); nothing to pull")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from .hub import download
 
-    (enable_progress_bars if progress else disable_progress_bars)()
-    paths = [Path(hf_hub_download(src.repo, f, revision=src.revision)) for f in (src.file, src.mmproj) if f]
+    paths = download(src.repo, [f for f in (src.file, src.mmproj) if f], src.revision, progress=progress)
     for p in paths:
         _check_gguf(p)
     return ModelFiles(paths[0], paths[1] if len(paths) > 1 else None)
+
+
+@dataclass
+class ModelHeaders:
+    """The GGUF headers an estimate needs, wherever they came from (disk, or the Hub by range requests)."""
+
+    model: GgufHeader
+    model_bytes: int  # size of the whole model file
+    mmproj: GgufHeader | None = None
+    hub_bytes_read: int | None = None  # None: all read from disk; else bytes fetched from the Hub (0: header cache)
+
+
+def read_headers(spec: ModelSpec, generated_dir: Path, header_cache: Path) -> ModelHeaders:
+    """The headers of `spec`'s files: from disk when they are there, else (Hub models) read from the Hub with range
+    requests and cached in `header_cache`, so a model can be estimated before it is downloaded."""
+    from .gguf_header import read_header_cached
+
+    src = spec.source
+    if not isinstance(src, HfSource):
+        files = resolve(spec, generated_dir)
+        if not files.model.is_file():  # a FIFO or device: reading it would consume it
+            raise ValueError(f"{files.model} is not a regular file")
+        return ModelHeaders(read_header_cached(files.model), files.model.stat().st_size,
+                            read_header_cached(files.mmproj) if files.mmproj else None)
+    from .hub import read_remote_header
+
+    out, remote = [], None
+    for f in (src.file, src.mmproj):
+        if f is None:
+            out.append((None, 0))
+            continue
+        local = _cached(src, f)
+        if local is not None:
+            out.append((read_header_cached(local), local.stat().st_size))
+            continue
+        r = read_remote_header(src.repo, f, src.revision, header_cache)
+        remote = (remote or 0) + r.read_bytes
+        out.append((r.header, r.file_bytes))
+    return ModelHeaders(out[0][0], out[0][1], out[1][0], remote)
 
 
 def _check_gguf(path: Path) -> None:

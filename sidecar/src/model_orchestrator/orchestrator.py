@@ -19,9 +19,9 @@ from .errors import ApiError
 from .gpu import GpuSnapshot, GpuView, NoGpuView
 from .lifecycle import (MODEL_ENV, OWNER_ENV, LaunchPlan, LoadCancelled, LoadFailed, ModelBusy, ModelSlot, State,
                         join_load, llama_server_argv, placement_env, reap_leftovers)
-from .estimate import Estimate, estimate_file
+from .estimate import Estimate, estimate_headers
 from .metrics import Metrics
-from .model_files import ModelFiles, ModelFilesMissing, resolve
+from .model_files import ModelFilesMissing, read_headers, resolve
 from .registry import GeneratedSource, HfSource, ModelSpec, PathSource, Registry
 from .reservations import ReservationBook
 from .scheduler import Decision, Device, Request, Resident, available, decide
@@ -138,7 +138,7 @@ class Orchestrator:
             await join_load(task, slot.id)
             return slot, "joined" if joined else "loaded"
         except ModelFilesMissing as exc:
-            raise ApiError(409, "model_files_missing", str(exc), model=slot.id) from None
+            raise ApiError(exc.status, exc.code, str(exc), model=slot.id) from None
         except LoadFailed as exc:
             raise ApiError(503, exc.code, f"{slot.id} could not be loaded: {exc}", model=slot.id, logs=exc.logs) from None
         except LoadCancelled as exc:
@@ -201,10 +201,12 @@ class Orchestrator:
 
     async def estimate(self, spec: ModelSpec, *, context_size: int | None = None, cache_type: str | None = None,
                        n_gpu_layers: int | None = None) -> Estimate:
-        """GPU memory of `spec`'s llama-server, from its GGUF header (files must be on disk)."""
-        files: ModelFiles = await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")
+        """GPU memory of `spec`'s llama-server, from its GGUF headers: on disk, or read from the Hub with range
+        requests when the files are not downloaded yet (model_files.read_headers)."""
+        headers = await asyncio.to_thread(read_headers, spec, self.settings.state_dir / "models",
+                                          self.settings.state_dir / "hub-headers")
         return await asyncio.to_thread(
-            estimate_file, files.model, mmproj=files.mmproj, n_ctx=context_size or spec.context_size,
+            estimate_headers, headers, n_ctx=context_size or spec.context_size,
             n_gpu_layers=spec.n_gpu_layers if n_gpu_layers is None else n_gpu_layers,
             cache_type=cache_type or spec.cache_type, flash_attn=spec.flash_attn != "off",
             extra_args=spec.extra_args, overhead_mib=self.settings.cuda_overhead_mb)
@@ -212,15 +214,13 @@ class Orchestrator:
     async def _estimate_for_admission(self, spec: ModelSpec) -> Estimate | None:
         """The estimate, or None when the header cannot be read (llama-server then reports the real problem with its
         logs) or the model is not a regular file (a pipe or device: reading it would consume it)."""
-        files = await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")
-        if not files.model.is_file():
-            return None
+        await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")  # launching needs the files
         try:
             return await self.estimate(spec)
         except ModelFilesMissing:
             raise
         except Exception as exc:  # a truncated or foreign file: not ours to diagnose
-            log.warning("%s: cannot estimate from %s: %s", spec.id, files.model, exc)
+            log.warning("%s: cannot estimate: %s", spec.id, exc)
             return None
 
     async def check_fit(self, spec: ModelSpec, est: Estimate) -> dict:

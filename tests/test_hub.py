@@ -1,0 +1,188 @@
+"""The Hub side of model files (hub.py), against a local server speaking the Hub's file protocol (tests/hf_mirror.py):
+"will it fit?" answered from the GGUF header read with range requests (no download), and every Hub failure as one
+line with the fix, a non-zero exit, in bounded time, and the matching JSON error on the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hf_mirror import HfMirror
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from synthetic_gguf import write_synthetic  # noqa: E402
+
+from model_orchestrator.estimate import estimate_file  # noqa: E402
+from model_orchestrator.tiny_gguf import write_tiny_mmproj, write_tiny_model  # noqa: E402
+
+BIG_REPO = "test-org/Qwen3-30B-A3B-GGUF"
+BIG_FILE = "Qwen3-30B-A3B-Q4_0.gguf"
+MMPROJ = "mmproj-F16.gguf"
+TINY_REPO = "test-org/Tiny-GGUF"
+TINY_FILE = "tiny-Q8_0.gguf"
+GATED_REPO = "test-org/Gated-GGUF"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("hub-files")
+    # real Qwen3-30B-A3B shapes and 151 936-token vocabulary; the 16 GiB of weights are a hole in a sparse file
+    return {"big": write_synthetic(d / BIG_FILE, "qwen3-30b-a3b"), "mmproj": write_tiny_mmproj(d / MMPROJ),
+            "tiny": write_tiny_model(d / TINY_FILE)}
+
+
+@pytest.fixture
+def mirror(files):
+    m = HfMirror({BIG_REPO: {BIG_FILE: files["big"], MMPROJ: files["mmproj"].read_bytes()},
+                  TINY_REPO: {TINY_FILE: files["tiny"].read_bytes()},
+                  GATED_REPO: {TINY_FILE: files["tiny"].read_bytes()}},
+                 gated={GATED_REPO}, tokens={"hf_good_token"})
+    m.start()
+    yield m
+    m.stop()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def env(tmp_path, mirror) -> dict[str, str]:
+    return make_env(tmp_path, mirror.url)
+
+
+def make_env(tmp_path: Path, mirror_url: str) -> dict[str, str]:
+    """A registry of Hub models served by the mirror, an empty HF_HOME and state dir, and no sidecar to ask."""
+    registry = tmp_path / "models.toml"
+    registry.write_text(f'''default_model = "big"
+[[models]]
+id = "big"
+source = {{ type = "hf", repo = "{BIG_REPO}", file = "{BIG_FILE}", mmproj = "{MMPROJ}" }}
+context_size = 131072
+cache_type = "q8_0"
+[[models]]
+id = "tiny"
+source = {{ type = "hf", repo = "{TINY_REPO}", file = "{TINY_FILE}" }}
+[[models]]
+id = "no-such-repo"
+source = {{ type = "hf", repo = "test-org/Nope-GGUF", file = "x.gguf" }}
+[[models]]
+id = "no-such-file"
+source = {{ type = "hf", repo = "{TINY_REPO}", file = "missing.gguf" }}
+[[models]]
+id = "gated"
+source = {{ type = "hf", repo = "{GATED_REPO}", file = "{TINY_FILE}" }}
+''')
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODEL_ORCHESTRATOR_"))}
+    e.update(HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT=mirror_url, HF_HUB_DISABLE_TELEMETRY="1",
+             MODEL_ORCHESTRATOR_MODELS=str(registry), MODEL_ORCHESTRATOR_STATE=str(tmp_path / "state"),
+             MODEL_ORCHESTRATOR_URL=f"http://127.0.0.1:{_closed_port()}")  # no sidecar: the local registry answers
+    return e
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model_orchestrator", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_estimate_before_download_reads_only_the_header(env, mirror, files):
+    proc = cli(env, "estimate", "big", "--json")
+    assert proc.returncode == 0, proc.stderr
+    remote = json.loads(proc.stdout)
+    local = estimate_file(files["big"], mmproj=files["mmproj"], n_ctx=131072, n_gpu_layers=99, cache_type="q8_0").to_dict()
+    assert remote["details"].pop("header_from") == "hub"
+    read = remote["details"].pop("hub_bytes_read")
+    local["details"].pop("header_from")
+    assert remote == local  # the same estimate as from the downloaded files
+    size = files["big"].stat().st_size
+    served = mirror.body_bytes()
+    assert served == read
+    assert served < size / 100, (served, size)  # under 1 % of the 16 GiB file: a few MB
+    assert all(r.range for r in mirror.file_gets()), "every read is a range read"
+    assert [r.status for r in mirror.file_gets() if BIG_FILE in r.path] == [206] * len(
+        [r for r in mirror.file_gets() if BIG_FILE in r.path])
+    assert not list(Path(env["HF_HOME"]).rglob("*.gguf")), "nothing was downloaded into the cache"
+    # the second answer comes from the header cache: metadata requests only, no byte of content
+    before = len(mirror.requests)
+    again = cli(env, "estimate", "big", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["details"]["hub_bytes_read"] == 0
+    assert [r for r in mirror.requests[before:] if r.method == "GET"] == []
+    text = cli(env, "estimate", "big").stdout
+    assert "header read from the Hub" in text and "registry: " + env["MODEL_ORCHESTRATOR_MODELS"] in text
+
+
+def test_estimate_uses_the_cached_header_when_the_hub_is_gone(env, mirror):
+    assert cli(env, "estimate", "tiny", "--json").returncode == 0
+    mirror.stop()
+    proc = cli(env, "estimate", "tiny", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["details"]["hub_bytes_read"] == 0
+    mirror.start()  # for the fixture's stop
+
+
+@pytest.mark.parametrize("case", ["unreachable", "repo", "file", "gated"])
+@pytest.mark.parametrize("command", ["estimate", "pull"])
+def test_hub_failures_are_one_line_with_the_fix(env, command, case):
+    model = {"unreachable": "tiny", "repo": "no-such-repo", "file": "no-such-file", "gated": "gated"}[case]
+    if case == "unreachable":
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{_closed_port()}"
+    t0 = time.monotonic()
+    proc = cli(env, command, model)
+    took = time.monotonic() - t0
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # no traceback
+    fix = {"unreachable": "HF_ENDPOINT", "repo": "fix source.repo", "file": "fix source.file", "gated": "HF_TOKEN"}[case]
+    assert fix in lines[0], lines[0]
+    assert took < 15, took  # no retry loop (huggingface_hub alone retries a dead network for ~24 s)
+
+
+def test_gated_repo_works_with_a_token(env):
+    env["HF_TOKEN"] = "hf_good_token"
+    proc = cli(env, "pull", "gated")
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).read_bytes()[:4] == b"GGUF"
+
+
+def test_bad_checksum_is_refused_and_the_file_deleted(env, mirror):
+    mirror.corrupt.add(TINY_FILE)
+    proc = cli(env, "pull", "tiny")
+    assert proc.returncode != 0
+    assert len(proc.stderr.strip().splitlines()) == 1 and "SHA-256" in proc.stderr and "pull again" in proc.stderr
+    assert not list(Path(env["HF_HOME"]).rglob(TINY_FILE)), "the corrupt file is not left in the cache"
+    mirror.corrupt.clear()
+    assert cli(env, "pull", "tiny").returncode == 0
+
+
+def test_full_disk_is_refused_before_downloading(env, mirror, tmp_path):
+    """The free space of HF_HOME's disk is checked against the files' sizes before any byte is fetched: a tmpfs
+    smaller than the file stands for a full disk."""
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        env["HF_HOME"] = str(small / "hf")
+        mirror.repos[TINY_REPO]["big.gguf"] = b"GGUF" + bytes(2 << 20)  # 2 MB > the 1 MB disk
+        (Path(env["MODEL_ORCHESTRATOR_MODELS"])).write_text(Path(env["MODEL_ORCHESTRATOR_MODELS"]).read_text() + f'''
+[[models]]
+id = "too-big"
+source = {{ type = "hf", repo = "{TINY_REPO}", file = "big.gguf" }}
+''')
+        proc = cli(env, "pull", "too-big")
+        assert proc.returncode != 0
+        assert len(proc.stderr.strip().splitlines()) == 1 and "free" in proc.stderr and "HF_HOME" in proc.stderr, proc.stderr
+        assert [r for r in mirror.file_gets() if r.path.endswith("big.gguf")] == [], "nothing was downloaded"
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
