@@ -142,8 +142,9 @@ def test_hub_failures_are_one_line_with_the_fix(env, command, case):
     assert proc.returncode != 0
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr  # no traceback
-    fix = {"unreachable": "HF_ENDPOINT", "repo": "fix source.repo", "file": "fix source.file", "gated": "HF_TOKEN"}[case]
-    assert fix in lines[0], lines[0]
+    fix = {"unreachable": ["cannot reach", "HF_ENDPOINT"], "repo": ["does not exist", "fix source.repo"],
+           "file": ["no file", "fix source.file"], "gated": ["is gated", "accept its terms", "HF_TOKEN"]}[case]
+    assert all(words in lines[0] for words in fix), lines[0]
     assert took < 15, took  # no retry loop (huggingface_hub alone retries a dead network for ~24 s)
 
 
@@ -186,3 +187,59 @@ source = {{ type = "hf", repo = "{TINY_REPO}", file = "big.gguf" }}
         assert [r for r in mirror.file_gets() if r.path.endswith("big.gguf")] == [], "nothing was downloaded"
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+# ---- through a running sidecar: POST /models/estimate, its errors, and the CLI asking the sidecar's registry --------
+@pytest.fixture
+def hub_sidecar(tmp_path, mirror, llama_server_bin):
+    from conftest import SidecarProcess
+
+    env = make_env(tmp_path, mirror.url)
+    del env["MODEL_ORCHESTRATOR_URL"]
+    sp = SidecarProcess(Path(env["MODEL_ORCHESTRATOR_MODELS"]), tmp_path / "state", llama_server_bin, env=env).start()
+    yield sp
+    sp.stop()
+
+
+def test_api_estimates_a_hub_model_before_download(hub_sidecar, mirror, files):
+    status, body = hub_sidecar.call("POST", "/models/estimate", {"model": "big"})
+    assert status == 200, body
+    local = estimate_file(files["big"], mmproj=files["mmproj"], n_ctx=131072, n_gpu_layers=99, cache_type="q8_0")
+    assert body["estimate"]["total_mb"] == round(local.total_mb, 1)
+    assert body["estimate"]["details"]["header_from"] == "hub"
+    assert 0 < body["estimate"]["details"]["hub_bytes_read"] == mirror.body_bytes() < files["big"].stat().st_size / 100
+    assert "fits" in body["fit"]
+
+
+@pytest.mark.parametrize("model, status, code", [("no-such-repo", 502, "hub_repo_not_found"),
+                                                  ("no-such-file", 502, "hub_file_not_found"),
+                                                  ("gated", 502, "hub_gated_repo")])
+def test_api_hub_failures_are_json_errors(hub_sidecar, model, status, code):
+    got, body = hub_sidecar.call("POST", "/models/estimate", {"model": model})
+    assert (got, body["error"]["code"]) == (status, code), body
+    assert "registry" in body["error"]["message"] or "HF_TOKEN" in body["error"]["message"]
+
+
+def test_api_hub_unreachable_is_a_503_in_bounded_time(hub_sidecar, mirror):
+    mirror.stop()
+    t0 = time.monotonic()
+    got, body = hub_sidecar.call("POST", "/models/estimate", {"model": "tiny"})
+    assert (got, body["error"]["code"]) == (503, "hub_unreachable"), body
+    assert "HF_ENDPOINT" in body["error"]["message"] and time.monotonic() - t0 < 15
+    mirror.start()
+
+
+def test_cli_estimate_asks_the_running_sidecars_registry(hub_sidecar, tmp_path):
+    """`big` exists only in the sidecar's registry; the CLI's own environment names none (the shipped one)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODEL_ORCHESTRATOR_"))}
+    env.update(MODEL_ORCHESTRATOR_URL=hub_sidecar.url, MODEL_ORCHESTRATOR_STATE=str(tmp_path / "cli-state"))
+    proc = cli(env, "estimate", "big")
+    assert proc.returncode == 0, proc.stderr
+    assert f"the sidecar at {hub_sidecar.url}" in proc.stdout and "total" in proc.stdout
+    missing = cli(env, "estimate", "no-such-repo")
+    assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
+    assert "hub_repo_not_found" in missing.stderr
+    # no sidecar: the local (shipped) registry answers, and says so
+    env["MODEL_ORCHESTRATOR_URL"] = f"http://127.0.0.1:{_closed_port()}"
+    local = cli(env, "estimate", "big")
+    assert local.returncode == 2 and "shipped models.toml" in local.stderr and "no sidecar answered" in local.stderr
