@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ MMPROJ = "mmproj-F16.gguf"
 TINY_REPO = "test-org/Tiny-GGUF"
 TINY_FILE = "tiny-Q8_0.gguf"
 GATED_REPO = "test-org/Gated-GGUF"
+PROGRESS = re.compile(r": [\d.]+/[\d.]+ MB \(\d+ %\)$")  # pull's plain progress line when not on a terminal
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +96,16 @@ def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.Com
                           timeout=timeout)
 
 
+def one_error_line(proc: subprocess.CompletedProcess) -> list[str]:
+    """The failure is one line (beside `pull`'s line saying what it pulls, and progress lines): no traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    other = [line for line in proc.stderr.splitlines() if not line.startswith("pulling ") and not PROGRESS.search(line)]
+    assert len(other) == 1, proc.stderr
+    return errors
+
+
 def test_estimate_before_download_reads_only_the_header(env, mirror, files):
     proc = cli(env, "estimate", "big", "--json")
     assert proc.returncode == 0, proc.stderr
@@ -118,7 +130,7 @@ def test_estimate_before_download_reads_only_the_header(env, mirror, files):
     assert json.loads(again.stdout)["details"]["hub_bytes_read"] == 0
     assert [r for r in mirror.requests[before:] if r.method == "GET"] == []
     text = cli(env, "estimate", "big").stdout
-    assert "header read from the Hub" in text and "registry: " + env["MODEL_ORCHESTRATOR_MODELS"] in text
+    assert "not downloaded: header from the cache" in text and "registry: " + env["MODEL_ORCHESTRATOR_MODELS"] in text
 
 
 def test_estimate_uses_the_cached_header_when_the_hub_is_gone(env, mirror):
@@ -140,26 +152,30 @@ def test_hub_failures_are_one_line_with_the_fix(env, command, case):
     proc = cli(env, command, model)
     took = time.monotonic() - t0
     assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr  # no traceback
+    lines = one_error_line(proc)
     fix = {"unreachable": ["cannot reach", "HF_ENDPOINT"], "repo": ["does not exist", "fix source.repo"],
            "file": ["no file", "fix source.file"], "gated": ["is gated", "accept its terms", "HF_TOKEN"]}[case]
     assert all(words in lines[0] for words in fix), lines[0]
     assert took < 15, took  # no retry loop (huggingface_hub alone retries a dead network for ~24 s)
 
 
-def test_gated_repo_works_with_a_token(env):
+def test_gated_repo_works_with_a_token(env, files):
     env["HF_TOKEN"] = "hf_good_token"
     proc = cli(env, "pull", "gated")
     assert proc.returncode == 0, proc.stderr
-    assert Path(proc.stdout.strip()).read_bytes()[:4] == b"GGUF"
+    assert Path(proc.stdout.strip()).read_bytes() == files["tiny"].read_bytes()
+    # not on a terminal: plain progress lines, the last one at 100 %, no redrawn bar
+    progress = [line for line in proc.stderr.splitlines() if PROGRESS.search(line)]
+    assert progress and progress[-1].endswith("(100 %)") and "\r" not in proc.stderr, proc.stderr
+    assert f"pulling gated ({env['MODEL_ORCHESTRATOR_MODELS']})" in proc.stderr
 
 
 def test_bad_checksum_is_refused_and_the_file_deleted(env, mirror):
     mirror.corrupt.add(TINY_FILE)
     proc = cli(env, "pull", "tiny")
     assert proc.returncode != 0
-    assert len(proc.stderr.strip().splitlines()) == 1 and "SHA-256" in proc.stderr and "pull again" in proc.stderr
+    one_error_line(proc)
+    assert "SHA-256" in proc.stderr and "pull again" in proc.stderr
     assert not list(Path(env["HF_HOME"]).rglob(TINY_FILE)), "the corrupt file is not left in the cache"
     mirror.corrupt.clear()
     assert cli(env, "pull", "tiny").returncode == 0
@@ -183,7 +199,8 @@ source = {{ type = "hf", repo = "{TINY_REPO}", file = "big.gguf" }}
 ''')
         proc = cli(env, "pull", "too-big")
         assert proc.returncode != 0
-        assert len(proc.stderr.strip().splitlines()) == 1 and "free" in proc.stderr and "HF_HOME" in proc.stderr, proc.stderr
+        one_error_line(proc)
+        assert "free" in proc.stderr and "HF_HOME" in proc.stderr, proc.stderr
         assert [r for r in mirror.file_gets() if r.path.endswith("big.gguf")] == [], "nothing was downloaded"
     finally:
         subprocess.run(["umount", str(small)], check=False)
@@ -237,8 +254,15 @@ def test_cli_estimate_asks_the_running_sidecars_registry(hub_sidecar, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert f"the sidecar at {hub_sidecar.url}" in proc.stdout and "total" in proc.stdout
     missing = cli(env, "estimate", "no-such-repo")
-    assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1
+    assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
     assert "hub_repo_not_found" in missing.stderr
+    env.update(HF_HOME=str(tmp_path / "cli-hf-home"), HF_ENDPOINT=hub_sidecar.env["HF_ENDPOINT"])
+    pulled = cli(env, "pull", "tiny")  # the sidecar's registry says where `tiny` comes from
+    assert pulled.returncode == 0, pulled.stderr
+    assert f"pulling tiny (the registry of the sidecar at {hub_sidecar.url})" in pulled.stderr
+    assert Path(pulled.stdout.strip()).is_file()
+    unknown = cli(env, "pull", "not-a-model")
+    assert unknown.returncode == 2 and f"registry of the sidecar at {hub_sidecar.url}" in unknown.stderr
     # no sidecar: the local (shipped) registry answers, and says so
     env["MODEL_ORCHESTRATOR_URL"] = f"http://127.0.0.1:{_closed_port()}"
     local = cli(env, "estimate", "big")

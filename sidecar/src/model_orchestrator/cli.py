@@ -195,21 +195,51 @@ def _sidecar_url(args) -> str | None:
         return None
 
 
+def _spec_from_sidecar(args, url: str):
+    """The registry entry of args.model in the running sidecar's registry (GET /models), as a ModelSpec, or None
+    after printing why there is none."""
+    from .registry import HfSource, ModelSpec
+
+    args.url = url
+    models = _call(args, "GET", "/models")["models"]
+    info = next((m for m in models if args.model == m["id"] or args.model in m["aliases"]), None)
+    if info is None:
+        print(f"unknown model {args.model!r} in the registry of the sidecar at {url}; known: "
+              f"{', '.join(m['id'] for m in models)}", file=sys.stderr)
+        return None
+    if not info.get("hub"):
+        print(f"{info['id']} has no Hugging Face source (source.type = {info['source']}); nothing to pull", file=sys.stderr)
+        return None
+    return ModelSpec(id=info["id"], source=HfSource(type="hf", **info["hub"]))
+
+
 def cmd_pull(args) -> int:
     from .model_files import ModelFilesMissing, pull
     from .settings import Settings
 
-    settings = Settings.from_env(models_config=args.config)
-    registry = _registry_or_none(settings)
-    if registry is None:
-        return 2
-    spec = registry.lookup(args.model)
-    if spec is None:
-        print(f"unknown model {args.model!r} in {_registry_name(settings)} (MODEL_ORCHESTRATOR_MODELS or --config "
-              f"names another); known: {', '.join(s.id for s in registry.models)}", file=sys.stderr)
-        return 2
+    url = _sidecar_url(args)
+    if url:
+        spec = _spec_from_sidecar(args, url)
+        if spec is None:
+            return 2
+        registry_used = f"the registry of the sidecar at {url}"
+    else:
+        settings = Settings.from_env(models_config=args.config)
+        registry = _registry_or_none(settings)
+        if registry is None:
+            return 2
+        spec = registry.lookup(args.model)
+        if spec is None:
+            print(f"unknown model {args.model!r} in {_registry_name(settings)} (MODEL_ORCHESTRATOR_MODELS or --config "
+                  f"names another; no sidecar answered to ask its registry); known: "
+                  f"{', '.join(s.id for s in registry.models)}", file=sys.stderr)
+            return 2
+        registry_used = _registry_name(settings)
+    from huggingface_hub import constants
+
+    print(f"pulling {spec.id} ({registry_used}) into {constants.HF_HUB_CACHE}", file=sys.stderr)
     try:
-        files = pull(spec, progress=not args.quiet and sys.stderr.isatty())
+        files = pull(spec, progress=not args.quiet)
     except ModelFilesMissing as exc:  # hub.HubError: one line with the fix
         print(f"error: {exc}", file=sys.stderr)
         return 1 if getattr(exc, "status", 409) >= 500 else 2
@@ -363,8 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_logs)
 
     sp = sub.add_parser("pull", help="download a model's files into the shared Hugging Face cache (HF_HOME)")
-    sp.add_argument("model")
-    sp.add_argument("--config", type=Path)
+    sp.add_argument("model", help="a model id or alias (of the running sidecar's registry, else the local one)")
+    sp.add_argument("--url", help=f"the sidecar whose registry to use (default: $MODEL_ORCHESTRATOR_URL or {DEFAULT_URL})")
+    sp.add_argument("--timeout", type=float, default=30, help="seconds to wait for the sidecar's answer")
+    sp.add_argument("--config", type=Path, help="use this registry file, not the running sidecar's")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_pull)
 

@@ -230,14 +230,45 @@ def read_remote_header(repo: str, file: str, revision: str, cache_root: Path) ->
 
 
 # ---- download ------------------------------------------------------------------------------------------------------
+def _line_progress() -> type:
+    """A tqdm that prints plain lines (at start, every 10 s, at the end) instead of redrawing a bar: for logs and
+    pipes, where huggingface_hub's own bar shows nothing."""
+    import sys
+
+    from tqdm import tqdm
+
+    class LineProgress(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.update(mininterval=10.0, file=sys.stderr)
+            super().__init__(*args, **kwargs)
+
+        def display(self, msg=None, pos=None):
+            total = f"/{self.total / 1e6:.1f} MB ({100 * self.n / self.total:.0f} %)" if self.total else " MB"
+            name = (self.desc or "download").rsplit("/", 1)[-1]  # huggingface_hub's desc is a shortened URL
+            print(f"{name}: {self.n / 1e6:.1f}{total}", file=sys.stderr, flush=True)
+            return True
+
+        def close(self):
+            if not self.disable:  # the last line, and none of tqdm's end-of-bar newlines
+                self.display()
+                self.disable = True
+            super().close()
+
+    return LineProgress
+
+
 def download(repo: str, files: list[str], revision: str, *, progress: bool = True) -> list[Path]:
     """Download `files` into the shared cache (resumable; a no-op for files already there): metadata first (so a
     dead network or a wrong name fails in one request), then free disk vs the bytes still missing, then the
-    download, then the SHA-256 of each new file against the Hub's."""
+    download, then the SHA-256 of each new file against the Hub's. Progress: a bar on a terminal, plain lines
+    otherwise."""
+    import sys
+
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
     (enable_progress_bars if progress else disable_progress_bars)()
+    tqdm_class = _line_progress() if progress and not sys.stderr.isatty() else None
     missing = [f for f in files if not isinstance(try_to_load_from_cache(repo, f, revision=revision), str)]
     metas = {f: file_metadata(repo, f, revision) for f in missing}
     need = sum(m.size for m in metas.values())
@@ -251,7 +282,7 @@ def download(repo: str, files: list[str], revision: str, *, progress: bool = Tru
     paths = []
     for f in files:
         with hub_errors(repo, f, revision):
-            path = Path(hf_hub_download(repo, f, revision=revision, etag_timeout=_timeout()))
+            path = Path(hf_hub_download(repo, f, revision=revision, etag_timeout=_timeout(), tqdm_class=tqdm_class))
         if f in metas:
             _check_sha256(path, metas[f], repo, f)
         paths.append(path)

@@ -398,7 +398,9 @@ class Orchestrator:
             slot = self.slots[spec.id]
             out.append({
                 "id": spec.id, "name": spec.name or spec.id, "aliases": spec.aliases, "status": slot.state,
-                "source": spec.source.type, "files_present": _files_present(spec, self.settings.state_dir / "models"),
+                "source": spec.source.type,
+                "hub": spec.source.model_dump(exclude={"type"}) if isinstance(spec.source, HfSource) else None,
+                "files_present": _files_present(spec, self.settings.state_dir / "models"),
                 "context_size": spec.context_size, "n_gpu_layers": spec.n_gpu_layers, "cache_type": spec.cache_type,
                 "priority": slot.priority, "idle_ttl_s": spec.idle_ttl_s, "load_on_demand": spec.load_on_demand,
                 "vision": bool(getattr(spec.source, "mmproj", None)), "default": spec.id == self.registry.default.id,
