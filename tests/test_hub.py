@@ -267,3 +267,13 @@ def test_cli_estimate_asks_the_running_sidecars_registry(hub_sidecar, tmp_path):
     env["MODEL_ORCHESTRATOR_URL"] = f"http://127.0.0.1:{_closed_port()}"
     local = cli(env, "estimate", "big")
     assert local.returncode == 2 and "shipped models.toml" in local.stderr and "no sidecar answered" in local.stderr
+
+
+def test_offline_mode_uses_the_header_cache_and_says_what_to_unset(env):
+    assert cli(env, "estimate", "tiny", "--json").returncode == 0
+    env["HF_HUB_OFFLINE"] = "1"
+    cached = cli(env, "estimate", "tiny", "--json")
+    assert cached.returncode == 0, cached.stderr
+    never_read = cli(env, "estimate", "big")
+    assert never_read.returncode != 0
+    assert "HF_HUB_OFFLINE" in one_error_line(never_read)[0]
