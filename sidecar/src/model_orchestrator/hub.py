@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,7 +172,7 @@ def _ref_path(cache_root: Path, repo: str, revision: str, file: str) -> Path:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # one per writer
     tmp.write_bytes(data)
     tmp.replace(path)
 
@@ -192,12 +193,12 @@ def read_remote_header(repo: str, file: str, revision: str, cache_root: Path) ->
     try:
         meta = file_metadata(repo, file, revision)
     except HubError as exc:
-        if exc.code != "hub_unreachable":
+        if exc.code not in ("hub_unreachable", "hub_offline"):
             raise
         with contextlib.suppress(OSError, ValueError, KeyError):
             cached = _from_cache(cache_root, repo, file, json.loads(ref.read_text())["etag"])
             if cached:
-                log.info("%s/%s: Hub unreachable, using the header cached for %s", repo, file, revision)
+                log.info("%s/%s: Hub unreachable or offline, using the header cached for %s", repo, file, revision)
                 return cached
         raise
     cached = _from_cache(cache_root, repo, file, meta.etag)
