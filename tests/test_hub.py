@@ -267,6 +267,12 @@ def test_cli_estimate_asks_the_running_sidecars_registry(hub_sidecar, tmp_path):
     env["MODEL_ORCHESTRATOR_URL"] = f"http://127.0.0.1:{_closed_port()}"
     local = cli(env, "estimate", "big")
     assert local.returncode == 2 and "shipped models.toml" in local.stderr and "no sidecar answered" in local.stderr
+    # a registry named to the CLI, and no sidecar named: that file, and it says so
+    del env["MODEL_ORCHESTRATOR_URL"]
+    env["MODEL_ORCHESTRATOR_MODELS"] = hub_sidecar.env["MODEL_ORCHESTRATOR_MODELS"]
+    named = cli(env, "estimate", "big")
+    assert named.returncode == 0, named.stderr
+    assert f"registry: {env['MODEL_ORCHESTRATOR_MODELS']}, named by MODEL_ORCHESTRATOR_MODELS" in named.stdout
 
 
 def test_offline_mode_uses_the_header_cache_and_says_what_to_unset(env):

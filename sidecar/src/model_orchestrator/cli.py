@@ -182,17 +182,21 @@ def _registry_name(settings) -> str:
     return str(settings.models_config) if settings.models_config else "the shipped models.toml"
 
 
-def _sidecar_url(args) -> str | None:
-    """The running sidecar's URL, or None when none answers there (then model commands use a local registry and
-    say which). --config names a local registry explicitly: no sidecar is asked."""
+def _sidecar_url(args) -> tuple[str | None, str]:
+    """The running sidecar whose registry model commands use, or None and why not (then the local registry answers,
+    and the command says which file that was). A sidecar named (--url, MODEL_ORCHESTRATOR_URL) is asked first; else a
+    registry named (--config, MODEL_ORCHESTRATOR_MODELS) is used; else the sidecar at the default URL, if one answers."""
+    named = getattr(args, "url", None) or os.environ.get("MODEL_ORCHESTRATOR_URL")
     if getattr(args, "config", None):
-        return None
-    url = (getattr(args, "url", None) or os.environ.get("MODEL_ORCHESTRATOR_URL") or DEFAULT_URL).rstrip("/")
+        return None, "named by --config"
+    if not named and os.environ.get("MODEL_ORCHESTRATOR_MODELS"):
+        return None, "named by MODEL_ORCHESTRATOR_MODELS"
+    url = (named or DEFAULT_URL).rstrip("/")
     try:
         with urllib.request.urlopen(url + "/health", timeout=2):
-            return url
+            return url, ""
     except (urllib.error.URLError, OSError, ValueError):
-        return None
+        return None, f"no sidecar answered at {url}, so its registry was not asked"
 
 
 def _spec_from_sidecar(args, url: str):
@@ -217,7 +221,7 @@ def cmd_pull(args) -> int:
     from .model_files import ModelFilesMissing, pull
     from .settings import Settings
 
-    url = _sidecar_url(args)
+    url, why_local = _sidecar_url(args)
     if url:
         spec = _spec_from_sidecar(args, url)
         if spec is None:
@@ -230,11 +234,10 @@ def cmd_pull(args) -> int:
             return 2
         spec = registry.lookup(args.model)
         if spec is None:
-            print(f"unknown model {args.model!r} in {_registry_name(settings)} (MODEL_ORCHESTRATOR_MODELS or --config "
-                  f"names another; no sidecar answered to ask its registry); known: "
+            print(f"unknown model {args.model!r} in {_registry_name(settings)} ({why_local}); known: "
                   f"{', '.join(s.id for s in registry.models)}", file=sys.stderr)
             return 2
-        registry_used = _registry_name(settings)
+        registry_used = f"{_registry_name(settings)}, {why_local}"
     from huggingface_hub import constants
 
     print(f"pulling {spec.id} ({registry_used}) into {constants.HF_HUB_CACHE}", file=sys.stderr)
@@ -297,19 +300,17 @@ def cmd_estimate(args) -> int:
     settings = Settings.from_env(models_config=args.config)
     path, spec, registry_used = Path(args.model), None, None
     if not path.is_file():
-        url = _sidecar_url(args)
+        url, why_local = _sidecar_url(args)
         if url:
             return _estimate_via_sidecar(args, url)
         registry = _registry_or_none(settings)
         if registry is None:
             return 2
-        registry_used = f"{_registry_name(settings)}; no sidecar answered, so its registry was not asked"
+        registry_used = f"{_registry_name(settings)}, {why_local}"
         spec = registry.lookup(args.model)
         if spec is None:
             print(f"{args.model!r} is neither a GGUF file nor a model id of {_registry_name(settings)} "
-                  f"({', '.join(s.id for s in registry.models)}); no sidecar answered at "
-                  f"{args.url or os.environ.get('MODEL_ORCHESTRATOR_URL') or DEFAULT_URL} to ask its registry",
-                  file=sys.stderr)
+                  f"({', '.join(s.id for s in registry.models)}; {why_local})", file=sys.stderr)
             return 2
     ctx = args.ctx or (spec.context_size if spec else 8192)
     cache = args.cache_type or (spec.cache_type if spec else "f16")
