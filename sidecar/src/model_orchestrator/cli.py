@@ -322,7 +322,7 @@ def cmd_estimate(args) -> int:
             est = estimate_file(path, **kwargs)
         else:
             est = estimate_headers(read_headers(spec, settings.state_dir / "models",
-                                                settings.state_dir / "hub-headers"), **kwargs)
+                                                settings.hub_header_dir), **kwargs)
     except ModelFilesMissing as exc:  # hub.HubError: one line with the fix
         print(f"error: {exc}", file=sys.stderr)
         return 1 if getattr(exc, "status", 409) >= 500 else 2

@@ -204,7 +204,7 @@ class Orchestrator:
         """GPU memory of `spec`'s llama-server, from its GGUF headers: on disk, or read from the Hub with range
         requests when the files are not downloaded yet (model_files.read_headers)."""
         headers = await asyncio.to_thread(read_headers, spec, self.settings.state_dir / "models",
-                                          self.settings.state_dir / "hub-headers")
+                                          self.settings.hub_header_dir)
         return await asyncio.to_thread(
             estimate_headers, headers, n_ctx=context_size or spec.context_size,
             n_gpu_layers=spec.n_gpu_layers if n_gpu_layers is None else n_gpu_layers,

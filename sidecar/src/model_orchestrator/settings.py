@@ -46,6 +46,11 @@ class Settings(BaseModel):
     reservation_ttl_s: float = Field(600, gt=0)  # default lifetime of a reservation
     max_queue: int = Field(64, ge=0)  # per model: requests waiting beyond llama-server's slots before 429 (0: no cap)
 
+    @property
+    def hub_header_dir(self) -> Path:
+        """Where GGUF headers read from the Hub are kept (hub.read_remote_header), by repo and ETag."""
+        return self.state_dir / "hub-headers"
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
         env = os.environ if env is None else env
