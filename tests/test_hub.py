@@ -283,3 +283,21 @@ def test_offline_mode_uses_the_header_cache_and_says_what_to_unset(env):
     never_read = cli(env, "estimate", "big")
     assert never_read.returncode != 0
     assert "HF_HUB_OFFLINE" in one_error_line(never_read)[0]
+
+
+def test_a_load_of_a_hub_model_not_downloaded_says_what_it_would_need(hub_sidecar, mirror, files):
+    """No download on load (yet): the refusal names `pull`, and the memory it would need from the header alone."""
+    got, body = hub_sidecar.call("POST", "/models/load", {"model": "big"})
+    assert (got, body["error"]["code"]) == (409, "model_files_missing"), body
+    local = estimate_file(files["big"], mmproj=files["mmproj"], n_ctx=131072, n_gpu_layers=99, cache_type="q8_0")
+    assert body["error"]["need_mb"] == round(local.total_mb, 1)
+    assert "model-orchestrator pull big" in body["error"]["message"]
+    assert f"needs {local.total_mb:.0f} MB" in body["error"]["message"]
+    assert body["error"]["fit"]["fits"] is None  # CPU mode: nothing to check against
+    assert 0 < mirror.body_bytes() < files["big"].stat().st_size / 100
+    assert not list(Path(hub_sidecar.env["HF_HOME"]).rglob("*.gguf")), "nothing was downloaded"
+    # the Hub gone: still the same refusal, saying why there is no estimate
+    mirror.stop()
+    got, body = hub_sidecar.call("POST", "/models/load", {"model": "tiny"})
+    assert (got, body["error"]["code"]) == (409, "model_files_missing") and "no estimate" in body["error"]["message"]
+    mirror.start()

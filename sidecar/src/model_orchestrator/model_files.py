@@ -25,6 +25,7 @@ class ModelFilesMissing(Exception):
     """The files are not on disk; the message says how to get them. Nothing was spawned."""
 
     code, status = "model_files_missing", 409  # the API's answer (hub.HubError has its own per failure)
+    details: dict = {}  # more fields of the API's error (a load's refusal: the memory it would need)
 
 
 def _cached(src: HfSource, filename: str) -> Path | None:

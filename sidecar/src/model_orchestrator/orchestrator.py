@@ -138,7 +138,7 @@ class Orchestrator:
             await join_load(task, slot.id)
             return slot, "joined" if joined else "loaded"
         except ModelFilesMissing as exc:
-            raise ApiError(exc.status, exc.code, str(exc), model=slot.id) from None
+            raise ApiError(exc.status, exc.code, str(exc), model=slot.id, **exc.details) from None
         except LoadFailed as exc:
             raise ApiError(503, exc.code, f"{slot.id} could not be loaded: {exc}", model=slot.id, logs=exc.logs) from None
         except LoadCancelled as exc:
@@ -214,7 +214,10 @@ class Orchestrator:
     async def _estimate_for_admission(self, spec: ModelSpec) -> Estimate | None:
         """The estimate, or None when the header cannot be read (llama-server then reports the real problem with its
         logs) or the model is not a regular file (a pipe or device: reading it would consume it)."""
-        await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")  # launching needs the files
+        try:
+            await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")  # launching needs the files
+        except ModelFilesMissing as exc:
+            raise await self._missing_with_estimate(spec, exc) from None
         try:
             return await self.estimate(spec)
         except ModelFilesMissing:
@@ -222,6 +225,24 @@ class Orchestrator:
         except Exception as exc:  # a truncated or foreign file: not ours to diagnose
             log.warning("%s: cannot estimate: %s", spec.id, exc)
             return None
+
+    async def _missing_with_estimate(self, spec: ModelSpec, exc: ModelFilesMissing) -> ModelFilesMissing:
+        """A load of a Hub model not downloaded yet is refused; the refusal says, from the header read on the Hub
+        (hub.read_remote_header: a few MB), how much GPU memory it would need and whether that fits now, before
+        anyone spends a multi-GB download on a model that cannot load."""
+        if not isinstance(spec.source, HfSource):
+            return exc
+        try:
+            est = await self.estimate(spec)
+            fit = await self.check_fit(spec, est)
+        except (ModelFilesMissing, ValueError, OSError) as why:  # hub.HubError: the Hub cannot tell either
+            return ModelFilesMissing(f"{exc} (no estimate before the download: {why})")
+        verdict = ("no GPU to check it against" if fit["fits"] is None else "it fits now" if fit["fits"] else
+                   f"it fits after evicting {', '.join(fit['evict'])}" if fit["fits_after_eviction"] else
+                   f"it does not fit now: {fit['reason']}")
+        out = ModelFilesMissing(f"{exc}; it needs {est.total_mb:.0f} MB of GPU memory ({verdict})")
+        out.details = {"need_mb": round(est.total_mb, 1), "fit": fit}
+        return out
 
     async def check_fit(self, spec: ModelSpec, est: Estimate) -> dict:
         """Would it fit now, and what could make room (no eviction is done)."""
