@@ -161,13 +161,16 @@ def test_hub_failures_are_one_line_with_the_fix(env, command, case):
 
 def test_gated_repo_works_with_a_token(env, files):
     env["HF_TOKEN"] = "hf_good_token"
+    est = cli(env, "estimate", "gated", "--json")  # the range reads carry the token too
+    assert est.returncode == 0, est.stderr
+    assert json.loads(est.stdout)["details"]["header_from"] == "hub"
     proc = cli(env, "pull", "gated")
     assert proc.returncode == 0, proc.stderr
     assert Path(proc.stdout.strip()).read_bytes() == files["tiny"].read_bytes()
     # not on a terminal: plain progress lines, the last one at 100 %, no redrawn bar
     progress = [line for line in proc.stderr.splitlines() if PROGRESS.search(line)]
     assert progress and progress[-1].endswith("(100 %)") and "\r" not in proc.stderr, proc.stderr
-    assert f"pulling gated ({env['MODEL_ORCHESTRATOR_MODELS']})" in proc.stderr
+    assert f"pulling gated ({env['MODEL_ORCHESTRATOR_MODELS']}, no sidecar answered at" in proc.stderr
 
 
 def test_bad_checksum_is_refused_and_the_file_deleted(env, mirror):
