@@ -21,7 +21,8 @@ import urllib.request
 import pytest
 
 from support.helpers import SidecarProcess, registry_text
-from support.n8n import (CREDENTIAL_NAME, PKG_DIR, N8n, adapt_workflow, build_package, install_package,
+from support.n8n import (CREDENTIAL_NAME, PKG_DIR, N8n, adapt_workflow, branching_workflow, build_package,
+                         install_package,
                          install_toolchain, load_workflow, run_node_tool)
 
 pytestmark = [
@@ -67,29 +68,6 @@ def keyed_sidecar(tmp_path_factory, model_dir, llama_server_bin):
     sp.stop()
 
 
-def _branching_workflow(workflow_id: str, check_params: dict, credential: str = CREDENTIAL_NAME) -> dict:
-    """Manual trigger -> Check VRAM -> "Enough" / "Not Enough" no-op nodes, to see which output was taken."""
-    def noop(name, y):
-        return {"parameters": {}, "id": f"{workflow_id}-{y}", "name": name, "type": "n8n-nodes-base.noOp",
-                "typeVersion": 1, "position": [440, y]}
-    return {
-        "id": workflow_id, "name": workflow_id, "active": False, "settings": {"executionOrder": "v1"},
-        "nodes": [
-            {"parameters": {}, "id": f"{workflow_id}-t", "name": "Start", "type": "n8n-nodes-base.manualTrigger",
-             "typeVersion": 1, "position": [0, 300]},
-            {"parameters": check_params, "id": f"{workflow_id}-c", "name": "Check VRAM",
-             "type": PKG + "modelOrchestratorCheckVram", "typeVersion": 1, "position": [220, 300],
-             "credentials": {"modelOrchestratorApi": {"id": None, "name": credential}}},
-            noop("Enough", 200), noop("Not Enough", 400),
-        ],
-        "connections": {
-            "Start": {"main": [[{"node": "Check VRAM", "type": "main", "index": 0}]]},
-            "Check VRAM": {"main": [[{"node": "Enough", "type": "main", "index": 0}],
-                                    [{"node": "Not Enough", "type": "main", "index": 0}]]},
-        },
-    }
-
-
 def _test_workflows() -> list[dict]:
     chat, agent, image = (load_workflow(n) for n in SHIPPED)
     tiny = {"qwen3-vl-30b": "tiny", "wan2.1-14b": "tiny-tools"}
@@ -110,9 +88,9 @@ def _test_workflows() -> list[dict]:
                        node_settings={"Describe Image": {"onError": "continueRegularOutput"}}),
         adapt_workflow(chat, workflow_id="tToolsContinue", models={"qwen3-vl-30b": "tiny-tools"},
                        params={"Chat": {"tools": json.dumps([WEATHER_TOOL]), "userMessage": "Weather in Paris?"}}),
-        _branching_workflow("tVramZero", {"check": "requiredMb", "requiredMb": 0, "whenNoGpu": "notEnough"}),
-        _branching_workflow("tVramModel", {"check": "model", "model": "tiny", "whenNoGpu": "enough"}),
-        _branching_workflow("tVramLoaded", {"check": "model", "model": "tiny-manual", "whenNoGpu": "notEnough"}),
+        branching_workflow("tVramZero", {"check": "requiredMb", "requiredMb": 0, "whenNoGpu": "notEnough"}),
+        branching_workflow("tVramModel", {"check": "model", "model": "tiny", "whenNoGpu": "enough"}),
+        branching_workflow("tVramLoaded", {"check": "model", "model": "tiny-manual", "whenNoGpu": "notEnough"}),
     ]
 
 

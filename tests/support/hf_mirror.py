@@ -1,14 +1,20 @@
 """A tiny stand-in for the Hugging Face Hub's file protocol (what huggingface_hub's hf_hub_download speaks), for
 tests that set HF_ENDPOINT to it.
 
-Serves, from an in-memory {repo: {filename: bytes}}:
+Serves, from {repo: {filename: bytes or Path}} (a Path is read range by range: a sparse 16 GiB synthetic model
+costs neither memory nor disk):
   HEAD/GET /{org}/{name}/resolve/{revision}/{filename}
-      ETag (the content's SHA-256, as the Hub gives LFS files), X-Repo-Commit, Content-Length, Accept-Ranges;
-      GET honours `Range: bytes=N-` (206 + Content-Range), which is how huggingface_hub resumes.
+      ETag (the content's SHA-256, as the Hub gives LFS files; for a Path, `etags[filename]` or a hash of its
+      name, size and mtime), X-Repo-Commit, Content-Length, Accept-Ranges;
+      GET honours `Range: bytes=N-` and `bytes=N-M` (206 + Content-Range): how huggingface_hub resumes and how
+      headers are read without downloading.
   GET /api/models/{org}/{name}[/revision/{revision}]   {"id", "sha", "siblings": [{"rfilename"}]}
-Every request is recorded (method, path, Range header) so tests can count what was downloaded.
+  A repo not served answers like the Hub: 401 with X-Error-Code RepoNotFound; a file not served 404 EntryNotFound.
+Every request is recorded (method, path, Range header, body bytes sent) so tests can count what was downloaded.
 Fault injection: `cut_once[filename] = n` makes the next GET of that file announce the whole length, send only
-n bytes and drop the connection (an interrupted download).
+n bytes and drop the connection (an interrupted download); `gated = {repo}` answers 401 GatedRepo unless the
+request carries `Authorization: Bearer <one of tokens>`; `corrupt = {filename}` sends other bytes than the ETag
+announces (a bad checksum).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import json
 import re
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -38,6 +45,24 @@ class HfMirror:
     commit: str = COMMIT
     requests: list[Request] = field(default_factory=list)
     cut_once: dict[str, int] = field(default_factory=dict)
+    gated: set[str] = field(default_factory=set)
+    tokens: set[str] = field(default_factory=set)
+    corrupt: set[str] = field(default_factory=set)
+    etags: dict[str, str] = field(default_factory=dict)
+
+    def _etag(self, filename: str, data) -> str:
+        if filename in self.etags:
+            return self.etags[filename]
+        if isinstance(data, Path):
+            st = data.stat()
+            self.etags[filename] = hashlib.sha256(f"{data}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()
+            return self.etags[filename]
+        self.etags[filename] = hashlib.sha256(data).hexdigest()
+        return self.etags[filename]
+
+    def body_bytes(self) -> int:
+        """Bytes of file contents sent so far."""
+        return sum(r.body_bytes for r in self.file_gets())
 
     def start(self) -> "HfMirror":
         mirror = self
@@ -64,11 +89,11 @@ class HfMirror:
                 if self.command == "GET":
                     self.wfile.write(data)
 
-            def _not_found(self, rec: Request) -> None:
-                rec.status = 404
-                data = b'{"error": "Entry not found"}'
-                self.send_response(404)
-                self.send_header("X-Error-Code", "EntryNotFound")
+            def _not_found(self, rec: Request, status: int = 404, code: str = "EntryNotFound") -> None:
+                rec.status = status
+                data = json.dumps({"error": code}).encode()
+                self.send_response(status)
+                self.send_header("X-Error-Code", code)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -85,29 +110,44 @@ class HfMirror:
                     return self._send_json(rec, {"id": m.group(1), "sha": mirror.commit,
                                                  "siblings": [{"rfilename": f} for f in files]})
                 m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
-                if not m or m.group(1) not in mirror.repos or m.group(3) not in mirror.repos[m.group(1)]:
+                if not m or m.group(1) not in mirror.repos:
+                    return self._not_found(rec, 401, "RepoNotFound")
+                auth = self.headers.get("Authorization") or ""
+                if m.group(1) in mirror.gated and auth.removeprefix("Bearer ") not in mirror.tokens:
+                    return self._not_found(rec, 401 if not auth else 403, "GatedRepo")
+                if m.group(3) not in mirror.repos[m.group(1)]:
                     return self._not_found(rec)
                 filename = m.group(3)
                 data = mirror.repos[m.group(1)][filename]
-                start = 0
-                rng = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+                size = data.stat().st_size if isinstance(data, Path) else len(data)
+                start, end = 0, size - 1
+                rng = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range") or "")
                 if rng and body:
                     start = int(rng.group(1))
-                rec.status = 206 if start else 200
+                    end = min(int(rng.group(2)), size - 1) if rng.group(2) else size - 1
+                partial = (start, end) != (0, size - 1)
+                rec.status = 206 if partial else 200
                 self.send_response(rec.status)
-                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                self.send_header("ETag", f'"{mirror._etag(filename, data)}"')
                 self.send_header("X-Repo-Commit", mirror.commit)
                 self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Type", "application/octet-stream")
-                self.send_header("Content-Length", str(len(data) - start))
-                if start:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+                self.send_header("Content-Length", str(end + 1 - start))
+                if partial:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
                 self.end_headers()
                 if not body:
                     return
-                chunk = data[start:]
+                if isinstance(data, Path):
+                    with open(data, "rb") as f:
+                        f.seek(start)
+                        chunk = f.read(end + 1 - start)
+                else:
+                    chunk = data[start:end + 1]
+                if filename in mirror.corrupt:
+                    chunk = bytes(b ^ 0xFF for b in chunk[:64]) + chunk[64:]
                 cut = mirror.cut_once.pop(filename, None)
-                if cut is not None and not start:
+                if cut is not None and not partial:
                     self.wfile.write(chunk[:cut])
                     self.wfile.flush()
                     rec.body_bytes = cut

@@ -185,3 +185,26 @@ def adapt_workflow(wf: dict, *, workflow_id: str | None = None, models: dict[str
         if credential and "modelOrchestratorApi" in node.get("credentials", {}):
             node["credentials"] = {"modelOrchestratorApi": credential}
     return wf
+
+
+def branching_workflow(workflow_id: str, check_params: dict, credential: str = CREDENTIAL_NAME) -> dict:
+    """Manual trigger -> Check VRAM -> "Enough" / "Not Enough" no-op nodes, to see which output was taken."""
+    def noop(name, y):
+        return {"parameters": {}, "id": f"{workflow_id}-{y}", "name": name, "type": "n8n-nodes-base.noOp",
+                "typeVersion": 1, "position": [440, y]}
+    return {
+        "id": workflow_id, "name": workflow_id, "active": False, "settings": {"executionOrder": "v1"},
+        "nodes": [
+            {"parameters": {}, "id": f"{workflow_id}-t", "name": "Start", "type": "n8n-nodes-base.manualTrigger",
+             "typeVersion": 1, "position": [0, 300]},
+            {"parameters": check_params, "id": f"{workflow_id}-c", "name": "Check VRAM",
+             "type": PKG_NAME + ".modelOrchestratorCheckVram", "typeVersion": 1, "position": [220, 300],
+             "credentials": {"modelOrchestratorApi": {"id": None, "name": credential}}},
+            noop("Enough", 200), noop("Not Enough", 400),
+        ],
+        "connections": {
+            "Start": {"main": [[{"node": "Check VRAM", "type": "main", "index": 0}]]},
+            "Check VRAM": {"main": [[{"node": "Enough", "type": "main", "index": 0}],
+                                    [{"node": "Not Enough", "type": "main", "index": 0}]]},
+        },
+    }

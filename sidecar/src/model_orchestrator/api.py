@@ -151,8 +151,9 @@ async def models_estimate(request: web.Request) -> web.Response:
     try:
         est = await orch.estimate(model.spec, context_size=req.context_size, cache_type=req.cache_type,
                                   n_gpu_layers=req.n_gpu_layers)
-    except ModelFilesMissing as exc:
-        raise Refused(Code.MODEL_FILES_MISSING, str(exc), model=model.id) from None
+    except ModelFilesMissing as exc:  # hub.HubError too: unreachable, wrong repo, gated... each with its code
+        exc.details.setdefault("model", model.id)
+        raise
     except (ValueError, OSError) as exc:
         raise Refused(Code.UNREADABLE_MODEL, f"cannot read the GGUF header of {model.id}: {exc}", model=model.id) from None
     fit = await orch.check_fit(model.spec, est)

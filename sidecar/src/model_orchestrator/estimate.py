@@ -12,10 +12,14 @@ overhead are fitted on a real GPU (CALIBRATION below; bench/vram_table.py measur
 
 from __future__ import annotations
 
-import functools
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .gguf_header import GgufHeader
+    from .model_files import ModelHeaders
 
 from .llama_args import host_tensor_patterns
 
@@ -92,17 +96,14 @@ class Estimate:
 
 
 def read_shape(path: Path) -> ModelShape:
-    """What the estimate needs, from the GGUF header (gguf_header.py; tensor data is never read). Cached per file
-    version: admission asks on every load."""
-    st = Path(path).stat()
-    return _read_shape(str(path), st.st_mtime_ns, st.st_size)
+    """What the estimate needs, from the header of a GGUF file on disk (cached per file version)."""
+    from .gguf_header import read_header_cached
+
+    return shape_from_header(read_header_cached(path), Path(path).stat().st_size)
 
 
-@functools.lru_cache(maxsize=64)
-def _read_shape(path: str, mtime_ns: int, size: int) -> ModelShape:
-    from .gguf_header import read_header
-
-    h = read_header(Path(path))
+def shape_from_header(h: "GgufHeader", file_bytes: int) -> ModelShape:
+    """What the estimate needs, from a parsed GGUF header (read from disk or from the Hub: gguf_header.py)."""
     arch = h.fields.get("general.architecture")
     g = lambda key, default=None: h.fields.get(f"{arch}.{key}", default)  # noqa: E731
     n_layer = int(g("block_count"))
@@ -130,7 +131,7 @@ def _read_shape(path: str, mtime_ns: int, size: int) -> ModelShape:
         n_ff=n_ff, n_vocab=n_vocab, n_expert=int(g("expert_count", 0) or 0),
         n_expert_used=int(g("expert_used_count", 0) or 0), n_ff_exp=int(g("expert_feed_forward_length", 0) or 0),
         n_swa=n_swa, swa_layers=swa_layers,
-        tensors={t.name: t.n_bytes for t in h.tensors}, file_bytes=Path(path).stat().st_size,
+        tensors={t.name: t.n_bytes for t in h.tensors}, file_bytes=file_bytes,
     )
 
 
@@ -198,8 +199,22 @@ def estimate_shape(shape: ModelShape, *, n_ctx: int, n_gpu_layers: int, cache_ty
     )
 
 
-def estimate_file(model: Path, *, mmproj: Path | None = None, **kwargs) -> Estimate:
-    from .gguf_header import read_header
+def estimate_headers(headers: "ModelHeaders", **kwargs) -> Estimate:
+    """The estimate of a model from its headers (model_files.read_headers: from disk, or from the Hub before any
+    download); the one path every estimate takes."""
+    mmproj_bytes = sum(t.n_bytes for t in headers.mmproj.tensors) if headers.mmproj else 0
+    est = estimate_shape(shape_from_header(headers.model, headers.model_bytes), mmproj_bytes=mmproj_bytes, **kwargs)
+    est.details["header_from"] = "disk" if headers.hub_bytes_read is None else "hub"
+    if headers.hub_bytes_read is not None:
+        est.details["hub_bytes_read"] = headers.hub_bytes_read  # 0: from the header cache
+    return est
 
-    mmproj_bytes = sum(t.n_bytes for t in read_header(mmproj).tensors) if mmproj else 0
-    return estimate_shape(read_shape(model), mmproj_bytes=mmproj_bytes, **kwargs)
+
+def estimate_file(model: Path, *, mmproj: Path | None = None, **kwargs) -> Estimate:
+    """The estimate of GGUF files on disk."""
+    from .gguf_header import read_header_cached
+    from .model_files import ModelHeaders
+
+    headers = ModelHeaders(read_header_cached(model), Path(model).stat().st_size,
+                           read_header_cached(mmproj) if mmproj else None)
+    return estimate_headers(headers, **kwargs)

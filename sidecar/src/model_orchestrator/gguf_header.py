@@ -7,6 +7,7 @@ load. This walks the same format with struct over an mmap and skips string array
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import stat
@@ -32,6 +33,7 @@ class TensorInfo:
 class GgufHeader:
     fields: dict  # key -> value (arrays: list, or {"len": n} when long or of strings)
     tensors: list[TensorInfo]
+    header_bytes: int = 0  # where the header ends (tensor data follows after alignment padding)
 
 
 def _type_sizes() -> dict[int, tuple[int, int]]:
@@ -50,58 +52,104 @@ def _open_regular(path: Path):
     return os.fdopen(fd, "rb")
 
 
+class NeedMoreBytes(ValueError):
+    """The buffer ends inside the header: read at least `needed` bytes from the start of the file and parse again."""
+
+    def __init__(self, needed: int):
+        super().__init__(f"the GGUF header goes on past byte {needed}")
+        self.needed = needed
+
+
+def read_header_cached(path: Path) -> GgufHeader:
+    """read_header, remembered per file version: admission asks on every load."""
+    st = Path(path).stat()
+    return _read_header_cached(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _read_header_cached(path: str, mtime_ns: int, size: int) -> GgufHeader:
+    return read_header(Path(path))
+
+
 def read_header(path: Path) -> GgufHeader:
+    """The header of a GGUF file on disk (mapped, so only the header's pages are read)."""
     with _open_regular(path) as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-        if m[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file")
-        version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
-        if version < 2:
-            raise ValueError(f"{path}: GGUF version {version} is too old")
-        pos = 24
+        try:
+            return parse_header(m, str(path))
+        except NeedMoreBytes:
+            raise ValueError(f"{path}: truncated GGUF header") from None
 
-        def string(at: int) -> tuple[str, int]:
-            (n,) = struct.unpack_from("<Q", m, at)
-            return m[at + 8:at + 8 + n].decode("utf-8", "replace"), at + 8 + n
 
-        def value(vtype: int, at: int):
-            if vtype in _SCALARS:
-                fmt = _SCALARS[vtype]
-                return struct.unpack_from(fmt, m, at)[0], at + struct.calcsize(fmt)
-            if vtype == _STRING:
-                return string(at)
-            if vtype == _ARRAY:
-                etype, count = struct.unpack_from("<IQ", m, at)
-                at += 12
-                if etype == _STRING:
-                    for _ in range(count):  # skip by length; only the count matters to us
-                        (n,) = struct.unpack_from("<Q", m, at)
-                        at += 8 + n
-                    return {"len": count}, at
-                if etype in _SCALARS:
-                    size = struct.calcsize(_SCALARS[etype])
-                    if count <= _KEEP_ARRAY_MAX:
-                        items = list(struct.unpack_from("<" + _SCALARS[etype][1] * count, m, at))
-                        return items, at + size * count
-                    return {"len": count}, at + size * count
-                raise ValueError(f"{path}: nested arrays are not supported")
-            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+def parse_header(buf, name: str = "GGUF") -> GgufHeader:
+    """Parse the header at the start of `buf` (bytes, mmap: any buffer). Raises NeedMoreBytes when `buf` holds only
+    the beginning of the header (a remote reader fetches more and calls again), ValueError when it is no GGUF."""
+    m = buf  # slices of bytes and mmap are bytes; a memoryview would pin the mmap open
+    end = len(m)
 
-        fields = {}
-        for _ in range(n_kv):
-            key, pos = string(pos)
-            (vtype,) = struct.unpack_from("<I", m, pos)
-            fields[key], pos = value(vtype, pos + 4)
-        sizes = _type_sizes()
-        tensors = []
-        for _ in range(n_tensors):
-            name, pos = string(pos)
-            (n_dims,) = struct.unpack_from("<I", m, pos)
-            shape = struct.unpack_from(f"<{n_dims}Q", m, pos + 4)
-            ggml_type, _offset = struct.unpack_from("<IQ", m, pos + 4 + 8 * n_dims)
-            pos += 4 + 8 * n_dims + 12
-            elements = 1
-            for d in shape:
-                elements *= d
-            block, type_size = sizes[ggml_type]
-            tensors.append(TensorInfo(name, tuple(shape), ggml_type, elements // block * type_size))
-        return GgufHeader(fields, tensors)
+    def need(at: int, n: int) -> None:
+        if at + n > end:
+            raise NeedMoreBytes(at + n)
+
+    def unpack(fmt: str, at: int):
+        need(at, struct.calcsize(fmt))
+        return struct.unpack_from(fmt, m, at)
+
+    need(0, 24)
+    if m[:4] != b"GGUF":
+        raise ValueError(f"{name} is not a GGUF file")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", m, 4)
+    if version < 2:
+        raise ValueError(f"{name}: GGUF version {version} is too old")
+    pos = 24
+
+    def string(at: int) -> tuple[str, int]:
+        (n,) = unpack("<Q", at)
+        need(at + 8, n)
+        return m[at + 8:at + 8 + n].decode("utf-8", "replace"), at + 8 + n
+
+    def value(vtype: int, at: int):
+        if vtype in _SCALARS:
+            fmt = _SCALARS[vtype]
+            return unpack(fmt, at)[0], at + struct.calcsize(fmt)
+        if vtype == _STRING:
+            return string(at)
+        if vtype == _ARRAY:
+            etype, count = unpack("<IQ", at)
+            at += 12
+            if etype == _STRING:
+                for _ in range(count):  # skip by length; only the count matters to us
+                    (n,) = unpack("<Q", at)
+                    at += 8 + n
+                need(at, 0)
+                return {"len": count}, at
+            if etype in _SCALARS:
+                size = struct.calcsize(_SCALARS[etype])
+                need(at, size * count)
+                if count <= _KEEP_ARRAY_MAX:
+                    items = list(struct.unpack_from("<" + _SCALARS[etype][1] * count, m, at))
+                    return items, at + size * count
+                return {"len": count}, at + size * count
+            raise ValueError(f"{name}: nested arrays are not supported")
+        raise ValueError(f"{name}: unknown GGUF value type {vtype}")
+
+    fields = {}
+    for _ in range(n_kv):
+        key, pos = string(pos)
+        (vtype,) = unpack("<I", pos)
+        fields[key], pos = value(vtype, pos + 4)
+    sizes = _type_sizes()
+    tensors = []
+    for _ in range(n_tensors):
+        name_, pos = string(pos)
+        (n_dims,) = unpack("<I", pos)
+        shape = unpack(f"<{n_dims}Q", pos + 4)
+        ggml_type, _offset = unpack("<IQ", pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        elements = 1
+        for d in shape:
+            elements *= d
+        if ggml_type not in sizes:
+            raise ValueError(f"{name}: tensor {name_} has unknown ggml type {ggml_type}")
+        block, type_size = sizes[ggml_type]
+        tensors.append(TensorInfo(name_, tuple(shape), ggml_type, elements // block * type_size))
+    return GgufHeader(fields, tensors, header_bytes=pos)

@@ -47,6 +47,18 @@ STATUS: dict[Code, int] = {
     Code.MODEL_DRAINING: 503,
     Code.SHUTTING_DOWN: 503,
     Code.UPSTREAM_TIMEOUT: 504,
+    Code.HUB_ACCESS_DENIED: 502,
+    Code.HUB_BAD_FILE: 502,
+    Code.HUB_BAD_RESPONSE: 502,
+    Code.HUB_CHECKSUM_MISMATCH: 502,
+    Code.HUB_FILE_NOT_FOUND: 502,
+    Code.HUB_GATED_REPO: 502,
+    Code.HUB_OFFLINE: 503,
+    Code.HUB_REPO_NOT_FOUND: 502,
+    Code.HUB_REVISION_NOT_FOUND: 502,
+    Code.HUB_UNAVAILABLE: 503,
+    Code.HUB_UNREACHABLE: 503,
+    Code.INSUFFICIENT_DISK: 507,
 }
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",

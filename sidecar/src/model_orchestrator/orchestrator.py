@@ -20,14 +20,14 @@ import aiohttp
 
 from . import __version__
 from .errors import Code, Refused
-from .estimate import Estimate, estimate_file
+from .estimate import Estimate, estimate_headers
 from .gpu import GpuSnapshot, GpuView, NoGpuView
 from .lifecycle import (MODEL_ENV, LaunchPlan, LoadResult, ManagedModel, State, UnloadResult, owner_env,
                         placement_env, reap_leftovers)
 from .llama_args import build_argv, parallel_slots
 from .metrics import Metrics
-from .model_files import ModelFiles, ModelFilesMissing, resolve
-from .registry import GeneratedSource, ModelSpec, PathSource, Registry
+from .model_files import ModelFilesMissing, read_headers, resolve
+from .registry import GeneratedSource, HfSource, ModelSpec, PathSource, Registry
 from .reservations import Reservation, ReservationBook
 from .scheduler import Decision, Device, Request, Resident, available, decide
 from .settings import Settings
@@ -158,8 +158,8 @@ class Orchestrator:
             # admission (outside its lock: a download must not hold up other loads)
             try:
                 await asyncio.to_thread(resolve, model.spec, self.settings.state_dir / "models", download=True)
-            except ModelFilesMissing as exc:
-                raise Refused(Code.MODEL_FILES_MISSING, str(exc), model=model.id) from None
+            except ModelFilesMissing as exc:  # not fetched on load (a Hub model): say what it would need
+                raise await self._missing_with_estimate(model.spec, exc) from None
         while True:
             self._refuse_if_closing()
             await model.wait_unloaded()
@@ -266,10 +266,12 @@ class Orchestrator:
 
     async def estimate(self, spec: ModelSpec, *, context_size: int | None = None, cache_type: str | None = None,
                        n_gpu_layers: int | None = None) -> Estimate:
-        """GPU memory of `spec`'s llama-server, from its GGUF header (files must be on disk)."""
-        files: ModelFiles = await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")
+        """GPU memory of `spec`'s llama-server, from its GGUF headers: on disk, or read from the Hub with range
+        requests when the files are not downloaded yet (model_files.read_headers)."""
+        headers = await asyncio.to_thread(read_headers, spec, self.settings.state_dir / "models",
+                                          self.settings.hub_header_dir)
         return await asyncio.to_thread(
-            estimate_file, files.model, mmproj=files.mmproj, n_ctx=context_size or spec.context_size,
+            estimate_headers, headers, n_ctx=context_size or spec.context_size,
             n_gpu_layers=spec.n_gpu_layers if n_gpu_layers is None else n_gpu_layers,
             cache_type=cache_type or spec.cache_type, flash_attn=spec.flash_attn != "off",
             extra_args=spec.extra_args, overhead_mib=self.settings.cuda_overhead_mb)
@@ -278,16 +280,32 @@ class Orchestrator:
         """The estimate, or None when the header cannot be read (llama-server then reports the real problem with its
         logs) or the model is not a regular file (a pipe or device: reading it would consume it)."""
         try:
-            files = await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")
+            await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")  # launching needs the files
         except ModelFilesMissing as exc:
-            raise Refused(Code.MODEL_FILES_MISSING, str(exc), model=spec.id) from None
-        if not files.model.is_file():
-            return None
+            raise await self._missing_with_estimate(spec, exc) from None
         try:
             return await self.estimate(spec)
         except Exception as exc:  # a truncated or foreign file: not ours to diagnose
-            log.warning("%s: cannot estimate from %s: %s", spec.id, files.model, exc)
+            log.warning("%s: cannot estimate: %s", spec.id, exc)
             return None
+
+    async def _missing_with_estimate(self, spec: ModelSpec, exc: ModelFilesMissing) -> ModelFilesMissing:
+        """A load of a Hub model not downloaded yet is refused; the refusal says, from the header read on the Hub
+        (hub.read_remote_header: a few MB), how much GPU memory it would need and whether that fits now, before
+        anyone spends a multi-GB download on a model that cannot load."""
+        if not isinstance(spec.source, HfSource):
+            exc.details.setdefault("model", spec.id)
+            return exc
+        try:
+            est = await self.estimate(spec)
+            fit = await self.check_fit(spec, est)
+        except (ModelFilesMissing, ValueError, OSError) as why:  # hub.HubError: the Hub cannot tell either
+            return ModelFilesMissing(f"{exc} (no estimate before the download: {why})", model=spec.id)
+        verdict = ("no GPU to check it against" if fit["fits"] is None else "it fits now" if fit["fits"] else
+                   f"it fits after evicting {', '.join(fit['evict'])}" if fit["fits_after_eviction"] else
+                   f"it does not fit now: {fit['reason']}")
+        return ModelFilesMissing(f"{exc}; it needs {est.total_mb:.0f} MB of GPU memory ({verdict})", model=spec.id,
+                                 need_mb=round(est.total_mb, 1), fit=fit)
 
     async def check_fit(self, spec: ModelSpec, est: Estimate) -> dict:
         """Would a load of `spec` fit now, and what would it evict (the same decision a load takes; nothing done)."""
@@ -493,7 +511,9 @@ class Orchestrator:
             model = self.models[spec.id]
             out.append({
                 "id": spec.id, "name": spec.name or spec.id, "aliases": spec.aliases, "status": model.state,
-                "source": spec.source.type, "files_present": _files_present(spec, self.settings.state_dir / "models"),
+                "source": spec.source.type,
+                "hub": spec.source.model_dump(exclude={"type"}) if isinstance(spec.source, HfSource) else None,
+                "files_present": _files_present(spec, self.settings.state_dir / "models"),
                 "context_size": spec.context_size, "n_gpu_layers": spec.n_gpu_layers, "cache_type": spec.cache_type,
                 "priority": model.priority, "idle_ttl_s": spec.idle_ttl_s, "load_on_demand": spec.load_on_demand,
                 "vision": spec.vision, "default": spec.id == self.registry.default.id,

@@ -212,12 +212,20 @@ class ReservationList(BaseModel):
     reservations: list[ReservationOut]
 
 
+class HubFiles(BaseModel):
+    repo: str
+    file: str
+    mmproj: str | None
+    revision: str
+
+
 class ModelInfo(BaseModel):
     id: str
     name: str
     aliases: list[str]
     status: State
     source: Literal[SOURCE_TYPES]  # type: ignore[valid-type]  (the registry says which exist)
+    hub: HubFiles | None = Field(None, description="the Hugging Face files of an `hf` source (what `pull` downloads)")
     files_present: bool = Field(description="the GGUF files are on disk (no download needed)")
     context_size: int
     n_gpu_layers: int

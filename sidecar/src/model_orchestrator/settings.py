@@ -107,6 +107,11 @@ class Settings(BaseModel):
     def env_names(cls) -> dict[str, str]:
         return {name: f.json_schema_extra["env"] for name, f in cls.model_fields.items()}
 
+    @property
+    def hub_header_dir(self) -> Path:
+        """Where GGUF headers read from the Hub are kept (hub.read_remote_header), by repo and ETag."""
+        return self.state_dir / "hub-headers"
+
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
         env = os.environ if env is None else env

@@ -1,0 +1,308 @@
+"""Everything that talks to the Hugging Face Hub (or any server speaking its file protocol, HF_ENDPOINT).
+
+- `read_remote_header`: a GGUF header read with HTTP range requests (growing reads until the metadata and tensor
+  infos parse: a few MB even for a 150k-token vocabulary, never the weights), cached under the state dir by the
+  file's ETag (its content hash), so "will it fit?" is answered before, and without, a download.
+- `download`: a pull into the shared cache (HF_HOME) with the free disk checked first and the SHA-256 checked after
+  (huggingface_hub only checks the size).
+- `HubError`: every failure of the above as one line saying what is wrong and which variable or command fixes it,
+  with a code and HTTP status for the API; no retries beyond one request's timeout (huggingface_hub alone retries a
+  dead network for ~24 s before raising a 40-line traceback).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from .gguf_header import GgufHeader, NeedMoreBytes, parse_header
+from .errors import Code
+from .model_files import ModelFilesMissing
+
+log = logging.getLogger(__name__)
+
+FIRST_READ = 1 << 20  # bytes asked for first; a small model's whole header
+MAX_HEADER = 256 << 20  # a header longer than this is not a model header
+
+
+class HubError(ModelFilesMissing):
+    """The Hub could not give us a model's files or header. One line: what is wrong and what fixes it."""
+
+    def __init__(self, code: Code, message: str):
+        super().__init__(message, code=code)
+
+
+def _endpoint() -> str:
+    from huggingface_hub import constants
+
+    return constants.ENDPOINT
+
+
+def _timeout() -> float:
+    from huggingface_hub import constants
+
+    return float(constants.HF_HUB_ETAG_TIMEOUT)  # HF_HUB_ETAG_TIMEOUT: seconds per request (default 10)
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+@contextlib.contextmanager
+def hub_errors(repo: str, file: str | None, revision: str):
+    """Turn huggingface_hub's and httpx's exceptions into a HubError naming the fix."""
+    import httpx2
+    from huggingface_hub import errors
+
+    where = f"{repo}/{file}" if file else repo
+    try:
+        yield
+    except HubError:
+        raise
+    except errors.GatedRepoError:
+        raise HubError(Code.HUB_GATED_REPO, f"{repo} is gated on {_endpoint()}: accept its terms on the Hub with "
+                       "your account and set HF_TOKEN to a token of that account") from None
+    except errors.RepositoryNotFoundError as exc:
+        status = exc.response.status_code if exc.response is not None else 404
+        raise HubError(Code.HUB_REPO_NOT_FOUND, f"{repo} does not exist on {_endpoint()} (HTTP {status}), or is "
+                       "private: fix source.repo in the model registry, or set HF_TOKEN if it is private") from None
+    except errors.RevisionNotFoundError:
+        raise HubError(Code.HUB_REVISION_NOT_FOUND, f"{repo} has no revision {revision!r}: fix source.revision in "
+                       "the model registry") from None
+    except errors.RemoteEntryNotFoundError:
+        raise HubError(Code.HUB_FILE_NOT_FOUND, f"{repo} has no file {file!r} at revision {revision!r}: fix "
+                       "source.file / source.mmproj in the model registry") from None
+    except errors.OfflineModeIsEnabled:
+        raise HubError(Code.HUB_OFFLINE, f"{where} is not in the Hugging Face cache and HF_HUB_OFFLINE is set: "
+                       "unset HF_HUB_OFFLINE, or pull the model where the Hub is reachable") from None
+    except errors.HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else 0
+        if status in (401, 403):
+            raise HubError(Code.HUB_ACCESS_DENIED, f"{_endpoint()} refused {where} (HTTP {status}): set HF_TOKEN to "
+                           "a token with access to the repo") from None
+        raise HubError(Code.HUB_UNAVAILABLE, f"{_endpoint()} answered HTTP {status} for {where}; try again later, or "
+                       "check HF_ENDPOINT") from None
+    except (httpx2.TransportError, errors.LocalEntryNotFoundError, ConnectionError, TimeoutError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise HubError(Code.HUB_UNREACHABLE, f"cannot reach the Hugging Face Hub at {_endpoint()} ({reason[:160]}): "
+                       "check the network, or HF_ENDPOINT if you use a mirror (HF_HUB_OFFLINE=1 uses only what "
+                       "HF_HOME already holds)") from None
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise HubError(Code.INSUFFICIENT_DISK, f"the disk of the Hugging Face cache ({_hub_cache()}) filled up "
+                           f"while downloading {where}: free space there, or set HF_HOME to a larger disk") from None
+        raise
+
+
+def _hub_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
+
+
+@dataclass
+class FileMeta:
+    etag: str  # the content's SHA-256 for LFS files (what GGUFs are)
+    size: int
+    commit: str | None
+    url: str
+
+
+def file_metadata(repo: str, file: str, revision: str) -> FileMeta:
+    """One HEAD request (no retries, HF_HUB_ETAG_TIMEOUT) for the file's ETag, size and commit."""
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
+    url = hf_hub_url(repo, file, revision=revision, endpoint=_endpoint())
+    with hub_errors(repo, file, revision):
+        meta = get_hf_file_metadata(url, timeout=_timeout(), retry_on_errors=False)
+    if not meta.etag or meta.size is None:
+        raise HubError(Code.HUB_BAD_RESPONSE, f"{_endpoint()} gave no ETag or size for {repo}/{file}: is HF_ENDPOINT "
+                       "a Hugging Face Hub (or mirror)?")
+    return FileMeta(meta.etag, int(meta.size), meta.commit_hash, url)
+
+
+# ---- header by range requests --------------------------------------------------------------------------------------
+@dataclass
+class RemoteHeader:
+    header: GgufHeader
+    file_bytes: int
+    read_bytes: int  # fetched from the Hub for this call (0: from the cache)
+
+
+def _range(url: str, start: int, end: int, repo: str, file: str, revision: str) -> bytes:
+    """Bytes start..end (inclusive) of the file, streamed and cut at what was asked, so a server ignoring Range
+    costs no more than a server honouring it."""
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    headers = build_hf_headers()
+    headers["Range"] = f"bytes={start}-{end}"
+    headers["Accept-Encoding"] = "identity"
+    want = end - start + 1
+    with hub_errors(repo, file, revision):
+        with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=_timeout()) as resp:
+            hf_raise_for_status(resp)
+            skip = start if resp.status_code == 200 else 0  # Range ignored: the body starts at byte 0
+            out = bytearray()
+            for chunk in resp.iter_bytes():
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                out += chunk
+                if len(out) >= want:
+                    break
+            return bytes(out[:want])
+
+
+def _cache_paths(cache_root: Path, repo: str, file: str, etag: str) -> tuple[Path, Path]:
+    d = cache_root / repo.replace("/", "--") / etag
+    return d / f"{file}.header", d / f"{file}.json"
+
+
+def _ref_path(cache_root: Path, repo: str, revision: str, file: str) -> Path:
+    return cache_root / repo.replace("/", "--") / "refs" / revision / f"{file}.json"
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # one per writer
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _from_cache(cache_root: Path, repo: str, file: str, etag: str) -> RemoteHeader | None:
+    data_path, meta_path = _cache_paths(cache_root, repo, file, etag)
+    try:
+        meta = json.loads(meta_path.read_text())
+        return RemoteHeader(parse_header(data_path.read_bytes(), f"{repo}/{file}"), int(meta["size"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def read_remote_header(repo: str, file: str, revision: str, cache_root: Path) -> RemoteHeader:
+    """The GGUF header of a file on the Hub, without downloading the file. Cached by ETag under `cache_root`;
+    when the Hub cannot be reached, the header cached for this revision answers."""
+    ref = _ref_path(cache_root, repo, revision, file)
+    try:
+        meta = file_metadata(repo, file, revision)
+    except HubError as exc:
+        if exc.code not in (Code.HUB_UNREACHABLE, Code.HUB_OFFLINE):
+            raise
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            cached = _from_cache(cache_root, repo, file, json.loads(ref.read_text())["etag"])
+            if cached:
+                log.info("%s/%s: Hub unreachable or offline, using the header cached for %s", repo, file, revision)
+                return cached
+        raise
+    cached = _from_cache(cache_root, repo, file, meta.etag)
+    if cached is None:
+        buf = bytearray()
+        want = min(FIRST_READ, meta.size)
+        while True:
+            more = _range(meta.url, len(buf), want - 1, repo, file, revision)
+            buf += more
+            try:
+                header = parse_header(buf, f"{repo}/{file}")
+                break
+            except NeedMoreBytes as exc:
+                if not more or len(buf) >= meta.size or exc.needed > MAX_HEADER:
+                    raise HubError(Code.HUB_BAD_FILE, f"{repo}/{file}: the GGUF header is truncated or longer than "
+                                   f"{MAX_HEADER >> 20} MiB ({len(buf)} bytes read): is it a GGUF model?") from None
+                want = min(meta.size, max(exc.needed, len(buf) + max(FIRST_READ, len(buf) // 2)))
+            except ValueError as exc:
+                raise HubError(Code.HUB_BAD_FILE, f"{repo}/{file}: {exc}: fix source.file in the model registry") from None
+        data_path, meta_path = _cache_paths(cache_root, repo, file, meta.etag)
+        try:
+            _write_atomic(data_path, bytes(buf[:header.header_bytes]))
+            _write_atomic(meta_path, json.dumps({"size": meta.size, "commit": meta.commit}).encode())
+        except OSError as exc:  # a read-only or full state dir costs a re-read next time, nothing else
+            log.warning("cannot cache the header of %s/%s: %s", repo, file, exc)
+        cached = RemoteHeader(header, meta.size, len(buf))
+    with contextlib.suppress(OSError):
+        _write_atomic(ref, json.dumps({"etag": meta.etag}).encode())
+    return cached
+
+
+# ---- download ------------------------------------------------------------------------------------------------------
+def _line_progress() -> type:
+    """A tqdm that prints plain lines (at start, every 10 s, at the end) instead of redrawing a bar: for logs and
+    pipes, where huggingface_hub's own bar shows nothing."""
+    import sys
+
+    from tqdm import tqdm
+
+    class LineProgress(tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs.update(mininterval=10.0, file=sys.stderr)
+            super().__init__(*args, **kwargs)
+
+        def display(self, msg=None, pos=None):
+            total = f"/{self.total / 1e6:.1f} MB ({100 * self.n / self.total:.0f} %)" if self.total else " MB"
+            name = (self.desc or "download").rsplit("/", 1)[-1]  # huggingface_hub's desc is a shortened URL
+            print(f"{name}: {self.n / 1e6:.1f}{total}", file=sys.stderr, flush=True)
+            return True
+
+        def close(self):
+            if not self.disable:  # the last line, and none of tqdm's end-of-bar newlines
+                self.display()
+                self.disable = True
+            super().close()
+
+    return LineProgress
+
+
+def download(repo: str, files: list[str], revision: str, *, progress: bool = True) -> list[Path]:
+    """Download `files` into the shared cache (resumable; a no-op for files already there): metadata first (so a
+    dead network or a wrong name fails in one request), then free disk vs the bytes still missing, then the
+    download, then the SHA-256 of each new file against the Hub's. Progress: a bar on a terminal, plain lines
+    otherwise."""
+    import sys
+
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+    (enable_progress_bars if progress else disable_progress_bars)()
+    tqdm_class = _line_progress() if progress and not sys.stderr.isatty() else None
+    missing = [f for f in files if not isinstance(try_to_load_from_cache(repo, f, revision=revision), str)]
+    metas = {f: file_metadata(repo, f, revision) for f in missing}
+    need = sum(m.size for m in metas.values())
+    if need:
+        cache = _hub_cache()
+        probe = next((p for p in (cache, *cache.parents) if p.exists()), Path("/"))
+        free = shutil.disk_usage(probe).free
+        if free < need:
+            raise HubError(Code.INSUFFICIENT_DISK, f"{repo}: {', '.join(missing)} need {_gb(need)} in {cache}, only "
+                           f"{_gb(free)} free: free {_gb(need - free)} there, or set HF_HOME to a larger disk")
+    paths = []
+    for f in files:
+        with hub_errors(repo, f, revision):
+            path = Path(hf_hub_download(repo, f, revision=revision, etag_timeout=_timeout(), tqdm_class=tqdm_class))
+        if f in metas:
+            _check_sha256(path, metas[f], repo, f)
+        paths.append(path)
+    return paths
+
+
+def _check_sha256(path: Path, meta: FileMeta, repo: str, file: str) -> None:
+    if len(meta.etag) != 64:  # not an LFS file: the ETag is a git hash, which huggingface_hub does not check either
+        return
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    if h.hexdigest() != meta.etag:
+        blob = path.resolve()
+        with contextlib.suppress(OSError):
+            path.unlink()
+        with contextlib.suppress(OSError):
+            blob.unlink()
+        raise HubError(Code.HUB_CHECKSUM_MISMATCH, f"{repo}/{file} from {_endpoint()} has SHA-256 {h.hexdigest()[:16]}…, "
+                       f"the Hub says {meta.etag[:16]}…; the file was deleted: pull again, and if it repeats check "
+                       "HF_ENDPOINT or the proxy between you and the Hub")

@@ -1,0 +1,331 @@
+"""The Hub side of model files (hub.py), against a local server speaking the Hub's file protocol (tests/hf_mirror.py):
+"will it fit?" answered from the GGUF header read with range requests (no download), and every Hub failure as one
+line with the fix, a non-zero exit, in bounded time, and the matching JSON error on the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from model_orchestrator.estimate import estimate_file
+from support.helpers import bench_module
+from support.hf_mirror import HfMirror
+from support.n8n import CREDENTIAL_NAME, N8n, branching_workflow, build_package, install_package, install_toolchain
+from support.tiny_models import write_tiny_mmproj, write_tiny_model
+
+write_synthetic = bench_module("synthetic_gguf").write_synthetic
+
+BIG_REPO = "test-org/Qwen3-30B-A3B-GGUF"
+BIG_FILE = "Qwen3-30B-A3B-Q4_0.gguf"
+MMPROJ = "mmproj-F16.gguf"
+TINY_REPO = "test-org/Tiny-GGUF"
+TINY_FILE = "tiny-Q8_0.gguf"
+GATED_REPO = "test-org/Gated-GGUF"
+PROGRESS = re.compile(r": [\d.]+/[\d.]+ MB \(\d+ %\)$")  # pull's plain progress line when not on a terminal
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("hub-files")
+    # real Qwen3-30B-A3B shapes and 151 936-token vocabulary; the 16 GiB of weights are a hole in a sparse file
+    return {"big": write_synthetic(d / BIG_FILE, "qwen3-30b-a3b"), "mmproj": write_tiny_mmproj(d / MMPROJ),
+            "tiny": write_tiny_model(d / TINY_FILE)}
+
+
+@pytest.fixture
+def mirror(files):
+    m = HfMirror({BIG_REPO: {BIG_FILE: files["big"], MMPROJ: files["mmproj"].read_bytes()},
+                  TINY_REPO: {TINY_FILE: files["tiny"].read_bytes()},
+                  GATED_REPO: {TINY_FILE: files["tiny"].read_bytes()}},
+                 gated={GATED_REPO}, tokens={"hf_good_token"})
+    m.start()
+    yield m
+    m.stop()
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def env(tmp_path, mirror) -> dict[str, str]:
+    return make_env(tmp_path, mirror.url)
+
+
+def make_env(tmp_path: Path, mirror_url: str) -> dict[str, str]:
+    """A registry of Hub models served by the mirror, an empty HF_HOME and state dir, and no sidecar to ask."""
+    registry = tmp_path / "models.toml"
+    registry.write_text(f'''default_model = "big"
+[[models]]
+id = "big"
+source = {{ type = "hf", repo = "{BIG_REPO}", file = "{BIG_FILE}", mmproj = "{MMPROJ}" }}
+context_size = 131072
+cache_type = "q8_0"
+[[models]]
+id = "tiny"
+source = {{ type = "hf", repo = "{TINY_REPO}", file = "{TINY_FILE}" }}
+[[models]]
+id = "no-such-repo"
+source = {{ type = "hf", repo = "test-org/Nope-GGUF", file = "x.gguf" }}
+[[models]]
+id = "no-such-file"
+source = {{ type = "hf", repo = "{TINY_REPO}", file = "missing.gguf" }}
+[[models]]
+id = "gated"
+source = {{ type = "hf", repo = "{GATED_REPO}", file = "{TINY_FILE}" }}
+''')
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODEL_ORCHESTRATOR_"))}
+    e.update(HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT=mirror_url, HF_HUB_DISABLE_TELEMETRY="1",
+             MODEL_ORCHESTRATOR_MODELS=str(registry), MODEL_ORCHESTRATOR_STATE=str(tmp_path / "state"),
+             MODEL_ORCHESTRATOR_URL=f"http://127.0.0.1:{_closed_port()}")  # no sidecar: the local registry answers
+    return e
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "model_orchestrator", *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def one_error_line(proc: subprocess.CompletedProcess) -> list[str]:
+    """The failure is one line (beside `pull`'s line saying what it pulls, and progress lines): no traceback."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    other = [line for line in proc.stderr.splitlines() if not line.startswith("pulling ") and not PROGRESS.search(line)]
+    assert len(other) == 1, proc.stderr
+    return errors
+
+
+def test_estimate_before_download_reads_only_the_header(env, mirror, files):
+    proc = cli(env, "estimate", "big", "--json")
+    assert proc.returncode == 0, proc.stderr
+    remote = json.loads(proc.stdout)
+    local = estimate_file(files["big"], mmproj=files["mmproj"], n_ctx=131072, n_gpu_layers=99, cache_type="q8_0").to_dict()
+    assert remote["details"].pop("header_from") == "hub"
+    read = remote["details"].pop("hub_bytes_read")
+    local["details"].pop("header_from")
+    assert remote == local  # the same estimate as from the downloaded files
+    size = files["big"].stat().st_size
+    served = mirror.body_bytes()
+    assert served == read
+    assert served < size / 100, (served, size)  # under 1 % of the 16 GiB file: a few MB
+    assert all(r.range for r in mirror.file_gets()), "every read is a range read"
+    assert [r.status for r in mirror.file_gets() if BIG_FILE in r.path] == [206] * len(
+        [r for r in mirror.file_gets() if BIG_FILE in r.path])
+    assert not list(Path(env["HF_HOME"]).rglob("*.gguf")), "nothing was downloaded into the cache"
+    # the second answer comes from the header cache: metadata requests only, no byte of content
+    before = len(mirror.requests)
+    again = cli(env, "estimate", "big", "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["details"]["hub_bytes_read"] == 0
+    assert [r for r in mirror.requests[before:] if r.method == "GET"] == []
+    text = cli(env, "estimate", "big").stdout
+    assert "not downloaded: header from the cache" in text and "registry: " + env["MODEL_ORCHESTRATOR_MODELS"] in text
+
+
+def test_estimate_uses_the_cached_header_when_the_hub_is_gone(env, mirror):
+    assert cli(env, "estimate", "tiny", "--json").returncode == 0
+    mirror.stop()
+    proc = cli(env, "estimate", "tiny", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["details"]["hub_bytes_read"] == 0
+    mirror.start()  # for the fixture's stop
+
+
+@pytest.mark.parametrize("case", ["unreachable", "repo", "file", "gated"])
+@pytest.mark.parametrize("command", ["estimate", "pull"])
+def test_hub_failures_are_one_line_with_the_fix(env, command, case):
+    model = {"unreachable": "tiny", "repo": "no-such-repo", "file": "no-such-file", "gated": "gated"}[case]
+    if case == "unreachable":
+        env["HF_ENDPOINT"] = f"http://127.0.0.1:{_closed_port()}"
+    t0 = time.monotonic()
+    proc = cli(env, command, model)
+    took = time.monotonic() - t0
+    assert proc.returncode != 0
+    lines = one_error_line(proc)
+    fix = {"unreachable": ["cannot reach", "HF_ENDPOINT"], "repo": ["does not exist", "fix source.repo"],
+           "file": ["no file", "fix source.file"], "gated": ["is gated", "accept its terms", "HF_TOKEN"]}[case]
+    assert all(words in lines[0] for words in fix), lines[0]
+    assert took < 15, took  # no retry loop (huggingface_hub alone retries a dead network for ~24 s)
+
+
+def test_gated_repo_works_with_a_token(env, files):
+    env["HF_TOKEN"] = "hf_good_token"
+    est = cli(env, "estimate", "gated", "--json")  # the range reads carry the token too
+    assert est.returncode == 0, est.stderr
+    assert json.loads(est.stdout)["details"]["header_from"] == "hub"
+    proc = cli(env, "pull", "gated")
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).read_bytes() == files["tiny"].read_bytes()
+    # not on a terminal: plain progress lines, the last one at 100 %, no redrawn bar
+    progress = [line for line in proc.stderr.splitlines() if PROGRESS.search(line)]
+    assert progress and progress[-1].endswith("(100 %)") and "\r" not in proc.stderr, proc.stderr
+    assert f"pulling gated ({env['MODEL_ORCHESTRATOR_MODELS']}, no sidecar answered at" in proc.stderr
+
+
+def test_bad_checksum_is_refused_and_the_file_deleted(env, mirror):
+    mirror.corrupt.add(TINY_FILE)
+    proc = cli(env, "pull", "tiny")
+    assert proc.returncode != 0
+    one_error_line(proc)
+    assert "SHA-256" in proc.stderr and "pull again" in proc.stderr
+    assert not list(Path(env["HF_HOME"]).rglob(TINY_FILE)), "the corrupt file is not left in the cache"
+    mirror.corrupt.clear()
+    assert cli(env, "pull", "tiny").returncode == 0
+
+
+def test_full_disk_is_refused_before_downloading(env, mirror, tmp_path):
+    """The free space of HF_HOME's disk is checked against the files' sizes before any byte is fetched: a tmpfs
+    smaller than the file stands for a full disk."""
+    small = tmp_path / "small-disk"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        env["HF_HOME"] = str(small / "hf")
+        mirror.repos[TINY_REPO]["big.gguf"] = b"GGUF" + bytes(2 << 20)  # 2 MB > the 1 MB disk
+        (Path(env["MODEL_ORCHESTRATOR_MODELS"])).write_text(Path(env["MODEL_ORCHESTRATOR_MODELS"]).read_text() + f'''
+[[models]]
+id = "too-big"
+source = {{ type = "hf", repo = "{TINY_REPO}", file = "big.gguf" }}
+''')
+        proc = cli(env, "pull", "too-big")
+        assert proc.returncode != 0
+        one_error_line(proc)
+        assert "free" in proc.stderr and "HF_HOME" in proc.stderr, proc.stderr
+        assert [r for r in mirror.file_gets() if r.path.endswith("big.gguf")] == [], "nothing was downloaded"
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+# ---- through a running sidecar: POST /models/estimate, its errors, and the CLI asking the sidecar's registry --------
+@pytest.fixture
+def hub_sidecar(tmp_path, mirror, llama_server_bin):
+    from conftest import SidecarProcess
+
+    env = make_env(tmp_path, mirror.url)
+    del env["MODEL_ORCHESTRATOR_URL"]
+    sp = SidecarProcess(Path(env["MODEL_ORCHESTRATOR_MODELS"]), tmp_path / "state", llama_server_bin, env=env).start()
+    yield sp
+    sp.stop()
+
+
+def test_api_estimates_a_hub_model_before_download(hub_sidecar, mirror, files):
+    status, body = hub_sidecar.call("POST", "/models/estimate", {"model": "big"})
+    assert status == 200, body
+    local = estimate_file(files["big"], mmproj=files["mmproj"], n_ctx=131072, n_gpu_layers=99, cache_type="q8_0")
+    assert body["estimate"]["total_mb"] == round(local.total_mb, 1)
+    assert body["estimate"]["details"]["header_from"] == "hub"
+    assert 0 < body["estimate"]["details"]["hub_bytes_read"] == mirror.body_bytes() < files["big"].stat().st_size / 100
+    assert "fits" in body["fit"]
+
+
+@pytest.mark.parametrize("model, status, code", [("no-such-repo", 502, "hub_repo_not_found"),
+                                                  ("no-such-file", 502, "hub_file_not_found"),
+                                                  ("gated", 502, "hub_gated_repo")])
+def test_api_hub_failures_are_json_errors(hub_sidecar, model, status, code):
+    got, body = hub_sidecar.call("POST", "/models/estimate", {"model": model})
+    assert (got, body["error"]["code"]) == (status, code), body
+    assert "registry" in body["error"]["message"] or "HF_TOKEN" in body["error"]["message"]
+
+
+def test_api_hub_unreachable_is_a_503_in_bounded_time(hub_sidecar, mirror):
+    mirror.stop()
+    t0 = time.monotonic()
+    got, body = hub_sidecar.call("POST", "/models/estimate", {"model": "tiny"})
+    assert (got, body["error"]["code"]) == (503, "hub_unreachable"), body
+    assert "HF_ENDPOINT" in body["error"]["message"] and time.monotonic() - t0 < 15
+    mirror.start()
+
+
+def test_cli_estimate_asks_the_running_sidecars_registry(hub_sidecar, tmp_path):
+    """`big` exists only in the sidecar's registry; the CLI's own environment names none (the shipped one)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODEL_ORCHESTRATOR_"))}
+    env.update(MODEL_ORCHESTRATOR_URL=hub_sidecar.url, MODEL_ORCHESTRATOR_STATE=str(tmp_path / "cli-state"))
+    proc = cli(env, "estimate", "big")
+    assert proc.returncode == 0, proc.stderr
+    assert f"the sidecar at {hub_sidecar.url}" in proc.stdout and "total" in proc.stdout
+    missing = cli(env, "estimate", "no-such-repo")
+    assert missing.returncode != 0 and len(missing.stderr.strip().splitlines()) == 1, missing.stderr
+    assert "hub_repo_not_found" in missing.stderr
+    env.update(HF_HOME=str(tmp_path / "cli-hf-home"), HF_ENDPOINT=hub_sidecar.env["HF_ENDPOINT"])
+    pulled = cli(env, "pull", "tiny")  # the sidecar's registry says where `tiny` comes from
+    assert pulled.returncode == 0, pulled.stderr
+    assert f"pulling tiny (the registry of the sidecar at {hub_sidecar.url})" in pulled.stderr
+    assert Path(pulled.stdout.strip()).is_file()
+    unknown = cli(env, "pull", "not-a-model")
+    assert unknown.returncode == 2 and f"registry of the sidecar at {hub_sidecar.url}" in unknown.stderr
+    # no sidecar: the local (shipped) registry answers, and says so
+    env["MODEL_ORCHESTRATOR_URL"] = f"http://127.0.0.1:{_closed_port()}"
+    local = cli(env, "estimate", "big")
+    assert local.returncode == 2 and "shipped models.toml" in local.stderr and "no sidecar answered" in local.stderr
+    # a registry named to the CLI, and no sidecar named: that file, and it says so
+    del env["MODEL_ORCHESTRATOR_URL"]
+    env["MODEL_ORCHESTRATOR_MODELS"] = hub_sidecar.env["MODEL_ORCHESTRATOR_MODELS"]
+    named = cli(env, "estimate", "big")
+    assert named.returncode == 0, named.stderr
+    assert f"registry: {env['MODEL_ORCHESTRATOR_MODELS']}, named by MODEL_ORCHESTRATOR_MODELS" in named.stdout
+
+
+def test_offline_mode_uses_the_header_cache_and_says_what_to_unset(env):
+    assert cli(env, "estimate", "tiny", "--json").returncode == 0
+    env["HF_HUB_OFFLINE"] = "1"
+    cached = cli(env, "estimate", "tiny", "--json")
+    assert cached.returncode == 0, cached.stderr
+    never_read = cli(env, "estimate", "big")
+    assert never_read.returncode != 0
+    assert "HF_HUB_OFFLINE" in one_error_line(never_read)[0]
+
+
+def test_a_load_of_a_hub_model_not_downloaded_says_what_it_would_need(hub_sidecar, mirror, files):
+    """No download on load (yet): the refusal names `pull`, and the memory it would need from the header alone."""
+    got, body = hub_sidecar.call("POST", "/models/load", {"model": "big"})
+    assert (got, body["error"]["code"]) == (409, "model_files_missing"), body
+    local = estimate_file(files["big"], mmproj=files["mmproj"], n_ctx=131072, n_gpu_layers=99, cache_type="q8_0")
+    assert body["error"]["need_mb"] == round(local.total_mb, 1)
+    assert "model-orchestrator pull big" in body["error"]["message"]
+    assert f"needs {local.total_mb:.0f} MB" in body["error"]["message"]
+    assert body["error"]["fit"]["fits"] is None  # CPU mode: nothing to check against
+    assert 0 < mirror.body_bytes() < files["big"].stat().st_size / 100
+    assert not list(Path(hub_sidecar.env["HF_HOME"]).rglob("*.gguf")), "nothing was downloaded"
+    # the Hub gone: still the same refusal, saying why there is no estimate
+    mirror.stop()
+    got, body = hub_sidecar.call("POST", "/models/load", {"model": "tiny"})
+    assert (got, body["error"]["code"]) == (409, "model_files_missing") and "no estimate" in body["error"]["message"]
+    mirror.start()
+
+
+@pytest.mark.external
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(os.environ.get("MODEL_ORCHESTRATOR_SKIP_N8N") == "1", reason="MODEL_ORCHESTRATOR_SKIP_N8N=1")
+def test_check_vram_enough_for_a_hub_model_not_downloaded(hub_sidecar, mirror, files, tmp_path):
+    toolchain = install_toolchain()
+    build_package(toolchain["NODE24"])
+    user_folder = tmp_path / "n8n-user"
+    user_folder.mkdir()
+    install_package(toolchain["NODE24"], user_folder, tmp_path / "pack")
+    n8n = N8n.create(toolchain["NODE24"], toolchain["N8N_BIN"], user_folder)
+    n8n.import_credentials([{"id": "moCredHub0000001", "name": CREDENTIAL_NAME, "type": "modelOrchestratorApi",
+                             "data": {"baseUrl": hub_sidecar.url, "apiKey": ""}}], tmp_path / "credentials.json")
+    n8n.import_workflows([branching_workflow("tVramHub", {"check": "model", "model": "big", "whenNoGpu": "enough"})],
+                         tmp_path / "workflows")
+    ex = n8n.execute("tVramHub")
+    assert ex.rc == 0, ex.stderr[-3000:] + ex.stdout[-3000:]
+    check = ex.json("Check VRAM")["vram_check"]
+    local = estimate_file(files["big"], mmproj=files["mmproj"], n_ctx=131072, n_gpu_layers=99, cache_type="q8_0")
+    assert check["model"] == "big" and abs(check["required_mb"] - local.total_mb) <= 1, check
+    assert check["estimate"]["estimate"]["details"]["header_from"] == "hub"
+    assert ex.ran("Enough") and not ex.ran("Not Enough")  # CPU mode counted as enough
+    assert 0 < mirror.body_bytes() < files["big"].stat().st_size / 100
+    assert not [r for r in mirror.file_gets() if BIG_FILE in r.path and not r.range], "only range reads"
