@@ -19,12 +19,14 @@ import re
 import shutil
 import subprocess
 import tarfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from n8n_helpers import (CREDENTIAL_NAME, PKG_DIR, PKG_NAME, ROOT, N8n, adapt_workflow, install_toolchain,
-                         load_workflow, node_env)
+from n8n_helpers import (CREDENTIAL_NAME, PKG_DIR, PKG_NAME, ROOT, N8n, _free_port, adapt_workflow,
+                         install_toolchain, load_workflow, node_env)
 
 pytestmark = [
     pytest.mark.timeout(1800),  # the first run installs n8n
@@ -75,6 +77,44 @@ console.log(JSON.stringify(out));
                           env={**node_env(node24), "NODE_PATH": str(PKG_DIR / "node_modules")})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout)
+
+
+def editor_node_types(n8n: N8n, timeout: float = 600) -> dict[str, tuple[dict, str, dict]]:
+    """Start `n8n start` on a free loopback port until it has written the editor's node list
+    ($N8N_USER_FOLDER/.cache/n8n/public/types/nodes.json) and serves; per node type: its iconUrl, its
+    documentationUrl and the SVG texts n8n serves for the light and dark icon (over HTTP, as the browser gets them)."""
+    port = _free_port()
+    env = {**n8n.env, "N8N_PORT": str(port), "N8N_LISTEN_ADDRESS": "127.0.0.1"}
+    types_file = n8n.user_folder / ".cache" / "n8n" / "public" / "types" / "nodes.json"
+    log = n8n.user_folder / "n8n-start.log"
+    proc = subprocess.Popen([n8n.node24, n8n.n8n_bin, "start"], env=env, cwd=n8n.user_folder,
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+    try:
+        def icon(url: str) -> str:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{url}", timeout=10) as r:
+                return r.read().decode()
+
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, f"n8n start exited {proc.returncode}:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"n8n did not come up:\n{log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz/readiness", timeout=5) as r:
+                    if r.status == 200 and types_file.is_file():
+                        break
+            except OSError:
+                pass
+            time.sleep(1)
+        return {n["name"]: (n.get("iconUrl"), n.get("documentationUrl"),
+                            {k: icon(v) for k, v in (n.get("iconUrl") or {}).items()})
+                for n in json.loads(types_file.read_text()) if n["name"].startswith(PKG_NAME + ".")}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
@@ -184,3 +224,14 @@ def test_readme_npm_install_gives_n8n_the_five_nodes(toolchain, tarball, tmp_pat
                    if n["type"] in (f"{PKG_NAME}.modelOrchestratorChat", "@n8n/n8n-nodes-langchain.agent")]
         assert [a.get("content", a.get("output")) for a in answers] == [HELLO], answers
     assert types <= ran, f"did not run: {types - ran}"
+
+    # what the editor gets: `n8n start` writes the node list the editor loads (types/nodes.json in its static
+    # cache) and serves the icons; each node is listed with its own light/dark icon and its README section
+    listed = editor_node_types(n8n)
+    readme_urls = {f"{PKG_NAME}.{d['name']}": d["documentationUrl"] for d in describe(toolchain["NODE24"], installed)}
+    ours = {name: d for name, d in listed.items() if name in types}
+    assert set(ours) == types, sorted(n for n in listed if n.startswith(PKG_NAME))
+    for name, (icon_url, docs, icons) in ours.items():
+        assert docs == readme_urls[name], (name, docs)
+        assert set(icons) == {"light", "dark"} and icons["light"] != icons["dark"], (name, icon_url)
+    assert len({icons["light"] for _, _, icons in ours.values()}) == 5, "five different icons on the canvas"
