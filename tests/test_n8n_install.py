@@ -6,7 +6,8 @@
 - (b) "An n8n installed with npm": the README's marked command block, run exactly as written (extracted from the
   README, so the two cannot drift) into a fresh N8N_USER_FOLDER; then n8n imports a credential and two of the
   shipped workflows (tiny models) and runs them with `n8n execute` against a real sidecar: all five node types of
-  the package run.
+  the package run; then `n8n start` lists them for the editor, each with its own icon (served over HTTP) and its
+  README Docs link.
 
 (a) compose is checked by tests/test_compose.py; (c) Docker is not run here (no Docker engine).
 MODEL_ORCHESTRATOR_SKIP_N8N=1 skips this module, as tests/test_n8n.py."""
