@@ -32,9 +32,13 @@ bench: install
 load-test: install
 	$(BIN)/python bench/load_test.py --clients 200 --seconds 60
 
-# the n8n community nodes (compose.yml mounts n8n-nodes/dist)
+# the n8n community nodes: build (n8n-nodes/dist, which compose.yml mounts), lint, and pack the tarball that
+# n8n-nodes/README.md ("Install") installs into an n8n: n8n-nodes/dist-pack/n8n-nodes-model-orchestrator-<version>.tgz
 n8n-nodes:
-	n8n-nodes/scripts/install-n8n.sh tooling && cd n8n-nodes && npx n8n-node build && npx n8n-node lint
+	n8n-nodes/scripts/install-n8n.sh tooling >/dev/null
+	cd n8n-nodes && npx n8n-node build && CI=1 npx n8n-node lint
+	rm -rf n8n-nodes/dist-pack && mkdir -p n8n-nodes/dist-pack
+	cd n8n-nodes && npm pack --pack-destination dist-pack
 
 # README's settings table and docs/models.schema.json, generated from the code (tests/test_docs.py checks them)
 docs: deps

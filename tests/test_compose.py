@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
+from model_orchestrator.settings import Settings
 from support.hf_mirror import HfMirror
 from support.tiny_models import write_tiny_mmproj, write_tiny_model
 
@@ -196,12 +197,17 @@ def test_urls_agree(resolved):
     # the guide's URLs
     for url in GUIDE_URLS:
         _assert_reaches(resolved, url, hosts=hosts, port=SIDECAR_PORT, what="integration guide")
-    # the n8n credential's default, and what compose overwrites it with
+    # the n8n credential: its default is where `make run` serves the sidecar (the settings' defaults); compose
+    # overwrites it with the sidecar's compose name, which the field's hint names
     cred = (ROOT / "n8n-nodes/credentials/ModelOrchestratorApi.credentials.ts").read_text()
-    default = re.search(r"name: 'baseUrl',.*?default: '([^']+)'", cred, re.S).group(1)
-    _assert_reaches(resolved, default, hosts=hosts, port=SIDECAR_PORT, what="n8n credential default")
+    base_url = re.search(r"name: 'baseUrl',.*?default: '([^']+)'.*?hint: '([^']+)'", cred, re.S)
+    defaults = Settings()
+    assert base_url.group(1) == f"http://{defaults.host}:{defaults.port}", "n8n credential default != make run's URL"
     overwrite = json.loads(resolved["services"]["n8n"]["environment"]["CREDENTIALS_OVERWRITE_DATA"])
-    assert overwrite["modelOrchestratorApi"] == {"baseUrl": default, "apiKey": "test0key"}
+    assert overwrite["modelOrchestratorApi"]["apiKey"] == "test0key"
+    compose_url = overwrite["modelOrchestratorApi"]["baseUrl"]
+    _assert_reaches(resolved, compose_url, hosts=hosts, port=SIDECAR_PORT, what="n8n credential in compose")
+    assert compose_url in base_url.group(2), "the credential's hint names the compose URL"
     assert "name = 'modelOrchestratorApi'" in cred
     # the workflows: every URL they contain goes to the sidecar (today they use the credential only)
     for wf in sorted((ROOT / "workflows").glob("*.json")):

@@ -16,17 +16,21 @@ export class ModelOrchestratorApi implements ICredentialType {
 		dark: 'file:../icons/modelOrchestrator.dark.svg',
 	};
 
-	documentationUrl = 'https://github.com/model-orchestrator/model-orchestrator#readme';
+	// n8n's lint wants a string literal here: tests/test_n8n_install.py checks it is readmeUrl(<this anchor>)
+	// (nodes/shared/docs.ts), like the nodes' links
+	documentationUrl =
+		'https://github.com/model-orchestrator/model-orchestrator/blob/main/n8n-nodes/README.md#credential-model-orchestrator-api';
 
 	properties: INodeProperties[] = [
 		{
 			displayName: 'Base URL',
 			name: 'baseUrl',
 			type: 'string',
-			default: 'http://llama-cpp:8000',
-			placeholder: 'http://llama-cpp:8000',
+			default: 'http://127.0.0.1:8000',
+			placeholder: 'http://127.0.0.1:8000',
 			description:
-				'Where the model-orchestrator sidecar listens, without /v1 (for example http://llama-cpp:8000 or http://127.0.0.1:8000)',
+				'Where the model-orchestrator sidecar listens, without /v1. The default is where `make run` serves it.',
+			hint: 'In the compose stack the sidecar is http://llama-cpp:8000 (compose fills this in)',
 			required: true,
 		},
 		{

@@ -3,6 +3,7 @@ import { NodeConnectionTypes } from 'n8n-workflow';
 import { supplyModel } from '@n8n/ai-node-sdk';
 
 import { getModels, normaliseBaseUrl } from '../shared/transport';
+import { readmeUrl } from '../shared/docs';
 
 type ModelOptions = {
 	temperature?: number;
@@ -19,9 +20,10 @@ export class LmChatModelOrchestrator implements INodeType {
 		displayName: 'Model Orchestrator Chat Model',
 		name: 'lmChatModelOrchestrator',
 		icon: {
-			light: 'file:../../icons/modelOrchestrator.svg',
-			dark: 'file:../../icons/modelOrchestrator.dark.svg',
+			light: 'file:../../icons/chatModel.svg',
+			dark: 'file:../../icons/chatModel.dark.svg',
 		},
+		documentationUrl: readmeUrl('chat-model-for-the-ai-agent'),
 		group: ['transform'],
 		version: [1],
 		subtitle: '={{$parameter["model"]}}',
@@ -38,7 +40,7 @@ export class LmChatModelOrchestrator implements INodeType {
 			},
 			resources: {
 				primaryDocumentation: [
-					{ url: 'https://github.com/model-orchestrator/model-orchestrator#readme' },
+					{ url: readmeUrl('chat-model-for-the-ai-agent') },
 				],
 			},
 		},

@@ -16,6 +16,7 @@ import {
 	type ImageInput,
 } from '../shared/chat';
 import { asNodeError, extractSidecarError, getModels, sidecarRequest } from '../shared/transport';
+import { readmeUrl } from '../shared/docs';
 
 interface NodeOptions extends ChatOptions {
 	toolChoice?: ChatParams['toolChoice'];
@@ -29,9 +30,10 @@ export class ModelOrchestratorChat implements INodeType {
 		displayName: 'Model Orchestrator Chat',
 		name: 'modelOrchestratorChat',
 		icon: {
-			light: 'file:../../icons/modelOrchestrator.svg',
-			dark: 'file:../../icons/modelOrchestrator.dark.svg',
+			light: 'file:../../icons/chat.svg',
+			dark: 'file:../../icons/chat.dark.svg',
 		},
+		documentationUrl: readmeUrl('chat'),
 		group: ['transform'],
 		version: 1,
 		subtitle: '={{$parameter["model"]}}',

@@ -9,15 +9,17 @@ import { NodeApiError, NodeConnectionTypes } from 'n8n-workflow';
 
 import { decideEnough, isModelLoaded, type WhenNoGpu } from '../shared/vram';
 import { asNodeError, extractSidecarError, getModels, sidecarRequest } from '../shared/transport';
+import { readmeUrl } from '../shared/docs';
 
 export class ModelOrchestratorCheckVram implements INodeType {
 	description: INodeTypeDescription = {
 		displayName: 'Model Orchestrator Check VRAM',
 		name: 'modelOrchestratorCheckVram',
 		icon: {
-			light: 'file:../../icons/modelOrchestrator.svg',
-			dark: 'file:../../icons/modelOrchestrator.dark.svg',
+			light: 'file:../../icons/checkVram.svg',
+			dark: 'file:../../icons/checkVram.dark.svg',
 		},
+		documentationUrl: readmeUrl('check-vram'),
 		group: ['transform'],
 		version: 1,
 		subtitle:

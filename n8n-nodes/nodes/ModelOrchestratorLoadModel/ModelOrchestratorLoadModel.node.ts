@@ -8,6 +8,7 @@ import type {
 import { NodeApiError, NodeConnectionTypes } from 'n8n-workflow';
 
 import { asNodeError, extractSidecarError, getModels, sidecarRequest } from '../shared/transport';
+import { readmeUrl } from '../shared/docs';
 
 interface LoadOptions {
 	priority?: number;
@@ -34,9 +35,10 @@ export class ModelOrchestratorLoadModel implements INodeType {
 		displayName: 'Model Orchestrator Load Model',
 		name: 'modelOrchestratorLoadModel',
 		icon: {
-			light: 'file:../../icons/modelOrchestrator.svg',
-			dark: 'file:../../icons/modelOrchestrator.dark.svg',
+			light: 'file:../../icons/loadModel.svg',
+			dark: 'file:../../icons/loadModel.dark.svg',
 		},
+		documentationUrl: readmeUrl('load-model'),
 		group: ['transform'],
 		version: 1,
 		subtitle: '={{$parameter["model"]}}',

@@ -8,15 +8,17 @@ import type {
 import { NodeConnectionTypes } from 'n8n-workflow';
 
 import { asNodeError, extractSidecarError, getModels, sidecarRequest } from '../shared/transport';
+import { readmeUrl } from '../shared/docs';
 
 export class ModelOrchestratorUnloadModel implements INodeType {
 	description: INodeTypeDescription = {
 		displayName: 'Model Orchestrator Unload Model',
 		name: 'modelOrchestratorUnloadModel',
 		icon: {
-			light: 'file:../../icons/modelOrchestrator.svg',
-			dark: 'file:../../icons/modelOrchestrator.dark.svg',
+			light: 'file:../../icons/unloadModel.svg',
+			dark: 'file:../../icons/unloadModel.dark.svg',
 		},
+		documentationUrl: readmeUrl('unload-model'),
 		group: ['transform'],
 		version: 1,
 		subtitle: '={{$parameter["model"]}}',
