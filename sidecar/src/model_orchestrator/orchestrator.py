@@ -137,7 +137,8 @@ class Orchestrator:
                 self._admission.release()
             await join_load(task, slot.id)
             return slot, "joined" if joined else "loaded"
-        except ModelFilesMissing as exc:
+        except ModelFilesMissing as exc:  # outside the admission lock: the estimate may ask the Hub
+            exc = await self._missing_with_estimate(slot.spec, exc)
             raise ApiError(exc.status, exc.code, str(exc), model=slot.id, **exc.details) from None
         except LoadFailed as exc:
             raise ApiError(503, exc.code, f"{slot.id} could not be loaded: {exc}", model=slot.id, logs=exc.logs) from None
@@ -214,10 +215,7 @@ class Orchestrator:
     async def _estimate_for_admission(self, spec: ModelSpec) -> Estimate | None:
         """The estimate, or None when the header cannot be read (llama-server then reports the real problem with its
         logs) or the model is not a regular file (a pipe or device: reading it would consume it)."""
-        try:
-            await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")  # launching needs the files
-        except ModelFilesMissing as exc:
-            raise await self._missing_with_estimate(spec, exc) from None
+        await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")  # launching needs the files
         try:
             return await self.estimate(spec)
         except ModelFilesMissing:
@@ -230,7 +228,7 @@ class Orchestrator:
         """A load of a Hub model not downloaded yet is refused; the refusal says, from the header read on the Hub
         (hub.read_remote_header: a few MB), how much GPU memory it would need and whether that fits now, before
         anyone spends a multi-GB download on a model that cannot load."""
-        if not isinstance(spec.source, HfSource):
+        if type(exc) is not ModelFilesMissing or not isinstance(spec.source, HfSource):
             return exc
         try:
             est = await self.estimate(spec)
