@@ -50,6 +50,7 @@ class Code(str, enum.Enum):
     HUB_UNAVAILABLE = "hub_unavailable"
     HUB_UNREACHABLE = "hub_unreachable"
     INSUFFICIENT_DISK = "insufficient_disk"
+    DOWNLOAD_CANCELLED = "download_cancelled"
     # a model that could not serve
     LOAD_FAILED = "load_failed"
     SPAWN_FAILED = "spawn_failed"

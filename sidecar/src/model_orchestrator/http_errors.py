@@ -59,6 +59,7 @@ STATUS: dict[Code, int] = {
     Code.HUB_UNAVAILABLE: 503,
     Code.HUB_UNREACHABLE: 503,
     Code.INSUFFICIENT_DISK: 507,
+    Code.DOWNLOAD_CANCELLED: 409,
 }
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",

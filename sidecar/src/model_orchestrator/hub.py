@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .gguf_header import GgufHeader, NeedMoreBytes, parse_header
@@ -258,21 +258,70 @@ def _line_progress() -> type:
     return LineProgress
 
 
-def download(repo: str, files: list[str], revision: str, *, progress: bool = True) -> list[Path]:
+class DownloadCancelled(HubError):
+    def __init__(self, what: str):
+        super().__init__(Code.DOWNLOAD_CANCELLED, f"the download of {what} was cancelled; nothing of it is kept "
+                        "(huggingface_hub resumes only within one download), pull again to get it")
+
+
+@dataclass
+class DownloadProgress:
+    """Where a download stands (bytes done of the total still missing when it began) and its cancel switch: after
+    cancel() the next chunk stops it. For a caller that shows progress elsewhere (status, metrics) or stops a
+    download (an unload). huggingface_hub 2.x deletes the partial file of a failed or cancelled call (it resumes
+    only within one call, across dropped connections): a cancelled download starts over next time."""
+
+    total: int = 0
+    done: int = 0
+    _cancel: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+
+def _tracking(base: type, tracker: DownloadProgress, what: str) -> type:
+    """`base` (a tqdm class) that also counts into `tracker` and stops when it is cancelled (huggingface_hub calls
+    update() before writing each chunk)."""
+
+    class Tracking(base):
+        def __init__(self, *args, **kwargs):
+            tracker.done += kwargs.get("initial") or 0
+            super().__init__(*args, **kwargs)
+
+        def update(self, n=1):
+            if tracker.cancelled:
+                raise DownloadCancelled(what)
+            tracker.done += n or 0
+            return super().update(n)
+
+    return Tracking
+
+
+def download(repo: str, files: list[str], revision: str, *, progress: bool = True,
+             tracker: DownloadProgress | None = None) -> list[Path]:
     """Download `files` into the shared cache (resumable; a no-op for files already there): metadata first (so a
     dead network or a wrong name fails in one request), then free disk vs the bytes still missing, then the
     download, then the SHA-256 of each new file against the Hub's. Progress: a bar on a terminal, plain lines
-    otherwise."""
+    otherwise, and `tracker` (bytes done/total, cancel) when given."""
     import sys
 
     from huggingface_hub import hf_hub_download, try_to_load_from_cache
     from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+    from huggingface_hub.utils import tqdm as hf_tqdm
 
     (enable_progress_bars if progress else disable_progress_bars)()
     tqdm_class = _line_progress() if progress and not sys.stderr.isatty() else None
+    if tracker is not None:
+        tqdm_class = _tracking(tqdm_class or hf_tqdm, tracker, f"{repo}/{', '.join(files)}")
     missing = [f for f in files if not isinstance(try_to_load_from_cache(repo, f, revision=revision), str)]
     metas = {f: file_metadata(repo, f, revision) for f in missing}
     need = sum(m.size for m in metas.values())
+    if tracker is not None:
+        tracker.total = need
     if need:
         cache = _hub_cache()
         probe = next((p for p in (cache, *cache.parents) if p.exists()), Path("/"))

@@ -170,20 +170,24 @@ class Orchestrator:
                     return LoadOutcome(model, LoadResult.LOADING)
                 await model.join_load()
                 return LoadOutcome(model, LoadResult.JOINED)
-            async with self._admission:
-                # only code holding this lock starts a load, so a model found UNLOADED or FAILED here stays out of
-                # LOADING until we start it (an unload may only move FAILED to UNLOADED meanwhile)
-                self._refuse_if_closing()
-                if model.state not in (State.UNLOADED, State.FAILED):
-                    continue  # someone else's load or unload got there first: look again
-                est = await self._estimate_for_admission(model.spec)
-                decision = await self._admit(model.id, est.total_mb if est else 0.0,
-                                             model.spec.priority if priority is None else priority,
-                                             self._allow_eviction(model.spec, allow_eviction), force, model.spec.split)
-                self._refuse_if_closing()
-                model.estimate, model.gpu, model.split = est, decision.gpu, decision.split
-                model.begin_load(lambda: self._launch_plan(model), self.http, timeout=timeout,
-                                 log_lines=self.settings.log_lines, priority=priority)
+            try:
+                async with self._admission:
+                    # only code holding this lock starts a load, so a model found UNLOADED or FAILED here stays out
+                    # of LOADING until we start it (an unload may only move FAILED to UNLOADED meanwhile)
+                    self._refuse_if_closing()
+                    if model.state not in (State.UNLOADED, State.FAILED):
+                        continue  # someone else's load or unload got there first: look again
+                    est = await self._estimate_for_admission(model.spec)
+                    decision = await self._admit(model.id, est.total_mb if est else 0.0,
+                                                 model.spec.priority if priority is None else priority,
+                                                 self._allow_eviction(model.spec, allow_eviction), force,
+                                                 model.spec.split)
+                    self._refuse_if_closing()
+                    model.estimate, model.gpu, model.split = est, decision.gpu, decision.split
+                    model.begin_load(lambda: self._launch_plan(model), self.http, timeout=timeout,
+                                     log_lines=self.settings.log_lines, priority=priority)
+            except ModelFilesMissing as exc:  # outside the admission lock: the estimate may ask the Hub
+                raise await self._missing_with_estimate(model.spec, exc) from None
             if not wait:
                 return LoadOutcome(model, LoadResult.LOADING, evicted=decision.evict)
             await model.join_load()
@@ -279,10 +283,7 @@ class Orchestrator:
     async def _estimate_for_admission(self, spec: ModelSpec) -> Estimate | None:
         """The estimate, or None when the header cannot be read (llama-server then reports the real problem with its
         logs) or the model is not a regular file (a pipe or device: reading it would consume it)."""
-        try:
-            await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")  # launching needs the files
-        except ModelFilesMissing as exc:
-            raise await self._missing_with_estimate(spec, exc) from None
+        await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")  # launching needs the files
         try:
             return await self.estimate(spec)
         except Exception as exc:  # a truncated or foreign file: not ours to diagnose
@@ -293,7 +294,7 @@ class Orchestrator:
         """A load of a Hub model not downloaded yet is refused; the refusal says, from the header read on the Hub
         (hub.read_remote_header: a few MB), how much GPU memory it would need and whether that fits now, before
         anyone spends a multi-GB download on a model that cannot load."""
-        if not isinstance(spec.source, HfSource):
+        if type(exc) is not ModelFilesMissing or not isinstance(spec.source, HfSource):
             exc.details.setdefault("model", spec.id)
             return exc
         try:
