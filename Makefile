@@ -36,8 +36,12 @@ load-test: install
 n8n-nodes:
 	n8n-nodes/scripts/install-n8n.sh tooling && cd n8n-nodes && npx n8n-node build && npx n8n-node lint
 
+# openapi.json (the sidecar's API, committed) and the n8n nodes' TypeScript types generated from it; rerun after
+# changing a route or a schema (tests/test_openapi_file.py and n8n-nodes/test/api-types.test.mjs check for drift)
 openapi: deps
 	$(BIN)/model-orchestrator openapi > openapi.json
+	n8n-nodes/scripts/install-n8n.sh tooling >/dev/null
+	cd n8n-nodes && node scripts/generate-api-types.mjs
 
 clean:
 	rm -rf $(VENV) .pytest_cache
