@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install deps llama-server run test bench load-test openapi n8n-nodes clean
+.PHONY: install deps llama-server run test bench load-test openapi screenshots n8n-nodes clean
 
 install: deps llama-server
 
@@ -42,6 +42,10 @@ openapi: deps
 	$(BIN)/model-orchestrator openapi > openapi.json
 	n8n-nodes/scripts/install-n8n.sh tooling >/dev/null
 	cd n8n-nodes && node scripts/generate-api-types.mjs
+
+# docs/workflow-*.png: the shipped workflows in a real n8n editor (headless Chromium), checked for editor issues
+screenshots: install
+	MODEL_ORCHESTRATOR_DOCS_SCREENSHOTS=1 $(BIN)/python -m pytest tests/test_n8n_editor.py -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache
