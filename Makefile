@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install deps llama-server run test bench load-test openapi docs n8n-nodes clean
+.PHONY: install deps llama-server run test bench load-test openapi docs screenshots n8n-nodes clean
 
 install: deps llama-server
 
@@ -44,8 +44,16 @@ n8n-nodes:
 docs: deps
 	$(BIN)/python docs/generate.py
 
+# openapi.json (the sidecar's API, committed) and the n8n nodes' TypeScript types generated from it; rerun after
+# changing a route or a schema (tests/test_openapi_file.py and n8n-nodes/test/api-types.test.mjs check for drift)
 openapi: deps
 	$(BIN)/model-orchestrator openapi > openapi.json
+	n8n-nodes/scripts/install-n8n.sh tooling >/dev/null
+	cd n8n-nodes && node scripts/generate-api-types.mjs
+
+# docs/workflow-*.png: the shipped workflows in a real n8n editor (headless Chromium), checked for editor issues
+screenshots: install
+	MODEL_ORCHESTRATOR_DOCS_SCREENSHOTS=1 $(BIN)/python -m pytest tests/test_n8n_editor.py -q
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -13,6 +13,10 @@ const {
 const {
 	ModelOrchestratorLoadModel,
 } = require('../dist/nodes/ModelOrchestratorLoadModel/ModelOrchestratorLoadModel.node.js');
+const {
+	ModelOrchestratorUnloadModel,
+	buildUnloadBody,
+} = require('../dist/nodes/ModelOrchestratorUnloadModel/ModelOrchestratorUnloadModel.node.js');
 const { NodeApiError, NodeOperationError } = require('n8n-workflow');
 
 function fakeContext({ items, params, respond, continueOnFail = false, credentials }) {
@@ -221,45 +225,135 @@ test('Check VRAM: two outputs; CPU mode treated as configured, with gpu: false i
 	assert.equal(only[0][0].json.free_mb, 12000);
 });
 
-test('Check VRAM: enough for a model uses POST /models/estimate; a sidecar without it gets a clear error', async () => {
-	const status = { mode: 'gpu', free_mb: 20000, loaded_models: {} };
+test("Check VRAM: enough for a model follows the sidecar's fit verdict from POST /models/estimate", async () => {
+	const status = { mode: 'gpu', free_mb: 90000, loaded_models: {} };
+	const models = { models: [{ id: 'qwen3-vl-30b', aliases: ['qwen3-vl'], status: 'unloaded' }] };
+	const answer = (fit) => ({
+		model: 'qwen3-vl-30b',
+		context_size: 8192,
+		cache_type: 'f16',
+		estimate: { total_mb: 19500.4 },
+		fit: { gpu: 0, evict: [], missing_mb: 0, evictable: [], reason: 'r', ...fit },
+	});
+	const run = async (fit, params = {}) => {
+		const ctx = fakeContext({
+			items: [{ json: {} }],
+			params: { check: 'model', model: 'qwen3-vl', ...params },
+			respond: (o) =>
+				o.url.endsWith('/models/estimate')
+					? answer(fit)
+					: o.url.endsWith('/models')
+						? models
+						: status,
+		});
+		const outputs = await new ModelOrchestratorCheckVram().execute.call(ctx);
+		return { ctx, outputs };
+	};
+	const { ctx, outputs } = await run({ fits: true, fits_after_eviction: true });
+	assert.deepEqual(
+		ctx.requests.map((r) => r.url),
+		[
+			'http://sidecar:8000/models/status',
+			'http://sidecar:8000/models',
+			'http://sidecar:8000/models/estimate',
+		],
+	);
+	assert.deepEqual(ctx.requests[2].body, { model: 'qwen3-vl' });
+	assert.equal(outputs[0][0].json.vram_check.required_mb, 19501);
+	// 90 GB free, but the sidecar says it does not fit (reservations, margin...): Not Enough
+	const refused = await run({ fits: false, fits_after_eviction: false, missing_mb: 1200 });
+	assert.deepEqual([refused.outputs[0].length, refused.outputs[1].length], [0, 1]);
+	assert.equal(refused.outputs[1][0].json.vram_check.fit.missing_mb, 1200);
+	// fits after evicting: Not Enough by default, Enough when asked
+	const evicting = { fits: false, fits_after_eviction: true, evict: ['small'] };
+	assert.equal((await run(evicting)).outputs[1].length, 1);
+	assert.equal((await run(evicting, { whenEviction: 'enough' })).outputs[0].length, 1);
+});
+
+test('Check VRAM: a model loaded under an alias is enough without an estimate', async () => {
 	const ctx = fakeContext({
 		items: [{ json: {} }],
-		params: { check: 'model', model: 'qwen3-vl-30b', whenNoGpu: 'enough' },
+		params: { check: 'model', model: 'qwen3-vl' },
 		respond: (o) =>
-			o.url.endsWith('/models/estimate') ? { model: 'qwen3-vl-30b', total_mb: 19500.4 } : status,
+			o.url.endsWith('/models')
+				? { models: [{ id: 'qwen3-vl-30b', aliases: ['qwen3-vl'], status: 'loaded' }] }
+				: { mode: 'gpu', free_mb: 10, loaded_models: { 'qwen3-vl-30b': { status: 'loaded' } } },
 	});
-	const [enough] = await new ModelOrchestratorCheckVram().execute.call(ctx);
-	assert.equal(ctx.requests[1].url, 'http://sidecar:8000/models/estimate');
-	assert.deepEqual(ctx.requests[1].body, { model: 'qwen3-vl-30b' });
-	assert.equal(enough[0].json.vram_check.required_mb, 19501);
-	// the sidecar's answer shape: {model, estimate: {total_mb, ...}, fit: {...}}
-	const nested = fakeContext({
-		items: [{ json: {} }],
-		params: { check: 'model', model: 'qwen3-vl-30b', whenNoGpu: 'enough' },
-		respond: (o) =>
-			o.url.endsWith('/models/estimate')
-				? { model: 'qwen3-vl-30b', estimate: { total_mb: 21000 }, fit: { fits: false } }
-				: status,
-	});
-	const [yes, no] = await new ModelOrchestratorCheckVram().execute.call(nested);
-	assert.deepEqual([yes.length, no.length], [0, 1]);
-	assert.equal(no[0].json.vram_check.required_mb, 21000);
-	assert.deepEqual(no[0].json.vram_check.estimate.fit, { fits: false });
-	const old = fakeContext({
-		items: [{ json: {} }],
-		params: { check: 'model', model: 'qwen3-vl-30b', whenNoGpu: 'enough' },
-		respond: (o) => {
-			if (!o.url.endsWith('/models/estimate')) return status;
-			const e = new Error('404');
-			e.response = {
-				status: 404,
-				data: { error: { code: 'not_found', message: 'Not Found', type: 'invalid_request_error' } },
-			};
-			throw e;
+	const [enough, notEnough] = await new ModelOrchestratorCheckVram().execute.call(ctx);
+	assert.deepEqual([enough.length, notEnough.length], [1, 0]);
+	assert.equal(enough[0].json.vram_check.model, 'qwen3-vl-30b');
+	assert.match(enough[0].json.vram_check.reason, /already loaded/);
+	assert.ok(!ctx.requests.some((r) => r.url.endsWith('/models/estimate')));
+});
+
+test('Check VRAM: continue on fail sends a failed item to Not Enough, never to Enough', async () => {
+	const ctx = fakeContext({
+		items: [{ json: {} }, { json: {} }],
+		params: { check: 'requiredMb', requiredMb: 10, whenNoGpu: 'enough' },
+		continueOnFail: true,
+		respond: () => {
+			if (ctx.requests.length === 1) {
+				const e = new Error('401');
+				e.response = {
+					status: 401,
+					data: { error: { code: 'unauthorized', message: 'missing or wrong API key', type: 'x' } },
+				};
+				throw e;
+			}
+			return { mode: 'gpu', free_mb: 100 };
 		},
 	});
-	await assert.rejects(new ModelOrchestratorCheckVram().execute.call(old), /too old/);
+	const [enough, notEnough] = await new ModelOrchestratorCheckVram().execute.call(ctx);
+	assert.deepEqual(
+		notEnough.map((o) => [o.json.code, o.pairedItem.item]),
+		[['unauthorized', 0]],
+	);
+	assert.deepEqual(
+		enough.map((o) => o.pairedItem.item),
+		[1],
+	);
+});
+
+test('Unload Model: resource locator or old plain string; not_loaded and not_held are results, not errors', async () => {
+	for (const model of [{ __rl: true, mode: 'id', value: 'wan2.1-14b' }, 'wan2.1-14b']) {
+		const ctx = fakeContext({
+			items: [{ json: {} }],
+			params: (name) =>
+				({
+					model: typeof model === 'object' ? model.value : model,
+					force: false,
+					drainTimeoutS: 5,
+				})[name],
+			respond: () => ({ model: 'wan2.1-14b', status: 'unloaded', result: 'not_held' }),
+		});
+		const [out] = await new ModelOrchestratorUnloadModel().execute.call(ctx);
+		assert.deepEqual(ctx.requests[0].body, {
+			model: 'wan2.1-14b',
+			force: false,
+			drain_timeout_s: 5,
+		});
+		assert.equal(ctx.requests[0].timeout, 65_000);
+		assert.equal(out[0].json.result, 'not_held');
+	}
+	assert.deepEqual(buildUnloadBody({ __rl: true, mode: 'list', value: 'tiny' }, true, 30), {
+		model: 'tiny',
+		force: true,
+	});
+	assert.deepEqual(buildUnloadBody('tiny', false, 30), {
+		model: 'tiny',
+		force: false,
+		drain_timeout_s: 30,
+	});
+	// an empty name fails before any request
+	const empty = fakeContext({
+		items: [{ json: {} }],
+		params: { model: '', force: true },
+		respond: () => assert.fail('no request expected'),
+	});
+	await assert.rejects(
+		new ModelOrchestratorUnloadModel().execute.call(empty),
+		(e) => e instanceof NodeOperationError && /Choose the model/.test(e.message),
+	);
 });
 
 test('Load Model: body and a wait-long-enough HTTP timeout', async () => {

@@ -405,25 +405,110 @@ test('models -> dropdown options', () => {
 	assert.deepEqual(transport.modelsToOptions({}), []);
 });
 
-test('VRAM decision: required MB, CPU mode (free_mb null), model already loaded', () => {
+test('VRAM decision for MB: free_mb against the number, CPU mode (free_mb null) as configured', () => {
 	const gpu = { mode: 'gpu', free_mb: 20000, loaded_models: {} };
-	assert.equal(vram.decideEnough(gpu, 18000, 'enough').enough, true);
-	assert.equal(vram.decideEnough(gpu, 24000, 'enough').enough, false);
-	assert.equal(vram.decideEnough(gpu, 24000, 'enough').gpu, true);
+	assert.equal(vram.decideForMb(gpu, 18000, 'enough').enough, true);
+	assert.equal(vram.decideForMb(gpu, 24000, 'enough').enough, false);
+	assert.equal(vram.decideForMb(gpu, 24000, 'enough').gpu, true);
 	const cpu = { mode: 'cpu', free_mb: null, loaded_models: {}, note: 'no NVML' };
-	const asEnough = vram.decideEnough(cpu, 18000, 'enough');
+	const asEnough = vram.decideForMb(cpu, 18000, 'enough');
 	assert.deepEqual([asEnough.enough, asEnough.gpu, asEnough.free_mb], [true, false, null]);
 	assert.match(asEnough.reason, /CPU mode/);
-	assert.equal(vram.decideEnough(cpu, 18000, 'notEnough').enough, false);
-	const loaded = {
-		free_mb: 100,
-		loaded_models: {
-			big: { model: 'big', status: 'loaded' },
-			half: { model: 'half', status: 'loading' },
-		},
+	assert.equal(vram.decideForMb(cpu, 18000, 'notEnough').enough, false);
+});
+
+function estimateAnswer(fit) {
+	return {
+		model: 'qwen3-vl-30b',
+		context_size: 8192,
+		cache_type: 'f16',
+		estimate: { total_mb: 18808.2 },
+		fit: { gpu: 0, evict: [], missing_mb: 0, evictable: [], reason: 'fits', ...fit },
 	};
-	assert.equal(vram.isModelLoaded(loaded, 'big'), true);
-	assert.equal(vram.isModelLoaded(loaded, 'half'), false);
-	assert.equal(vram.isModelLoaded(loaded, 'other'), false);
-	assert.equal(vram.decideEnough(loaded, 0, 'notEnough', 'big', true).enough, true);
+}
+
+test("VRAM decision for a model: the sidecar's fit verdict, never free memory", () => {
+	// fits now: enough, whatever free_mb says (the sidecar counted margin, reservations, placement)
+	const fits = vram.decideForModel(
+		estimateAnswer({ fits: true, fits_after_eviction: true }),
+		100,
+		'notEnough',
+	);
+	assert.deepEqual(
+		[fits.enough, fits.gpu, fits.required_mb, fits.model],
+		[true, true, 18809, 'qwen3-vl-30b'],
+	);
+	assert.equal(fits.fit.reason, 'fits');
+	// does not fit, even with lots of free memory reported: not enough, with what is missing
+	const refused = estimateAnswer({
+		fits: false,
+		fits_after_eviction: false,
+		missing_mb: 3590,
+		evictable: ['dense'],
+		reason: 'needs 18809 MB, GPU 0 has 15219 MB available (margin 512 MB included)',
+	});
+	const no = vram.decideForModel(refused, 90000, 'enough');
+	assert.equal(no.enough, false);
+	assert.deepEqual(no.fit.evictable, ['dense']);
+	assert.match(no.reason, /margin 512 MB/);
+	// fits only after evicting: as configured
+	const evicting = estimateAnswer({
+		fits: false,
+		fits_after_eviction: true,
+		evict: ['small'],
+		reason: 'fits on GPU 0 after evicting small',
+	});
+	assert.equal(vram.decideForModel(evicting, 0, 'enough').enough, true);
+	const strict = vram.decideForModel(evicting, 0, 'notEnough');
+	assert.equal(strict.enough, false);
+	assert.match(strict.reason, /without evicting small first/);
+	// CPU mode: fits is null; the model cap still decides
+	const cpu = vram.decideForModel(
+		estimateAnswer({
+			fits: null,
+			fits_after_eviction: true,
+			reason: 'CPU mode: no GPU memory to account',
+		}),
+		null,
+		'notEnough',
+	);
+	assert.deepEqual([cpu.enough, cpu.gpu], [true, false]);
+	const capped = vram.decideForModel(
+		estimateAnswer({
+			fits: null,
+			fits_after_eviction: false,
+			evictable: ['other'],
+			reason: 'at most 1 models may be loaded',
+		}),
+		null,
+		'enough',
+	);
+	assert.equal(capped.enough, false);
+});
+
+test('model lookup by id or alias (GET /models knows the aliases)', () => {
+	const models = {
+		models: [
+			{ id: 'qwen3-vl-30b', aliases: ['qwen3-vl', 'default-vision'], status: 'loaded' },
+			{ id: 'tiny', aliases: [], status: 'unloaded' },
+			{ id: 'half', aliases: ['h'], status: 'loading' },
+		],
+	};
+	assert.equal(vram.isModelLoaded(models, 'qwen3-vl-30b'), true);
+	assert.equal(vram.isModelLoaded(models, 'qwen3-vl'), true);
+	assert.equal(vram.findModel(models, 'default-vision').id, 'qwen3-vl-30b');
+	assert.equal(vram.isModelLoaded(models, 'tiny'), false);
+	assert.equal(vram.isModelLoaded(models, 'h'), false);
+	assert.equal(vram.isModelLoaded(models, 'other'), false);
+	assert.equal(vram.isModelLoaded({}, 'tiny'), false);
+});
+
+test('model parameter: a resource locator value or an older plain string', () => {
+	assert.equal(transport.modelName({ __rl: true, mode: 'list', value: 'tiny' }), 'tiny');
+	assert.equal(
+		transport.modelName({ __rl: true, mode: 'id', value: ' wan2.1-14b ' }),
+		'wan2.1-14b',
+	);
+	assert.equal(transport.modelName('qwen3-vl-30b'), 'qwen3-vl-30b');
+	assert.equal(transport.modelName(undefined), '');
 });

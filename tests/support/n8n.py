@@ -154,11 +154,71 @@ class N8n:
         return Execution(proc.returncode, proc.stdout, proc.stderr, data)
 
 
+OWNER = {"email": "owner@example.com", "firstName": "Test", "lastName": "Owner", "password": "Owner-passw0rd"}
+
+
+@dataclass
+class N8nServer:
+    """`n8n start` (the editor and its REST API) on a free loopback port, with an owner account set up."""
+    n8n: N8n
+    port: int = field(default_factory=lambda: _free_port())
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 180) -> "N8nServer":
+        import time
+        import urllib.request
+        env = {**self.n8n.env, "N8N_PORT": str(self.port), "N8N_LISTEN_ADDRESS": "127.0.0.1",
+               "N8N_HOST": "127.0.0.1", "N8N_SECURE_COOKIE": "false", "N8N_RUNNERS_BROKER_PORT": str(_free_port())}
+        self.log = self.n8n.user_folder / "n8n-server.log"
+        self.proc = subprocess.Popen([self.n8n.node24, self.n8n.n8n_bin, "start"], env=env, cwd=self.n8n.user_folder,
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"n8n exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(self.url + "/healthz/readiness", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            self.stop()
+            raise AssertionError(f"n8n did not become ready:\n{self.log.read_text()[-3000:]}")
+        self._post("/rest/owner/setup", OWNER)
+        return self
+
+    def _post(self, path: str, body: dict) -> dict:
+        import urllib.request
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"{}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def model_name(value) -> str | None:
+    """A node's model parameter: a resource locator's value or a plain string."""
+    return value.get("value") if isinstance(value, dict) else value
 
 
 def load_workflow(name: str) -> dict:
@@ -176,8 +236,11 @@ def adapt_workflow(wf: dict, *, workflow_id: str | None = None, models: dict[str
         wf["name"] = f"{wf['name']} [{workflow_id}]"
     for node in wf["nodes"]:
         p = node["parameters"]
-        if models and p.get("model") in models:
-            p["model"] = models[p["model"]]
+        model = p.get("model")
+        if models and isinstance(model, dict) and model.get("value") in models:  # a resource locator
+            p["model"] = {**model, "value": models[model["value"]]}
+        elif models and isinstance(model, str) and model in models:
+            p["model"] = models[model]
         if params and node["name"] in params:
             p.update(params[node["name"]])
         if node_settings and node["name"] in node_settings:

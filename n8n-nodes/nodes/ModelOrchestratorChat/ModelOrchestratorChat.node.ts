@@ -15,8 +15,9 @@ import {
 	type ChatParams,
 	type ImageInput,
 } from '../shared/chat';
-import { asNodeError, extractSidecarError, getModels, sidecarRequest } from '../shared/transport';
 import { readmeUrl } from '../shared/docs';
+import { runPerItem, type ItemResult } from '../shared/execute';
+import { getModels, sidecarRequest } from '../shared/transport';
 
 interface NodeOptions extends ChatOptions {
 	toolChoice?: ChatParams['toolChoice'];
@@ -241,84 +242,72 @@ export class ModelOrchestratorChat implements INodeType {
 	};
 
 	async execute(this: IExecuteFunctions): Promise<INodeExecutionData[][]> {
-		const items = this.getInputData();
-		const returnData: INodeExecutionData[] = [];
-		for (let i = 0; i < items.length; i++) {
-			try {
-				const messageMode = this.getNodeParameter('messageMode', i) as ChatParams['messageMode'];
-				const imageMode = this.getNodeParameter('images', i, 'auto') as
-					| 'auto'
-					| 'properties'
-					| 'none';
-				const options = this.getNodeParameter('options', i, {}) as NodeOptions;
-				let names: string[];
-				let body: IDataObject;
-				const images: ImageInput[] = [];
-				try {
-					names = selectImageProperties(
-						items[i].binary,
-						imageMode,
-						imageMode === 'properties'
-							? (this.getNodeParameter('binaryProperties', i, '') as string)
-							: '',
-					);
-				} catch (error) {
-					throw new NodeOperationError(this.getNode(), error as Error, { itemIndex: i });
-				}
-				for (const name of names) {
-					const meta = items[i].binary![name];
-					const buffer = await this.helpers.getBinaryDataBuffer(i, name);
-					images.push({
-						mimeType: meta.mimeType,
-						base64: buffer.toString('base64'),
-						fileName: meta.fileName,
-					});
-				}
-				const params: ChatParams = {
-					model: this.getNodeParameter('model', i) as string,
-					messageMode,
-					images,
-					tools: this.getNodeParameter('tools', i, '') as unknown,
-					toolChoice: options.toolChoice,
-					toolChoiceFunction: options.toolChoiceFunction,
-					options,
-				};
-				if (messageMode === 'simple') {
-					params.systemPrompt = this.getNodeParameter('systemPrompt', i, '') as string;
-					params.userMessage = this.getNodeParameter('userMessage', i, '') as string;
-				} else {
-					params.messages = this.getNodeParameter('messages', i) as unknown;
-				}
-				try {
-					body = buildChatBody(params);
-				} catch (error) {
-					throw new NodeOperationError(this.getNode(), error as Error, { itemIndex: i });
-				}
-				const response = await sidecarRequest.call(
-					this,
-					{
-						method: 'POST',
-						path: '/v1/chat/completions',
-						body,
-						timeoutMs: (options.timeoutS ?? 600) * 1000,
-					},
-					i,
-				);
-				const json: IDataObject = { ...parseChatResponse(response), images_sent: images.length };
-				if (options.includeFullResponse) json.response = response;
-				returnData.push({ json, pairedItem: { item: i } });
-			} catch (error) {
-				if (this.continueOnFail()) {
-					const info = extractSidecarError(error);
-					returnData.push({
-						json: { error: (error as Error).message, code: info.code ?? null },
-						pairedItem: { item: i },
-					});
-					continue;
-				}
-				throw asNodeError(this.getNode(), error, i);
-			}
-		}
-		return [returnData];
+		return runPerItem.call(this, chatItem);
 	}
+}
+
+async function chatItem(
+	this: IExecuteFunctions,
+	i: number,
+	item: INodeExecutionData,
+): Promise<ItemResult> {
+	const messageMode = this.getNodeParameter('messageMode', i) as ChatParams['messageMode'];
+	const imageMode = this.getNodeParameter('images', i, 'auto') as 'auto' | 'properties' | 'none';
+	const options = this.getNodeParameter('options', i, {}) as NodeOptions;
+	let names: string[];
+	let body: IDataObject;
+	const images: ImageInput[] = [];
+	try {
+		names = selectImageProperties(
+			item.binary,
+			imageMode,
+			imageMode === 'properties'
+				? (this.getNodeParameter('binaryProperties', i, '') as string)
+				: '',
+		);
+	} catch (error) {
+		throw new NodeOperationError(this.getNode(), error as Error, { itemIndex: i });
+	}
+	for (const name of names) {
+		const meta = item.binary![name];
+		const buffer = await this.helpers.getBinaryDataBuffer(i, name);
+		images.push({
+			mimeType: meta.mimeType,
+			base64: buffer.toString('base64'),
+			fileName: meta.fileName,
+		});
+	}
+	const params: ChatParams = {
+		model: this.getNodeParameter('model', i) as string,
+		messageMode,
+		images,
+		tools: this.getNodeParameter('tools', i, '') as unknown,
+		toolChoice: options.toolChoice,
+		toolChoiceFunction: options.toolChoiceFunction,
+		options,
+	};
+	if (messageMode === 'simple') {
+		params.systemPrompt = this.getNodeParameter('systemPrompt', i, '') as string;
+		params.userMessage = this.getNodeParameter('userMessage', i, '') as string;
+	} else {
+		params.messages = this.getNodeParameter('messages', i) as unknown;
+	}
+	try {
+		body = buildChatBody(params);
+	} catch (error) {
+		throw new NodeOperationError(this.getNode(), error as Error, { itemIndex: i });
+	}
+	const response = await sidecarRequest.call(
+		this,
+		{
+			method: 'POST',
+			path: '/v1/chat/completions',
+			body,
+			timeoutMs: (options.timeoutS ?? 600) * 1000,
+		},
+		i,
+	);
+	const json: IDataObject = { ...parseChatResponse(response), images_sent: images.length };
+	if (options.includeFullResponse) json.response = response;
+	return { json };
 }

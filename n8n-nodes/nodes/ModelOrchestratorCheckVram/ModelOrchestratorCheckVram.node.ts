@@ -5,11 +5,26 @@ import type {
 	INodeType,
 	INodeTypeDescription,
 } from 'n8n-workflow';
-import { NodeApiError, NodeConnectionTypes } from 'n8n-workflow';
+import { NodeConnectionTypes } from 'n8n-workflow';
 
-import { decideEnough, isModelLoaded, type WhenNoGpu } from '../shared/vram';
-import { asNodeError, extractSidecarError, getModels, sidecarRequest } from '../shared/transport';
+import type {
+	EstimateRequest,
+	EstimateResponse,
+	ModelsResponse,
+	StatusResponse,
+} from '../shared/api';
+import { runPerItem, type ItemResult } from '../shared/execute';
+import { asNodeError, getModels, sidecarRequest } from '../shared/transport';
 import { readmeUrl } from '../shared/docs';
+import {
+	decideForMb,
+	decideForModel,
+	findModel,
+	isModelLoaded,
+	type VramDecision,
+	type WhenEviction,
+	type WhenNoGpu,
+} from '../shared/vram';
 
 export class ModelOrchestratorCheckVram implements INodeType {
 	description: INodeTypeDescription = {
@@ -55,7 +70,7 @@ export class ModelOrchestratorCheckVram implements INodeType {
 						name: 'Enough for Model',
 						value: 'model',
 						description:
-							'Two outputs: enough free GPU memory for a model (the sidecar estimates its size), or not',
+							"Two outputs: whether the model can be loaded now, as the sidecar's admission decides (its estimate, margin, reservations, other processes, per-GPU placement, the model cap)",
 					},
 				],
 			},
@@ -65,7 +80,8 @@ export class ModelOrchestratorCheckVram implements INodeType {
 				type: 'number',
 				default: 18000,
 				typeOptions: { minValue: 0 },
-				description: 'Free GPU memory (all GPUs, MB) needed for the "Enough" output',
+				description:
+					'Free GPU memory (all GPUs, MB, as NVML reports it: no margin, reservations or eviction counted) needed for the "Enough" output. For a model, "Enough for Model" asks the sidecar\'s own admission instead.',
 				displayOptions: { show: { check: ['requiredMb'] } },
 			},
 			{
@@ -90,7 +106,29 @@ export class ModelOrchestratorCheckVram implements INodeType {
 					{ name: 'Treat as Enough', value: 'enough', description: 'Models run on the CPU; go on' },
 					{ name: 'Treat as Not Enough', value: 'notEnough' },
 				],
-				displayOptions: { show: { check: ['requiredMb', 'model'] } },
+				displayOptions: { show: { check: ['requiredMb'] } },
+			},
+			{
+				displayName: 'When Loading Would Evict',
+				name: 'whenEviction',
+				type: 'options',
+				default: 'notEnough',
+				description:
+					"The model fits only after idle models are unloaded (the output's vram_check.fit.evict names them)",
+				options: [
+					{
+						name: 'Treat as Not Enough',
+						value: 'notEnough',
+						description:
+							'The Not Enough branch frees memory itself (e.g. unloads vram_check.fit.evict)',
+					},
+					{
+						name: 'Treat as Enough',
+						value: 'enough',
+						description: 'The load evicts those idle models by itself',
+					},
+				],
+				displayOptions: { show: { check: ['model'] } },
 			},
 		],
 	};
@@ -100,95 +138,76 @@ export class ModelOrchestratorCheckVram implements INodeType {
 	};
 
 	async execute(this: IExecuteFunctions): Promise<INodeExecutionData[][]> {
-		const items = this.getInputData();
-		const check = this.getNodeParameter('check', 0) as 'none' | 'requiredMb' | 'model';
-		const enough: INodeExecutionData[] = [];
-		const notEnough: INodeExecutionData[] = [];
-
-		for (let i = 0; i < items.length; i++) {
-			try {
-				const status = await sidecarRequest.call(
-					this,
-					{ method: 'GET', path: '/models/status', timeoutMs: 30_000 },
-					i,
-				);
-				if (check === 'none') {
-					enough.push({ json: status, pairedItem: { item: i } });
-					continue;
-				}
-				const whenNoGpu = this.getNodeParameter('whenNoGpu', i, 'enough') as WhenNoGpu;
-				let decision;
-				if (check === 'requiredMb') {
-					const requiredMb = this.getNodeParameter('requiredMb', i) as number;
-					decision = decideEnough(status, requiredMb, whenNoGpu);
-				} else {
-					const model = this.getNodeParameter('model', i) as string;
-					if (isModelLoaded(status, model)) {
-						decision = decideEnough(status, 0, whenNoGpu, model, true);
-					} else {
-						const estimate = await estimateModel.call(this, model, i);
-						decision = decideEnough(status, estimate.totalMb, whenNoGpu, model);
-						decision.estimate = estimate.response;
-					}
-				}
-				const out = { json: { ...status, vram_check: decision }, pairedItem: { item: i } };
-				(decision.enough ? enough : notEnough).push(out);
-			} catch (error) {
-				if (this.continueOnFail()) {
-					const info = extractSidecarError(error);
-					// an error never counts as "enough": with two outputs it goes to "Not Enough"
-					(check === 'none' ? enough : notEnough).push({
-						json: { error: (error as Error).message, code: info.code ?? null },
-						pairedItem: { item: i },
-					});
-					continue;
-				}
-				throw asNodeError(this.getNode(), error, i);
-			}
-		}
-		return check === 'none' ? [enough] : [enough, notEnough];
+		const check = this.getNodeParameter('check', 0) as Check;
+		// an error never counts as "enough": with two outputs it goes to "Not Enough"
+		return runPerItem.call(this, checkItem, check === 'none' ? {} : { outputs: 2, errorOutput: 1 });
 	}
 }
 
-/**
- * MB the sidecar estimates for a model (its answer's `estimate.total_mb`, or a top-level `total_mb`), and the
- * whole answer; a sidecar without POST /models/estimate gets a clear error.
- */
+type Check = 'none' | 'requiredMb' | 'model';
+const ENOUGH = 0;
+const NOT_ENOUGH = 1;
+
+async function checkItem(this: IExecuteFunctions, i: number): Promise<ItemResult> {
+	const check = this.getNodeParameter('check', 0) as Check;
+	const status = (await sidecarRequest.call(
+		this,
+		{ method: 'GET', path: '/models/status', timeoutMs: 30_000 },
+		i,
+	)) as unknown as StatusResponse;
+	if (check === 'none') return { json: status as unknown as IDataObject };
+	let decision: VramDecision;
+	if (check === 'requiredMb') {
+		const requiredMb = this.getNodeParameter('requiredMb', i) as number;
+		const whenNoGpu = this.getNodeParameter('whenNoGpu', i, 'enough') as WhenNoGpu;
+		decision = decideForMb(status, requiredMb, whenNoGpu);
+	} else {
+		const model = this.getNodeParameter('model', i) as string;
+		const whenEviction = this.getNodeParameter('whenEviction', i, 'notEnough') as WhenEviction;
+		const models = (await sidecarRequest.call(
+			this,
+			{ method: 'GET', path: '/models', timeoutMs: 30_000 },
+			i,
+		)) as unknown as ModelsResponse;
+		if (isModelLoaded(models, model)) {
+			decision = {
+				enough: true,
+				gpu: status.free_mb !== null,
+				free_mb: status.free_mb,
+				required_mb: 0,
+				model: findModel(models, model)!.id,
+				reason: `${model} is already loaded: it needs no more memory`,
+			};
+		} else {
+			decision = decideForModel(
+				await estimateModel.call(this, model, i),
+				status.free_mb,
+				whenEviction,
+			);
+		}
+	}
+	return {
+		json: { ...(status as unknown as IDataObject), vram_check: decision },
+		output: decision.enough ? ENOUGH : NOT_ENOUGH,
+	};
+}
+
+/** The sidecar's estimate and fit verdict; a sidecar without POST /models/estimate gets a clear error. */
 async function estimateModel(
 	this: IExecuteFunctions,
 	model: string,
 	itemIndex: number,
-): Promise<{ totalMb: number; response: IDataObject }> {
-	let response: IDataObject;
+): Promise<EstimateResponse> {
+	const body: EstimateRequest = { model };
+	let response: EstimateResponse;
 	try {
-		response = await sidecarRequest.call(
+		response = (await sidecarRequest.call(
 			this,
-			{ method: 'POST', path: '/models/estimate', body: { model }, timeoutMs: 60_000 },
+			{ method: 'POST', path: '/models/estimate', body: body as IDataObject, timeoutMs: 60_000 },
 			itemIndex,
-		);
+		)) as unknown as EstimateResponse;
 	} catch (error) {
-		const info = extractSidecarError(error);
-		if ((info.httpCode === '404' && info.code !== 'model_not_found') || info.httpCode === '405') {
-			throw new NodeApiError(
-				this.getNode(),
-				{ error: { code: info.code ?? 'not_found', message: info.message } },
-				{
-					message:
-						'The sidecar is too old for "Enough for Model": it has no POST /models/estimate. Update model-orchestrator, or use "Required Free MB".',
-					httpCode: info.httpCode,
-					itemIndex,
-				},
-			);
-		}
 		throw asNodeError(this.getNode(), error, itemIndex);
 	}
-	const nested = response.estimate as IDataObject | undefined;
-	const total = Number(response.total_mb ?? nested?.total_mb);
-	if (!Number.isFinite(total)) {
-		throw new NodeApiError(this.getNode(), response as never, {
-			message: "The sidecar's estimate has no total_mb",
-			itemIndex,
-		});
-	}
-	return { totalMb: Math.ceil(total), response };
+	return response;
 }

@@ -7,6 +7,8 @@ import type {
 } from 'n8n-workflow';
 import { NodeApiError, NodeConnectionTypes } from 'n8n-workflow';
 
+import type { LoadRequest } from '../shared/api';
+import { runPerItem, type ItemResult } from '../shared/execute';
 import { asNodeError, extractSidecarError, getModels, sidecarRequest } from '../shared/transport';
 import { readmeUrl } from '../shared/docs';
 
@@ -22,8 +24,8 @@ export function buildLoadBody(
 	wait: boolean,
 	timeoutS: number,
 	options: LoadOptions,
-): IDataObject {
-	const body: IDataObject = { model, service: options.service || 'llama-cpp', wait };
+): LoadRequest {
+	const body: LoadRequest = { model, service: options.service || 'llama-cpp', wait };
 	if (timeoutS > 0) body.timeout_s = timeoutS;
 	if (options.priority !== undefined && options.priority >= 0) body.priority = options.priority;
 	if (options.allowEviction) body.allow_eviction = true;
@@ -120,58 +122,40 @@ export class ModelOrchestratorLoadModel implements INodeType {
 	};
 
 	async execute(this: IExecuteFunctions): Promise<INodeExecutionData[][]> {
-		const items = this.getInputData();
-		const returnData: INodeExecutionData[] = [];
-		for (let i = 0; i < items.length; i++) {
-			try {
-				const model = this.getNodeParameter('model', i) as string;
-				const wait = this.getNodeParameter('wait', i, true) as boolean;
-				const timeoutS = this.getNodeParameter('timeoutS', i, 600) as number;
-				const options = this.getNodeParameter('options', i, {}) as LoadOptions;
-				const body = buildLoadBody(model, wait, timeoutS, options);
-				let response: IDataObject;
-				try {
-					response = await sidecarRequest.call(
-						this,
-						{
-							method: 'POST',
-							path: '/models/load',
-							body,
-							// the sidecar answers when ready (or with load_timeout): give it that long and a margin
-							timeoutMs: wait ? (timeoutS + 30) * 1000 : 60_000,
-						},
-						i,
-					);
-				} catch (error) {
-					const info = extractSidecarError(error);
-					if (
-						body.allow_eviction &&
-						info.httpCode === '400' &&
-						/allow_eviction/.test(info.message)
-					) {
-						throw new NodeApiError(this.getNode(), (info.body ?? {}) as never, {
-							message:
-								'This sidecar does not support "Allow Eviction" yet (it rejected allow_eviction): update model-orchestrator or switch the option off',
-							description: info.message,
-							httpCode: info.httpCode,
-							itemIndex: i,
-						});
-					}
-					throw asNodeError(this.getNode(), error, i);
-				}
-				returnData.push({ json: response, pairedItem: { item: i } });
-			} catch (error) {
-				if (this.continueOnFail()) {
-					const info = extractSidecarError(error);
-					returnData.push({
-						json: { error: (error as Error).message, code: info.code ?? null },
-						pairedItem: { item: i },
-					});
-					continue;
-				}
-				throw asNodeError(this.getNode(), error, i);
-			}
+		return runPerItem.call(this, loadItem);
+	}
+}
+
+async function loadItem(this: IExecuteFunctions, i: number): Promise<ItemResult> {
+	const model = this.getNodeParameter('model', i) as string;
+	const wait = this.getNodeParameter('wait', i, true) as boolean;
+	const timeoutS = this.getNodeParameter('timeoutS', i, 600) as number;
+	const options = this.getNodeParameter('options', i, {}) as LoadOptions;
+	const body = buildLoadBody(model, wait, timeoutS, options);
+	try {
+		const response = await sidecarRequest.call(
+			this,
+			{
+				method: 'POST',
+				path: '/models/load',
+				body: body as IDataObject,
+				// the sidecar answers when ready (or with load_timeout): give it that long and a margin
+				timeoutMs: wait ? (timeoutS + 30) * 1000 : 60_000,
+			},
+			i,
+		);
+		return { json: response };
+	} catch (error) {
+		const info = extractSidecarError(error);
+		if (body.allow_eviction && info.httpCode === '400' && /allow_eviction/.test(info.message)) {
+			throw new NodeApiError(this.getNode(), (info.body ?? {}) as never, {
+				message:
+					'This sidecar does not support "Allow Eviction" yet (it rejected allow_eviction): update model-orchestrator or switch the option off',
+				description: info.message,
+				httpCode: info.httpCode,
+				itemIndex: i,
+			});
 		}
-		return [returnData];
+		throw asNodeError(this.getNode(), error, i);
 	}
 }

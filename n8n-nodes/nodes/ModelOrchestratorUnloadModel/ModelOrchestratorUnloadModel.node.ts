@@ -5,10 +5,12 @@ import type {
 	INodeType,
 	INodeTypeDescription,
 } from 'n8n-workflow';
-import { NodeConnectionTypes } from 'n8n-workflow';
+import { NodeConnectionTypes, NodeOperationError } from 'n8n-workflow';
 
-import { asNodeError, extractSidecarError, getModels, sidecarRequest } from '../shared/transport';
 import { readmeUrl } from '../shared/docs';
+import type { UnloadRequest } from '../shared/api';
+import { runPerItem, type ItemResult } from '../shared/execute';
+import { modelName, searchModels, sidecarRequest } from '../shared/transport';
 
 export class ModelOrchestratorUnloadModel implements INodeType {
 	description: INodeTypeDescription = {
@@ -21,7 +23,7 @@ export class ModelOrchestratorUnloadModel implements INodeType {
 		documentationUrl: readmeUrl('unload-model'),
 		group: ['transform'],
 		version: 1,
-		subtitle: '={{$parameter["model"]}}',
+		subtitle: '={{$parameter["model"].value ?? $parameter["model"]}}',
 		description: 'Unload a model through the model-orchestrator sidecar and free its GPU memory',
 		defaults: {
 			name: 'Unload Model',
@@ -32,14 +34,27 @@ export class ModelOrchestratorUnloadModel implements INodeType {
 		credentials: [{ name: 'modelOrchestratorApi', required: true }],
 		properties: [
 			{
-				displayName: 'Model Name or ID',
+				displayName: 'Model',
 				name: 'model',
-				type: 'options',
-				typeOptions: { loadOptionsMethod: 'getModels' },
-				default: '',
+				type: 'resourceLocator',
+				default: { mode: 'list', value: '' },
 				required: true,
 				description:
-					'The model to unload. Choose from the list, or specify an ID using an <a href="https://docs.n8n.io/code/expressions/">expression</a>.',
+					"What to unload: a model of the sidecar's registry, or any name (another service's reservation, e.g. wan2.1-14b). A name that holds nothing answers result not_loaded / not_held, which is not an error.",
+				modes: [
+					{
+						displayName: 'From List',
+						name: 'list',
+						type: 'list',
+						typeOptions: { searchListMethod: 'searchModels', searchable: true },
+					},
+					{
+						displayName: 'By Name',
+						name: 'id',
+						type: 'string',
+						placeholder: 'e.g. qwen3-vl-30b or wan2.1-14b',
+					},
+				],
 			},
 			{
 				displayName: 'Force',
@@ -63,40 +78,48 @@ export class ModelOrchestratorUnloadModel implements INodeType {
 	};
 
 	methods = {
-		loadOptions: { getModels },
+		listSearch: { searchModels },
 	};
 
 	async execute(this: IExecuteFunctions): Promise<INodeExecutionData[][]> {
-		const items = this.getInputData();
-		const returnData: INodeExecutionData[] = [];
-		for (let i = 0; i < items.length; i++) {
-			try {
-				const model = this.getNodeParameter('model', i) as string;
-				const force = this.getNodeParameter('force', i, false) as boolean;
-				const body: IDataObject = { model, force };
-				let drain = 0;
-				if (!force) {
-					drain = this.getNodeParameter('drainTimeoutS', i, 30) as number;
-					body.drain_timeout_s = drain;
-				}
-				const response = await sidecarRequest.call(
-					this,
-					{ method: 'POST', path: '/models/unload', body, timeoutMs: (drain + 60) * 1000 },
-					i,
-				);
-				returnData.push({ json: response, pairedItem: { item: i } });
-			} catch (error) {
-				if (this.continueOnFail()) {
-					const info = extractSidecarError(error);
-					returnData.push({
-						json: { error: (error as Error).message, code: info.code ?? null },
-						pairedItem: { item: i },
-					});
-					continue;
-				}
-				throw asNodeError(this.getNode(), error, i);
-			}
-		}
-		return [returnData];
+		return runPerItem.call(this, unloadItem);
 	}
+}
+
+/**
+ * The POST /models/unload body. `model` is the resource locator's value; workflows saved before it was one hold a
+ * plain string, which is taken as is.
+ */
+export function buildUnloadBody(
+	model: unknown,
+	force: boolean,
+	drainTimeoutS: number,
+): UnloadRequest {
+	const name = modelName(model);
+	const body: UnloadRequest = { model: name, force };
+	if (!force) body.drain_timeout_s = drainTimeoutS;
+	return body;
+}
+
+async function unloadItem(this: IExecuteFunctions, i: number): Promise<ItemResult> {
+	const model = this.getNodeParameter('model', i, '', { extractValue: true });
+	const force = this.getNodeParameter('force', i, false) as boolean;
+	const drain = force ? 0 : (this.getNodeParameter('drainTimeoutS', i, 30) as number);
+	const body = buildUnloadBody(model, force, drain);
+	if (!body.model) {
+		throw new NodeOperationError(this.getNode(), 'Choose the model to unload', { itemIndex: i });
+	}
+	// every 200 is a result, including "not_loaded" (a registry model that is not loaded) and "not_held"
+	// (a name with nothing under it): unloading is idempotent
+	const response = await sidecarRequest.call(
+		this,
+		{
+			method: 'POST',
+			path: '/models/unload',
+			body: body as IDataObject,
+			timeoutMs: (drain + 60) * 1000,
+		},
+		i,
+	);
+	return { json: response };
 }

@@ -10,6 +10,7 @@ import type {
 	IHttpRequestOptions,
 	ILoadOptionsFunctions,
 	INode,
+	INodeListSearchResult,
 	INodePropertyOptions,
 	JsonObject,
 } from 'n8n-workflow';
@@ -204,4 +205,26 @@ export async function getModels(this: ILoadOptionsFunctions): Promise<INodePrope
 		timeoutMs: 15_000,
 	});
 	return modelsToOptions(response);
+}
+
+/** GET /models as the "From List" mode of a resource locator, filtered by what the user typed. */
+export async function searchModels(
+	this: ILoadOptionsFunctions,
+	filter?: string,
+): Promise<INodeListSearchResult> {
+	const options = await getModels.call(this);
+	const wanted = (filter ?? '').trim().toLowerCase();
+	return {
+		results: options
+			.filter((o) => !wanted || o.name.toLowerCase().includes(wanted))
+			.map((o) => ({ name: o.name, value: String(o.value), description: o.description })),
+	};
+}
+
+/** A model parameter's name: a resource locator's value ({__rl, mode, value}) or a plain string (older workflows). */
+export function modelName(value: unknown): string {
+	if (value && typeof value === 'object' && 'value' in value) {
+		return String((value as { value: unknown }).value ?? '').trim();
+	}
+	return String(value ?? '').trim();
 }

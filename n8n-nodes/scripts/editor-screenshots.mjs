@@ -1,0 +1,154 @@
+// Drives a running n8n editor in headless Chromium (Debian's `chromium`, puppeteer-core): signs in, opens each
+// given workflow (already imported, same id as in its file), saves a PNG of its canvas as
+// <out>/workflow-<file name>.png, then opens every node's settings and reads the issues the editor shows there
+// (the red "The value … is not supported!" of a dropdown, a missing required value, a credential problem) and
+// the issue marks of the canvas. Prints a JSON report on stdout: {"<file>": {"png": path, "issues": {node: [..]}}}.
+// tests/test_n8n_editor.py starts n8n and the sidecar, runs this and asserts an empty issue list; `make
+// screenshots` runs that test writing the PNGs into docs/.
+//
+//   node scripts/editor-screenshots.mjs --url http://127.0.0.1:5678 --email E --password P --out DIR wf.json...
+import { readFileSync } from 'node:fs';
+import { basename, join } from 'node:path';
+import { parseArgs } from 'node:util';
+import puppeteer from 'puppeteer-core';
+
+const { values: opts, positionals: files } = parseArgs({
+	allowPositionals: true,
+	options: {
+		url: { type: 'string' },
+		email: { type: 'string' },
+		password: { type: 'string' },
+		out: { type: 'string' },
+		chromium: { type: 'string', default: process.env.CHROMIUM_BIN || '/usr/bin/chromium' },
+	},
+});
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+const log = (...a) => console.error('[editor-screenshots]', ...a);
+
+const browser = await puppeteer.launch({
+	executablePath: opts.chromium,
+	headless: true,
+	args: [
+		'--no-sandbox',
+		'--disable-gpu',
+		'--disable-dev-shm-usage',
+		'--disable-background-networking',
+		'--disable-extensions',
+		'--no-first-run',
+		'--hide-scrollbars',
+		'--mute-audio',
+	],
+	defaultViewport: { width: 1600, height: 800, deviceScaleFactor: 1 },
+});
+const report = {};
+try {
+	const page = await browser.newPage();
+	page.setDefaultTimeout(60_000);
+	await signIn(page);
+	for (const file of files) {
+		const wf = JSON.parse(readFileSync(file, 'utf8'));
+		const name = basename(file, '.json');
+		log(`workflow ${wf.id} (${name})`);
+		await page.goto(`${opts.url}/workflow/${wf.id}`, { waitUntil: 'networkidle2' });
+		await page.waitForSelector('[data-test-id="canvas-node"]');
+		await settle(page);
+		await fitView(page);
+		const png = join(opts.out, `workflow-${name}.png`);
+		const canvas = (await page.$('[data-test-id="canvas"]')) ?? page;
+		await canvas.screenshot({ path: png });
+		const issues = {};
+		const add = (node, list) => {
+			if (list.length) issues[node] = [...(issues[node] ?? []), ...list];
+		};
+		for (const [node, list] of Object.entries(await canvasIssues(page))) add(node, list);
+		for (const node of wf.nodes) {
+			add(node.name, await ndvIssues(page, wf.id, node));
+		}
+		report[name] = { png, issues };
+	}
+} finally {
+	await browser.close();
+}
+console.log(JSON.stringify(report, null, 2));
+
+async function signIn(page) {
+	await page.goto(`${opts.url}/signin`, { waitUntil: 'networkidle2' });
+	const email = await page.waitForSelector('input[type="email"], input[name="emailOrLdapLoginId"]');
+	await email.type(opts.email);
+	await page.type('input[type="password"]', opts.password);
+	await page.click('[data-test-id="form-submit-button"]');
+	await page
+		.waitForFunction(() => !location.pathname.startsWith('/signin'), { timeout: 30_000 })
+		.catch(() => undefined);
+	if (page.url().includes('/signin')) throw new Error(`sign-in failed at ${page.url()}`);
+}
+
+/** Wait until the editor stops fetching (node types, credentials, dropdown options from the sidecar); the push
+ * connection stays open, so a short idle window with a cap rather than full network idle. */
+async function settle(page) {
+	await page.waitForNetworkIdle({ idleTime: 500, timeout: 8_000 }).catch(() => undefined);
+	await sleep(500);
+}
+
+async function fitView(page) {
+	const fit = await page.$('[data-test-id="zoom-to-fit"]');
+	if (fit) {
+		await fit.click();
+		await sleep(600);
+	}
+}
+
+/** The canvas's issue marks (the red triangle of a node), by node name. */
+async function canvasIssues(page) {
+	return page.$$eval('[data-test-id="canvas-node"]', (nodes) => {
+		const out = {};
+		for (const n of nodes) {
+			if (n.querySelector('[data-test-id="node-issues"]')) {
+				const name = n.getAttribute('data-node-name') ?? n.textContent.trim().slice(0, 60);
+				out[name] = ['issue mark on the canvas'];
+			}
+		}
+		return out;
+	});
+}
+
+/** Open a node's settings (the editor's /workflow/ID/NODE_ID route, as a double click does) and read the parameter issues shown there. */
+async function ndvIssues(page, workflowId, node) {
+	await route(page, `/workflow/${workflowId}/${node.id}`);
+	await page.waitForSelector('[data-test-id="ndv"]', { visible: true });
+	await settle(page);
+	const marks = await page.$$('[data-test-id="ndv"] [data-test-id="parameter-issues"]');
+	const found = [];
+	for (const mark of marks) {
+		const parameter = await mark.evaluate((el) => {
+			const holder = el.closest('[data-test-id^="parameter-input-"], [data-test-id="parameter-item"]');
+			const label = el.closest('.parameter-item, [class*="parameterItem"]')?.querySelector('label');
+			return (
+				holder?.getAttribute('data-test-id')?.replace('parameter-input-', '') ??
+				label?.textContent?.trim() ??
+				'?'
+			);
+		});
+		await mark.hover();
+		await sleep(1000);
+		const text = await page.evaluate(() =>
+			[...document.querySelectorAll('.el-popper, [role="tooltip"]')]
+				.filter((t) => t.getClientRects().length && getComputedStyle(t).visibility !== 'hidden')
+				.filter((t) => getComputedStyle(t).display !== 'none' && t.textContent.trim())
+				.map((t) => t.textContent.trim())
+				.join(' | '),
+		);
+		found.push(`${parameter}: ${text || 'issue mark'}`);
+	}
+	await route(page, `/workflow/${workflowId}`);
+	await page.waitForSelector('[data-test-id="ndv"]', { hidden: true });
+	return found;
+}
+
+/** Navigate inside the editor (its Vue router), as a click would: no reload of the whole app per node. */
+async function route(page, path) {
+	await page.evaluate(
+		(p) => document.querySelector('#app').__vue_app__.config.globalProperties.$router.push(p),
+		path,
+	);
+}
