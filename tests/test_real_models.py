@@ -245,3 +245,56 @@ def test_two_real_models_swap_20_times_never_two_loaded(tmp_path, llama_server_b
         assert gaps[len(gaps) // 2] <= 5, "the sampler was not fine enough to prove anything"
     finally:
         sp.stop()
+
+
+@pytest.mark.external
+@pytest.mark.timeout(1800)
+@pytest.mark.skipif(os.environ.get("MODEL_ORCHESTRATOR_SKIP_N8N") == "1", reason="MODEL_ORCHESTRATOR_SKIP_N8N=1")
+def test_the_n8n_chat_node_swaps_two_real_models_20_times(tmp_path, llama_server_bin):
+    """The same swap through a real n8n 2.40.7: one Chat node, 21 items alternating smollm2 and gemma3-270m (its
+    model is an expression), MODEL_ORCHESTRATOR_MAX_LOADED=1, no eviction option anywhere: every item answered
+    (swap on demand), never two llama-servers alive at once."""
+    from support.n8n import CREDENTIAL_NAME, N8n, PKG_NAME, build_package, install_package, install_toolchain
+
+    registry = tmp_path / "models.toml"
+    registry.write_text(SHIPPED.read_text() + GEMMA_TOML)
+    models = ["smollm2-135m", "gemma3-270m"]
+    for name in models:  # fetch outside the measured run (a no-op once cached)
+        assert _cli("pull", name, "--config", str(registry), "--quiet", timeout=900).returncode == 0
+    toolchain = install_toolchain()
+    build_package(toolchain["NODE24"])
+    user_folder = tmp_path / "n8n-user"
+    user_folder.mkdir()
+    install_package(toolchain["NODE24"], user_folder, tmp_path / "pack")
+    n8n = N8n.create(toolchain["NODE24"], toolchain["N8N_BIN"], user_folder)
+    sp = SidecarProcess(registry, tmp_path / "state", llama_server_bin,
+                        env={"MODEL_ORCHESTRATOR_MAX_LOADED": "1"}).start(timeout=600)
+    try:
+        n8n.import_credentials([{"id": "moCredSwap000001", "name": CREDENTIAL_NAME, "type": "modelOrchestratorApi",
+                                 "data": {"baseUrl": sp.url, "apiKey": ""}}], tmp_path / "credentials.json")
+        items = "return " + repr([{"json": {"model": models[i % 2], "i": i}} for i in range(21)]) + ";"
+        workflow = {
+            "id": "tSwap21", "name": "tSwap21", "active": False, "settings": {"executionOrder": "v1"},
+            "nodes": [
+                {"parameters": {}, "id": "s", "name": "Start", "type": "n8n-nodes-base.manualTrigger",
+                 "typeVersion": 1, "position": [0, 300]},
+                {"parameters": {"jsCode": items}, "id": "c", "name": "Models", "type": "n8n-nodes-base.code",
+                 "typeVersion": 2, "position": [200, 300]},
+                {"parameters": {"model": "={{ $json.model }}", "userMessage": QUESTION,
+                                "options": {"maxTokens": 16}},
+                 "id": "x", "name": "Chat", "type": f"{PKG_NAME}.modelOrchestratorChat", "typeVersion": 1,
+                 "position": [400, 300], "credentials": {"modelOrchestratorApi": {"id": None, "name": CREDENTIAL_NAME}}},
+            ],
+            "connections": {"Start": {"main": [[{"node": "Models", "type": "main", "index": 0}]]},
+                            "Models": {"main": [[{"node": "Chat", "type": "main", "index": 0}]]}},
+        }
+        n8n.import_workflows([workflow], tmp_path / "workflows")
+        with ChildSampler(sp.proc.pid) as sampler:
+            ex = n8n.execute("tSwap21", timeout=1500)
+        assert ex.rc == 0, ex.stderr[-3000:] + ex.stdout[-3000:]
+        out = ex.outputs("Chat")[0]
+        assert len(out) == 21 and all(item.get("content") and not item.get("error") for item in out), out
+        assert [item["model"] for item in out] == [models[i % 2] for i in range(21)], [i.get("model") for i in out]
+        assert len(sampler.seen_pids) == 21 and sampler.max_alive == 1, (sampler.seen_pids, sampler.max_alive)
+    finally:
+        sp.stop()
