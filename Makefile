@@ -12,7 +12,7 @@ install: deps llama-server
 deps: $(VENV)/.deps
 $(VENV)/.deps: sidecar/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e 'sidecar[test]'
+	$(BIN)/pip install -q -e 'sidecar[build,test]'
 	touch $@
 
 llama-server: deps

@@ -53,3 +53,15 @@ def test_no_test_module_imports_another_test_module():
     for path in sorted((ROOT / "tests").glob("*.py")):
         imports = re.findall(r"(?m)^\s*(?:from|import)\s+(test_\w+|conftest)\b", path.read_text())
         assert not imports, f"{path.name} imports {imports}: move what it needs to tests/support"
+
+
+def test_the_cache_types_are_listed_once_and_each_has_a_size():
+    """llama_args.CACHE_TYPES is the one list (the registry, the API schema and the CLI take it from there); the
+    estimator knows the size of each."""
+    from typing import get_args
+
+    from model_orchestrator.estimate import CACHE_BYTES
+    from model_orchestrator.llama_args import CACHE_TYPES
+    from model_orchestrator.registry import CacheType
+
+    assert set(CACHE_BYTES) == set(CACHE_TYPES) == set(get_args(CacheType))

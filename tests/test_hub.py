@@ -212,7 +212,7 @@ source = {{ type = "hf", repo = "{TINY_REPO}", file = "big.gguf" }}
 # ---- through a running sidecar: POST /models/estimate, its errors, and the CLI asking the sidecar's registry --------
 @pytest.fixture
 def hub_sidecar(tmp_path, mirror, llama_server_bin):
-    from conftest import SidecarProcess
+    from support.helpers import SidecarProcess
 
     env = make_env(tmp_path, mirror.url)
     del env["MODEL_ORCHESTRATOR_URL"]

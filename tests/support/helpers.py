@@ -82,12 +82,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+from model_orchestrator.lifecycle import process_alive as pid_alive  # noqa: E402  the product's own check
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.01) -> float | None:

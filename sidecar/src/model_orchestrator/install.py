@@ -58,11 +58,15 @@ def installed_binary(cuda: bool | None = None, cuda_arch: str | None = None) -> 
 
 
 def find_llama_server(explicit: Path | None = None) -> Path:
-    """LLAMA_SERVER_BIN (or `explicit`), else the cached build; raises with what to run."""
-    explicit = explicit or (Path(os.environ["LLAMA_SERVER_BIN"]) if os.environ.get("LLAMA_SERVER_BIN") else None)
+    """`explicit` (the llama_server_bin setting), else LLAMA_SERVER_BIN, else the cached build; raises with what to
+    run. The variable's name is the setting's (settings.py owns it)."""
+    from .settings import Settings
+
+    env = Settings.env_names()["llama_server_bin"]
+    explicit = explicit or (Path(os.environ[env]) if os.environ.get(env) else None)
     if explicit is not None:
         if not (explicit.is_file() and os.access(explicit, os.X_OK)):
-            raise FileNotFoundError(f"LLAMA_SERVER_BIN={explicit} is not an executable file")
+            raise FileNotFoundError(f"{env}={explicit} is not an executable file")
         return explicit
     found = installed_binary()
     if found is None:

@@ -530,7 +530,7 @@ def find_leftovers(owner: str) -> list[int]:
         if marker not in env:
             continue
         owner_pid = next((v[len(pid_prefix):] for v in env if v.startswith(pid_prefix)), b"")
-        if owner_pid.isdigit() and int(owner_pid) != os.getpid() and _alive(int(owner_pid)):
+        if owner_pid.isdigit() and int(owner_pid) != os.getpid() and process_alive(int(owner_pid)):
             continue  # its sidecar is running: not ours to reap
         found.append(int(entry.name))
     return found
@@ -544,9 +544,9 @@ def reap_leftovers(owner: str, timeout: float = 5.0) -> list[int]:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(process_alive(p) for p in pids):
             time.sleep(0.02)
-        if not any(_alive(p) for p in pids):
+        if not any(process_alive(p) for p in pids):
             break
     return pids
 
@@ -563,7 +563,8 @@ def _proc_state(pid: int | None) -> tuple[str | None, int | None]:
         return None, None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Is the process running (a zombie has exited: it holds no memory and no port)?"""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie holds no memory

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -60,6 +61,9 @@ def download(requirement: str, dest: Path, sha256: str, *, sdist: bool = False, 
     with this environment's setuptools-scm instead of installing build tools first, which took ~9 minutes once);
     else only a wheel is accepted (pip never builds anything). progress=False captures pip's output and puts its
     last lines in the error instead of printing them (for the sidecar's log)."""
+    if sdist and importlib.util.find_spec("setuptools_scm") is None:
+        raise PypiFetchError(f"fetching {requirement} needs setuptools-scm in this environment: "
+                             "pip install 'model-orchestrator[build]' (make install does)")
     dest.parent.mkdir(parents=True, exist_ok=True)
     kind = ["--no-build-isolation", "--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
     with tempfile.TemporaryDirectory(prefix=".pip-download-", dir=dest.parent) as tmp:
