@@ -138,7 +138,8 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 def test_chat_cli_streams_the_answer_as_it_is_generated(shipped_sidecar):
     proc = subprocess.Popen([sys.executable, "-m", "model_orchestrator", "chat", "--url", shipped_sidecar.url,
                              "default", "Write a short poem about the sea.", "--max-tokens", "60"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,  # a pipe: block-buffered unless flushed
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"})
     pieces = []  # (seconds since start, bytes) as the terminal would get them
     t0 = time.monotonic()
     while chunk := os.read(proc.stdout.fileno(), 4096):
