@@ -15,6 +15,7 @@ import {
 	type ChatParams,
 	type ImageInput,
 } from '../shared/chat';
+import type { ChatCompletionRequest } from '../shared/api';
 import { runPerItem, type ItemResult } from '../shared/execute';
 import { getModels, sidecarRequest } from '../shared/transport';
 
@@ -253,7 +254,7 @@ async function chatItem(
 	const imageMode = this.getNodeParameter('images', i, 'auto') as 'auto' | 'properties' | 'none';
 	const options = this.getNodeParameter('options', i, {}) as NodeOptions;
 	let names: string[];
-	let body: IDataObject;
+	let body: ChatCompletionRequest;
 	const images: ImageInput[] = [];
 	try {
 		names = selectImageProperties(
@@ -300,7 +301,7 @@ async function chatItem(
 		{
 			method: 'POST',
 			path: '/v1/chat/completions',
-			body,
+			body: body as IDataObject,
 			timeoutMs: (options.timeoutS ?? 600) * 1000,
 		},
 		i,
