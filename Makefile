@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install deps llama-server run test bench load-test openapi docs screenshots n8n-nodes clean
+.PHONY: install deps llama-server chromium run test bench load-test openapi docs screenshots n8n-nodes clean
 
 install: deps llama-server
 
@@ -22,7 +22,7 @@ llama-server: deps
 run: install
 	$(BIN)/model-orchestrator serve
 
-test: install
+test: install chromium
 	$(BIN)/python -m pytest
 
 bench: install
@@ -51,8 +51,15 @@ openapi: deps
 	n8n-nodes/scripts/install-n8n.sh tooling >/dev/null
 	cd n8n-nodes && node scripts/generate-api-types.mjs
 
+# Debian's chromium for tests/test_n8n_editor.py (the n8n editor in headless Chromium); as root only, else the
+# test says it is skipped and why
+chromium:
+	@command -v chromium >/dev/null || [ -n "$$CHROMIUM_BIN" ] || { [ "$$(id -u)" = 0 ] && \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } || \
+	  echo "chromium missing (apt-get install -y --no-install-recommends chromium): the editor test will be skipped"
+
 # docs/workflow-*.png: the shipped workflows in a real n8n editor (headless Chromium), checked for editor issues
-screenshots: install
+screenshots: install chromium
 	MODEL_ORCHESTRATOR_DOCS_SCREENSHOTS=1 $(BIN)/python -m pytest tests/test_n8n_editor.py -q
 
 clean:

@@ -121,7 +121,9 @@ async function ndvIssues(page, workflowId, node) {
 	const found = [];
 	for (const mark of marks) {
 		const parameter = await mark.evaluate((el) => {
-			const holder = el.closest('[data-test-id^="parameter-input-"], [data-test-id="parameter-item"]');
+			const holder = el.closest(
+				'[data-test-id^="parameter-input-"], [data-test-id="parameter-item"]',
+			);
 			const label = el.closest('.parameter-item, [class*="parameterItem"]')?.querySelector('label');
 			return (
 				holder?.getAttribute('data-test-id')?.replace('parameter-input-', '') ??

@@ -16,6 +16,7 @@ import {
 	type ImageInput,
 } from '../shared/chat';
 import { readmeUrl } from '../shared/docs';
+import type { ChatCompletionRequest } from '../shared/api';
 import { runPerItem, type ItemResult } from '../shared/execute';
 import { getModels, sidecarRequest } from '../shared/transport';
 
@@ -255,7 +256,7 @@ async function chatItem(
 	const imageMode = this.getNodeParameter('images', i, 'auto') as 'auto' | 'properties' | 'none';
 	const options = this.getNodeParameter('options', i, {}) as NodeOptions;
 	let names: string[];
-	let body: IDataObject;
+	let body: ChatCompletionRequest;
 	const images: ImageInput[] = [];
 	try {
 		names = selectImageProperties(
@@ -302,7 +303,7 @@ async function chatItem(
 		{
 			method: 'POST',
 			path: '/v1/chat/completions',
-			body,
+			body: body as IDataObject,
 			timeoutMs: (options.timeoutS ?? 600) * 1000,
 		},
 		i,

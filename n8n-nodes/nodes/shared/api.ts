@@ -16,3 +16,4 @@ export type UnloadRequest = Schemas['UnloadRequest'];
 export type UnloadResponse = Schemas['UnloadResponse'];
 export type EstimateRequest = Schemas['EstimateRequest'];
 export type EstimateResponse = Schemas['EstimateResponse'];
+export type ChatCompletionRequest = Schemas['ChatCompletionRequest'];

@@ -4,6 +4,8 @@
  */
 import type { IDataObject } from 'n8n-workflow';
 
+import type { ChatCompletionRequest } from './api';
+
 export interface ImageInput {
 	mimeType: string;
 	/** base64 without a data: prefix */
@@ -114,7 +116,7 @@ function withImages(message: IDataObject, images: ImageInput[]): IDataObject {
 	return { ...message, content: parts };
 }
 
-export function buildChatBody(p: ChatParams): IDataObject {
+export function buildChatBody(p: ChatParams): ChatCompletionRequest {
 	if (!p.model) throw new ChatParameterError('Choose a model');
 	let messages: IDataObject[];
 	if (p.messageMode === 'messages') {
@@ -140,7 +142,11 @@ export function buildChatBody(p: ChatParams): IDataObject {
 		else messages[last] = withImages(messages[last], images);
 	}
 
-	const body: IDataObject = { model: p.model, messages, stream: false };
+	const body: ChatCompletionRequest = {
+		model: p.model,
+		messages: messages as ChatCompletionRequest['messages'],
+		stream: false,
+	};
 	const tools = normaliseTools(p.tools);
 	if (tools) {
 		body.tools = tools;
