@@ -20,6 +20,7 @@ class Code(str, enum.Enum):
     REMOTE_IMAGE_NOT_ALLOWED = "remote_image_not_allowed"
     INVALID_API_KEY = "invalid_api_key"
     FORBIDDEN_ORIGIN = "forbidden_origin"
+    CALLBACK_NOT_ALLOWED = "callback_not_allowed"
     NOT_FOUND = "not_found"
     MODEL_NOT_FOUND = "model_not_found"
     RESERVATION_NOT_FOUND = "reservation_not_found"

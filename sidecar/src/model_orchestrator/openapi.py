@@ -31,7 +31,7 @@ def build_openapi(routes, *, version: str, title: str = "model-orchestrator") ->
     paths: dict[str, dict] = {}
     for r in routes:
         op: dict = {"summary": r.summary, "operationId": r.handler.__name__, "tags": [r.tag],
-                    "responses": {str(r.status): _content(r.response, r.stream)}}
+                    "responses": {str(r.status): _content(r.response, r.stream, getattr(r, "events", False))}}
         if r.description:
             op["description"] = r.description
         params = [{"name": name, "in": "path", "required": True, "schema": _PATH_PARAMS[name]}
@@ -65,7 +65,10 @@ def build_openapi(routes, *, version: str, title: str = "model-orchestrator") ->
     }
 
 
-def _content(model: type[BaseModel] | None, stream: bool) -> dict:
+def _content(model: type[BaseModel] | None, stream: bool, events: bool = False) -> dict:
+    if events and model is not None:  # a stream of server-sent events only (GET /models/events)
+        return {"description": "a server-sent event stream; each event's `data` is this object as JSON",
+                "content": {"text/event-stream": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
     if model is None:
         return {"description": "text", "content": {"text/plain": {"schema": {"type": "string"}}}}
     content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
