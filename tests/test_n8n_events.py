@@ -184,3 +184,18 @@ def test_a_failed_slow_load_takes_the_failure_branch_with_the_reason(setup):
     assert failed["model"] == "broken" and failed["result"] == "failed"
     assert failed["error"]["code"] in ("process_exited", "load_failed") and failed["error"]["logs"]
     assert not receiver.posts("/tCallbackFail/chat")
+
+
+def test_shipped_callback_workflow_is_clean():
+    """No pinData, the credential by name only, the load does not wait and calls this execution's resume URL."""
+    wf = load_workflow("slow-load-callback.json")
+    assert "pinData" not in wf
+    nodes = {n["name"]: n for n in wf["nodes"]}
+    for node in wf["nodes"]:
+        assert node["type"].startswith((PKG, "n8n-nodes-base.")), node["type"]
+        for ref in node.get("credentials", {}).values():
+            assert ref == {"id": None, "name": CREDENTIAL_NAME}
+    load = nodes["Start Loading"]["parameters"]
+    assert load["wait"] is False and load["options"]["callbackUrl"] == "={{ $execution.resumeUrl }}"
+    assert nodes["Wait for the Load"]["parameters"]["resume"] == "webhook"
+    assert nodes["Start Loading"]["parameters"]["model"] == nodes["Chat"]["parameters"]["model"] == "qwen3-vl-30b"
