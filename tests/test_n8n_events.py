@@ -18,6 +18,7 @@ from conftest import SidecarProcess, free_port, registry_text, wait_until
 from n8n_helpers import (CREDENTIAL_NAME, N8n, build_package, install_package, install_toolchain, load_workflow)
 
 PKG = "n8n-nodes-model-orchestrator."
+pytestmark = pytest.mark.timeout(1800)  # the first run installs n8n; n8n start takes a while on a busy host
 
 
 class Receiver:
@@ -108,9 +109,11 @@ def setup(tmp_path_factory, model_dir, llama_server_bin):
     workflows = [_trigger_workflow(receiver), _callback_workflow(receiver, "tiny", "tCallbackOk", "cb-ok"),
                  _callback_workflow(receiver, "broken", "tCallbackFail", "cb-fail")]
     n8n.import_workflows(workflows, base / "workflows")
-    for wf in workflows:
-        proc = n8n.cli("publish:workflow", f"--id={wf['id']}")
+    for wf in workflows:  # active when n8n starts (the trigger connects, the webhooks listen)
+        t0 = time.monotonic()
+        proc = n8n.cli("publish:workflow", f"--id={wf['id']}", timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
+        print(f"published {wf['id']} in {time.monotonic() - t0:.1f} s", flush=True)
     log = open(base / "n8n.log", "wb")
     server = subprocess.Popen([n8n.node24, n8n.n8n_bin, "start"], env=n8n.env, cwd=user, stdout=log,
                               stderr=subprocess.STDOUT)

