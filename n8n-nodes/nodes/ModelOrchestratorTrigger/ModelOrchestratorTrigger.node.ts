@@ -101,8 +101,12 @@ export class ModelOrchestratorTrigger implements INodeType {
 			controller = new AbortController();
 			const headers: IDataObject = { Accept: 'text/event-stream' };
 			if (parser.lastEventId) headers['Last-Event-ID'] = parser.lastEventId;
+			// The credential's `authenticate` is an expression, and a trigger's long-lived connection runs outside
+			// the expression isolate n8n 2.40 acquires for executions ("No bridge acquired"): send the same Bearer
+			// header directly.
+			if (credentials.apiKey) headers.Authorization = `Bearer ${String(credentials.apiKey)}`;
 			try {
-				const stream = (await this.helpers.httpRequestWithAuthentication.call(this, CREDENTIAL_NAME, {
+				const stream = (await this.helpers.httpRequest({
 					method: 'GET',
 					url,
 					qs,
