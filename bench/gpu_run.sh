@@ -30,4 +30,5 @@ python3 bench/vram_table.py --models-dir /tmp/m --shapes llama-1b,llama-8b,qwen3
 tail -2 "$R/vram-heldout.md"
 python3 bench/bench_sidecar.py --ngl 99 --json "$R/bench-sidecar.json" 2>&1 | tail -9 > "$R/bench-sidecar.txt"; cat "$R/bench-sidecar.txt"
 python3 bench/bench_gpu_swap.py --json "$R/bench-swap.json" 2>&1 | tail -4 > "$R/bench-swap.txt"; cat "$R/bench-swap.txt"
+python3 bench/kv_restore.py --json "$R/kv-restore.json" 2>&1 | tail -4 > "$R/kv-restore.txt"; cat "$R/kv-restore.txt"
 tar -C "$R" -czf "$OUT/results.tgz" .
