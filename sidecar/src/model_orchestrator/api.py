@@ -26,7 +26,7 @@ from .model_files import ModelFilesMissing
 from .openapi import build_openapi
 from .orchestrator import Orchestrator
 from .schemas import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, EstimateRequest, EstimateResponse,
-                      EventOut, HealthResponse, LoadRequest, LoadResponse, LogsResponse, ModelsResponse, OpenAIModelList,
+                      EventOut, HealthResponse, LoadCallback, LoadRequest, LoadResponse, LogsResponse, ModelsResponse, OpenAIModelList,
                       OpenAIResponse, RenewRequest, ReservationList, ReservationOut, ReservationRequest,
                       StatusResponse, UnloadRequest, UnloadResponse)
 
@@ -49,6 +49,7 @@ class Route:
     tag: str = "models"
     stream: bool = False
     events: bool = False  # the answer is only a text/event-stream of `response` objects (GET /models/events)
+    callback: type[BaseModel] | None = None  # what the route may POST to the request's callback_url later
     description: str = ""
     query: tuple[dict, ...] = ()  # OpenAPI query parameters
     statuses: tuple[tuple[int, str], ...] = ()  # answers beyond the common errors (openapi._ERRORS)
@@ -272,7 +273,9 @@ ROUTES: list[Route] = [
           response=LoadResponse, description="Answers when llama-server is ready; with wait=false, 202 as soon as "
           "the load is admitted and started (status `loading`; a refusal is still an error). A model that cannot "
           "start answers 503 with llama-server's last log lines.",
-          statuses=((202, "wait=false: the load was admitted and started"),)),
+          statuses=((202, "wait=false: the load was admitted and started"),
+                    (403, "callback_not_allowed: callback_url's host is not in MODEL_ORCHESTRATOR_CALLBACK_HOSTS")),
+          callback=LoadCallback),
     Route("POST", "/models/unload", models_unload, "Unload a model", request=UnloadRequest, response=UnloadResponse,
           description="Without force, waits up to drain_timeout_s for requests in flight (new ones get 503 + "
           "Retry-After meanwhile) and then refuses with 409, changing nothing. With force, stops llama-server at once; "

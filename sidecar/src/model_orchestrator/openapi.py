@@ -25,7 +25,7 @@ _ERRORS = {"400": "invalid request (bad JSON, wrong types, unknown fields)", "40
 def build_openapi(routes, *, version: str, title: str = "model-orchestrator") -> dict:
     models: set[type[BaseModel]] = {ErrorResponse}
     for r in routes:
-        models.update(m for m in (r.request, r.response) if m is not None)
+        models.update(m for m in (r.request, r.response, getattr(r, "callback", None)) if m is not None)
     _, defs = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
                                  ref_template="#/components/schemas/{model}")
     paths: dict[str, dict] = {}
@@ -50,6 +50,12 @@ def build_openapi(routes, *, version: str, title: str = "model-orchestrator") ->
             if code != "401" or r.auth:
                 op["responses"].setdefault(code, {"description": text, "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+        if getattr(r, "callback", None) is not None:
+            op["callbacks"] = {"outcome": {"{$request.body#/callback_url}": {"post": {
+                "summary": "The outcome, POSTed when the work ends (retried on errors and 5xx answers)",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{r.callback.__name__}"}}}},
+                "responses": {"2XX": {"description": "received"}}}}}}
         if not r.auth:
             op["security"] = []
         paths.setdefault(r.path, {})[r.method.lower()] = op
