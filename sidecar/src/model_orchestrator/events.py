@@ -18,8 +18,8 @@ from datetime import datetime, timezone
 # every event type and what it says; `model` is set for every type but `reservation`
 EVENT_TYPES: dict[str, str] = {
     "state": "a model changed state (`from`, `to`; `error` when it failed)",
-    "load_progress": "a load moved on: `phase` admitted (with estimate_mb, evicted), spawned (pid), restoring "
-                     "(saved conversations), ready (load_seconds)",
+    "load_progress": "a load moved on: `phase` admitted (with gpu, estimate_mb, evicted), restoring (saved "
+                     "conversations, `slots`), ready (load_seconds)",
     "loaded": "a load finished: the model serves requests (`load_seconds`, `pid`, `gpu`)",
     "load_failed": "a load failed (`code`, `message`, last log lines in `logs`)",
     "evicted": "a model was unloaded to make room (`by`: the load or reservation that needed it, `reason`)",
