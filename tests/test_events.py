@@ -208,3 +208,32 @@ async def test_shutdown_ends_open_streams(client):
     await client.app.shutdown()  # what the runner does first on SIGTERM
     assert await asyncio.wait_for(resp.content.read(), 5) is not None  # the stream ended instead of hanging
     assert client.orch.events.subscribers == 0
+
+
+async def test_a_crash_is_an_event_with_its_logs(client):
+    import os
+    import signal
+
+    resp = await client.get("/models/events?types=crashed")
+    assert (await client.post("/models/load", json={"model": "tiny"})).status == 200
+    os.kill(client.orch.models["tiny"].server.pid, signal.SIGKILL)
+    events = await read_events(resp, lambda ev: len(ev) >= 1, timeout=20)
+    resp.close()
+    assert events[0]["model"] == "tiny" and "SIGKILL" in events[0]["message"]
+    assert (await client.post("/models/unload", json={"model": "tiny"})).status == 200
+    assert client.orch.slot_cache.files("tiny") == []  # nothing saved for a model that crashed
+
+
+async def test_memory_low_when_a_reservation_does_not_fit(aiohttp_client, make_orchestrator):
+    from model_orchestrator.api import create_app
+    from model_orchestrator.gpu import GpuView
+    from test_gpu import FakeNvml
+
+    orch = make_orchestrator(gpu=GpuView(FakeNvml({0: []}, total_mb=1800), max_age_s=0), vram_margin_mb=200)
+    c = await aiohttp_client(create_app(orch))
+    resp = await c.get("/models/events?types=memory_low")
+    r = await c.post("/reservations", json={"service": "comfyui", "vram_mb": 5000})
+    assert r.status == 409
+    events = await read_events(resp, lambda ev: len(ev) >= 1, timeout=10)
+    resp.close()
+    assert events[0]["model"] == "reservation:comfyui" and events[0]["missing_mb"] > 3000 and events[0]["gpu"] == 0

@@ -141,6 +141,7 @@ async def test_changed_settings_or_a_crash_leave_nothing_to_restore(smol_client)
             break
         await asyncio.sleep(0.05)
     assert orch.models["smol"].state == "failed"
+    assert (await c.post("/models/unload", json={"model": "smol"})).status == 200  # failed -> unloaded: no save
     assert orch.slot_cache.files("smol") == []
 
 
