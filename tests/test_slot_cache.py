@@ -158,3 +158,21 @@ def test_disk_cap_removes_the_oldest_first(tmp_path):
     cache.enforce_cap()
     assert [m for m in "abc" if cache.files(m)] == ["b", "c"]  # 1.2 MB > 1 MB: the oldest (a) went
     assert cache.disk_bytes() == 800_000
+
+
+async def test_an_eviction_and_an_idle_unload_save_the_conversation_too(smol_client):
+    c, orch = smol_client, smol_client.orch
+    orch.settings.max_loaded = 1
+    await chat(c, "smol", [{"role": "user", "content": "Hello there, remember me."}])
+    r = await c.post("/models/load", json={"model": "smol-nosave"})  # swap on demand evicts smol
+    assert r.status == 200 and (await r.json())["evicted"] == ["smol"]
+    assert len(orch.slot_cache.files("smol")) == 1
+    # the idle TTL: smol-nosave has save_slots = false, smol saves
+    await chat(c, "smol", [{"role": "user", "content": "Hello again."}])  # restores, evicting smol-nosave
+    orch.models["smol"].spec.idle_ttl_s = 0.5
+    for _ in range(200):
+        if orch.models["smol"].state == "unloaded":
+            break
+        await asyncio.sleep(0.05)
+    assert orch.models["smol"].state == "unloaded"
+    assert len(orch.slot_cache.files("smol")) == 1 and orch.slot_cache.files("smol-nosave") == []
