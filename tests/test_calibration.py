@@ -109,3 +109,41 @@ async def test_another_card_or_driver_learns_separately_and_a_large_miss_is_logg
     for observed in (600, 610, 5000):
         orch.calibration.record(EstimateCheck("m", "NVIDIA L4", 1000, 1000, 500, observed), "580.00")
     assert orch.calibration.overhead_mb("NVIDIA L4", "580.00") == 610
+
+
+@pytest.mark.gpu
+async def test_real_gpu_first_load_teaches_the_overhead_and_the_second_estimate_is_closer(tmp_path, aiohttp_client):
+    """On the device: an 8B shape loads twice on a card this state dir has never seen; the first load's error is
+    exported and the second load's estimate uses the learned overhead (printed for results/)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from synthetic_gguf import write_synthetic
+
+    from model_orchestrator.api import create_app
+    from model_orchestrator.gpu import open_gpu_view
+    from model_orchestrator.install import find_llama_server
+    from model_orchestrator.orchestrator import Orchestrator
+    from model_orchestrator.registry import parse_registry
+    from model_orchestrator.settings import Settings
+
+    dense = write_synthetic(tmp_path / "dense.gguf", "llama-8b")
+    reg = parse_registry(f'default_model = "dense"\n[[models]]\nid = "dense"\nsource = {{ type = "path", path = '
+                         f'"{dense}" }}\ncontext_size = 8192\nflash_attn = "on"\n')
+    orch = Orchestrator(Settings(state_dir=tmp_path / "s"), reg, open_gpu_view(), find_llama_server())
+    c = await aiohttp_client(create_app(orch))
+    checks = []
+    for _ in range(2):
+        assert (await c.post("/models/load", json={"model": "dense"})).status == 200
+        checks.append(await wait_check(orch, "dense", timeout=20))
+        orch.estimate_checks.pop("dense")
+        assert (await c.post("/models/unload", json={"model": "dense"})).status == 200
+    first, second = checks
+    print(f"\n{first.gpu_name}: estimate {first.estimate_mb:.0f} MiB, NVML {first.measured_mb:.0f} MiB, error "
+          f"{first.error_mb:+.0f} MiB (overhead assumed {first.overhead_assumed_mb:.0f}, observed "
+          f"{first.overhead_observed_mb:.0f}); second load: assumed {second.overhead_assumed_mb:.0f}, error "
+          f"{second.error_mb:+.0f} MiB")
+    assert second.overhead_assumed_mb == pytest.approx(first.overhead_observed_mb, abs=0.2)
+    assert abs(second.error_mb) <= abs(first.error_mb) + 16
+    assert (orch.settings.state_dir / "calibration.json").exists()
