@@ -9,6 +9,7 @@ import os
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -18,6 +19,17 @@ from conftest import SidecarProcess, free_port, registry_text, wait_until
 from n8n_helpers import (CREDENTIAL_NAME, N8n, build_package, install_package, install_toolchain, load_workflow)
 
 PKG = "n8n-nodes-model-orchestrator."
+API_KEY = "events-key-5b0f"  # the sidecar needs it: the trigger's stream and the nodes send it as Bearer
+
+
+def call(sp: SidecarProcess, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:
+    req = urllib.request.Request(sp.url + path, method=method, data=json.dumps(body).encode() if body else None,
+                                 headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
 pytestmark = pytest.mark.timeout(1800)  # the first run installs n8n; n8n start takes a while on a busy host
 
 
@@ -96,7 +108,8 @@ def setup(tmp_path_factory, model_dir, llama_server_bin):
     registry = base / "models.toml"
     registry.write_text(registry_text(model_dir))
     sidecar = SidecarProcess(registry, base / "state", llama_server_bin,
-                             env={"MODEL_ORCHESTRATOR_CALLBACK_HOSTS": f"127.0.0.1:{n8n_port}"}).start()
+                             env={"MODEL_ORCHESTRATOR_CALLBACK_HOSTS": f"127.0.0.1:{n8n_port}",
+                                  "MODEL_ORCHESTRATOR_API_KEY": API_KEY}).start()
     user = base / "user"
     user.mkdir()
     install_package(paths["NODE24"], user, base / "pack")
@@ -105,7 +118,7 @@ def setup(tmp_path_factory, model_dir, llama_server_bin):
                     "WEBHOOK_URL": f"http://127.0.0.1:{n8n_port}/", "N8N_SECURE_COOKIE": "false",
                     "EXECUTIONS_DATA_SAVE_ON_SUCCESS": "all"})
     n8n.import_credentials([{"id": "moCredEvents0001", "name": CREDENTIAL_NAME, "type": "modelOrchestratorApi",
-                             "data": {"baseUrl": sidecar.url, "apiKey": ""}}], base / "credentials.json")
+                             "data": {"baseUrl": sidecar.url, "apiKey": API_KEY}}], base / "credentials.json")
     workflows = [_trigger_workflow(receiver), _callback_workflow(receiver, "tiny", "tCallbackOk", "cb-ok"),
                  _callback_workflow(receiver, "broken", "tCallbackFail", "cb-fail")]
     n8n.import_workflows(workflows, base / "workflows")
@@ -153,9 +166,9 @@ def test_trigger_node_starts_a_workflow_on_loaded_evicted_and_failed(setup):
     sidecar, receiver = setup["sidecar"], setup["receiver"]
     # the trigger connects when the workflow is activated at start-up; give it a moment to subscribe
     time.sleep(3)
-    code, body = sidecar.call("POST", "/models/load", {"model": "tiny-manual"})
+    code, body = call(sidecar, "POST", "/models/load", {"model": "tiny-manual"})
     assert code == 200, body
-    code, body = sidecar.call("POST", "/models/load", {"model": "broken"})
+    code, body = call(sidecar, "POST", "/models/load", {"model": "broken"})
     assert code == 503
     assert wait_until(lambda: {e.get("event") for e in receiver.posts("/event")} >= {"loaded", "load_failed"},
                       60, 0.2) is not None, (receiver.got, setup["log"].read_text()[-3000:])
@@ -163,18 +176,18 @@ def test_trigger_node_starts_a_workflow_on_loaded_evicted_and_failed(setup):
     assert loaded["model"] == "tiny-manual" and loaded["load_seconds"] > 0
     failed = next(e for e in receiver.posts("/event") if e["event"] == "load_failed")
     assert failed["model"] == "broken" and failed["logs"]
-    sidecar.call("POST", "/models/unload", {"model": "tiny-manual"})
+    call(sidecar, "POST", "/models/unload", {"model": "tiny-manual"})
 
 
 def test_slow_load_resumes_the_wait_node_when_the_callback_arrives(setup):
     sidecar, receiver = setup["sidecar"], setup["receiver"]
-    sidecar.call("POST", "/models/unload", {"model": "tiny"})
+    call(sidecar, "POST", "/models/unload", {"model": "tiny"})
     assert _start(setup["n8n_url"], "cb-ok") == 200
     assert wait_until(lambda: receiver.posts("/tCallbackOk/chat"), 120, 0.2) is not None, \
         (receiver.got, setup["log"].read_text()[-3000:])
     chat = receiver.posts("/tCallbackOk/chat")[0]
     assert chat["content"]  # the chat ran after the load's callback resumed the workflow
-    code, status = sidecar.call("GET", "/models/status")
+    code, status = call(sidecar, "GET", "/models/status")
     assert status["loaded_models"]["tiny"]["status"] == "loaded"
 
 
