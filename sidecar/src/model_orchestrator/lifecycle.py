@@ -408,6 +408,9 @@ class ManagedModel:
                 except BaseException:  # cancelled by an unload: do not leave the process behind
                     await self.server.stop(0)
                     raise
+                if self.server.exit is not None:  # it died meanwhile (e.g. on a restored cache): a failed load
+                    raise LoadFailed(f"llama-server for {self.id} {self.server.exit.reason} while getting ready",
+                                     self.server.exit.last_logs, code=Code.PROCESS_EXITED)
         except asyncio.CancelledError:
             # start() stopped the process and waited for it; unload() moves the state
             raise LoadCancelled(f"load of {self.id} was cancelled by an unload", model=self.id) from None
