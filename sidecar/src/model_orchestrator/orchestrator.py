@@ -19,8 +19,8 @@ from pathlib import Path
 import aiohttp
 
 from . import __version__
-from .errors import Code, Refused
 from .calibration import Calibration, EstimateCheck
+from .errors import Code, Refused
 from .estimate import Estimate, estimate_file
 from .events import EventBus
 from .gpu import GpuSnapshot, GpuView, NoGpuView
