@@ -20,7 +20,7 @@ echo "CUDA build of llama-server: $(( $(date +%s) - t0 )) s" | tee -a "$R/machin
 grep -E "^\[install|CUDA|cuda" "$R/build-full.log" | head -30 > "$R/build.log"; rm "$R/build-full.log"
 export LLAMA_SERVER_BIN=$(ls /tmp/moc/llama-server/*cuda*/llama-server)
 "$LLAMA_SERVER_BIN" --version 2>&1 | tail -2 | tee -a "$R/machine.txt"
-python3 -m pytest -v -m gpu tests/test_gpu.py -s -p no:cacheprovider 2>&1 | tee "$R/gpu-tests.log" | grep -E "PASS|FAIL|ERROR|MiB|refused|passed|failed"
+python3 -m pytest -v -m gpu tests/test_gpu.py tests/test_calibration.py -s -p no:cacheprovider 2>&1 | tee "$R/gpu-tests.log" | grep -E "PASS|FAIL|ERROR|MiB|refused|passed|failed"
 [ -n "${FULL_SUITE:-}" ] && python3 -m pytest -q -p no:cacheprovider tests/ --ignore tests/test_grafana.py --ignore tests/test_n8n.py 2>&1 | tail -8 > "$R/all-tests-on-gpu-box.log"
 [ -n "${FULL_SUITE:-}" ] && tail -3 "$R/all-tests-on-gpu-box.log"
 python3 bench/vram_table.py --models-dir /tmp/m --json "$R/vram-table.json" --md "$R/vram-table.md" > "$R/vram-table.log" 2>&1
@@ -30,4 +30,5 @@ python3 bench/vram_table.py --models-dir /tmp/m --shapes llama-1b,llama-8b,qwen3
 tail -2 "$R/vram-heldout.md"
 python3 bench/bench_sidecar.py --ngl 99 --json "$R/bench-sidecar.json" 2>&1 | tail -9 > "$R/bench-sidecar.txt"; cat "$R/bench-sidecar.txt"
 python3 bench/bench_gpu_swap.py --json "$R/bench-swap.json" 2>&1 | tail -4 > "$R/bench-swap.txt"; cat "$R/bench-swap.txt"
+python3 bench/kv_restore.py --json "$R/kv-restore.json" 2>&1 | tail -4 > "$R/kv-restore.txt"; cat "$R/kv-restore.txt"
 tar -C "$R" -czf "$OUT/results.tgz" .

@@ -254,6 +254,22 @@ def build() -> dm.Dashboard:
                         q(f"sum by (model, code) ({events(f'model_orchestrator_model_failures_total{{{M}}}')})",
                           "{{model}} {{code}}"), bars=True, w=12, calcs=("sum",),
                         thresholds=steps((None, "green"), (1, "red"))))
+    d = d.with_panel(ts("Estimate error (measured − estimated)", "After each load on a GPU: NVML's measurement of "
+                        "the model's llama-server minus the estimate admission counted; above 0 the estimate was "
+                        "short. The estimator learns the card's CUDA overhead from it (dashed: what it now uses)",
+                        "bytes",
+                        q(f"max by (model) (model_orchestrator_estimate_error_bytes{{{M}}})", "{{model}}"),
+                        q("max by (gpu_name) (model_orchestrator_cuda_overhead_bytes)", "learned overhead {{gpu_name}}"),
+                        w=12, minimum=None, calcs=("lastNotNull", "min", "max"))
+                     .override_by_regexp("learned overhead .*", [dm.DynamicConfigValue(
+                         "custom.lineStyle", {"fill": "dash", "dash": [10, 10]})]))
+    d = d.with_panel(ts("Conversations saved / restored at swaps", "Conversation slots (KV cache) saved to disk when "
+                        "an idle model was unloaded, and restored at its next load: their next request reuses the "
+                        "cached prefix instead of computing it again", "short",
+                        q(f"sum by (model) ({events(f'model_orchestrator_kv_slots_saved_total{{{M}}}')})",
+                          "{{model}} saved"),
+                        q(f"sum by (model) ({events(f'model_orchestrator_kv_slots_restored_total{{{M}}}')})",
+                          "{{model}} restored"), bars=True, w=12, calcs=("sum",)))
 
     # ---- chat traffic ---------------------------------------------------------------------------------------
     d = d.with_row(db.Row("Chat traffic (OpenAI API)"))

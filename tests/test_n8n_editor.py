@@ -24,7 +24,7 @@ from support.n8n import (CREDENTIAL_NAME, OWNER, PKG_DIR, ROOT, N8n, N8nServer, 
                          install_package, install_toolchain, load_workflow)
 
 CHROMIUM = os.environ.get("CHROMIUM_BIN") or shutil.which("chromium") or "/usr/bin/chromium"
-SHIPPED = ["llama-chat-example.json", "agent-local-model.json", "describe-image.json"]
+SHIPPED = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))  # every one
 DOCS = ROOT / "docs"
 
 pytestmark = [

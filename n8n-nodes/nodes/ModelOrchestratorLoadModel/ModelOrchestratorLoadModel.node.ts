@@ -16,6 +16,7 @@ interface LoadOptions {
 	priority?: number;
 	allowEviction?: boolean;
 	service?: string;
+	callbackUrl?: string;
 }
 
 /** The POST /models/load body (exported for the tests). allow_eviction is sent only when asked for. */
@@ -29,6 +30,7 @@ export function buildLoadBody(
 	if (timeoutS > 0) body.timeout_s = timeoutS;
 	if (options.priority !== undefined && options.priority >= 0) body.priority = options.priority;
 	if (options.allowEviction) body.allow_eviction = true;
+	if (!wait && options.callbackUrl) body.callback_url = options.callbackUrl;
 	return body;
 }
 
@@ -88,6 +90,15 @@ export class ModelOrchestratorLoadModel implements INodeType {
 				placeholder: 'Add Option',
 				default: {},
 				options: [
+					{
+						displayName: 'Callback URL',
+						name: 'callbackUrl',
+						type: 'string',
+						default: '',
+						placeholder: '={{ $execution.resumeUrl }}',
+						description:
+							'With Wait Until Ready off: the sidecar POSTs the load\'s outcome here when it ends (loaded or failed). Use {{ $execution.resumeUrl }} with a Wait node set to "On Webhook Call". The host must be in the sidecar\'s MODEL_ORCHESTRATOR_CALLBACK_HOSTS.',
+					},
 					{
 						displayName: 'Allow Eviction',
 						name: 'allowEviction',

@@ -189,6 +189,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/models/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Server-sent events: state changes, load progress, evictions, reservations, crashes
+         * @description A `text/event-stream` that stays open (a `: keepalive` comment every 15 s). Each event has `id:` (send it back as `Last-Event-ID` when reconnecting to replay what was missed), `event:` (its type) and `data:` (JSON). Types: `state`: a model changed state (`from`, `to`; `error` when it failed); `load_progress`: a load moved on: `phase` admitted (with gpu, estimate_mb, evicted), restoring (saved conversations, `slots`), ready (load_seconds); `loaded`: a load finished: the model serves requests (`load_seconds`, `pid`, `gpu`); `load_failed`: a load failed (`code`, `message`, last log lines in `logs`); `evicted`: a model was unloaded to make room (`by`: the load or reservation that needed it, `reason`); `unloaded`: a model was unloaded (`reason`: request, force, idle, evicted); `crashed`: llama-server exited while serving (`message`, last log lines in `logs`); `memory_low`: a load or reservation was refused for lack of GPU memory (`missing_mb`, `need_mb`, `gpu`); `reservation`: a reservation was created, renewed, released or expired (`action`, `reservation`); `estimate_checked`: after a load on a GPU: the estimate against NVML's measurement (`estimate_mb`, `measured_mb`, `error_mb`, `learned_overhead_mb`); `slots_saved`: an unload saved the model's conversations to disk (`slots`, `tokens`, `bytes`); `slots_restored`: a load restored saved conversations (`slots`, `tokens`): their prefixes are cached again; `callback`: a load callback was delivered or given up (`url`, `delivered`, `attempts`, `status`). A client that falls behind gets an `overflow` event and the stream ends (reconnect with Last-Event-ID).
+         */
+        get: operations["models_events"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/models/{model}/logs": {
         parameters: {
             query?: never;
@@ -441,6 +461,32 @@ export interface components {
             estimate: components["schemas"]["EstimateOut"];
             fit: components["schemas"]["FitOut"];
         };
+        /**
+         * EventOut
+         * @description One server-sent event of GET /models/events: `event:` is its type, `id:` its number (send it back as
+         *     Last-Event-ID to replay what a reconnecting client missed), `data:` this object.
+         */
+        EventOut: {
+            /** Id */
+            id: number;
+            /**
+             * Type
+             * @description see GET /models/events for the types
+             */
+            type: string;
+            /**
+             * At
+             * @description when, ISO 8601 UTC
+             */
+            at: string;
+            /**
+             * Model
+             * @default null
+             */
+            model?: string | null;
+        } & {
+            [key: string]: unknown;
+        };
         /** FitOut */
         FitOut: {
             /**
@@ -553,6 +599,64 @@ export interface components {
             /** Revision */
             revision: string;
         };
+        /**
+         * LoadCallback
+         * @description What a load callback POSTs when the load ends (success or failure).
+         */
+        LoadCallback: {
+            /**
+             * Event
+             * @default load_finished
+             * @constant
+             */
+            event?: "load_finished";
+            /** Model */
+            model: string;
+            /**
+             * Result
+             * @enum {string}
+             */
+            result: "loaded" | "already_loaded" | "failed" | "cancelled";
+            status: components["schemas"]["State"];
+            /**
+             * Load Seconds
+             * @default null
+             */
+            load_seconds?: number | null;
+            /**
+             * Pid
+             * @default null
+             */
+            pid?: number | null;
+            /**
+             * Port
+             * @default null
+             */
+            port?: number | null;
+            /**
+             * Gpu
+             * @default null
+             */
+            gpu?: number | null;
+            /**
+             * Estimate Mb
+             * @default null
+             */
+            estimate_mb?: number | null;
+            /**
+             * Evicted
+             * @default []
+             */
+            evicted?: string[];
+            /**
+             * Error
+             * @description why it failed: code, message, logs
+             * @default null
+             */
+            error?: {
+                [key: string]: unknown;
+            } | null;
+        };
         /** LoadRequest */
         LoadRequest: {
             /**
@@ -608,6 +712,12 @@ export interface components {
              * @default null
              */
             ttl_s?: number | null;
+            /**
+             * Callback Url
+             * @description with wait=false: POST the load's outcome (LoadCallback) here when it ends; only to hosts in MODEL_ORCHESTRATOR_CALLBACK_HOSTS (else 403 callback_not_allowed)
+             * @default null
+             */
+            callback_url?: string | null;
         };
         /** LoadResponse */
         LoadResponse: {
@@ -756,6 +866,14 @@ export interface components {
              * @default null
              */
             estimate_mb?: number | null;
+            /**
+             * Estimate Check
+             * @description after a load on a GPU: the estimate against NVML's measurement (estimate_mb, measured_mb, error_mb = measured - estimate, overhead_assumed_mb, overhead_observed_mb)
+             * @default null
+             */
+            estimate_check?: {
+                [key: string]: unknown;
+            } | null;
             /**
              * Gpu
              * @default null
@@ -956,6 +1074,12 @@ export interface components {
              * @default 30
              */
             drain_timeout_s?: number;
+            /**
+             * Save Slots
+             * @description save the conversations it holds so its next load resumes them (when the model's save_slots and MODEL_ORCHESTRATOR_SLOT_CACHE_MB allow)
+             * @default true
+             */
+            save_slots?: boolean;
         };
         /** UnloadResponse */
         UnloadResponse: {
@@ -1348,7 +1472,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description without an API key: refused for a web page's Origin or a Host name that is not allowed */
+            /** @description callback_not_allowed: callback_url's host is not in MODEL_ORCHESTRATOR_CALLBACK_HOSTS */
             403: {
                 headers: {
                     [name: string]: unknown;
@@ -1945,6 +2069,96 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ReservationOut"];
+                };
+            };
+            /** @description invalid request (bad JSON, wrong types, unknown fields) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description missing or wrong API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description without an API key: refused for a web page's Origin or a Host name that is not allowed */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description unknown model or route */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description conflict with the model's state (busy, cancelled, files missing) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description body too large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description model not ready (loading failed, being unloaded) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    models_events: {
+        parameters: {
+            query?: {
+                /** @description comma-separated event types (default: all) */
+                types?: string;
+                /** @description comma-separated model ids (default: all; reservation events always pass) */
+                model?: string;
+                /** @description as the Last-Event-ID header: replay the recent events after this one */
+                last_event_id?: number;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description a server-sent event stream; each event's `data` is this object as JSON */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "text/event-stream": components["schemas"]["EventOut"];
                 };
             };
             /** @description invalid request (bad JSON, wrong types, unknown fields) */

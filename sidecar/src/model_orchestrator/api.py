@@ -20,15 +20,16 @@ from typing import Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from . import __version__, proxy
+from . import __version__, callbacks, proxy
 from .errors import Code, Refused
+from .events import EVENT_TYPES
 from .http_errors import HttpRefused, error_body, refusal_response
 from .lifecycle import LoadResult
 from .model_files import ModelFilesMissing
 from .openapi import build_openapi
 from .orchestrator import Orchestrator
 from .schemas import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, EstimateRequest, EstimateResponse,
-                      HealthResponse, LoadRequest, LoadResponse, LogsResponse, ModelsResponse, OpenAIModelList,
+                      EventOut, HealthResponse, LoadCallback, LoadRequest, LoadResponse, LogsResponse, ModelsResponse, OpenAIModelList,
                       OpenAIResponse, RenewRequest, ReservationList, ReservationOut, ReservationRequest,
                       StatusResponse, UnloadRequest, UnloadResponse)
 
@@ -50,6 +51,8 @@ class Route:
     auth: bool = True
     tag: str = "models"
     stream: bool = False
+    events: bool = False  # the answer is only a text/event-stream of `response` objects (GET /models/events)
+    callback: type[BaseModel] | None = None  # what the route may POST to the request's callback_url later
     description: str = ""
     query: tuple[dict, ...] = ()  # OpenAPI query parameters
     statuses: tuple[tuple[int, str], ...] = ()  # answers beyond the common errors (openapi._ERRORS)
@@ -126,7 +129,14 @@ async def models_load(request: web.Request) -> web.Response:
                                     "reservation": r.to_dict()})
     kwargs = dict(priority=req.priority, service=req.service, timeout_s=req.timeout_s,
                   allow_eviction=req.allow_eviction, force=req.force)
+    if req.callback_url is not None:
+        if req.wait:
+            raise Refused(Code.INVALID_REQUEST, "callback_url needs wait=false (with wait=true the answer itself "
+                          "is the outcome)")
+        callbacks.check_url(req.callback_url, orch.settings.callback_hosts)
     outcome = await orch.ensure_loaded(req.model, wait=req.wait, **kwargs)
+    if req.callback_url is not None:
+        orch._spawn(callbacks.after_load(orch, outcome, req.callback_url))
     model, server = outcome.model, outcome.model.server
     return _json(LoadResponse, {"model": model.id, "status": model.state, "result": outcome.result,
                                 "load_seconds": model.load_seconds, "pid": server.pid if server else None,
@@ -139,7 +149,7 @@ async def models_load(request: web.Request) -> web.Response:
 async def models_unload(request: web.Request) -> web.Response:
     req = await _body(request, UnloadRequest)
     outcome = await request.app[ORCH].unload(req.model, service=req.service, force=req.force,
-                                             drain_timeout_s=req.drain_timeout_s)
+                                             drain_timeout_s=req.drain_timeout_s, save_slots=req.save_slots)
     return _json(UnloadResponse, {"model": outcome.model, "status": outcome.status, "result": outcome.result,
                                   "released": [r.to_dict() for r in outcome.released]})
 
@@ -185,6 +195,7 @@ async def reservations_renew(request: web.Request) -> web.Response:
     r = request.app[ORCH].reservations.renew(rid, req.ttl_s)
     if r is None:
         raise Refused(Code.RESERVATION_NOT_FOUND, f"no reservation {rid} (expired or released)")
+    request.app[ORCH].events.publish("reservation", action="renewed", reservation=r.to_dict())
     return _json(ReservationOut, r.to_dict())
 
 
@@ -193,6 +204,7 @@ async def reservations_release(request: web.Request) -> web.Response:
     r = request.app[ORCH].reservations.release(rid)
     if r is None:
         raise Refused(Code.RESERVATION_NOT_FOUND, f"no reservation {rid} (expired or released)")
+    request.app[ORCH].events.publish("reservation", action="released", reservation=r.to_dict())
     return _json(ReservationOut, r.to_dict())
 
 
@@ -205,6 +217,47 @@ async def model_logs(request: web.Request) -> web.Response:
     server = model.server
     lines = server.last_logs(n) if server else (model.last_error or {}).get("logs", [])[-n:]
     return _json(LogsResponse, {"model": model.id, "pid": server.pid if server else None, "lines": lines})
+
+
+EVENTS_KEEPALIVE_S = 15.0  # a comment line this often keeps proxies and n8n from closing an idle stream
+
+
+def _csv_query(request: web.Request, name: str) -> set[str] | None:
+    raw = request.query.get(name, "").strip()
+    return {v.strip() for v in raw.split(",") if v.strip()} or None
+
+
+async def models_events(request: web.Request) -> web.StreamResponse:
+    orch = request.app[ORCH]
+    types = _csv_query(request, "types")
+    unknown = sorted((types or set()) - set(EVENT_TYPES))
+    if unknown:
+        raise Refused(Code.INVALID_REQUEST, f"unknown event type(s) {', '.join(unknown)}; known: "
+                      f"{', '.join(EVENT_TYPES)}")
+    models = _csv_query(request, "model")
+    last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
+    if last is not None and not last.isdigit():
+        raise Refused(Code.INVALID_REQUEST, "Last-Event-ID must be the number of an event")
+    sub = orch.events.subscribe(types=types, models=models, last_event_id=int(last) if last else None)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                       "X-Accel-Buffering": "no"})
+    try:
+        await resp.prepare(request)
+        await resp.write(b": model-orchestrator events\nretry: 2000\n\n")
+        while True:
+            try:
+                event = await sub.next(EVENTS_KEEPALIVE_S)
+            except TimeoutError:
+                await resp.write(b": keepalive\n\n")
+                continue
+            if event is None:  # shutdown, or this client fell behind (its last event said so)
+                break
+            await resp.write(f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(event.to_dict())}\n\n".encode())
+    except (ConnectionResetError, ConnectionError):
+        pass  # the client went away
+    finally:
+        sub.close()
+    return resp
 
 
 async def v1_models(request: web.Request) -> web.Response:
@@ -242,7 +295,9 @@ ROUTES: list[Route] = [
           response=LoadResponse, description="Answers when llama-server is ready; with wait=false, 202 as soon as "
           "the load is admitted and started (status `loading`; a refusal is still an error). A model that cannot "
           "start answers 503 with llama-server's last log lines.",
-          statuses=((202, "wait=false: the load was admitted and started"),)),
+          statuses=((202, "wait=false: the load was admitted and started"),
+                    (403, "callback_not_allowed: callback_url's host is not in MODEL_ORCHESTRATOR_CALLBACK_HOSTS")),
+          callback=LoadCallback),
     Route("POST", "/models/unload", models_unload, "Unload a model", request=UnloadRequest, response=UnloadResponse,
           description="Without force, waits up to drain_timeout_s for requests in flight (new ones get 503 + "
           "Retry-After meanwhile) and then refuses with 409, changing nothing. With force, stops llama-server at once; "
@@ -261,6 +316,18 @@ ROUTES: list[Route] = [
           response=ReservationOut, tag="reservations"),
     Route("DELETE", "/reservations/{id}", reservations_release, "Release a reservation", response=ReservationOut,
           tag="reservations"),
+    Route("GET", "/models/events", models_events, "Server-sent events: state changes, load progress, evictions, "
+          "reservations, crashes", response=EventOut, events=True,
+          description="A `text/event-stream` that stays open (a `: keepalive` comment every 15 s). Each event has "
+          "`id:` (send it back as `Last-Event-ID` when reconnecting to replay what was missed), `event:` (its type) "
+          "and `data:` (JSON). Types: " + "; ".join(f"`{k}`: {v}" for k, v in EVENT_TYPES.items()) + ". A client "
+          "that falls behind gets an `overflow` event and the stream ends (reconnect with Last-Event-ID).",
+          query=({"name": "types", "in": "query", "required": False, "description": "comma-separated event types "
+                  "(default: all)", "schema": {"type": "string"}},
+                 {"name": "model", "in": "query", "required": False, "description": "comma-separated model ids "
+                  "(default: all; reservation events always pass)", "schema": {"type": "string"}},
+                 {"name": "last_event_id", "in": "query", "required": False, "description": "as the Last-Event-ID "
+                  "header: replay the recent events after this one", "schema": {"type": "integer"}})),
     Route("GET", "/models/{model}/logs", model_logs, "The last lines llama-server printed (?lines=N)", response=LogsResponse,
           query=({"name": "lines", "in": "query", "required": False, "description": "how many lines (1..10000)",
                   "schema": {"type": "integer", "default": 100}},)),
@@ -408,6 +475,11 @@ def create_app(orch: Orchestrator) -> web.Application:
         await orch.close()
 
     app.cleanup_ctx.append(lifecycle)
+
+    async def end_event_streams(app: web.Application):  # before the server waits for open handlers to finish
+        orch.events.close()
+
+    app.on_shutdown.append(end_event_streams)
     return app
 
 

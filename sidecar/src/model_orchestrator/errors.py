@@ -23,6 +23,7 @@ class Code(str, enum.Enum):
     ORIGIN_NOT_ALLOWED = "origin_not_allowed"
     UNSUPPORTED_CHARSET = "unsupported_charset"
     BODY_TIMEOUT = "body_timeout"
+    CALLBACK_NOT_ALLOWED = "callback_not_allowed"
     NOT_FOUND = "not_found"
     MODEL_NOT_FOUND = "model_not_found"
     RESERVATION_NOT_FOUND = "reservation_not_found"

@@ -395,12 +395,13 @@ class ManagedModel:
 
     # ---- load ---------------------------------------------------------------------------------------------
     def begin_load(self, launch: Callable[[], Awaitable[LaunchPlan]], http: aiohttp.ClientSession, *,
-                   timeout: float, log_lines: int, priority: int | None = None) -> None:
+                   timeout: float, log_lines: int, priority: int | None = None,
+                   on_ready: Callable[[LlamaServer], Awaitable[None]] | None = None) -> None:
         """Enter LOADING and start the load task. Only the orchestrator's ensure_loaded calls this, holding the
         admission lock, with the model UNLOADED or FAILED."""
         self._transition(State.LOADING)
         self.priority_override = priority
-        self._load_task = asyncio.create_task(self._run_load(launch, http, timeout, log_lines))
+        self._load_task = asyncio.create_task(self._run_load(launch, http, timeout, log_lines, on_ready))
         # nobody may await it (a load with wait=false): its outcome is kept in the state and last_error
         self._load_task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
@@ -418,12 +419,21 @@ class ManagedModel:
                 raise LoadCancelled(f"load of {self.id} was cancelled by an unload", model=self.id) from None
             raise
 
-    async def _run_load(self, launch, http, timeout: float, log_lines: int) -> None:
+    async def _run_load(self, launch, http, timeout: float, log_lines: int, on_ready=None) -> None:
         t0 = time.perf_counter()
         try:
             plan = await launch()
             self.server = LlamaServer(self.id, plan, log_lines=log_lines, on_exit=self._on_server_exit)
             await self.server.start(http, timeout)
+            if on_ready is not None:  # ready, not yet serving: e.g. restore saved conversations (never raises)
+                try:
+                    await on_ready(self.server)
+                except BaseException:  # cancelled by an unload: do not leave the process behind
+                    await self.server.stop(0)
+                    raise
+                if self.server.exit is not None:  # it died meanwhile (e.g. on a restored cache): a failed load
+                    raise LoadFailed(f"llama-server for {self.id} {self.server.exit.reason} while getting ready",
+                                     self.server.exit.last_logs, code=Code.PROCESS_EXITED)
         except asyncio.CancelledError:
             # start() stopped the process and waited for it; unload() moves the state
             raise LoadCancelled(f"load of {self.id} was cancelled by an unload", model=self.id) from None

@@ -23,6 +23,7 @@ RESERVED_FLAGS = frozenset({
     "--models-dir", "--models-preset", "--api-key", "--api-key-file", "--path", "-fit", "--fit",
     "--api-prefix", "--ssl-key-file", "--ssl-cert-file",  # /health and the proxy talk plain HTTP at the root
     "-dev", "--device", "-ts", "--tensor-split",  # placement is admission's (set split = true to allow splitting)
+    "--slot-save-path",  # the slot cache's directory (slot_cache.py; per model: save_slots)
 })
 
 DEFAULT_PARALLEL_SLOTS = 4  # llama-server's -np default (auto)
@@ -35,7 +36,7 @@ def reserved_flag(arg: str) -> str | None:
 
 
 def build_argv(binary: Path, spec: "ModelSpec", model: Path, mmproj: Path | None, port: int,
-               tensor_split: list[float] | None = None) -> list[str]:
+               tensor_split: list[float] | None = None, slot_save_path: Path | None = None) -> list[str]:
     """The command line for one model: loopback only, its own port, exactly the context and layers the estimate
     assumed (`--fit off`: llama-server's own fitting would silently change them). Which GPUs it sees is set by
     CUDA_VISIBLE_DEVICES (lifecycle.placement_env); a split over several gets their shares here."""
@@ -48,6 +49,8 @@ def build_argv(binary: Path, spec: "ModelSpec", model: Path, mmproj: Path | None
         argv += ["--mmproj", str(mmproj)]
     if tensor_split:
         argv += ["--split-mode", "layer", "--tensor-split", ",".join(f"{x:g}" for x in tensor_split)]
+    if slot_save_path:
+        argv += ["--slot-save-path", str(slot_save_path)]
     return argv + list(spec.extra_args)
 
 

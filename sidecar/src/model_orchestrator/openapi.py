@@ -48,13 +48,13 @@ def json_schema_bounds(node):
 def build_openapi(routes, *, version: str, title: str = "model-orchestrator") -> dict:
     models: set[type[BaseModel]] = {ErrorResponse}
     for r in routes:
-        models.update(m for m in (r.request, r.response) if m is not None)
+        models.update(m for m in (r.request, r.response, getattr(r, "callback", None)) if m is not None)
     _, defs = models_json_schema([(m, "validation") for m in sorted(models, key=lambda m: m.__name__)],
                                  ref_template="#/components/schemas/{model}")
     paths: dict[str, dict] = {}
     for r in routes:
         op: dict = {"summary": r.summary, "operationId": r.handler.__name__, "tags": [r.tag],
-                    "responses": {str(r.status): _content(r.response, r.stream)}}
+                    "responses": {str(r.status): _content(r.response, r.stream, getattr(r, "events", False))}}
         if r.description:
             op["description"] = r.description
         params = [{"name": name, "in": "path", "required": True, "schema": _PATH_PARAMS[name]}
@@ -73,6 +73,12 @@ def build_openapi(routes, *, version: str, title: str = "model-orchestrator") ->
             if code != "401" or r.auth:
                 op["responses"].setdefault(code, {"description": text, "content": {"application/json": {
                     "schema": {"$ref": "#/components/schemas/ErrorResponse"}}}})
+        if getattr(r, "callback", None) is not None:
+            op["callbacks"] = {"outcome": {"{$request.body#/callback_url}": {"post": {
+                "summary": "The outcome, POSTed when the work ends (retried on errors and 5xx answers)",
+                "requestBody": {"required": True, "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{r.callback.__name__}"}}}},
+                "responses": {"2XX": {"description": "received"}}}}}}
         if not r.auth:
             op["security"] = []
         paths.setdefault(r.path, {})[r.method.lower()] = op
@@ -88,7 +94,10 @@ def build_openapi(routes, *, version: str, title: str = "model-orchestrator") ->
     }
 
 
-def _content(model: type[BaseModel] | None, stream: bool) -> dict:
+def _content(model: type[BaseModel] | None, stream: bool, events: bool = False) -> dict:
+    if events and model is not None:  # a stream of server-sent events only (GET /models/events)
+        return {"description": "a server-sent event stream; each event's `data` is this object as JSON",
+                "content": {"text/event-stream": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
     if model is None:
         return {"description": "text", "content": {"text/plain": {"schema": {"type": "string"}}}}
     content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}

@@ -19,8 +19,10 @@ from pathlib import Path
 import aiohttp
 
 from . import __version__
+from .calibration import Calibration, EstimateCheck
 from .errors import Code, Refused
 from .estimate import Estimate, estimate_headers
+from .events import EventBus
 from .gpu import GpuSnapshot, GpuView, NoGpuView
 from .lifecycle import (MODEL_ENV, LaunchPlan, LoadResult, ManagedModel, State, UnloadResult, owner_env,
                         placement_env, reap_leftovers)
@@ -31,6 +33,7 @@ from .registry import GeneratedSource, HfSource, ModelSpec, PathSource, Registry
 from .reservations import Reservation, ReservationBook
 from .scheduler import Decision, Device, Request, Resident, available, decide
 from .settings import Settings
+from .slot_cache import SlotCache
 
 log = logging.getLogger("model_orchestrator")
 
@@ -73,8 +76,12 @@ class Orchestrator:
         self.llama_server_bin = llama_server_bin
         self.models: dict[str, ManagedModel] = {s.id: ManagedModel(s, self._on_transition) for s in registry.models}
         self.reservations = ReservationBook()
+        self.events = EventBus()  # what happened, for GET /models/events and load callbacks (events.py)
         self.metrics = Metrics(gpu_view.snapshot, self.owned_pids, self.reservations.active)
         self.metrics.preset([s.id for s in registry.models])
+        self.calibration = Calibration(settings.state_dir, self.metrics.registry)
+        self.estimate_checks: dict[str, EstimateCheck] = {}  # model -> its current load's estimate vs NVML
+        self.slot_cache = SlotCache(settings.state_dir / "slots", settings.slot_cache_mb, self.metrics.registry)
         for model in self.models.values():
             self.metrics.set_state(model.id, model.state)
         self.http: aiohttp.ClientSession | None = None
@@ -97,6 +104,7 @@ class Orchestrator:
     async def close(self) -> None:
         """Shut down: refuse new loads from now on, stop background work and wait for it, stop every model."""
         self._closing = True
+        self.events.close()
         tasks = list(self._background)
         for task in tasks:
             task.cancel()
@@ -184,8 +192,11 @@ class Orchestrator:
                                                  model.spec.split)
                     self._refuse_if_closing()
                     model.estimate, model.gpu, model.split = est, decision.gpu, decision.split
+                    self.events.publish("load_progress", model=model.id, phase="admitted", gpu=decision.gpu,
+                                        estimate_mb=round(est.total_mb, 1) if est else None, evicted=decision.evict)
                     model.begin_load(lambda: self._launch_plan(model), self.http, timeout=timeout,
-                                     log_lines=self.settings.log_lines, priority=priority)
+                                     log_lines=self.settings.log_lines, priority=priority,
+                                     on_ready=lambda server: self._restore_slots(model, server))
             except ModelFilesMissing as exc:  # outside the admission lock: the estimate may ask the Hub
                 raise await self._missing_with_estimate(model.spec, exc) from None
             if not wait:
@@ -217,6 +228,9 @@ class Orchestrator:
             await self._wait_for_memory(decision.gpu, need_mb, timeout_s=max(0.0, deadline - loop.time()))
         if not decision.admit:
             self.metrics.admission_refusals.labels(who).inc()
+            if (decision.refusal or Code.INSUFFICIENT_VRAM) == Code.INSUFFICIENT_VRAM:
+                self.events.publish("memory_low", model=who, need_mb=round(need_mb, 1), gpu=decision.gpu,
+                                    missing_mb=decision.missing_mb, evictable=decision.evictable)
             raise Refused(decision.refusal or Code.INSUFFICIENT_VRAM, f"{who} does not fit: {decision.reason}; "
                           + (f"{decision.missing_mb:.0f} MB missing. " if decision.missing_mb else "")
                           + (f"Could be evicted: {', '.join(decision.evictable)} (pass allow_eviction=true)."
@@ -225,6 +239,7 @@ class Orchestrator:
                           evictable=decision.evictable)
         for victim in decision.evict:
             log.info("evicting %s to make room for %s (%s)", victim, who, decision.reason)
+            self.events.publish("evicted", model=victim, by=who, reason=decision.reason)
             # an evicted model is idle (or forced): killed at once, its memory returns without llama-server's teardown
             await self._unload_model(self.models[victim], force=force, drain_timeout_s=0, reason="evicted",
                                      stop_timeout_s=0)
@@ -278,7 +293,35 @@ class Orchestrator:
             estimate_headers, headers, n_ctx=context_size or spec.context_size,
             n_gpu_layers=spec.n_gpu_layers if n_gpu_layers is None else n_gpu_layers,
             cache_type=cache_type or spec.cache_type, flash_attn=spec.flash_attn != "off",
-            extra_args=spec.extra_args, overhead_mib=self.settings.cuda_overhead_mb)
+            extra_args=spec.extra_args, overhead_mib=self._cuda_overhead_mb())
+
+    def _cuda_overhead_mb(self) -> float | None:
+        """The per-process CUDA overhead an estimate assumes: the setting, else what loads on this card taught
+        (calibration.py), else estimate.py's default (None)."""
+        if self.settings.cuda_overhead_mb is not None or not self.gpu_view.available:
+            return self.settings.cuda_overhead_mb
+        snap = self.gpu_view.snapshot()
+        names = {d.name for d in snap.devices}
+        return self.calibration.overhead_mb(names.pop(), snap.driver_version) if len(names) == 1 else None
+
+    async def _check_estimate(self, model: ManagedModel, timeout_s: float = 5.0) -> None:
+        """After a load on a GPU: the estimate against NVML's measurement of the process; learn the overhead."""
+        est, server = model.estimate, model.server
+        if est is None or server is None or server.pid is None or not self.gpu_view.available or model.split:
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not (measured := (snap := await self.snapshot(fresh=True)).process_mb(server.pid)):
+            if loop.time() >= deadline or model.server is not server:
+                return  # NVML does not report per-process memory here (or the process is gone)
+            await asyncio.sleep(0.1)
+        device = next(d for d in snap.devices if d.index in measured)
+        total = float(sum(measured.values()))
+        check = EstimateCheck(model.id, device.name, est.total_mb, total, est.overhead_mb,
+                              total - (est.total_mb - est.overhead_mb))
+        self.estimate_checks[model.id] = check
+        learned = await asyncio.to_thread(self.calibration.record, check, snap.driver_version, est.layers_on_gpu > 0)
+        self.events.publish("estimate_checked", model=model.id, **check.to_dict(), learned_overhead_mb=learned)
 
     async def _estimate_for_admission(self, spec: ModelSpec) -> Estimate | None:
         """The estimate, or None when the header cannot be read (llama-server then reports the real problem with its
@@ -325,8 +368,10 @@ class Orchestrator:
         async with self._admission:
             self._refuse_if_closing()
             await self._admit(f"reservation:{service}", vram_mb, priority, allow_eviction, force, is_model=False)
-            return self.reservations.add(service, vram_mb, ttl_s=ttl_s or self.settings.reservation_ttl_s, gpu=gpu,
-                                         model=model)
+            r = self.reservations.add(service, vram_mb, ttl_s=ttl_s or self.settings.reservation_ttl_s, gpu=gpu,
+                                      model=model)
+            self.events.publish("reservation", action="created", reservation=r.to_dict())
+            return r
 
     async def _launch_plan(self, model: ManagedModel) -> LaunchPlan:
         spec = model.spec
@@ -342,7 +387,9 @@ class Orchestrator:
                 devices, split = sorted(model.split), [model.split[i] for i in sorted(model.split)]
             elif model.gpu is not None:
                 devices = [model.gpu]
-        argv = build_argv(self.llama_server_bin, spec, files.model, files.mmproj, port, split)
+        slot_dir = await asyncio.to_thread(self.slot_cache.prepare, spec, files.model, files.mmproj,
+                                           self.llama_server_bin)
+        argv = build_argv(self.llama_server_bin, spec, files.model, files.mmproj, port, split, slot_dir)
         env = {k: v for k, v in os.environ.items() if not k.startswith(_CHILD_ENV_DROP_PREFIXES)}
         env.update(owner_env(self.owner))
         env[MODEL_ENV] = spec.id
@@ -352,28 +399,35 @@ class Orchestrator:
 
     # ---- unload -------------------------------------------------------------------------------------------
     async def unload(self, name: str, *, service: str | None = None, force: bool = False,
-                     drain_timeout_s: float = 30.0) -> UnloadOutcome:
+                     drain_timeout_s: float = 30.0, save_slots: bool = True) -> UnloadOutcome:
         """Unload a registry model; for another service's model name release its reservations. Idempotent:
         unloading what is not held is a result (not_loaded, not_held), not an error."""
         spec = self.registry.lookup(name)
         if spec is None:
             # the guide unloads "wan2.1-14b": not ours to stop, but its reservation is released so admission forgets it
             released = self.reservations.release_matching(name)
+            for r in released:
+                self.events.publish("reservation", action="released", reservation=r.to_dict())
             if released:
                 return UnloadOutcome(name, "released", UnloadResult.RELEASED, released)
             return UnloadOutcome(name, "not_held", UnloadResult.NOT_HELD)
         if service not in (None, "llama-cpp"):
             raise Refused(Code.UNKNOWN_SERVICE, f"service {service!r} is not run by this orchestrator; use 'llama-cpp'")
         model = self.models[spec.id]
-        result = await self._unload_model(model, force=force, drain_timeout_s=drain_timeout_s)
+        result = await self._unload_model(model, force=force, drain_timeout_s=drain_timeout_s, save_slots=save_slots)
         return UnloadOutcome(model.id, model.state.value, result)
 
     async def _unload_model(self, model: ManagedModel, *, force: bool = False, drain_timeout_s: float = 30.0,
-                            reason: str | None = None, stop_timeout_s: float | None = None) -> UnloadResult:
+                            reason: str | None = None, stop_timeout_s: float | None = None,
+                            save_slots: bool = True) -> UnloadResult:
         stop_timeout = self.settings.stop_timeout_s if stop_timeout_s is None else stop_timeout_s
+        if save_slots:
+            await self._save_slots(model)
         result = await model.unload(force=force, drain_timeout=drain_timeout_s, stop_timeout=stop_timeout)
         if result in (UnloadResult.UNLOADED, UnloadResult.CANCELLED_LOAD):
             self.metrics.unloads.labels(model.id, reason or ("force" if force else "request")).inc()
+            self.events.publish("unloaded", model=model.id, reason=reason or ("force" if force else "request"),
+                                result=result.value)
         return result
 
     async def _forever(self, name: str, interval_s: float, step) -> None:
@@ -392,6 +446,7 @@ class Orchestrator:
         loop = asyncio.get_running_loop()
         for r in self.reservations.expire():
             log.info("reservation %s of %s (%g MB) expired", r.id, r.service, r.vram_mb)
+            self.events.publish("reservation", action="expired", reservation=r.to_dict())
         for model in list(self.models.values()):
             ttl = model.spec.idle_ttl_s
             if ttl and model.state == State.LOADED and not model.in_flight and loop.time() - model.last_used_mono >= ttl:
@@ -417,6 +472,26 @@ class Orchestrator:
                              f"({problem}, {server.health_misses} checks in a row); it was killed",
                              "logs": server.last_logs()})
                 await server.stop(0)  # it answers nothing: SIGKILL at once
+
+    # ---- conversations that survive a swap (slot_cache.py owns the rules) ---------------------------------
+    async def _save_slots(self, model: ManagedModel) -> None:
+        """Before an unload: save a loaded, idle model's conversations (never a busy one's, never on a crash)."""
+        server = model.server
+        if model.state != State.LOADED or server is None or model.in_flight or not self.slot_cache.enabled(model.spec):
+            return
+        saved = await self.slot_cache.save(self.http, model.id, server.base_url)
+        if saved.slots:
+            self.events.publish("slots_saved", model=model.id, slots=saved.slots, tokens=saved.tokens,
+                                bytes=saved.bytes)
+
+    async def _restore_slots(self, model: ManagedModel, server) -> None:
+        if not self.slot_cache.files(model.id):
+            return
+        self.events.publish("load_progress", model=model.id, phase="restoring",
+                            slots=len(self.slot_cache.files(model.id)))
+        restored = await self.slot_cache.restore(self.http, model.id, server.base_url)
+        if restored.slots:
+            self.events.publish("slots_restored", model=model.id, slots=restored.slots, tokens=restored.tokens)
 
     # ---- requests -----------------------------------------------------------------------------------------
     async def ready_server(self, model: ManagedModel):
@@ -444,12 +519,16 @@ class Orchestrator:
 
     # ---- state changes ------------------------------------------------------------------------------------
     def _on_transition(self, model: ManagedModel, old: State, new: State) -> None:
+        if new == State.LOADING:
+            self.estimate_checks.pop(model.id, None)  # belonged to the previous process
         self.metrics.set_state(model.id, new)
         if old == State.LOADING and new == State.LOADED:
             self.metrics.loads.labels(model.id, "loaded").inc()
+            self._spawn(self._check_estimate(model))
             if model.load_seconds is not None:
                 self.metrics.load_duration.labels(model.id).observe(model.load_seconds)
         elif new == State.FAILED:
+            self.slot_cache.drop(model.id, "failed")  # nothing of a crashed or failed model is restored
             code = (model.last_error or {}).get("code", "unknown")
             self.metrics.failures.labels(model.id, code).inc()
             if old == State.LOADING:
@@ -457,6 +536,20 @@ class Orchestrator:
         elif old == State.LOADING and new == State.UNLOADING:
             self.metrics.loads.labels(model.id, "cancelled").inc()
         log.info("%s: %s -> %s", model.id, old.value, new.value)
+        self._publish_transition(model, old, new)
+
+    def _publish_transition(self, model: ManagedModel, old: State, new: State) -> None:
+        error = model.last_error if new == State.FAILED else None
+        self.events.publish("state", model=model.id, **{"from": old.value, "to": new.value}, error=error)
+        if old == State.LOADING and new == State.LOADED:
+            self.events.publish("load_progress", model=model.id, phase="ready", load_seconds=model.load_seconds)
+            self.events.publish("loaded", model=model.id, load_seconds=model.load_seconds, gpu=model.gpu,
+                                pid=model.server.pid if model.server else None)
+        elif new == State.FAILED:
+            err = error or {}
+            kind = "load_failed" if old == State.LOADING else "crashed"
+            self.events.publish(kind, model=model.id, code=err.get("code"), message=err.get("message"),
+                                logs=(err.get("logs") or [])[-20:])
 
     # ---- views --------------------------------------------------------------------------------------------
     async def snapshot(self, fresh: bool = False) -> GpuSnapshot:
@@ -474,6 +567,7 @@ class Orchestrator:
             "load_seconds": round(model.load_seconds, 4) if model.load_seconds is not None else None,
             "vram_mb": vram, "estimate_mb": round(model.estimate.total_mb, 1) if model.estimate else None,
             "gpu": model.gpu, "error": model.last_error,
+            "estimate_check": self.estimate_checks[model.id].to_dict() if model.id in self.estimate_checks else None,
         }
 
     async def status(self) -> dict:

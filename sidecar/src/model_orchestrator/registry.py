@@ -135,6 +135,8 @@ class ModelSpec(_Strict):
     idle_ttl_s: float = Field(0, ge=0, description="unload after this long without requests; 0 = never")
     load_on_demand: bool = True
     split: bool = Field(False, description="may be split over several GPUs (tensor split) when it fits on none alone")
+    save_slots: bool = Field(True, description="save its conversations' KV cache when it is unloaded idle and "
+                             "restore them at its next load (MODEL_ORCHESTRATOR_SLOT_CACHE_MB caps the disk)")
     swap_on_demand: bool | None = Field(None, description="a load of this model may evict idle models of equal "
                                         "priority (least recently used first); unset: MODEL_ORCHESTRATOR_SWAP_ON_DEMAND")
 

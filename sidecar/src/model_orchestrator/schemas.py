@@ -43,6 +43,36 @@ class LoadRequest(_Request):
     vram_mb: float | None = Field(None, gt=0, le=10_000_000, description="for a service other than llama-cpp: reserve "
                                   "this much GPU memory for it (see /reservations)")
     ttl_s: float | None = Field(None, gt=0, le=7 * 86400, description="lifetime of that reservation")
+    callback_url: str | None = Field(None, min_length=1, max_length=2048, description="with wait=false: POST the "
+                                     "load's outcome (LoadCallback) here when it ends; only to hosts in "
+                                     "MODEL_ORCHESTRATOR_CALLBACK_HOSTS (else 403 callback_not_allowed)")
+
+
+class LoadCallback(BaseModel):
+    """What a load callback POSTs when the load ends (success or failure)."""
+
+    event: Literal["load_finished"] = "load_finished"
+    model: str
+    result: Literal["loaded", "already_loaded", "failed", "cancelled"]
+    status: State
+    load_seconds: float | None = None
+    pid: int | None = None
+    port: int | None = None
+    gpu: int | None = None
+    estimate_mb: float | None = None
+    evicted: list[str] = []
+    error: dict[str, Any] | None = Field(None, description="why it failed: code, message, logs")
+
+
+class EventOut(BaseModel):
+    """One server-sent event of GET /models/events: `event:` is its type, `id:` its number (send it back as
+    Last-Event-ID to replay what a reconnecting client missed), `data:` this object."""
+
+    model_config = ConfigDict(extra="allow")
+    id: int
+    type: str = Field(description="see GET /models/events for the types")
+    at: str = Field(description="when, ISO 8601 UTC")
+    model: str | None = None
 
 
 class UnloadRequest(_Request):
@@ -50,6 +80,8 @@ class UnloadRequest(_Request):
     service: str | None = Field(None, max_length=64)
     force: bool = Field(False, description="stop at once; requests in flight end with an error")
     drain_timeout_s: float = Field(30, ge=0, le=3600, description="without force: how long to wait for requests in flight before refusing with 409")
+    save_slots: bool = Field(True, description="save the conversations it holds so its next load resumes them "
+                             "(when the model's save_slots and MODEL_ORCHESTRATOR_SLOT_CACHE_MB allow)")
 
 
 class ErrorDetail(BaseModel):
@@ -103,6 +135,9 @@ class ModelStatus(BaseModel):
     load_seconds: float | None
     vram_mb: int | None = Field(None, description="NVML-measured memory of its llama-server (all GPUs); null in CPU mode")
     estimate_mb: float | None = Field(None, description="what admission counted for it (estimate.py)")
+    estimate_check: dict[str, Any] | None = Field(None, description="after a load on a GPU: the estimate against "
+                                                  "NVML's measurement (estimate_mb, measured_mb, error_mb = measured "
+                                                  "- estimate, overhead_assumed_mb, overhead_observed_mb)")
     gpu: int | None = None
     error: dict[str, Any] | None = None
 

@@ -72,9 +72,16 @@ class Settings(BaseModel):
                                    "equal priority evicted (cap or memory) evicts the least recently used one; 0 "
                                    "refuses instead (per model: swap_on_demand in the registry)")
     cuda_overhead_mb: float | None = setting(None, "MODEL_ORCHESTRATOR_CUDA_OVERHEAD_MB", "per-process CUDA "
-                                             "overhead of your card (default: measured on an H200)", ge=0)
+                                             "overhead of your card (default: learned from the first load on this "
+                                             "card and driver, kept in the state dir; before it, an H200's)", ge=0)
     reservation_ttl_s: float = setting(600, "MODEL_ORCHESTRATOR_RESERVATION_TTL_S", "default lifetime of a "
                                        "reservation", gt=0)
+    slot_cache_mb: float = setting(4096, "MODEL_ORCHESTRATOR_SLOT_CACHE_MB", "disk for conversations saved when an "
+                                   "idle model is unloaded and restored at its next load (all models together, the "
+                                   "oldest removed first; 0: off; per model: save_slots in the registry)", ge=0)
+    callback_hosts: str | None = setting(None, "MODEL_ORCHESTRATOR_CALLBACK_HOSTS", "hosts (host or host:port, "
+                                         "comma-separated) that load callbacks may be POSTed to; unset: no "
+                                         "callbacks (the sidecar is no open relay)")
     max_queue: int = setting(64, "MODEL_ORCHESTRATOR_MAX_QUEUE", "per model: requests waiting beyond llama-server's "
                              "--parallel slots before `429 overloaded` (0: no cap)", ge=0)
 

@@ -1,0 +1,111 @@
+"""Load callbacks: `POST /models/load` with `wait: false` and a `callback_url` gets the load's outcome POSTed there
+when it ends (loaded or failed), retried a few times.
+
+Only to addresses the operator allowed (MODEL_ORCHESTRATOR_CALLBACK_HOSTS): the sidecar must not become an open
+relay that POSTs wherever a caller points it. Redirects are not followed for the same reason. `check_url` owns the
+rule; `deliver` owns the retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .errors import Code, Refused
+from .lifecycle import LoadResult
+from .schemas import LoadCallback
+
+log = logging.getLogger("model_orchestrator.callbacks")
+
+ATTEMPTS = 4  # the first try and three retries
+BACKOFF_S = (0.5, 2.0, 5.0)  # waits before the retries
+TIMEOUT_S = 10.0
+
+
+def _default_port(scheme: str) -> int:
+    return 443 if scheme == "https" else 80
+
+
+def parse_allowed(hosts: str | None) -> list[tuple[str, int | None]]:
+    """`n8n:5678,localhost` -> [("n8n", 5678), ("localhost", None)] (no port: any port of that host)."""
+    out = []
+    for item in (hosts or "").split(","):
+        item = item.strip().lower()
+        if not item:
+            continue
+        host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
+        out.append((host, int(port)) if port.isdigit() else (item, None))
+    return out
+
+
+def check_url(url: str, allowed_hosts: str | None) -> str:
+    """The URL if callbacks may go there, else Refused(callback_not_allowed) saying what to configure."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise Refused(Code.INVALID_REQUEST, f"callback_url must be an http(s) URL, not {url!r}")
+    if parts.username or parts.password:
+        raise Refused(Code.INVALID_REQUEST, "callback_url must not carry credentials")
+    allowed = parse_allowed(allowed_hosts)
+    host, port = parts.hostname.lower(), parts.port or _default_port(parts.scheme)
+    if not any(h == host and (p is None or p == port) for h, p in allowed):
+        hint = ("no callback hosts are allowed: set MODEL_ORCHESTRATOR_CALLBACK_HOSTS (e.g. n8n:5678)" if not allowed
+                else f"allowed: {', '.join(h if p is None else f'{h}:{p}' for h, p in allowed)} "
+                     "(MODEL_ORCHESTRATOR_CALLBACK_HOSTS)")
+        raise Refused(Code.CALLBACK_NOT_ALLOWED, f"callbacks to {host}:{port} are not allowed; {hint}",
+                      callback_host=f"{host}:{port}")
+    return url
+
+
+async def deliver(http: aiohttp.ClientSession, url: str, payload: dict, *, attempts: int = ATTEMPTS,
+                  backoff_s: tuple[float, ...] = BACKOFF_S) -> tuple[bool, int, int | None]:
+    """POST `payload` as JSON; retry on a connection error, a timeout or a 5xx/429 answer.
+    Returns (delivered, attempts made, last HTTP status)."""
+    status = None
+    for attempt in range(1, attempts + 1):
+        try:
+            async with http.post(url, json=payload, allow_redirects=False,
+                                 timeout=aiohttp.ClientTimeout(total=TIMEOUT_S)) as resp:
+                status = resp.status
+                await resp.read()
+                if status < 300:
+                    return True, attempt, status
+                if status < 500 and status != 429:  # the receiver refused it: asking again will not help
+                    log.warning("callback to %s refused with %d; not retried", url, status)
+                    return False, attempt, status
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            status = None
+            log.info("callback to %s failed (attempt %d): %s", url, attempt, exc)
+        if attempt < attempts:
+            await asyncio.sleep(backoff_s[min(attempt - 1, len(backoff_s) - 1)])
+    log.warning("callback to %s given up after %d attempts", url, attempts)
+    return False, attempts, status
+
+
+async def after_load(orch, outcome, url: str) -> dict:
+    """Wait for the load of `outcome` (orchestrator.LoadOutcome) to end, POST its outcome (schemas.LoadCallback) to
+    `url` and publish a `callback` event saying whether it arrived. Returns the payload."""
+    model = outcome.model
+    error = None
+    if outcome.result == LoadResult.ALREADY_LOADED:
+        result = "already_loaded"
+    else:
+        try:
+            await model.join_load()
+            result = "loaded"
+        except Refused as exc:
+            result = "cancelled" if exc.code == Code.LOAD_CANCELLED else "failed"
+            error = {"code": exc.code.value, "message": exc.message, **exc.details}
+    server = model.server
+    payload = LoadCallback.model_validate({
+        "model": model.id, "result": result, "status": model.state.value,
+        "load_seconds": model.load_seconds if result == "loaded" else None,
+        "pid": server.pid if server else None, "port": server.port if server else None, "gpu": model.gpu,
+        "estimate_mb": round(model.estimate.total_mb, 1) if model.estimate else None,
+        "evicted": outcome.evicted, "error": error}).model_dump(mode="json")
+    delivered, attempts, status = await deliver(orch.http, url, payload)
+    orch.events.publish("callback", model=model.id, url=url, result=result, delivered=delivered, attempts=attempts,
+                        status=status)
+    return payload
