@@ -45,6 +45,11 @@ class Settings(BaseModel):
     cuda_overhead_mb: float | None = Field(None, ge=0)  # per-process CUDA overhead of this card (estimate.py)
     reservation_ttl_s: float = Field(600, gt=0)  # default lifetime of a reservation
     max_queue: int = Field(64, ge=0)  # per model: requests waiting beyond llama-server's slots before 429 (0: no cap)
+    gpu_sample_s: float = Field(0.25, gt=0, le=60)  # GPU readings are sampled this often; no status answer is older
+    upstream_connect_timeout_s: float = Field(10, gt=0)  # connecting to a llama-server
+    upstream_idle_timeout_s: float = Field(600, gt=0)  # no byte from llama-server for this long ends a request (504)
+    image_url_hosts: str = ""  # comma-separated hosts whose http(s) image URLs the sidecar fetches; others: data URLs only
+    image_url_max_mb: float = Field(20, gt=0)  # the most an allowed remote image may weigh
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides) -> "Settings":
@@ -68,6 +73,11 @@ class Settings(BaseModel):
             "cuda_overhead_mb": "MODEL_ORCHESTRATOR_CUDA_OVERHEAD_MB",
             "reservation_ttl_s": "MODEL_ORCHESTRATOR_RESERVATION_TTL_S",
             "max_queue": "MODEL_ORCHESTRATOR_MAX_QUEUE",
+            "gpu_sample_s": "MODEL_ORCHESTRATOR_GPU_SAMPLE_S",
+            "upstream_connect_timeout_s": "MODEL_ORCHESTRATOR_UPSTREAM_CONNECT_TIMEOUT_S",
+            "upstream_idle_timeout_s": "MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S",
+            "image_url_hosts": "MODEL_ORCHESTRATOR_IMAGE_URL_HOSTS",
+            "image_url_max_mb": "MODEL_ORCHESTRATOR_IMAGE_URL_MAX_MB",
         }
         values = {field: env[var] for field, var in names.items() if env.get(var, "") != ""}
         values.update({k: v for k, v in overrides.items() if v is not None})
