@@ -339,8 +339,9 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     finally:
         orch = request.app[ORCH]
         route = _route_label(request)
-        orch.metrics.http_requests.labels(route, request.method, str(status)).inc()
-        orch.metrics.http_duration.labels(route, request.method).observe(time.perf_counter() - t0)
+        m = orch.metrics
+        m.child(m.http_requests, route, request.method, str(status)).inc()
+        m.child(m.http_duration, route, request.method).observe(time.perf_counter() - t0)
 
 
 def auth_middleware(api_key: str, public_paths: set[str]):

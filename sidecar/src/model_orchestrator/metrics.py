@@ -25,6 +25,7 @@ class Metrics:
     def __init__(self, gpu_snapshot: Callable[[], GpuSnapshot], owned_pids: Callable[[], dict[int, str]],
                  reservations: Callable[[], list] = list):
         self.registry = CollectorRegistry()
+        self._children: dict[tuple, object] = {}
         r = self.registry
         self.model_state = Gauge("model_orchestrator_model_state", "1 for the state the model is in", ["model", "state"], registry=r)
         self.loads = Counter("model_orchestrator_model_loads", "Loads by result (loaded, failed, cancelled)", ["model", "result"], registry=r)
@@ -60,6 +61,15 @@ class Metrics:
     def set_state(self, model: str, state: State) -> None:
         for s in State:
             self.model_state.labels(model, s.value).set(1 if s == state else 0)
+
+    def child(self, metric, *labels: str):
+        """metric.labels(*labels), remembered: prometheus_client's labels() validates and locks on every call, a cost
+        the hot path (every request counts itself twice) does not need to pay more than once per label set."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def freeze(self) -> "Frozen":
         """Call on the event loop: the state-derived families of one scrape, computed now."""

@@ -160,7 +160,7 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
     t0 = time.perf_counter()
     status = 500
     m = orch.metrics
-    in_flight = m.in_flight.labels(slot.id)
+    in_flight = m.child(m.in_flight, slot.id)
     in_flight.inc()
     try:  # from here on every answer is counted for the model, refusals included
         _validate(endpoint, body)
@@ -213,8 +213,8 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
         raise
     finally:
         in_flight.dec()
-        m.requests.labels(slot.id, endpoint, str(status)).inc()
-        m.request_duration.labels(slot.id, endpoint).observe(time.perf_counter() - t0)
+        m.child(m.requests, slot.id, endpoint, str(status)).inc()
+        m.child(m.request_duration, slot.id, endpoint).observe(time.perf_counter() - t0)
 
 
 CLIENT_GONE = 499  # nginx's code for "the client closed the connection": counted, never answered
