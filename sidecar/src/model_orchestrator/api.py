@@ -252,7 +252,8 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 _PROXY_STATUSES = ((429, "overloaded: too many requests waiting for this model (MODEL_ORCHESTRATOR_MAX_QUEUE); "
                            "retry after Retry-After seconds"),
-                   (502, "llama-server crashed or the connection to it broke during the request"))
+                   (502, "llama-server crashed or the connection to it broke during the request"),
+                   (504, "upstream_timeout: llama-server sent nothing for MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S"))
 
 ROUTES: list[Route] = [
     Route("GET", "/health", health, "Liveness of the orchestrator", response=HealthResponse, auth=False, tag="service"),

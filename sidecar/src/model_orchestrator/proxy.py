@@ -2,6 +2,12 @@
 
 Bodies go upstream byte for byte (images, tools, tool_choice untouched); SSE streams come back chunk by chunk as
 llama-server writes them, never buffered whole. Token counts are read from the responses' usage for metrics.
+
+The hot path is thin: the body is parsed once (orjson) for `model` and `stream`; a structural check of what the
+request model requires replaces pydantic, which runs only to name the field when that check fails; non-streamed
+requests reuse pooled keep-alive connections. Remote image URLs never reach llama-server (see `_local_images`).
+Upstream timeouts bound connecting and the silence between reads, never the whole generation (504). A client that
+hangs up is counted as 499; llama-server's 500 for a request it cannot take becomes a 400 with our own code.
 """
 
 from __future__ import annotations

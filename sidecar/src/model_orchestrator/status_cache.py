@@ -2,8 +2,8 @@
 bytes until something they show changes.
 
 What an answer shows can change through: a model's state, process, requests in flight, priority, last use or error
-(`state_key`); the reservation book (its `version`); the GPU readings (a new snapshot object from the sampler,
-gpu.GpuSampler). The cache key is all of these plus the route and query, compared on every request (a few
+(`state_key`); the reservation book (its `version`); the GPU readings (a new snapshot from the sampler,
+gpu.GpuSampler, told apart by the time it was taken). The cache key is all of these plus the route and query, compared on every request (a few
 microseconds), so a change is visible at once. An answer is also rebuilt after `max_age_s` (the sampling period):
 values derived from the clock (a reservation's expires_in_s) are never older than one period.
 Concurrent requests for an answer being built wait for that one build instead of building it again.
@@ -28,7 +28,7 @@ class StatusCache:
 
     def state_key(self) -> tuple:
         o = self.orch
-        return (id(o.gpu.latest()), o.reservations.version,
+        return (o.gpu.latest().taken_at, o.reservations.version,
                 tuple((s.state, s.server, s.in_flight, s.draining, s.priority, s.last_used_mono, id(s.last_error),
                        s.gpu, s.load_seconds) for s in o.slots.values()))
 
