@@ -187,9 +187,13 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
             if "Accept" in request.headers:
                 headers = {**headers, "Accept": request.headers["Accept"]}
             try:
-                async with await _send(orch, f"{server.base_url}{request.path}", raw, headers, server) as up:
+                # the idle timeout: until the answer's headers (a non-streamed answer's come when it is complete),
+                # then per chunk of a stream (in _pass_stream). aiohttp's own sock_read stalled long streams.
+                async with asyncio.timeout(orch.settings.upstream_idle_timeout_s) as deadline, \
+                        await _send(orch, f"{server.base_url}{request.path}", raw, headers, server) as up:
                     status = up.status
                     if stream and up.content_type == "text/event-stream":
+                        deadline.reschedule(None)
                         status = await _pass_stream(request, up, slot, server, orch)
                         if status == CLIENT_GONE:
                             raise ClientGone()
@@ -262,10 +266,9 @@ _STREAM_HEADERS = {"Content-Type": "application/json", "Connection": "close"}
 async def _send(orch: Orchestrator, url: str, raw: bytes, headers: dict, server: LlamaServer):
     """POST upstream. A pooled keep-alive connection that llama-server has just closed (it keeps idle ones 5 s and
     serves 100 requests on one) fails before any byte of answer: that attempt is retried once, on a new connection.
-    Timeouts suit generation: connecting is bounded, and so is the silence between two reads (not the total)."""
+    Connecting is bounded here; the silence between two reads is bounded by the caller (never the total)."""
     s = orch.settings
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.upstream_connect_timeout_s,
-                                    sock_read=s.upstream_idle_timeout_s)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.upstream_connect_timeout_s)
     for attempt in (1, 2):
         try:
             return await orch.http.post(url, data=raw, headers=headers, timeout=timeout)
@@ -284,9 +287,11 @@ async def _pass_stream(request, up, slot, server, orch) -> int:
     scanner = UsageScanner()
     status = up.status
     chunks = up.content.iter_any()
+    idle = orch.settings.upstream_idle_timeout_s
     while True:
         try:
-            chunk = await chunks.__anext__()
+            async with asyncio.timeout(idle):
+                chunk = await chunks.__anext__()
         except StopAsyncIteration:
             break
         except (aiohttp.ServerTimeoutError, TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
