@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install deps llama-server chromium run test bench load-test openapi docs screenshots n8n-nodes clean
+.PHONY: install deps llama-server chromium run test bench bench-peers load-test openapi docs screenshots n8n-nodes clean
 
 install: deps llama-server
 
@@ -27,6 +27,10 @@ test: install chromium
 
 bench: install
 	$(BIN)/python bench/bench_sidecar.py
+
+# bare llama-server vs the sidecar vs llama.cpp's router, same binary and flags (add ARGS=--gpu on a GPU machine)
+bench-peers: install
+	$(BIN)/python bench/peers.py $(ARGS)
 
 # the full load test (make test runs a short variant): 200 clients for a minute
 load-test: install

@@ -53,6 +53,7 @@ async def test_status_and_metrics_split_memory_between_models_and_foreign_proces
     r = await client.post("/models/load", json={"model": "tiny"})
     pid = (await r.json())["pid"]
     nv.procs[0].append(proc(pid, 17234))  # the driver now reports the model's llama-server
+    await asyncio.sleep(2 * orch.settings.gpu_sample_s)  # answers are at most one sampling period old
     body = await (await client.get("/models/status")).json()
     assert body["mode"] == "gpu" and body["total_mb"] == 2 * 32607 and body["used_mb"] == 23234
     assert body["free_mb"] == 2 * 32607 - 23234 and body["utilization_percent"] == 45.0

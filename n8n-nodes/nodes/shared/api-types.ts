@@ -2524,6 +2524,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
+            /** @description upstream_timeout: llama-server sent nothing for MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
         };
     };
     completions: {
@@ -2653,6 +2662,15 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
+            /** @description upstream_timeout: llama-server sent nothing for MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
         };
     };
     embeddings: {
@@ -2769,6 +2787,15 @@ export interface operations {
             };
             /** @description model not ready (loading failed, being unloaded) */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description upstream_timeout: llama-server sent nothing for MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S */
+            504: {
                 headers: {
                     [name: string]: unknown;
                 };

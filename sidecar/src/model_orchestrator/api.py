@@ -25,6 +25,7 @@ from .errors import Code, Refused
 from .events import EVENT_TYPES
 from .http_errors import HttpRefused, error_body, refusal_response
 from .lifecycle import LoadResult
+from .gpu import GpuSampler
 from .model_files import ModelFilesMissing
 from .openapi import build_openapi
 from .orchestrator import Orchestrator
@@ -32,9 +33,11 @@ from .schemas import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest
                       EventOut, HealthResponse, LoadCallback, LoadRequest, LoadResponse, LogsResponse, ModelsResponse, OpenAIModelList,
                       OpenAIResponse, RenewRequest, ReservationList, ReservationOut, ReservationRequest,
                       StatusResponse, UnloadRequest, UnloadResponse)
+from .status_cache import StatusCache
 
 log = logging.getLogger("model_orchestrator.api")
 ORCH = web.AppKey("orchestrator", Orchestrator)
+STATUS = web.AppKey("status_cache", StatusCache)
 OPENAPI = web.AppKey("openapi", dict)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -91,27 +94,53 @@ def _codec_name(charset: str) -> str | None:
 
 
 def _json(model: type[BaseModel], data: dict, status: int = 200) -> web.Response:
+    return web.Response(body=_serialised(model, data), status=status, content_type="application/json")
+
+
+def _serialised(model: type[BaseModel], data: dict) -> bytes:
     # validate what we answer with the documented model: the OpenAPI document cannot drift from the answers
-    return web.json_response(model.model_validate(data).model_dump(mode="json"), status=status)
+    return model.model_validate(data).model_dump_json().encode()
+
+
+async def _cached(request: web.Request, name: str, build: Callable[[], Awaitable[bytes]]) -> web.Response:
+    """An answer of the status cache (status_cache.py): built and serialised once per state, then served as bytes."""
+    key = f"{name}?{request.query_string}" if request.query_string else name
+    return web.Response(body=await request.app[STATUS].get(key, build), content_type="application/json")
 
 
 # ---- handlers ---------------------------------------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
-    return _json(HealthResponse, request.app[ORCH].health())
+    orch = request.app[ORCH]
+
+    async def build() -> bytes:
+        return _serialised(HealthResponse, orch.health())
+
+    return await _cached(request, "health", build)
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = await asyncio.to_thread(request.app[ORCH].metrics.render)  # reads NVML
+    m = request.app[ORCH].metrics
+    frozen = m.freeze()  # on the event loop, where the state changes: what this scrape shows, copied
+    body = await asyncio.to_thread(m.render, frozen)  # formatting off the loop, over values nobody mutates
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
 async def models_status(request: web.Request) -> web.Response:
-    return _json(StatusResponse, await request.app[ORCH].status())
+    orch = request.app[ORCH]
+
+    async def build() -> bytes:
+        return _serialised(StatusResponse, orch.status_view(orch.gpu_view.latest()))  # the sampler's GPU readings
+
+    return await _cached(request, "status", build)
 
 
 async def models_list(request: web.Request) -> web.Response:
     orch = request.app[ORCH]
-    return _json(ModelsResponse, await asyncio.to_thread(orch.registry_view))  # checks the HF cache on disk
+
+    async def build() -> bytes:
+        return _serialised(ModelsResponse, await asyncio.to_thread(orch.registry_view))  # checks the HF cache on disk
+
+    return await _cached(request, "models", build)
 
 
 async def models_load(request: web.Request) -> web.Response:
@@ -282,7 +311,8 @@ async def openapi_json(request: web.Request) -> web.Response:
 
 _PROXY_STATUSES = ((429, "overloaded: too many requests waiting for this model (MODEL_ORCHESTRATOR_MAX_QUEUE); "
                            "retry after Retry-After seconds"),
-                   (502, "llama-server crashed or the connection to it broke during the request"))
+                   (502, "llama-server crashed or the connection to it broke during the request"),
+                   (504, "upstream_timeout: llama-server sent nothing for MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S"))
 
 ROUTES: list[Route] = [
     Route("GET", "/health", health, "Liveness of the orchestrator", response=HealthResponse, auth=False, tag="service"),
@@ -375,8 +405,11 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         if code is None:  # an HTTP error aiohttp raised that we have no code for: keep its status
             return web.json_response(error_body(exc.status, "http_error", message), status=exc.status)
         return refusal_response(Refused(code, message), headers=allow)
+    except proxy.ClientGone:  # the client hung up mid-answer: counted, nothing to answer or to log
+        status = proxy.CLIENT_GONE
+        return request.get(proxy.PROXIED_STREAM) or web.Response(status=proxy.CLIENT_GONE)
     except asyncio.CancelledError:
-        status = 499  # the client went away
+        status = proxy.CLIENT_GONE  # the client went away
         raise
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
@@ -384,8 +417,9 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     finally:
         orch = request.app[ORCH]
         route = _route_label(request)
-        orch.metrics.http_requests.labels(route, request.method, str(status)).inc()
-        orch.metrics.http_duration.labels(route, request.method).observe(time.perf_counter() - t0)
+        m = orch.metrics
+        m.child(m.http_requests, route, request.method, str(status)).inc()
+        m.child(m.http_duration, route, request.method).observe(time.perf_counter() - t0)
 
 
 def auth_middleware(api_key: str, public_paths: set[str]):
@@ -464,6 +498,8 @@ def create_app(orch: Orchestrator) -> web.Application:
         middlewares.append(browser_guard(orch.settings))
     app = web.Application(middlewares=middlewares, client_max_size=orch.settings.max_body_mb * 1024 * 1024)
     app[ORCH] = orch
+    app[STATUS] = StatusCache(orch, max_age_s=orch.settings.gpu_sample_s)
+    sampler = GpuSampler(orch.gpu_view, orch.settings.gpu_sample_s)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)
     app[OPENAPI] = build_openapi(ROUTES, version=__version__)
@@ -471,7 +507,9 @@ def create_app(orch: Orchestrator) -> web.Application:
 
     async def lifecycle(app: web.Application):
         await orch.start()
+        sampler.start()
         yield
+        await sampler.stop()
         await orch.close()
 
     app.cleanup_ctx.append(lifecycle)

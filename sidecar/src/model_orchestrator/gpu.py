@@ -2,15 +2,23 @@
 
 Without a GPU (or without the NVIDIA driver) `open_gpu_view()` returns a view whose `available` is False and whose
 devices list is empty: callers report CPU mode and never invent numbers.
+
+`GpuSampler` is the one reader on the hot path: a background task takes a snapshot every sampling period (in a
+worker thread: NVML calls block), and status, health and metrics answer from `view.latest()` without touching NVML.
+Admission still reads fresh (`snapshot(fresh=True)`), which also refreshes what `latest()` returns.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 
 MIB = 1024 * 1024
+log = logging.getLogger("model_orchestrator.gpu")
 
 
 @dataclass
@@ -70,6 +78,11 @@ class GpuView:
             self._cached = GpuSnapshot(True, self._read_devices(), self.driver_version, taken_at=now)
             return self._cached
 
+    def latest(self) -> GpuSnapshot:
+        """The last snapshot taken (by the sampler or admission), without touching NVML once there is one."""
+        cached = self._cached
+        return cached if cached is not None else self.snapshot(fresh=True)
+
     def _read_devices(self) -> list[GpuDevice]:
         nv = self._nvml
         devices = []
@@ -106,9 +119,42 @@ class NoGpuView:
 
     def __init__(self, reason: str):
         self.reason = reason
+        self._snap = GpuSnapshot(False, [], None, reason, time.monotonic())
 
     def snapshot(self, *, fresh: bool = False) -> GpuSnapshot:
-        return GpuSnapshot(False, [], None, self.reason, time.monotonic())
+        return self._snap
+
+    def latest(self) -> GpuSnapshot:
+        return self._snap
+
+
+class GpuSampler:
+    """Takes a GPU snapshot every `period_s` seconds in a worker thread, so no request waits for NVML and a burst
+    of status calls costs no NVML call at all. Nothing to do in CPU mode."""
+
+    def __init__(self, view: "GpuView | NoGpuView", period_s: float):
+        self.view = view
+        self.period_s = period_s
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        if self.view.available and self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.to_thread(self.view.snapshot, fresh=True)
+            except Exception:  # a transient NVML error must not end sampling: the last snapshot stays
+                log.exception("GPU sampling failed")
+            await asyncio.sleep(self.period_s)
 
 
 def _text(v) -> str:

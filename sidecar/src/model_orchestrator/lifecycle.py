@@ -1,8 +1,8 @@
 """Where a model is loaded and unloaded: the llama-server process and the per-model state machine.
 
 `LlamaServer` owns one child process: spawned from an argument list (never a shell) on its own loopback port,
-ready when its /health says so, logs in a bounded buffer, stopped with SIGTERM then SIGKILL, its exit noticed at
-once (a task awaits it) with the reason kept. It dies with the sidecar (PR_SET_PDEATHSIG) and carries a marker in
+ready when its log says "model loaded" and one /health confirms it (push, not a poll loop), logs in a bounded
+buffer, stopped with SIGTERM then SIGKILL, its exit noticed at once (a task awaits it) with the reason kept. It dies with the sidecar (PR_SET_PDEATHSIG) and carries a marker in
 its environment so a restarted sidecar can find and reap leftovers.
 
 `ManagedModel` is one model's state machine. Every state change goes through `_transition`, checked against
@@ -52,6 +52,7 @@ OWNER_ENV = "MODEL_ORCHESTRATOR_OWNER"  # marks processes spawned by a sidecar; 
 OWNER_PID_ENV = "MODEL_ORCHESTRATOR_OWNER_PID"  # and the PID of that sidecar: a leftover is one whose owner is gone
 MODEL_ENV = "MODEL_ORCHESTRATOR_MODEL"
 READY_LOG_HINTS = ("model loaded", "listening on")  # llama-server prints these as /health turns 200
+READY_FALLBACK_POLL_S = 1.0  # /health is polled this often only if no hint came (a changed log wording)
 
 
 class IllegalTransition(RuntimeError):
@@ -225,21 +226,23 @@ class LlamaServer:
         self.ready_after_s = time.perf_counter() - t0
 
     async def _wait_healthy(self, http: aiohttp.ClientSession) -> None:
+        """Readiness by push: llama-server prints "model loaded" the moment its /health turns 200 (READY_LOG_HINTS);
+        that line (or the process's exit) wakes us and one /health confirms it. A slow poll stays as a safety net
+        should a future llama-server word its log differently."""
         url = f"{self.base_url}/health"
         while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), READY_FALLBACK_POLL_S)
+            self._wake.clear()
             if self.exit is not None:
                 raise LoadFailed(f"llama-server for {self.model_id} {self.exit.reason} during start-up",
                                  self.exit.last_logs, code=Code.PROCESS_EXITED)
-            self._wake.clear()
             try:
                 async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     if resp.status == 200:
                         return
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 pass
-            # poll every 10 ms, or at once when the log says the model is loaded / the process exited
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 0.01)
 
     async def check_health(self, http: aiohttp.ClientSession, timeout: float) -> str | None:
         """Ask /health once; None when it is alive, else what went wrong, counted in health_misses (the watchdog

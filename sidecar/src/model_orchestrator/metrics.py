@@ -1,5 +1,10 @@
 """Prometheus metrics. The orchestrator's own carry the `model_orchestrator_` prefix; the guide's names
-(`llamacpp_*`) count chat traffic per model. GPU gauges are read from NVML at scrape time, never cached stale.
+(`llamacpp_*`) count chat traffic per model.
+
+A scrape is two steps: `freeze()` on the event loop copies what the scrape shows of the orchestrator's state (the
+GPU sampler's latest snapshot, the owned processes, the reservations) into metric families nobody mutates; then
+`render(frozen)` formats them with the counters, which prometheus_client guards with its own locks, in a worker
+thread. No thread ever walks a structure the event loop is changing.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ class Metrics:
     def __init__(self, gpu_snapshot: Callable[[], GpuSnapshot], owned_pids: Callable[[], dict[int, str]],
                  reservations: Callable[[], list] = list):
         self.registry = CollectorRegistry()
+        self._children: dict[tuple, object] = {}
         r = self.registry
         self.model_state = Gauge("model_orchestrator_model_state", "1 for the state the model is in", ["model", "state"], registry=r)
         self.loads = Counter("model_orchestrator_model_loads", "Loads by result (loaded, failed, cancelled)", ["model", "result"], registry=r)
@@ -38,8 +44,8 @@ class Metrics:
         self.prompt_tokens = Counter("llamacpp_prompt_tokens", "Prompt tokens processed (from responses' usage)", ["model"], registry=r)
         self.requests = Counter("llamacpp_requests", "OpenAI-API requests by model, endpoint and status", ["model", "endpoint", "status"], registry=r)
         self.request_duration = Histogram("llamacpp_requests_duration_seconds", "OpenAI-API request latency (to the last byte)", ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
-        r.register(_GpuCollector(gpu_snapshot, owned_pids))
-        r.register(_ReservationCollector(reservations))
+        self._gpu = _GpuCollector(gpu_snapshot, owned_pids)
+        self._reservations = _ReservationCollector(reservations)
 
     def preset(self, models: list[str]) -> None:
         """Create every model's counters at 0, so a first event is an increase Prometheus can see."""
@@ -58,12 +64,36 @@ class Metrics:
         for s in State:
             self.model_state.labels(model, s.value).set(1 if s == state else 0)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+    def child(self, metric, *labels: str):
+        """metric.labels(*labels), remembered: prometheus_client's labels() validates and locks on every call, a cost
+        the hot path (every request counts itself twice) does not need to pay more than once per label set."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def freeze(self) -> "Frozen":
+        """Call on the event loop: the state-derived families of one scrape, computed now."""
+        return Frozen([*self._gpu.collect(), *self._reservations.collect()])
+
+    def render(self, frozen: "Frozen | None" = None) -> bytes:
+        """Safe in any thread: counters lock themselves; the rest comes from `frozen` (freeze() if not given)."""
+        return generate_latest(self.registry) + generate_latest(frozen if frozen is not None else self.freeze())
+
+
+class Frozen:
+    """Metric families computed once, for generate_latest (which only calls collect())."""
+
+    def __init__(self, families: list):
+        self._families = families
+
+    def collect(self):
+        return self._families
 
 
 class _GpuCollector:
-    """Reads the GPU at scrape time so Prometheus sees what NVML sees now."""
+    """The GPU as the sampler last read it (gpu.GpuSampler: at most one sampling period old)."""
 
     def __init__(self, snapshot: Callable[[], GpuSnapshot], owned_pids: Callable[[], dict[int, str]]):
         self._snapshot = snapshot

@@ -77,7 +77,7 @@ class Orchestrator:
         self.models: dict[str, ManagedModel] = {s.id: ManagedModel(s, self._on_transition) for s in registry.models}
         self.reservations = ReservationBook()
         self.events = EventBus()  # what happened, for GET /models/events and load callbacks (events.py)
-        self.metrics = Metrics(gpu_view.snapshot, self.owned_pids, self.reservations.active)
+        self.metrics = Metrics(gpu_view.latest, self.owned_pids, self.reservations.active)
         self.metrics.preset([s.id for s in registry.models])
         self.calibration = Calibration(settings.state_dir, self.metrics.registry)
         self.estimate_checks: dict[str, EstimateCheck] = {}  # model -> its current load's estimate vs NVML
@@ -263,7 +263,9 @@ class Orchestrator:
         log.warning("GPU %d: memory not yet returned %g s after eviction; loading anyway", gpu, timeout_s)
 
     async def _placement_view(self) -> tuple[list[Device], list[Resident]]:
-        snap = await self.snapshot(fresh=True)
+        return self._placement_from(await self.snapshot(fresh=True))
+
+    def _placement_from(self, snap: GpuSnapshot) -> tuple[list[Device], list[Resident]]:
         owned = self.owned_pids()
         devices = [Device(d.index, d.total_mb,
                           foreign_mb=sum(p.used_mb or 0 for p in d.processes if p.pid not in owned),
@@ -571,9 +573,12 @@ class Orchestrator:
         }
 
     async def status(self) -> dict:
-        snap = await self.snapshot()
+        return self.status_view(await self.snapshot())
+
+    def status_view(self, snap: GpuSnapshot) -> dict:
+        """GET /models/status from a given GPU snapshot (the sampler's: no NVML call on the request's path)."""
         owned = self.owned_pids()
-        devices, residents = await self._placement_view()
+        devices, residents = self._placement_from(snap)
         room = {d.index: round(available(d, residents, self.settings.vram_margin_mb), 1) for d in devices}
         gpus = []
         for d in snap.devices:

@@ -2,19 +2,30 @@
 
 Bodies go upstream byte for byte (images, tools, tool_choice untouched); SSE streams come back chunk by chunk as
 llama-server writes them, never buffered whole. Token counts are read from the responses' usage for metrics.
+
+The hot path is thin: the body is parsed once (orjson) for `model` and `stream`; a structural check of what the
+request model requires replaces pydantic, which runs only to name the field when that check fails; non-streamed
+requests reuse pooled keep-alive connections. Remote image URLs never reach llama-server (see `_local_images`).
+Upstream timeouts bound connecting and the silence between reads, never the whole generation (504). A client that
+hangs up is counted as 499; llama-server's 500 for a request it cannot take becomes a 400 with our own code.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
 import json
 import time
 
 import aiohttp
+import orjson
+import yarl
 from aiohttp import web
 from pydantic import ValidationError
 
 from .errors import Code, Refused
-from .http_errors import refusal_body, refusal_response
+from .http_errors import STATUS, refusal_body
 from .lifecycle import LlamaServer, ManagedModel
 from .llama_args import serves_embeddings
 from .orchestrator import Orchestrator
@@ -72,20 +83,80 @@ async def _upstream_lost(model: ManagedModel, server: LlamaServer) -> Refused:
 
 def _validate(endpoint: str, body: dict) -> None:
     """The documented request model (fields it does not list pass through): llama-server answers some malformed
-    bodies with a 500, e.g. a message without a role."""
+    bodies with a 500, e.g. a message without a role. Hot path: `_looks_valid` checks what the model requires in a
+    few microseconds; pydantic runs only when that check fails, to name the field."""
+    if _looks_valid(endpoint, body):
+        return
     try:
         _REQUESTS[endpoint].model_validate(body)
     except ValidationError as exc:
         problems = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]} for e in exc.errors()]
         raise Refused(Code.INVALID_REQUEST, f"{problems[0]['field']}: {problems[0]['problem']}",
-                      problems=problems) from None
+                       problems=problems) from None
+
+
+def _looks_valid(endpoint: str, body: dict) -> bool:
+    """True only for bodies the request model accepts (schemas.py: strict types, extra fields allowed)."""
+    if not isinstance(body.get("model", ""), str) or body.get("stream") not in (None, True, False):
+        return False
+    if endpoint == "chat_completions":
+        messages = body.get("messages")
+        return type(messages) is list and all(type(m) is dict and type(m.get("role")) is str for m in messages)
+    return ("prompt" if endpoint == "completions" else "input") in body
+
+
+async def _local_images(orch: Orchestrator, body: dict) -> bool:
+    """llama-server downloads any media URL that starts with "http" itself, from wherever it points (a blind SSRF).
+    Here such URLs are refused unless their host is on MODEL_ORCHESTRATOR_IMAGE_URL_HOSTS; allowed ones are fetched
+    by the sidecar (no redirects, time- and size-bounded) and passed on as data URLs. True when the body changed."""
+    changed = False
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if not isinstance(part, dict):
+                continue
+            for value in part.values():
+                url = value.get("url") if isinstance(value, dict) else None
+                if isinstance(url, str) and url[:4].lower() == "http":
+                    value["url"] = await _fetch_image(orch, url)
+                    changed = True
+    return changed
+
+
+async def _fetch_image(orch: Orchestrator, url: str) -> str:
+    settings = orch.settings
+    allowed = {h.strip().lower() for h in settings.image_url_hosts.split(",") if h.strip()}
+    host = (yarl.URL(url).host or "").lower() if url.lower().startswith(("http://", "https://")) else ""
+    if not host or host not in allowed:
+        raise Refused(Code.IMAGE_URL_NOT_ALLOWED, f"remote image URLs are not fetched from {host or url[:40]!r}: send "
+                       "the image as a data URL (data:image/png;base64,...), or add the host to "
+                       "MODEL_ORCHESTRATOR_IMAGE_URL_HOSTS", host=host or None)
+    limit = int(settings.image_url_max_mb * 1024 * 1024)
+    try:
+        async with orch.http.get(url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=10)) as r:
+            if r.status != 200:
+                raise Refused(Code.IMAGE_FETCH_FAILED, f"fetching {url} answered {r.status}", url=url)
+            if r.content_length is not None and r.content_length > limit:
+                raise Refused(Code.IMAGE_TOO_LARGE, f"{url} is larger than {settings.image_url_max_mb:g} MB "
+                               "(MODEL_ORCHESTRATOR_IMAGE_URL_MAX_MB)", url=url)
+            data = await r.content.read(limit + 1)
+            if len(data) > limit:
+                raise Refused(Code.IMAGE_TOO_LARGE, f"{url} is larger than {settings.image_url_max_mb:g} MB "
+                               "(MODEL_ORCHESTRATOR_IMAGE_URL_MAX_MB)", url=url)
+            ctype = r.content_type if r.content_type.startswith(("image/", "video/", "audio/")) else "image/png"
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        raise Refused(Code.IMAGE_FETCH_FAILED, f"could not fetch {url}: {exc.__class__.__name__} {exc}",
+                       url=url) from None
+    return f"data:{ctype};base64,{base64.b64encode(data).decode()}"
 
 
 async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> web.StreamResponse:
     raw = await request.read()
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than json can parse
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:  # also what orjson says for JSON nested deeper than it parses
         raise Refused(Code.INVALID_JSON, "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise Refused(Code.INVALID_REQUEST, "the request body must be a JSON object")
@@ -97,19 +168,21 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
     t0 = time.perf_counter()
     status = 500
     m = orch.metrics
-    m.in_flight.labels(slot.id).inc()
+    in_flight = m.child(m.in_flight, slot.id)
+    in_flight.inc()
     try:  # from here on every answer is counted for the model, refusals included
         _validate(endpoint, body)
+        if endpoint == "chat_completions" and b'"image_url"' in raw and not slot.spec.vision and _has_image(body):
+            # llama-server would answer 500 after a load on demand: name the fix instead
+            raise Refused(Code.VISION_NOT_SUPPORTED, f"{slot.id} has no vision projector, so it cannot read images: "
+                          "send the image to a model with an mmproj (GET /models: vision=true), or add `mmproj` to "
+                          f"{slot.id}'s source in the model registry", model=slot.id)
+        if endpoint == "chat_completions" and await _local_images(orch, body):
+            raw = orjson.dumps(body)
         if endpoint == "embeddings" and not serves_embeddings(slot.spec.extra_args):
             # llama-server would answer 501 after a load on demand: say what to change instead
             raise Refused(Code.EMBEDDINGS_NOT_ENABLED, f"{slot.id} does not serve embeddings: add \"--embeddings\" "
                           "to its extra_args in the model registry", model=slot.id)
-        if endpoint == "chat_completions" and b'"image_url"' in raw and not slot.spec.vision \
-                and _has_image(body):
-            # llama-server would answer 500: name the fix instead
-            raise Refused(Code.VISION_NOT_SUPPORTED, f"{slot.id} has no vision projector, so it cannot read images: "
-                          "send the image to a model with an mmproj (GET /models: vision=true), or add `mmproj` to "
-                          f"{slot.id}'s source in the model registry", model=slot.id)
         limit = orch.queue_limit(slot)
         if limit and slot.in_flight >= limit:  # bounded: a burst cannot pile up unbounded work behind one model
             raise Refused(Code.OVERLOADED, f"{slot.id} already has {slot.in_flight} requests waiting or in flight "
@@ -117,59 +190,145 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
                           retry_after=1, model=slot.id, in_flight=slot.in_flight, limit=limit)
         with slot.request():
             server = await orch.ready_server(slot)
-            headers = {"Content-Type": "application/json"}
-            if stream:  # llama-server closes the connection after a stream without saying so: never pool it
-                headers["Connection"] = "close"
+            headers = _STREAM_HEADERS if stream else _JSON_HEADERS
             if "Accept" in request.headers:
-                headers["Accept"] = request.headers["Accept"]
+                headers = {**headers, "Accept": request.headers["Accept"]}
             try:
-                async with await _send(orch.http, f"{server.base_url}{request.path}", raw, headers, server) as up:
+                # the idle timeout: until the answer's headers (a non-streamed answer's come when it is complete),
+                # then per chunk of a stream (in _pass_stream). aiohttp's own sock_read stalled long streams.
+                async with asyncio.timeout(orch.settings.upstream_idle_timeout_s) as deadline, \
+                        await _send(orch, f"{server.base_url}{request.path}", raw, headers, server) as up:
                     status = up.status
                     if stream and up.content_type == "text/event-stream":
-                        return await _pass_stream(request, up, slot, server, orch, endpoint)
+                        deadline.reschedule(None)
+                        status = await _pass_stream(request, up, slot, server, orch)
+                        if status == CLIENT_GONE:
+                            raise ClientGone()
+                        return request[PROXIED_STREAM]
                     data = await up.read()
-                    if up.status == 200 and up.content_type == "application/json":
+                    if status == 200:
                         _count_tokens(orch, slot.id, data)
-                    return web.Response(body=data, status=up.status, headers={
+                    if _client_gone(request):
+                        raise ClientGone()
+                    if status == 500 and server.exit is None:
+                        # llama-server answers many requests it cannot take (bad base64, an unsupported parameter,
+                        # an image for a model without projector) with a 500 while staying up: a client error
+                        raise _rejected(slot.id, data)
+                    return web.Response(body=data, status=status, headers={
                         k: v for k, v in up.headers.items() if k.lower() not in _HOP_HEADERS})
+            except (aiohttp.ServerTimeoutError, TimeoutError):
+                raise _timed_out(orch, slot.id) from None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
+                if _client_gone(request):
+                    raise ClientGone() from None
                 raise await _upstream_lost(slot, server) from None
     except Refused as err:
-        status = refusal_response(err).status
+        status = STATUS[err.code]
+        raise
+    except (ClientGone, asyncio.CancelledError):  # cancelled: the server stops a handler whose client left
+        status = CLIENT_GONE
         raise
     finally:
-        m.in_flight.labels(slot.id).dec()
-        m.requests.labels(slot.id, endpoint, str(status)).inc()
-        m.request_duration.labels(slot.id, endpoint).observe(time.perf_counter() - t0)
+        in_flight.dec()
+        m.child(m.requests, slot.id, endpoint, str(status)).inc()
+        m.child(m.request_duration, slot.id, endpoint).observe(time.perf_counter() - t0)
 
 
-async def _send(http: aiohttp.ClientSession, url: str, raw: bytes, headers: dict, server: LlamaServer):
+CLIENT_GONE = 499  # nginx's code for "the client closed the connection": counted, never answered
+
+
+PROXIED_STREAM = web.RequestKey("proxied_stream", web.StreamResponse)  # a stream's response, once prepared
+
+
+class ClientGone(Exception):
+    """The client hung up: nothing to answer, nothing to log as an error."""
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _rejected(model: str, data: bytes) -> Refused:
+    try:
+        message = orjson.loads(data)["error"]["message"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        message = data[:500].decode(errors="replace")
+    return Refused(Code.REJECTED_BY_LLAMA_SERVER, f"llama-server refused the request: {message}", model=model,
+                   upstream_status=500)
+
+
+def _timed_out(orch: Orchestrator, model: str) -> Refused:
+    s = orch.settings
+    return Refused(Code.UPSTREAM_TIMEOUT, f"llama-server for {model} sent nothing for "
+                    f"{s.upstream_idle_timeout_s:g} s (MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S) or did not accept "
+                    f"the connection within {s.upstream_connect_timeout_s:g} s", model=model)
+
+
+_JSON_HEADERS = {"Content-Type": "application/json"}
+# llama-server closes the connection after a stream without saying so: never pool it
+_STREAM_HEADERS = {"Content-Type": "application/json", "Connection": "close"}
+
+
+async def _send(orch: Orchestrator, url: str, raw: bytes, headers: dict, server: LlamaServer):
     """POST upstream. A pooled keep-alive connection that llama-server has just closed (it keeps idle ones 5 s and
-    serves 100 requests on one) fails before any byte of answer: that attempt is retried once, on a new connection."""
+    serves 100 requests on one) fails before any byte of answer: that attempt is retried once, on a new connection.
+    Connecting is bounded here; the silence between two reads is bounded by the caller (never the total)."""
+    s = orch.settings
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.upstream_connect_timeout_s)
     for attempt in (1, 2):
         try:
-            return await http.post(url, data=raw, headers=headers, timeout=aiohttp.ClientTimeout(total=None))
+            return await orch.http.post(url, data=raw, headers=headers, timeout=timeout)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
             if attempt == 2 or server.exit is not None:
                 raise
 
 
-async def _pass_stream(request, up, slot, server, orch, endpoint) -> web.StreamResponse:
+async def _pass_stream(request, up, slot, server, orch) -> int:
+    """Pass an SSE stream through chunk by chunk; the response goes into request[PROXIED_STREAM]. Returns the
+    status to count: 200, CLIENT_GONE when the client hung up, or the error's when llama-server failed mid-stream."""
     resp = web.StreamResponse(status=up.status, headers={
         "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    request[PROXIED_STREAM] = resp
     await resp.prepare(request)
     scanner = UsageScanner()
-    try:
-        async for chunk in up.content.iter_any():
-            await resp.write(chunk)
-            scanner.feed(chunk)
-    except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
-        # the status line is gone already: report the failure as a last SSE event, as OpenAI does
-        err = await _upstream_lost(slot, server)
-        await resp.write(b"data: " + json.dumps(refusal_body(err)).encode() + b"\n\n")
+    status = up.status
+    chunks = up.content.iter_any()
+    idle = orch.settings.upstream_idle_timeout_s
+    while True:
+        try:
+            async with asyncio.timeout(idle):
+                chunk = await chunks.__anext__()
+        except StopAsyncIteration:
+            break
+        except (aiohttp.ServerTimeoutError, TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            if _client_gone(request):
+                status = CLIENT_GONE
+                break
+            # the status line is gone already: report the failure as a last SSE event, as OpenAI does
+            err = _timed_out(orch, slot.id) if isinstance(exc, TimeoutError) else await _upstream_lost(slot, server)
+            status = STATUS[err.code]
+            if not await _write(resp, b"data: " + orjson.dumps(refusal_body(err)) + b"\n\n"):
+                status = CLIENT_GONE
+            break
+        if not await _write(resp, chunk):
+            status = CLIENT_GONE  # leaving the `async with` closes the upstream connection: llama-server stops
+            break
+        scanner.feed(chunk)
     _record(orch, slot.id, scanner.prompt_tokens, scanner.completion_tokens)
-    await resp.write_eof()
-    return resp
+    if status != CLIENT_GONE:
+        with contextlib.suppress(ConnectionError):
+            await resp.write_eof()
+    return status
+
+
+async def _write(resp: web.StreamResponse, data: bytes) -> bool:
+    """Write to the client; False when it has hung up."""
+    try:
+        await resp.write(data)
+        return True
+    except ConnectionError:  # aiohttp's ClientConnectionResetError is one
+        return False
 
 
 def _has_image(body: dict) -> bool:
@@ -183,8 +342,8 @@ def _has_image(body: dict) -> bool:
 
 def _count_tokens(orch: Orchestrator, model: str, data: bytes) -> None:
     try:
-        obj = json.loads(data)
-    except ValueError:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
         return
     if isinstance(obj, dict):
         scanner = UsageScanner()

@@ -34,11 +34,13 @@ class Reservation:
 class ReservationBook:
     def __init__(self) -> None:
         self._items: dict[str, Reservation] = {}
+        self.version = 0  # bumped by every change: cached views that show reservations compare it
 
     def add(self, service: str, vram_mb: float, *, ttl_s: float, gpu: int = 0, model: str | None = None) -> Reservation:
         r = Reservation(uuid.uuid4().hex[:12], service, model, vram_mb, gpu, ttl_s, time.monotonic() + ttl_s,
                         datetime.now(timezone.utc))
         self._items[r.id] = r
+        self.version += 1
         return r
 
     def get(self, rid: str) -> Reservation | None:
@@ -50,11 +52,15 @@ class ReservationBook:
         if r is not None:
             r.ttl_s = ttl_s or r.ttl_s
             r.expires_mono = time.monotonic() + r.ttl_s
+            self.version += 1
         return r
 
     def release(self, rid: str) -> Reservation | None:
         self.expire()
-        return self._items.pop(rid, None)
+        r = self._items.pop(rid, None)
+        if r is not None:
+            self.version += 1
+        return r
 
     def release_matching(self, name: str) -> list[Reservation]:
         """The guide's `/models/unload {model: "wan2.1-14b"}`: drop the claims made under that model or service name."""
@@ -62,6 +68,8 @@ class ReservationBook:
         gone = [r for r in self._items.values() if name in (r.model, r.service)]
         for r in gone:
             del self._items[r.id]
+        if gone:
+            self.version += 1
         return gone
 
     def expire(self) -> list[Reservation]:
@@ -69,6 +77,8 @@ class ReservationBook:
         gone = [r for r in self._items.values() if r.expires_mono <= now]
         for r in gone:
             del self._items[r.id]
+        if gone:
+            self.version += 1
         return gone
 
     def active(self) -> list[Reservation]:

@@ -84,6 +84,17 @@ class Settings(BaseModel):
                                          "callbacks (the sidecar is no open relay)")
     max_queue: int = setting(64, "MODEL_ORCHESTRATOR_MAX_QUEUE", "per model: requests waiting beyond llama-server's "
                              "--parallel slots before `429 overloaded` (0: no cap)", ge=0)
+    gpu_sample_s: float = setting(0.25, "MODEL_ORCHESTRATOR_GPU_SAMPLE_S", "GPU readings are sampled this often by "
+                                  "one background task; no status answer is older", gt=0, le=60)
+    upstream_connect_timeout_s: float = setting(10, "MODEL_ORCHESTRATOR_UPSTREAM_CONNECT_TIMEOUT_S", "connecting to "
+                                                "a llama-server", gt=0)
+    upstream_idle_timeout_s: float = setting(600, "MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S", "no byte from "
+                                             "llama-server for this long ends a proxied request (`504`)", gt=0)
+    image_url_hosts: str = setting("", "MODEL_ORCHESTRATOR_IMAGE_URL_HOSTS", "hosts (comma-separated) whose http(s) "
+                                   "image URLs the sidecar fetches and passes on as data URLs; any other remote image "
+                                   "URL is refused with `400 image_url_not_allowed` (llama-server never fetches URLs)")
+    image_url_max_mb: float = setting(20, "MODEL_ORCHESTRATOR_IMAGE_URL_MAX_MB", "the most an allowed remote image "
+                                      "may weigh", gt=0)
 
     # without an API key, what a browser may reach (api.browser_guard): origins besides the sidecar's own, and
     # host names besides loopback, the bind address and IP literals (DNS rebinding sends a foreign name)
@@ -139,7 +150,7 @@ def settings_table() -> str:
     for name, f in Settings.model_fields.items():
         if f.default_factory is not None:
             default = "see text"
-        elif f.default is None or f.default == ():
+        elif f.default is None or f.default in ((), ""):
             default = "unset"
         else:
             default = f"`{str(f.default).lower() if isinstance(f.default, bool) else f.default}`"

@@ -1,0 +1,59 @@
+"""The answers of GET /models/status, /models and /health: built once per state, serialised once, then served as
+bytes until something they show changes.
+
+What an answer shows can change through: a model's state, process, requests in flight, priority, last use or error
+(`state_key`); the reservation book (its `version`); the GPU readings (a new snapshot from the sampler,
+gpu.GpuSampler, told apart by the time it was taken). The cache key is all of these plus the route and query, compared on every request (a few
+microseconds), so a change is visible at once. An answer is also rebuilt after `max_age_s` (the sampling period):
+values derived from the clock (a reservation's expires_in_s) are never older than one period.
+Concurrent requests for an answer being built wait for that one build instead of building it again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Awaitable, Callable
+
+from .orchestrator import Orchestrator
+
+
+class StatusCache:
+    def __init__(self, orch: Orchestrator, max_age_s: float):
+        self.orch = orch
+        self.max_age_s = max_age_s
+        self._answers: dict[str, tuple[tuple, float, bytes]] = {}  # name -> (key, built at, body)
+        self._building: dict[str, tuple[tuple, asyncio.Future]] = {}
+        self.builds = 0  # how many answers were built (the benchmark and tests read it)
+
+    def state_key(self) -> tuple:
+        o = self.orch
+        return (o.gpu_view.latest().taken_at, o.reservations.version,
+                tuple((s.state, s.server, s.in_flight, s.draining, s.priority, s.last_used_mono, id(s.last_error),
+                       s.gpu, s.load_seconds) for s in o.models.values()))
+
+    async def get(self, name: str, build: Callable[[], Awaitable[bytes]]) -> bytes:
+        """The cached answer `name` if nothing it shows changed, else `build()`'s (one build at a time per name)."""
+        key = self.state_key()
+        hit = self._answers.get(name)
+        now = time.monotonic()
+        if hit is not None and hit[0] == key and now - hit[1] < self.max_age_s:
+            return hit[2]
+        building = self._building.get(name)
+        if building is not None and building[0] == key:
+            return await asyncio.shield(building[1])
+        fut = asyncio.get_running_loop().create_future()
+        self._building[name] = (key, fut)
+        try:
+            body = await build()
+        except BaseException as exc:
+            fut.set_exception(exc)
+            fut.exception()  # retrieved: no "never retrieved" warning when nobody else waited
+            raise
+        finally:
+            if self._building.get(name, (None, None))[1] is fut:
+                del self._building[name]
+        self.builds += 1
+        self._answers[name] = (key, now, body)
+        fut.set_result(body)
+        return body
