@@ -182,7 +182,9 @@ def test_the_orchestrator_knows_nothing_of_http():
     for name in ("orchestrator.py", "lifecycle.py", "scheduler.py", "errors.py"):
         text = (src / name).read_text()
         assert "aiohttp import web" not in text and "from .http_errors" not in text, name
-        assert "ApiError" not in text, name
+        assert "ApiError" not in text and "status=4" not in text and "status=5" not in text, name
+    orchestrator = (src / "orchestrator.py").read_text()
+    assert "\nimport aiohttp" not in orchestrator and "\nfrom aiohttp" not in orchestrator  # only for type hints
 
 
 async def test_wait_false_answers_202_once_the_load_is_admitted_and_started(capped):

@@ -110,6 +110,13 @@ class LaunchPlan:
     port: int
 
 
+def upstream_session() -> aiohttp.ClientSession:
+    """The one HTTP client to the llama-servers (readiness, health, slots, the proxy). No connection cap: concurrency
+    is bounded per model by llama-server's slots, not by our pool; keep-alive below llama-server's own 5 s, so a
+    pooled connection is rarely one it is closing."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4), auto_decompress=False)
+
+
 def placement_env(devices: list[int]) -> dict[str, str]:
     """Show llama-server only the GPUs admission chose, numbered as NVML numbers them (PCI bus order)."""
     return {"CUDA_DEVICE_ORDER": "PCI_BUS_ID", "CUDA_VISIBLE_DEVICES": ",".join(map(str, devices))}

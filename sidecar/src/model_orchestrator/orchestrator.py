@@ -15,8 +15,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import aiohttp
+from typing import TYPE_CHECKING
 
 from . import __version__
 from .calibration import Calibration, EstimateCheck
@@ -25,7 +24,7 @@ from .estimate import Estimate, estimate_headers
 from .events import EventBus
 from .gpu import GpuSnapshot, GpuView, NoGpuView
 from .lifecycle import (MODEL_ENV, LaunchPlan, LoadResult, ManagedModel, State, UnloadResult, owner_env,
-                        placement_env, reap_leftovers)
+                        placement_env, reap_leftovers, upstream_session)
 from .llama_args import build_argv, parallel_slots
 from .metrics import Metrics
 from .model_files import ModelFilesMissing, read_headers, resolve
@@ -34,6 +33,9 @@ from .reservations import Reservation, ReservationBook
 from .scheduler import Decision, Device, Request, Resident, available, decide
 from .settings import Settings
 from .slot_cache import SlotCache
+
+if TYPE_CHECKING:
+    from aiohttp import ClientSession
 
 log = logging.getLogger("model_orchestrator")
 
@@ -84,7 +86,7 @@ class Orchestrator:
         self.slot_cache = SlotCache(settings.state_dir / "slots", settings.slot_cache_mb, self.metrics.registry)
         for model in self.models.values():
             self.metrics.set_state(model.id, model.state)
-        self.http: aiohttp.ClientSession | None = None
+        self.http: ClientSession | None = None  # to the llama-servers (lifecycle.upstream_session)
         self._background: set[asyncio.Task] = set()
         self._admission = asyncio.Lock()  # one decision at a time: two loads never both take the same free memory
         self._closing = False  # terminal: once close() began, no load starts
@@ -94,10 +96,7 @@ class Orchestrator:
         reaped = await asyncio.to_thread(reap_leftovers, self.owner)
         if reaped:
             log.warning("reaped %d llama-server process(es) left by a previous run: %s", len(reaped), reaped)
-        # no connection cap: concurrency is bounded per model by llama-server's slots, not by our pool
-        # keepalive_timeout below llama-server's own (5 s) so we rarely reuse a connection it is closing
-        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4),
-                                          auto_decompress=False)
+        self.http = upstream_session()
         self._spawn(self._forever("idle", 1.0, self._unload_idle_step))
         self._spawn(self._forever("health", self.settings.health_interval_s, self._check_health))
 
