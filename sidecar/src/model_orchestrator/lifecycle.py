@@ -169,8 +169,6 @@ class LlamaServer:
         self.on_exit = on_exit
         self.proc: asyncio.subprocess.Process | None = None
         self.exit: ExitInfo | None = None
-        self.started_at: datetime | None = None
-        self.ready_after_s: float | None = None
         self._stopping = False
         self.health_misses = 0  # failed /health checks in a row since it was ready (check_health)
         self._cpu_ticks: int | None = None  # its CPU time at the last check
@@ -196,7 +194,6 @@ class LlamaServer:
 
     async def start(self, http: aiohttp.ClientSession, timeout: float) -> None:
         """Spawn and wait until /health answers 200. Raises LoadFailed (process stopped) on any failure."""
-        t0 = time.perf_counter()
         # The spawn is shielded: an unload that cancels us mid-spawn must not leave a child that nobody waits for
         # (uvloop kills it without reaping, and the model would be unloaded while its process still runs).
         spawn = asyncio.ensure_future(asyncio.create_subprocess_exec(
@@ -213,7 +210,6 @@ class LlamaServer:
                 cancelled = True  # wait for the spawn to finish, then stop what it started
             except OSError as exc:
                 raise LoadFailed(f"cannot execute {self.plan.argv[0]}: {exc.strerror}", code=Code.SPAWN_FAILED) from None
-        self.started_at = _utcnow()
         self._tasks = [asyncio.create_task(self._read_logs()), asyncio.create_task(self._watch_exit())]
         if cancelled:
             await self.stop(0)
@@ -230,7 +226,6 @@ class LlamaServer:
         except BaseException:  # cancelled by an unload: do not leave the process behind
             await self.stop(5)
             raise
-        self.ready_after_s = time.perf_counter() - t0
 
     async def _wait_healthy(self, http: aiohttp.ClientSession) -> None:
         """Readiness by push: llama-server prints "model loaded" the moment its /health turns 200 (READY_LOG_HINTS);
