@@ -237,3 +237,16 @@ async def test_memory_low_when_a_reservation_does_not_fit(aiohttp_client, make_o
     events = await read_events(resp, lambda ev: len(ev) >= 1, timeout=10)
     resp.close()
     assert events[0]["model"] == "reservation:comfyui" and events[0]["missing_mb"] > 3000 and events[0]["gpu"] == 0
+
+
+def test_callback_allow_list_parsing():
+    from model_orchestrator.callbacks import check_url, parse_allowed
+    from model_orchestrator.errors import Refused
+
+    assert parse_allowed("n8n:5678, localhost,[::1]:80,[fe80::1]") == [
+        ("n8n", 5678), ("localhost", None), ("::1", 80), ("fe80::1", None)]
+    assert check_url("http://[::1]:80/hook", "[::1]:80") == "http://[::1]:80/hook"
+    assert check_url("https://Hooks.Example.com/a", "hooks.example.com")  # any port of a host given without one
+    for url, hosts in (("http://n8n:5679/x", "n8n:5678"), ("https://n8n/x", "n8n:80"), ("http://evil.n8n/x", "n8n")):
+        with pytest.raises(Refused):
+            check_url(url, hosts)
