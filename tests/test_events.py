@@ -237,3 +237,35 @@ async def test_memory_low_when_a_reservation_does_not_fit(aiohttp_client, make_o
     events = await read_events(resp, lambda ev: len(ev) >= 1, timeout=10)
     resp.close()
     assert events[0]["model"] == "reservation:comfyui" and events[0]["missing_mb"] > 3000 and events[0]["gpu"] == 0
+
+
+def test_callback_allow_list_parsing():
+    from model_orchestrator.callbacks import check_url, parse_allowed
+    from model_orchestrator.errors import Refused
+
+    assert parse_allowed("n8n:5678, localhost,[::1]:80,[fe80::1]") == [
+        ("n8n", 5678), ("localhost", None), ("::1", 80), ("fe80::1", None)]
+    assert check_url("http://[::1]:80/hook", "[::1]:80") == "http://[::1]:80/hook"
+    assert check_url("https://Hooks.Example.com/a", "hooks.example.com")  # any port of a host given without one
+    for url, hosts in (("http://n8n:5679/x", "n8n:5678"), ("https://n8n/x", "n8n:80"), ("http://evil.n8n/x", "n8n")):
+        with pytest.raises(Refused):
+            check_url(url, hosts)
+
+
+async def test_memory_low_when_free_memory_falls_below_the_margin(aiohttp_client, make_orchestrator):
+    from types import SimpleNamespace
+
+    from model_orchestrator.api import create_app
+    from model_orchestrator.gpu import MIB, GpuView
+    from test_gpu import FakeNvml
+
+    nv = FakeNvml({0: []}, total_mb=1800)
+    orch = make_orchestrator(gpu=GpuView(nv, max_age_s=0), vram_margin_mb=200)
+    c = await aiohttp_client(create_app(orch))
+    resp = await c.get("/models/events?types=memory_low")
+    nv.procs[0].append(SimpleNamespace(pid=4_000_001, usedGpuMemory=1700 * MIB))  # another service takes it
+    events = await read_events(resp, lambda ev: len(ev) >= 1, timeout=10)
+    resp.close()
+    assert events[0]["gpu"] == 0 and events[0]["free_mb"] == 100 and "margin" in events[0]["reason"]
+    await asyncio.sleep(2.5)  # still low: not repeated every second
+    assert sum(e.type == "memory_low" for e in orch.events._recent) == 1

@@ -43,7 +43,8 @@ export class ModelOrchestratorTrigger implements INodeType {
 					{
 						name: 'Memory Low',
 						value: 'memoryLow',
-						description: 'A load or reservation was refused for lack of GPU memory',
+						description:
+							'A GPU\'s free memory fell below the sidecar\'s margin, or a load or reservation was refused for lack of GPU memory',
 					},
 					{
 						name: 'Model Evicted',

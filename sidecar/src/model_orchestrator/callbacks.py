@@ -30,14 +30,18 @@ def _default_port(scheme: str) -> int:
 
 
 def parse_allowed(hosts: str | None) -> list[tuple[str, int | None]]:
-    """`n8n:5678,localhost` -> [("n8n", 5678), ("localhost", None)] (no port: any port of that host)."""
+    """`n8n:5678,localhost,[::1]:80` -> [("n8n", 5678), ("localhost", None), ("::1", 80)] (no port: any port)."""
     out = []
     for item in (hosts or "").split(","):
         item = item.strip().lower()
         if not item:
             continue
-        host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
-        out.append((host, int(port)) if port.isdigit() else (item, None))
+        if item.startswith("["):  # an IPv6 address: [::1] or [::1]:8080
+            host, _, rest = item[1:].partition("]")
+            port = rest.removeprefix(":")
+        else:
+            host, _, port = item.rpartition(":") if item.count(":") == 1 else (item, "", "")
+        out.append((host, int(port)) if port.isdigit() else (host or item, None))
     return out
 
 

@@ -25,7 +25,8 @@ EVENT_TYPES: dict[str, str] = {
     "evicted": "a model was unloaded to make room (`by`: the load or reservation that needed it, `reason`)",
     "unloaded": "a model was unloaded (`reason`: request, force, idle, evicted)",
     "crashed": "llama-server exited while serving (`message`, last log lines in `logs`)",
-    "memory_low": "a load or reservation was refused for lack of GPU memory (`missing_mb`, `need_mb`, `gpu`)",
+    "memory_low": "a load or reservation was refused for lack of GPU memory (`model`: who asked, `missing_mb`, "
+                  "`need_mb`, `gpu`), or a GPU's free memory fell below the margin (`gpu`, `free_mb`, `reason`)",
     "reservation": "a reservation was created, renewed, released or expired (`action`, `reservation`)",
     "estimate_checked": "after a load on a GPU: the estimate against NVML's measurement (`estimate_mb`, "
                         "`measured_mb`, `error_mb`, `learned_overhead_mb`)",

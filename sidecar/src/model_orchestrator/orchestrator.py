@@ -90,6 +90,7 @@ class Orchestrator:
         self._background: set[asyncio.Task] = set()
         self._admission = asyncio.Lock()  # one decision at a time: two loads never both take the same free memory
         self._closing = False  # terminal: once close() began, no load starts
+        self._memory_low: set[int] = set()  # GPUs whose free memory is below the margin (memory_low sent once)
 
     # ---- start and stop -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -448,6 +449,7 @@ class Orchestrator:
         for r in self.reservations.expire():
             log.info("reservation %s of %s (%g MB) expired", r.id, r.service, r.vram_mb)
             self.events.publish("reservation", action="expired", reservation=r.to_dict())
+        await self._watch_free_memory()
         for model in list(self.models.values()):
             ttl = model.spec.idle_ttl_s
             if ttl and model.state == State.LOADED and not model.in_flight and loop.time() - model.last_used_mono >= ttl:
@@ -473,6 +475,19 @@ class Orchestrator:
                              f"({problem}, {server.health_misses} checks in a row); it was killed",
                              "logs": server.last_logs()})
                 await server.stop(0)  # it answers nothing: SIGKILL at once
+
+    async def _watch_free_memory(self) -> None:
+        """`memory_low` once when a GPU's free memory falls below the margin (someone else took it), again only
+        after it recovered."""
+        if not self.gpu_view.available:
+            return
+        for d in (await self.snapshot()).devices:
+            if d.free_mb < self.settings.vram_margin_mb and d.index not in self._memory_low:
+                self._memory_low.add(d.index)
+                self.events.publish("memory_low", gpu=d.index, free_mb=d.free_mb, total_mb=d.total_mb,
+                                    margin_mb=self.settings.vram_margin_mb, reason="free memory below the margin")
+            elif d.free_mb >= self.settings.vram_margin_mb:
+                self._memory_low.discard(d.index)
 
     # ---- conversations that survive a swap (slot_cache.py owns the rules) ---------------------------------
     async def _save_slots(self, model: ManagedModel) -> None:
