@@ -77,8 +77,14 @@ def available(device: Device, residents: list[Resident], margin_mb: float) -> fl
     return device.total_mb - ours - max(device.foreign_mb, device.reserved_mb) - margin_mb
 
 
-def _eviction_order(residents: list[Resident], req: Request, gpu: int | None, *, allowed: bool) -> list[Resident]:
-    """Who may be evicted for `req`, best victims first: lower priority, then least recently used."""
+def _eviction_order(residents: list[Resident], req: Request, gpu: int | None, *, allowed: bool,
+                    for_cap: bool = False) -> list[Resident]:
+    """Who may be evicted for `req`, best victims first: lower priority, then least recently used. On a device, the
+    models holding memory there; with for_cap, after them those that hold none there (a CPU-only model, one on
+    another GPU): evicting them frees no memory here but a place under MODEL_ORCHESTRATOR_MAX_LOADED."""
+    if gpu is not None and for_cap:
+        here = _eviction_order(residents, req, gpu, allowed=allowed)
+        return here + [r for r in _eviction_order(residents, req, None, allowed=allowed) if r not in here]
     out = []
     for r in residents:
         if r.id == req.model or r.loading or r.leaving or (gpu is not None and r.on(gpu) <= 0):
@@ -113,7 +119,7 @@ def decide(req: Request, devices: list[Device], residents: list[Resident], *, ma
     plans = []
     for d in devices:
         chosen, freed = [], 0.0
-        order = _eviction_order(others, req, d.index, allowed=req.allow_eviction)
+        order = _eviction_order(others, req, d.index, allowed=req.allow_eviction, for_cap=over_cap > 0)
         for victim in order:
             if free[d.index] + freed >= req.need_mb and len(chosen) >= over_cap:
                 break
@@ -128,7 +134,8 @@ def decide(req: Request, devices: list[Device], residents: list[Resident], *, ma
 
     # 3. refuse: what is missing on the best device, and what the caller could allow to be evicted
     missing = max(0.0, req.need_mb - free[best.index])
-    could = _eviction_order(others, Request(req.model, req.need_mb, req.priority, True, req.force), best.index, allowed=True)
+    could = _eviction_order(others, Request(req.model, req.need_mb, req.priority, True, req.force), best.index,
+                            allowed=True, for_cap=over_cap > 0)
     if missing:
         why, refusal = (f"needs {req.need_mb:.0f} MB, GPU {best.index} has {free[best.index]:.0f} MB available "
                         f"(margin {margin_mb:.0f} MB included)"), Code.INSUFFICIENT_VRAM
