@@ -257,7 +257,7 @@ async def test_memory_low_when_free_memory_falls_below_the_margin(aiohttp_client
 
     from model_orchestrator.api import create_app
     from model_orchestrator.gpu import MIB, GpuView
-    from test_gpu import FakeNvml
+    from support.nvml import FakeNvml
 
     nv = FakeNvml({0: []}, total_mb=1800)
     orch = make_orchestrator(gpu=GpuView(nv, max_age_s=0), vram_margin_mb=200)

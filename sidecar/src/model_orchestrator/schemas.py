@@ -29,9 +29,14 @@ class _Request(BaseModel):
 class LoadRequest(_Request):
     # a service other than llama-cpp is a reservation: it needs vram_mb (api.models_load answers 400 unknown_service
     # otherwise); said in the schema so a client, or a fuzzer, knows it is not a valid request
-    model_config = ConfigDict(json_schema_extra={
-        "if": {"required": ["service"], "properties": {"service": {"not": {"const": "llama-cpp"}}}},
-        "then": {"required": ["vram_mb"], "properties": {"vram_mb": {"type": "number"}}}})
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        # another service's model is a reservation: it needs its size
+        {"if": {"required": ["service"], "properties": {"service": {"not": {"const": "llama-cpp"}}}},
+         "then": {"required": ["vram_mb"], "properties": {"vram_mb": {"type": "number"}}}},
+        # a callback reports a load that was not waited for
+        {"if": {"required": ["callback_url"], "properties": {"callback_url": {"type": "string"}}},
+         "then": {"required": ["wait"], "properties": {"wait": {"const": False}}}},
+    ]})
     model: str = ModelName
     service: str = Field("llama-cpp", max_length=64, description="the service that runs the model (llama-cpp)")
     priority: JsonInt | None = Field(None, ge=0, le=100, description="overrides the registry's priority while loaded")
