@@ -33,6 +33,11 @@ def test_every_setting_names_its_variable_and_says_what_it_does():
         assert info.description, field
 
 
+def test_readme_error_codes_are_generated_from_the_status_table():
+    readme = (ROOT / "README.md").read_text()
+    assert _generator().with_error_codes(readme) == readme, "README's error codes drifted: run `make docs`"
+
+
 def test_registry_schema_is_generated_from_registry_py():
     committed = (ROOT / "docs" / "models.schema.json").read_text()
     assert committed == _generator().registry_schema(), "docs/models.schema.json drifted: run `make docs`"
