@@ -26,12 +26,14 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
+from model_orchestrator.lifecycle import MODEL_ENV, OWNER_ENV, process_alive
+
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["tiny", "tiny-tools", "tiny-random", "tiny-gen"]
-OWNER_ENV, MODEL_ENV = "MODEL_ORCHESTRATOR_OWNER", "MODEL_ORCHESTRATOR_MODEL"
 DOCUMENTED_503 = {"model_draining", "model_unloading", "model_unloaded"}
 
 
@@ -46,6 +48,7 @@ def serve(args) -> None:
     from support.nvml import FakeNvml  # the stand-in the unit tests use
 
     from model_orchestrator.api import create_app
+    from model_orchestrator.cli import use_production_event_loop
     from model_orchestrator.gpu import GpuView
     from model_orchestrator.install import find_llama_server
     from model_orchestrator.orchestrator import Orchestrator
@@ -57,6 +60,7 @@ def serve(args) -> None:
                                  max_queue=args.max_queue, stop_timeout_s=5, load_timeout_s=60)
     orch = Orchestrator(settings, load_registry(args.registry), GpuView(FakeNvml({0: []}, total_mb=args.total_mb),
                                                                         max_age_s=0), find_llama_server())
+    use_production_event_loop()  # the loop `serve` runs on (uvloop): the races under test depend on it
     web.run_app(create_app(orch), host="127.0.0.1", port=args.port, print=None, access_log=None,
                 handle_signals=True)
 
@@ -129,6 +133,7 @@ class Run:
         self.max_instances = 0
         self.max_committed_mb = 0.0
         self.max_loaded = 0
+        self.process_gaps_ms: list[float] = []
 
     def violate(self, what: str) -> None:
         if len(self.violations) < 50:
@@ -158,6 +163,39 @@ class Run:
             self.max_instances = max(self.max_instances, len(pids))
             if len(pids) > 1:
                 self.violate(f"two instances of {model}: {pids}")
+
+    def watch_processes(self, stop: threading.Event, period_s: float = 0.002) -> None:
+        """In a thread: the sidecar's llama-servers by model every few ms (a duplicate would live 15-30 ms, far less
+        than the status monitor's period). A process's environment is read once (pids are not reused within a run);
+        later samples only list /proc and check the ones that are ours. The gaps between samples are kept to show
+        the sampling was as fine as claimed."""
+        marker = f"{OWNER_ENV}={self.owner}".encode()
+        prefix = MODEL_ENV.encode() + b"="
+        model_of: dict[int, str | None] = {}  # pid -> its model, or None when it is not one of ours
+        last = time.monotonic()
+        while not stop.is_set():
+            live: dict[str, list[int]] = collections.defaultdict(list)
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                pid = int(entry)
+                if pid not in model_of:
+                    try:
+                        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                    except OSError:
+                        continue
+                    model_of[pid] = (next((e[len(prefix):].decode() for e in env if e.startswith(prefix)), "?")
+                                     if marker in env else None)
+                if model_of[pid] is not None and process_alive(pid):
+                    live[model_of[pid]].append(pid)
+            for model, pids in live.items():
+                self.max_instances = max(self.max_instances, len(pids))
+                if len(pids) > 1:
+                    self.violate(f"two instances of {model}: {pids}")
+            now = time.monotonic()
+            self.process_gaps_ms.append((now - last) * 1000)
+            last = now
+            time.sleep(max(0.0, period_s - (time.monotonic() - now)))
 
     async def monitor(self, http, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -248,9 +286,16 @@ async def drive(url: str, owner: str, budget_mb: float, clients: int, seconds: f
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as http:
         mon = asyncio.create_task(run.monitor(http, stop))
+        stop_watch = threading.Event()
+        watcher = threading.Thread(target=run.watch_processes, args=(stop_watch,), daemon=True)
+        watcher.start()
         deadline = time.monotonic() + seconds
         t0 = time.monotonic()
-        await asyncio.gather(*(run.client(http, random.Random(seed * 1000 + i), deadline) for i in range(clients)))
+        try:
+            await asyncio.gather(*(run.client(http, random.Random(seed * 1000 + i), deadline) for i in range(clients)))
+        finally:
+            stop_watch.set()
+            watcher.join()
         run.wall_s = time.monotonic() - t0
         stop.set()
         await mon
@@ -286,6 +331,8 @@ def table(run: Run, clients: int, seconds: float) -> str:
               f"/models/status latency (ms, {len(run.status_ms)} calls): p50 {percentile(run.status_ms, 50):.1f}, "
               f"p95 {percentile(run.status_ms, 95):.1f}, p99 {percentile(run.status_ms, 99):.1f}, "
               f"max {max(run.status_ms, default=float('nan')):.1f}",
+              f"processes sampled {len(run.process_gaps_ms)} times, gap p50 {percentile(run.process_gaps_ms, 50):.1f} ms, "
+              f"p99 {percentile(run.process_gaps_ms, 99):.1f} ms",
               f"invariants over {run.samples} samples: max instances of one model {run.max_instances}, "
               f"max committed {run.max_committed_mb:.0f} / {run.budget_mb:.0f} MB, max models loading+loaded "
               f"{run.max_loaded}",

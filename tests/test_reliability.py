@@ -24,6 +24,7 @@ from model_orchestrator.tiny_gguf import HELLO_TEXT
 from support.nvml import FakeNvml
 
 load_test = bench_module("load_test")
+percentile = load_test.percentile
 
 
 @pytest.fixture
@@ -153,6 +154,7 @@ def test_load_ci_variant_keeps_every_invariant(tmp_path):
     print(load_test.table(run, 50, 8))
     assert run.violations == [], run.violations
     assert run.max_instances == 1 and run.max_committed_mb <= run.budget_mb
+    assert percentile(run.process_gaps_ms, 50) <= 5, "processes were not sampled every <= 5 ms"
     outcomes = {o for (_, o) in run.counts}
     assert "200" in outcomes and any(o.startswith("429 overloaded") for o in outcomes), run.counts
     assert not any(o.startswith(("500", "502", "exception")) for o in outcomes)

@@ -28,6 +28,17 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def use_production_event_loop() -> None:
+    """uvloop, as `serve` runs: a faster event loop (libuv); the proxy's per-request and per-chunk cost is mostly loop
+    overhead. The load test runs its sidecar the same way (its races depend on the loop)."""
+    try:
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+
+
 # ---- serve ------------------------------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
     from aiohttp import web
@@ -86,12 +97,7 @@ def cmd_serve(args) -> int:
         async def preload(app):
             await orch.ensure_loaded(args.preload)
         app.on_startup.append(preload)
-    try:  # uvloop: a faster event loop (libuv), the proxy's per-request and per-chunk cost is mostly loop overhead
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    except ImportError:
-        pass
+    use_production_event_loop()
     # SIGTERM: stop accepting, let requests finish for up to shutdown_timeout_s (aiohttp then cancels them), then
     # stop every llama-server (orch.close: SIGTERM, SIGKILL after stop_timeout_s); _exit_deadline bounds the whole
     # shutdown whatever the children or a stuck thread do. keepalive_timeout closes a connection idle that long
