@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install deps llama-server chromium run test bench bench-peers load-test openapi docs screenshots n8n-nodes clean
+.PHONY: install deps llama-server chromium n8n run test bench bench-peers load-test openapi docs screenshots n8n-nodes clean
 
 install: deps llama-server
 
@@ -22,8 +22,12 @@ llama-server: deps
 run: install
 	$(BIN)/model-orchestrator serve
 
-test: install chromium
+test: install chromium n8n
 	$(BIN)/python -m pytest
+
+# n8n 2.40.7 and Node 24 for the n8n tests (cached in ~/.cache/model-orchestrator/n8n; a no-op once there)
+n8n:
+	n8n-nodes/scripts/install-n8n.sh all >/dev/null
 
 bench: install
 	$(BIN)/python bench/bench_sidecar.py

@@ -13,7 +13,7 @@ NODE_VERSION=${N8N_TEST_NODE_VERSION:-24.21.0}
 N8N_VERSION=${N8N_TEST_VERSION:-2.40.7}
 CACHE=${MODEL_ORCHESTRATOR_N8N_CACHE:-$HOME/.cache/model-orchestrator/n8n}
 HERE=$(cd "$(dirname "$0")/.." && pwd)          # n8n-nodes/
-what=${1:-all}                                   # all | node | n8n | tooling
+what=${1:-all}                                   # all | node | n8n | tooling | paths (print only)
 
 log() { echo "[install-n8n] $*" >&2; }
 mkdir -p "$CACHE"
@@ -78,7 +78,8 @@ case "$what" in
   n8n) install_n8n ;;
   tooling) install_tooling ;;
   all) install_n8n; install_tooling ;;
-  *) echo "usage: $0 [all|node|n8n|tooling]" >&2; exit 2 ;;
+  paths) ;;
+  *) echo "usage: $0 [all|node|n8n|tooling|paths]" >&2; exit 2 ;;
 esac
 echo "NODE24=$NODE24"
 echo "N8N_BIN=$N8N_BIN"
