@@ -395,11 +395,11 @@ def test_errors_carry_the_sidecar_message(n8n, sidecar):
     error = ex.error or ex.run_data["Check VRAM"][0].get("error")
     assert "unknown model 'no-such-model'" in error["message"], error
     assert error.get("name") == "NodeApiError" or "NodeApiError" in json.dumps(error), error
-    # an image for a model without a projector: llama-server's own message, and "continue" goes on
+    # an image for a model without a projector: the sidecar's own 400 naming the fix, and "continue" goes on
     ex = n8n.execute("tImageNoVision")
     assert ex.rc == 0, ex.stderr[-3000:]
     out = ex.json("Describe Image")
-    assert "image input is not supported" in out["error"], out
+    assert out["code"] == "vision_not_supported" and "mmproj" in out["error"], out
 
 
 def test_chat_tools_give_tool_calls(n8n, sidecar):

@@ -7,6 +7,7 @@ import type {
 } from 'n8n-workflow';
 import { NodeConnectionTypes, sleep } from 'n8n-workflow';
 
+import { readmeUrl } from '../shared/docs';
 import { eventsQuery, SseParser } from '../shared/events';
 import { CREDENTIAL_NAME, normaliseBaseUrl } from '../shared/transport';
 
@@ -17,11 +18,12 @@ export class ModelOrchestratorTrigger implements INodeType {
 		displayName: 'Model Orchestrator Trigger',
 		name: 'modelOrchestratorTrigger',
 		icon: {
-			light: 'file:../../icons/modelOrchestrator.svg',
-			dark: 'file:../../icons/modelOrchestrator.dark.svg',
+			light: 'file:../../icons/trigger.svg',
+			dark: 'file:../../icons/trigger.dark.svg',
 		},
 		group: ['trigger'],
 		version: 1,
+		documentationUrl: readmeUrl('model-orchestrator-trigger'),
 		subtitle: '={{$parameter["events"].join(", ")}}',
 		description:
 			'Starts the workflow when the model-orchestrator sidecar reports an event: a model loaded, evicted or failed, or GPU memory ran low',
