@@ -187,8 +187,8 @@ def test_package_meets_the_verification_guidelines(toolchain, tmp_path):
     for forbidden in ("child_process", "require(\"fs\")", "require('fs')", "node:fs", "process.env"):
         assert forbidden not in js, forbidden
     icons = list((target / "dist" / "icons").glob("*.svg"))
-    # light + dark for each of the five nodes and the credential (tests/test_n8n_install.py checks which is whose)
-    assert len(icons) == 2 * 6 and all(i.read_text().lstrip().startswith("<svg") for i in icons)
+    # light + dark for each of the six nodes and the credential (tests/test_n8n_install.py checks which is whose)
+    assert len(icons) == 2 * 7 and all(i.read_text().lstrip().startswith("<svg") for i in icons)
 
 
 def test_shipped_workflows_are_clean():
