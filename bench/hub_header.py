@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What "will it fit?" costs before a download: the GGUF header of a Hub model read with HTTP range requests
 (hub.read_remote_header), for the synthetic real-shape models (bench/synthetic_gguf.py: real vocabularies, sparse
-weights) served by a local server speaking the Hub's file protocol (tests/hf_mirror.py).
+weights) served by a local server speaking the Hub's file protocol (tests/support/hf_mirror.py).
 
 Prints, per shape: the file size, where its header ends, the bytes and range requests fetched, the share of the
 file, and the time of the first read and of a second one (answered from the header cache after one HEAD).
@@ -30,7 +30,7 @@ def main() -> int:
     work = args.dir or Path(tempfile.mkdtemp(prefix="hub-bench-"))
     work.mkdir(parents=True, exist_ok=True)
 
-    from hf_mirror import HfMirror
+    from support.hf_mirror import HfMirror
     from synthetic_gguf import write_synthetic
 
     files = {s: write_synthetic(work / f"{s}.gguf", s) for s in args.shapes}

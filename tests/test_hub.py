@@ -1,4 +1,4 @@
-"""The Hub side of model files (hub.py), against a local server speaking the Hub's file protocol (tests/hf_mirror.py):
+"""The Hub side of model files (hub.py), against a local server speaking the Hub's file protocol (tests/support/hf_mirror.py):
 "will it fit?" answered from the GGUF header read with range requests (no download), and every Hub failure as one
 line with the fix, a non-zero exit, in bounded time, and the matching JSON error on the API."""
 
