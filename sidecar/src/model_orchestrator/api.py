@@ -256,6 +256,10 @@ def _csv_query(request: web.Request, name: str) -> set[str] | None:
     return {v.strip() for v in raw.split(",") if v.strip()} or None
 
 
+_one_type = "(?:" + "|".join(EVENT_TYPES) + ")"
+_EVENT_TYPES_CSV = rf"^ *(?:{_one_type}(?: *, *{_one_type})*)? *$"  # what models_events accepts, for the schema
+
+
 async def models_events(request: web.Request) -> web.StreamResponse:
     orch = request.app[ORCH]
     types = _csv_query(request, "types")
@@ -353,7 +357,7 @@ ROUTES: list[Route] = [
           "and `data:` (JSON). Types: " + "; ".join(f"`{k}`: {v}" for k, v in EVENT_TYPES.items()) + ". A client "
           "that falls behind gets an `overflow` event and the stream ends (reconnect with Last-Event-ID).",
           query=({"name": "types", "in": "query", "required": False, "description": "comma-separated event types "
-                  "(default: all)", "schema": {"type": "string"}},
+                  "(default: all)", "schema": {"type": "string", "pattern": _EVENT_TYPES_CSV}},
                  {"name": "model", "in": "query", "required": False, "description": "comma-separated model ids "
                   "(default: all; reservation events always pass)", "schema": {"type": "string"}},
                  {"name": "last_event_id", "in": "query", "required": False, "description": "as the Last-Event-ID "

@@ -96,8 +96,13 @@ def build_openapi(routes, *, version: str, title: str = "model-orchestrator") ->
 
 def _content(model: type[BaseModel] | None, stream: bool, events: bool = False) -> dict:
     if events and model is not None:  # a stream of server-sent events only (GET /models/events)
+        # OpenAPI 3.1 reads an event stream's `schema` as one event (3.2 calls it itemSchema): its `data` is JSON
         return {"description": "a server-sent event stream; each event's `data` is this object as JSON",
-                "content": {"text/event-stream": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+                "content": {"text/event-stream": {"schema": {
+                    "type": "object", "properties": {
+                        "data": {"type": "string", "contentMediaType": "application/json",
+                                 "contentSchema": {"$ref": f"#/components/schemas/{model.__name__}"}},
+                        "event": {"type": "string"}, "id": {"type": "string"}, "retry": {"type": "integer"}}}}}}
     if model is None:
         return {"description": "text", "content": {"text/plain": {"schema": {"type": "string"}}}}
     content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
