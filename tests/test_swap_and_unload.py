@@ -3,6 +3,7 @@ llama-servers (CPU mode: the cap on loaded models is what forces swaps here; mem
 
 import asyncio
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -124,25 +125,23 @@ async def test_a_reservation_does_not_count_against_the_model_cap(capped):
     assert c.orch.models["tiny"].state.value == "loaded"
 
 
-async def test_a_load_right_after_a_force_unload_waits_for_the_old_process(capped):
-    """M1: a force unload during a stream and a load 5 ms later had both llama-servers alive for ~2 s."""
+async def test_a_load_right_after_an_unload_waits_for_the_old_process_to_exit(capped):
+    """M1: a model being unloaded still counts (cap and memory) until its process has exited. Its llama-server is
+    stopped (SIGSTOP) so it cannot act on SIGTERM: the unload takes the stop timeout (3 s in the tests) before the
+    SIGKILL, and a load of another model 50 ms into it must wait instead of starting a second llama-server."""
     c = capped
     await c.post("/models/load", json={"model": "tiny-random"})
-    stream = asyncio.create_task(c.post("/v1/chat/completions", json={
-        "model": "tiny-random", "stream": True, "max_tokens": 2000, "messages": [{"role": "user", "content": "go"}]}))
-    for _ in range(200):
-        if c.orch.models["tiny-random"].in_flight:
-            break
-        await asyncio.sleep(0.01)
+    old = c.orch.models["tiny-random"].server.pid
+    os.kill(old, signal.SIGSTOP)
     with ChildSampler(os.getpid()) as sampler:
-        unload = asyncio.create_task(c.post("/models/unload", json={"model": "tiny-random", "force": True}))
-        await asyncio.sleep(0.005)
+        unload = asyncio.create_task(c.post("/models/unload", json={"model": "tiny-random", "save_slots": False}))
+        await asyncio.sleep(0.05)
+        assert c.orch.models["tiny-random"].state.value == "unloading"
         r = await c.post("/models/load", json={"model": "tiny"})
         assert r.status == 200, await r.text()
+        assert not pid_alive(old), "the new model started while the old process was alive"
         await unload
-    assert sampler.max_alive == 1, "the new llama-server started before the old one had exited"
-    resp = await stream
-    await resp.read()
+    assert sampler.max_alive == 1, "two llama-servers were alive at once"
 
 
 async def test_an_unload_during_the_spawn_leaves_no_process(client):
