@@ -165,7 +165,7 @@ async def models_load(request: web.Request) -> web.Response:
         callbacks.check_url(req.callback_url, orch.settings.callback_hosts)
     outcome = await orch.ensure_loaded(req.model, wait=req.wait, **kwargs)
     if req.callback_url is not None:
-        orch._spawn(callbacks.after_load(orch, outcome, req.callback_url))
+        orch.run_in_background(callbacks.after_load(orch, outcome, req.callback_url))
     model, server = outcome.model, outcome.model.server
     return _json(LoadResponse, {"model": model.id, "status": model.state, "result": outcome.result,
                                 "load_seconds": model.load_seconds, "pid": server.pid if server else None,

@@ -98,8 +98,8 @@ class Orchestrator:
         if reaped:
             log.warning("reaped %d llama-server process(es) left by a previous run: %s", len(reaped), reaped)
         self.http = upstream_session()
-        self._spawn(self._forever("idle", 1.0, self._unload_idle_step))
-        self._spawn(self._forever("health", self.settings.health_interval_s, self._check_health))
+        self.run_in_background(self._forever("idle", 1.0, self._unload_idle_step))
+        self.run_in_background(self._forever("health", self.settings.health_interval_s, self._check_health))
 
     async def close(self) -> None:
         """Shut down: refuse new loads from now on, stop background work and wait for it, stop every model."""
@@ -114,7 +114,8 @@ class Orchestrator:
         if self.http:
             await self.http.close()
 
-    def _spawn(self, coro) -> asyncio.Task:
+    def run_in_background(self, coro) -> asyncio.Task:
+        """A task the orchestrator owns: kept until it ends, cancelled and awaited by close()."""
         task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -540,7 +541,7 @@ class Orchestrator:
         self.metrics.set_state(model.id, new)
         if old == State.LOADING and new == State.LOADED:
             self.metrics.loads.labels(model.id, "loaded").inc()
-            self._spawn(self._check_estimate(model))
+            self.run_in_background(self._check_estimate(model))
             if model.load_seconds is not None:
                 self.metrics.load_duration.labels(model.id).observe(model.load_seconds)
         elif new == State.FAILED:
