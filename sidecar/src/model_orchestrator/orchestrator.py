@@ -587,9 +587,6 @@ class Orchestrator:
             "estimate_check": self.estimate_checks[model.id].to_dict() if model.id in self.estimate_checks else None,
         }
 
-    async def status(self) -> dict:
-        return self.status_view(await self.snapshot())
-
     def status_view(self, snap: GpuSnapshot) -> dict:
         """GET /models/status from a given GPU snapshot (the sampler's: no NVML call on the request's path)."""
         owned = self.owned_pids()
