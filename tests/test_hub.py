@@ -288,8 +288,21 @@ def test_offline_mode_uses_the_header_cache_and_says_what_to_unset(env):
     assert "HF_HUB_OFFLINE" in one_error_line(never_read)[0]
 
 
-def test_a_load_of_a_hub_model_not_downloaded_says_what_it_would_need(hub_sidecar, mirror, files):
-    """No download on load (yet): the refusal names `pull`, and the memory it would need from the header alone."""
+@pytest.fixture
+def hub_sidecar_no_download(tmp_path, mirror, llama_server_bin):
+    from support.helpers import SidecarProcess
+
+    env = make_env(tmp_path, mirror.url)
+    del env["MODEL_ORCHESTRATOR_URL"]
+    env["MODEL_ORCHESTRATOR_DOWNLOAD_ON_LOAD"] = "0"
+    sp = SidecarProcess(Path(env["MODEL_ORCHESTRATOR_MODELS"]), tmp_path / "state", llama_server_bin, env=env).start()
+    yield sp
+    sp.stop()
+
+
+def test_a_load_of_a_hub_model_not_downloaded_says_what_it_would_need(hub_sidecar_no_download, mirror, files):
+    """Download on load turned off: the refusal names `pull`, and the memory it would need from the header alone."""
+    hub_sidecar = hub_sidecar_no_download
     got, body = hub_sidecar.call("POST", "/models/load", {"model": "big"})
     assert (got, body["error"]["code"]) == (409, "model_files_missing"), body
     local = estimate_file(files["big"], mmproj=files["mmproj"], n_ctx=131072, n_gpu_layers=99, cache_type="q8_0")
@@ -336,40 +349,52 @@ import json, sys
 from pathlib import Path
 from model_orchestrator.hub import DownloadCancelled, DownloadProgress, download
 
-class CancelAfterFirstChunk(DownloadProgress):  # what an unload would do, at a known point
+class CancelAfter10MB(DownloadProgress):  # what an unload would do, at a known point
     @property
     def cancelled(self):
         return self.done >= 10 << 20
 
-first = CancelAfterFirstChunk()
+first = CancelAfter10MB()
 try:
-    download(sys.argv[1], [sys.argv[2]], "main", progress=False, tracker=first)
+    download(sys.argv[1], [sys.argv[2]], "main", progress=False, trackers={sys.argv[2]: first})
     out = {"first": "finished"}
 except DownloadCancelled as exc:
     out = {"first": exc.code, "message": str(exc)}
 out.update(first_done=first.done, first_total=first.total,
-           left=[str(p) for p in Path(sys.argv[3]).rglob("*") if p.is_file() and p.stat().st_size >= 10 << 20])
+           kept=[p.stat().st_size for p in Path(sys.argv[3]).rglob("*.partial")])
 second = DownloadProgress()
-path = download(sys.argv[1], [sys.argv[2]], "main", progress=False, tracker=second)[0]
-out.update(second_done=second.done, second_total=second.total, path=str(path))
+path = download(sys.argv[1], [sys.argv[2]], "main", progress=False, trackers={sys.argv[2]: second})[0]
+out.update(second_done=second.done, second_total=second.total, resumed_from=second.resumed_from, path=str(path),
+           left=[str(p) for p in Path(sys.argv[3]).rglob("*.partial")])
 print(json.dumps(out))
 """
 
 
-def test_download_progress_counts_bytes_and_cancel_stops_it(env, mirror):
-    """The building block of download-on-load: bytes done/total while it runs, and a cancel that stops it at the
-    next chunk, leaving nothing half-written in HF_HOME (huggingface_hub 2.x keeps no partial file between calls,
-    so the next download starts over: asserted, so a version that resumes is noticed)."""
-    data = bytes(range(256)) * (128 << 10)  # 32 MiB: four of huggingface_hub's 10 MiB chunks
+def test_download_progress_counts_bytes_and_a_cancelled_download_resumes(env, mirror):
+    """The building block of download-on-load: bytes done/total while it runs, a cancel that stops it at the next
+    chunk keeping what arrived, and the next download resuming there with a range request (huggingface_hub 2.x alone
+    would start over: it deletes its partial file when a call fails)."""
+    data = bytes(range(256)) * (128 << 10)  # 32 MiB
     mirror.repos[TINY_REPO]["big.bin"] = data
     proc = subprocess.run([sys.executable, "-c", PROGRESS_SCRIPT, TINY_REPO, "big.bin", env["HF_HOME"]], env=env,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
-    assert out["first"] == "download_cancelled" and "pull again" in out["message"]
-    assert (out["first_done"], out["first_total"]) == (10 << 20, len(data))
-    assert out["left"] == []
-    assert out["second_total"] == len(data) and out["second_done"] == len(data)
-    assert Path(out["path"]).read_bytes() == data
+    assert out["first"] == "download_cancelled" and "resumes" in out["message"]
+    assert out["first_total"] == len(data) and 10 << 20 <= out["first_done"] < len(data)
+    assert out["kept"] == [out["first_done"]]
+    assert out["resumed_from"] == out["first_done"] and out["second_done"] == out["second_total"] == len(data)
+    assert Path(out["path"]).read_bytes() == data and out["left"] == []
     gets = [r for r in mirror.file_gets() if r.path.endswith("big.bin")]
-    assert [r.range for r in gets] == [None, None] and gets[1].body_bytes == len(data)
+    assert [r.range for r in gets] == [None, f"bytes={out['first_done']}-"]
+    assert gets[1].body_bytes == len(data) - out["first_done"]
+
+
+def test_a_dropped_connection_is_resumed_from_the_last_byte(env, mirror, files):
+    mirror.cut_once[TINY_FILE] = 100_000  # the first GET announces the whole file, sends 100 000 bytes, hangs up
+    proc = cli(env, "pull", "tiny")
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()).read_bytes() == files["tiny"].read_bytes()
+    gets = [r for r in mirror.file_gets() if r.path.endswith(TINY_FILE) and r.range != "bytes=0-1048575"]
+    assert [(r.range, r.body_bytes) for r in gets] == [(None, 100_000), ("bytes=100000-", files["tiny"].stat().st_size
+                                                                         - 100_000)]

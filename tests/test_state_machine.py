@@ -8,11 +8,12 @@ from model_orchestrator.lifecycle import TRANSITIONS, IllegalTransition, LoadCan
 from model_orchestrator.registry import parse_registry
 
 LEGAL = {
-    ("unloaded", "loading"),
+    ("unloaded", "loading"), ("unloaded", "downloading"),
+    ("downloading", "unloaded"), ("downloading", "failed"),
     ("loading", "loaded"), ("loading", "failed"), ("loading", "unloading"),
     ("loaded", "unloading"), ("loaded", "failed"),
     ("unloading", "unloaded"),
-    ("failed", "loading"), ("failed", "unloaded"),
+    ("failed", "loading"), ("failed", "unloaded"), ("failed", "downloading"),
 }
 
 

@@ -14,15 +14,17 @@ Every request is recorded (method, path, Range header, body bytes sent) so tests
 Fault injection: `cut_once[filename] = n` makes the next GET of that file announce the whole length, send only
 n bytes and drop the connection (an interrupted download); `gated = {repo}` answers 401 GatedRepo unless the
 request carries `Authorization: Bearer <one of tokens>`; `corrupt = {filename}` sends other bytes than the ETag
-announces (a bad checksum).
+announces (a bad checksum); `rate[filename] = bytes/s` sends it slowly (a download one can watch and cancel).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,6 +51,7 @@ class HfMirror:
     tokens: set[str] = field(default_factory=set)
     corrupt: set[str] = field(default_factory=set)
     etags: dict[str, str] = field(default_factory=dict)
+    rate: dict[str, float] = field(default_factory=dict)  # filename -> bytes per second (a slow download)
 
     def _etag(self, filename: str, data) -> str:
         if filename in self.etags:
@@ -138,12 +141,9 @@ class HfMirror:
                 self.end_headers()
                 if not body:
                     return
-                if isinstance(data, Path):
-                    with open(data, "rb") as f:
-                        f.seek(start)
-                        chunk = f.read(end + 1 - start)
-                else:
-                    chunk = data[start:end + 1]
+                if isinstance(data, Path) or filename in mirror.rate:  # streamed in pieces (at `rate` if set)
+                    return self._stream(rec, data, start, end, mirror.rate.get(filename))
+                chunk = data[start:end + 1]
                 if filename in mirror.corrupt:
                     chunk = bytes(b ^ 0xFF for b in chunk[:64]) + chunk[64:]
                 cut = mirror.cut_once.pop(filename, None)
@@ -156,6 +156,27 @@ class HfMirror:
                     return
                 self.wfile.write(chunk)
                 rec.body_bytes = len(chunk)
+
+            def _stream(self, rec: Request, data, start: int, end: int, rate: float | None) -> None:
+                piece = 64 << 10
+                pos = start
+                with (open(data, "rb") if isinstance(data, Path) else contextlib.nullcontext()) as f:
+                    while pos <= end:
+                        n = min(piece, end + 1 - pos)
+                        if f is not None:
+                            f.seek(pos)
+                            chunk = f.read(n)
+                        else:
+                            chunk = data[pos:pos + n]
+                        try:
+                            self.wfile.write(chunk)
+                            self.wfile.flush()
+                        except OSError:  # the client went away (a cancelled download)
+                            return
+                        pos += n
+                        rec.body_bytes += n
+                        if rate:
+                            time.sleep(n / rate)
 
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True

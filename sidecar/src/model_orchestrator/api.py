@@ -171,8 +171,8 @@ async def models_load(request: web.Request) -> web.Response:
                                 "load_seconds": model.load_seconds, "pid": server.pid if server else None,
                                 "port": server.port if server else None, "gpu": model.gpu,
                                 "estimate_mb": round(model.estimate.total_mb, 1) if model.estimate else None,
-                                "evicted": outcome.evicted},
-                 status=202 if outcome.result == LoadResult.LOADING else 200)
+                                "evicted": outcome.evicted, "download": orch.downloads.view(model.id)},
+                 status=202 if outcome.result in (LoadResult.LOADING, LoadResult.DOWNLOADING) else 200)
 
 
 async def models_unload(request: web.Request) -> web.Response:
@@ -327,15 +327,21 @@ ROUTES: list[Route] = [
     Route("GET", "/models", models_list, "The model registry with each model's state (for dropdowns)", response=ModelsResponse),
     Route("POST", "/models/load", models_load, "Load a model (joins a load under way)", request=LoadRequest,
           response=LoadResponse, description="Answers when llama-server is ready; with wait=false, 202 as soon as "
-          "the load is admitted and started (status `loading`; a refusal is still an error). A model that cannot "
-          "start answers 503 with llama-server's last log lines.",
-          statuses=((202, "wait=false: the load was admitted and started"),
+          "the load is admitted and started (status `loading`; a refusal is still an error). A model whose files "
+          "are missing is downloaded first (status `downloading`, progress in `download` here and in /models/status; "
+          "timeout_s counts llama-server's start only), unless MODEL_ORCHESTRATOR_DOWNLOAD_ON_LOAD or the model's "
+          "download_on_load is off; before downloading, the estimate from the file's header on the Hub must fit "
+          "(else 409 insufficient_vram) and the disk must hold the files (else 507 insufficient_disk): nothing is "
+          "written then. A model that cannot start answers 503 with llama-server's last log lines.",
+          statuses=((202, "wait=false: the load was admitted and started, or its download began (result downloading)"),
+                    (507, "insufficient_disk: the files to download do not fit on the disk of HF_HOME"),
                     (403, "callback_not_allowed: callback_url's host is not in MODEL_ORCHESTRATOR_CALLBACK_HOSTS")),
           callback=LoadCallback),
     Route("POST", "/models/unload", models_unload, "Unload a model", request=UnloadRequest, response=UnloadResponse,
           description="Without force, waits up to drain_timeout_s for requests in flight (new ones get 503 + "
           "Retry-After meanwhile) and then refuses with 409, changing nothing. With force, stops llama-server at once; "
-          "requests in flight end with a model_unloaded error. An unload during a load cancels it."),
+          "requests in flight end with a model_unloaded error. An unload during a load cancels it; during a download "
+          "it stops it (result cancelled_download; what arrived is kept and the next load resumes it)."),
     Route("POST", "/models/estimate", models_estimate, "Predicted GPU memory of a model's llama-server, and whether it fits now",
           request=EstimateRequest, response=EstimateResponse,
           description="From the GGUF header only: weights on the GPU, KV cache, compute buffer, projector, CUDA overhead.",

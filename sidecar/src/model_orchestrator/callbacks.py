@@ -97,10 +97,10 @@ async def after_load(orch, outcome, url: str) -> dict:
         result = "already_loaded"
     else:
         try:
-            await model.join_load()
+            await outcome.wait()  # a download first, then the load
             result = "loaded"
         except Refused as exc:
-            result = "cancelled" if exc.code == Code.LOAD_CANCELLED else "failed"
+            result = "cancelled" if exc.code in (Code.LOAD_CANCELLED, Code.DOWNLOAD_CANCELLED) else "failed"
             error = {"code": exc.code.value, "message": exc.message, **exc.details}
     server = model.server
     payload = LoadCallback.model_validate({

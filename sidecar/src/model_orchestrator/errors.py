@@ -55,6 +55,7 @@ class Code(str, enum.Enum):
     HUB_UNREACHABLE = "hub_unreachable"
     INSUFFICIENT_DISK = "insufficient_disk"
     DOWNLOAD_CANCELLED = "download_cancelled"
+    DOWNLOAD_FAILED = "download_failed"
     # a model that could not serve
     LOAD_FAILED = "load_failed"
     SPAWN_FAILED = "spawn_failed"

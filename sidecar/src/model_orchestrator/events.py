@@ -32,6 +32,13 @@ EVENT_TYPES: dict[str, str] = {
                         "`measured_mb`, `error_mb`, `learned_overhead_mb`)",
     "slots_saved": "an unload saved the model's conversations to disk (`slots`, `tokens`, `bytes`)",
     "slots_restored": "a load restored saved conversations (`slots`, `tokens`): their prefixes are cached again",
+    "download_started": "a load found the model's files missing and began downloading them (`bytes_total`, "
+                        "`files`: each file's bytes_done/bytes_total, `resumed_from` what an interrupted one left)",
+    "download_progress": "a download moved on (every second while it runs: `bytes_done`, `bytes_total`, `percent`, "
+                         "`bytes_per_second`, `eta_s`, `files`)",
+    "download_finished": "a download ended with the files in the cache; the load follows (`bytes_done`, `seconds`)",
+    "download_failed": "a download failed (`error`: code and message, e.g. insufficient_disk, hub_unreachable)",
+    "download_cancelled": "an unload stopped a download (what arrived is kept; the next load resumes it)",
     "callback": "a load callback was delivered or given up (`url`, `delivered`, `attempts`, `status`)",
 }
 

@@ -64,6 +64,7 @@ STATUS: dict[Code, int] = {
     Code.HUB_UNREACHABLE: 503,
     Code.INSUFFICIENT_DISK: 507,
     Code.DOWNLOAD_CANCELLED: 409,
+    Code.DOWNLOAD_FAILED: 500,
 }
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",

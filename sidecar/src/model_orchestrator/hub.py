@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -260,19 +261,21 @@ def _line_progress() -> type:
 
 class DownloadCancelled(HubError):
     def __init__(self, what: str):
-        super().__init__(Code.DOWNLOAD_CANCELLED, f"the download of {what} was cancelled; nothing of it is kept "
-                        "(huggingface_hub resumes only within one download), pull again to get it")
+        super().__init__(Code.DOWNLOAD_CANCELLED, f"the download of {what} was cancelled; what arrived is kept and "
+                         "the next load or pull resumes from there")
 
 
 @dataclass
 class DownloadProgress:
-    """Where a download stands (bytes done of the total still missing when it began) and its cancel switch: after
-    cancel() the next chunk stops it. For a caller that shows progress elsewhere (status, metrics) or stops a
-    download (an unload). huggingface_hub 2.x deletes the partial file of a failed or cancelled call (it resumes
-    only within one call, across dropped connections): a cancelled download starts over next time."""
+    """Where the download of one file stands (bytes done of its size; `done` starts at what an earlier, interrupted
+    download left), and the cancel switch it shares with the other files of the same download: after cancel()
+    the next chunk stops it. For a caller that shows progress elsewhere (status, metrics) or stops a download
+    (an unload)."""
 
+    file: str = ""
     total: int = 0
     done: int = 0
+    resumed_from: int = 0
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -283,45 +286,38 @@ class DownloadProgress:
         return self._cancel.is_set()
 
 
-def _tracking(base: type, tracker: DownloadProgress, what: str) -> type:
-    """`base` (a tqdm class) that also counts into `tracker` and stops when it is cancelled (huggingface_hub calls
-    update() before writing each chunk)."""
+@dataclass
+class DownloadPlan:
+    """What a download will fetch, known before a byte is written: the files missing from the cache (with their
+    Hub metadata) and the bytes still to come (less what interrupted downloads left)."""
 
-    class Tracking(base):
-        def __init__(self, *args, **kwargs):
-            tracker.done += kwargs.get("initial") or 0
-            super().__init__(*args, **kwargs)
-
-        def update(self, n=1):
-            if tracker.cancelled:
-                raise DownloadCancelled(what)
-            tracker.done += n or 0
-            return super().update(n)
-
-    return Tracking
+    repo: str
+    revision: str
+    missing: dict[str, FileMeta]
+    need_bytes: int
 
 
-def download(repo: str, files: list[str], revision: str, *, progress: bool = True,
-             tracker: DownloadProgress | None = None) -> list[Path]:
-    """Download `files` into the shared cache (resumable; a no-op for files already there): metadata first (so a
-    dead network or a wrong name fails in one request), then free disk vs the bytes still missing, then the
-    download, then the SHA-256 of each new file against the Hub's. Progress: a bar on a terminal, plain lines
-    otherwise, and `tracker` (bytes done/total, cancel) when given."""
-    import sys
+def _repo_dir(repo: str) -> Path:
+    return _hub_cache() / f"models--{repo.replace('/', '--')}"
 
-    from huggingface_hub import hf_hub_download, try_to_load_from_cache
-    from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
-    from huggingface_hub.utils import tqdm as hf_tqdm
 
-    (enable_progress_bars if progress else disable_progress_bars)()
-    tqdm_class = _line_progress() if progress and not sys.stderr.isatty() else None
-    if tracker is not None:
-        tqdm_class = _tracking(tqdm_class or hf_tqdm, tracker, f"{repo}/{', '.join(files)}")
-    missing = [f for f in files if not isinstance(try_to_load_from_cache(repo, f, revision=revision), str)]
-    metas = {f: file_metadata(repo, f, revision) for f in missing}
-    need = sum(m.size for m in metas.values())
-    if tracker is not None:
-        tracker.total = need
+def _partial_path(repo: str, meta: FileMeta) -> Path:
+    """Ours, beside huggingface_hub's blobs: kept across calls and restarts, so an interrupted download resumes
+    (huggingface_hub 2.x deletes its own partial file when a call fails)."""
+    return _repo_dir(repo) / "blobs" / f"{meta.etag}.partial"
+
+
+def plan_download(repo: str, files: list[str], revision: str) -> DownloadPlan:
+    """Metadata of the files not in the cache (one HEAD each: a dead network or a wrong name fails here, in one
+    request), then the free disk against the bytes still missing: a refusal before anything is written."""
+    from huggingface_hub import try_to_load_from_cache
+
+    missing = {f: file_metadata(repo, f, revision) for f in files
+               if not isinstance(try_to_load_from_cache(repo, f, revision=revision), str)}
+    need = 0
+    for meta in missing.values():
+        partial = _partial_path(repo, meta)
+        need += meta.size - (partial.stat().st_size if partial.is_file() else 0)
     if need:
         cache = _hub_cache()
         probe = next((p for p in (cache, *cache.parents) if p.exists()), Path("/"))
@@ -329,13 +325,111 @@ def download(repo: str, files: list[str], revision: str, *, progress: bool = Tru
         if free < need:
             raise HubError(Code.INSUFFICIENT_DISK, f"{repo}: {', '.join(missing)} need {_gb(need)} in {cache}, only "
                            f"{_gb(free)} free: free {_gb(need - free)} there, or set HF_HOME to a larger disk")
+    return DownloadPlan(repo, revision, missing, need)
+
+
+def _progress_bar(file: str, meta: FileMeta, initial: int, progress: bool):
+    """A bar on a terminal, plain lines (every 10 s) otherwise, nothing with progress=False."""
+    import sys
+
+    from tqdm import tqdm
+
+    if not progress:
+        return tqdm(disable=True)
+    cls = tqdm if sys.stderr.isatty() else _line_progress()
+    return cls(total=meta.size, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=file)
+
+
+_RESUME_TRIES = 5  # a dropped connection is resumed from the last byte this many times before giving up
+
+
+def _fetch(plan: DownloadPlan, file: str, tracker: DownloadProgress, progress: bool) -> Path:
+    """One file into the cache, appended to its partial file with range requests (resumed after a dropped
+    connection, a cancel or a restart), checked against the Hub's SHA-256, then moved where huggingface_hub
+    looks: blobs/<etag>, snapshots/<commit>/<file>, refs/<revision>."""
+    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+
+    repo, meta = plan.repo, plan.missing[file]
+    partial = _partial_path(repo, meta)
+    blob = partial.with_name(meta.etag)
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    with open(partial.with_name(f"{meta.etag}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one writer per file, across threads and processes
+        if not blob.is_file():
+            have = partial.stat().st_size if partial.is_file() else 0
+            if have > meta.size:
+                partial.unlink()
+                have = 0
+            tracker.file, tracker.total, tracker.done, tracker.resumed_from = file, meta.size, have, have
+            tries = 0
+            with _progress_bar(file, meta, have, progress) as bar, open(partial, "ab") as out:
+                while have < meta.size:
+                    headers = build_hf_headers()
+                    headers["Accept-Encoding"] = "identity"
+                    if have:
+                        headers["Range"] = f"bytes={have}-"
+                    try:
+                        with get_session().stream("GET", meta.url, headers=headers, follow_redirects=True,
+                                                  timeout=_timeout()) as resp:
+                            hf_raise_for_status(resp)
+                            if have and resp.status_code != 206:  # the server ignored Range: start over
+                                out.truncate(0)
+                                out.seek(0)
+                                have = tracker.done = 0
+                                bar.reset(total=meta.size)
+                            for chunk in resp.iter_bytes():  # as it arrives: progress and cancel stay live
+                                if tracker.cancelled:
+                                    raise DownloadCancelled(f"{repo}/{file}")
+                                out.write(chunk)
+                                have += len(chunk)
+                                tracker.done = have
+                                bar.update(len(chunk))
+                    except Exception as exc:  # a dropped connection mid-body: resume from the last byte
+                        import httpx2
+
+                        tries += 1
+                        if not isinstance(exc, httpx2.TransportError) or tries > _RESUME_TRIES:
+                            raise
+                        out.flush()
+                        log.warning("%s/%s: connection lost at %d of %d bytes (%s); resuming", repo, file, have,
+                                    meta.size, type(exc).__name__)
+                    if have > meta.size:
+                        raise HubError(Code.HUB_BAD_RESPONSE, f"{_endpoint()} sent more than the {meta.size} bytes "
+                                       f"it announced for {repo}/{file}; pull again, and check HF_ENDPOINT")
+            _check_sha256(partial, meta, repo, file)
+            partial.replace(blob)
+    link = _repo_dir(repo) / "snapshots" / (meta.commit or plan.revision) / file
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        tmp = link.with_name(f".{link.name}.{os.getpid()}.{threading.get_ident()}")
+        os.symlink(os.path.relpath(blob, link.parent), tmp)
+        tmp.replace(link)
+    if meta.commit and plan.revision != meta.commit:
+        refs = _repo_dir(repo) / "refs"
+        refs.mkdir(parents=True, exist_ok=True)
+        _write_atomic(refs / plan.revision, meta.commit.encode())
+    return link
+
+
+def download(repo: str, files: list[str], revision: str, *, progress: bool = True,
+             trackers: dict[str, DownloadProgress] | None = None, plan: DownloadPlan | None = None) -> list[Path]:
+    """Download `files` into the shared cache (HF_HOME), a no-op for files already there: plan_download first
+    (metadata, free disk), then each missing file, resumable, SHA-256 checked. Progress: a bar on a terminal,
+    plain lines otherwise, and `trackers[file]` (bytes done/total, cancel) when given."""
+    from huggingface_hub import try_to_load_from_cache
+
+    plan = plan or plan_download(repo, files, revision)
     paths = []
     for f in files:
-        with hub_errors(repo, f, revision):
-            path = Path(hf_hub_download(repo, f, revision=revision, etag_timeout=_timeout(), tqdm_class=tqdm_class))
-        if f in metas:
-            _check_sha256(path, metas[f], repo, f)
-        paths.append(path)
+        if f in plan.missing:
+            tracker = (trackers or {}).get(f) or DownloadProgress()
+            with hub_errors(repo, f, revision):
+                paths.append(_fetch(plan, f, tracker, progress))
+        else:
+            found = try_to_load_from_cache(repo, f, revision=revision)
+            if not isinstance(found, str):
+                raise HubError(Code.MODEL_FILES_MISSING, f"{repo}/{f} left the cache while downloading; pull again")
+            paths.append(Path(found))
     return paths
 
 
@@ -347,11 +441,8 @@ def _check_sha256(path: Path, meta: FileMeta, repo: str, file: str) -> None:
         while chunk := f.read(8 << 20):
             h.update(chunk)
     if h.hexdigest() != meta.etag:
-        blob = path.resolve()
         with contextlib.suppress(OSError):
             path.unlink()
-        with contextlib.suppress(OSError):
-            blob.unlink()
         raise HubError(Code.HUB_CHECKSUM_MISMATCH, f"{repo}/{file} from {_endpoint()} has SHA-256 {h.hexdigest()[:16]}…, "
                        f"the Hub says {meta.etag[:16]}…; the file was deleted: pull again, and if it repeats check "
                        "HF_ENDPOINT or the proxy between you and the Hub")

