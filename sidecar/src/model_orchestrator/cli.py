@@ -356,6 +356,8 @@ def cmd_pull(args) -> int:
     print(files.model)
     if files.mmproj:
         print(files.mmproj)
+    for adapter in files.lora:
+        print(adapter)
     return 0
 
 
