@@ -32,6 +32,7 @@ EVENT_TYPES: dict[str, str] = {
                         "`measured_mb`, `error_mb`, `learned_overhead_mb`)",
     "slots_saved": "an unload saved the model's conversations to disk (`slots`, `tokens`, `bytes`)",
     "slots_restored": "a load restored saved conversations (`slots`, `tokens`): their prefixes are cached again",
+    "lora": "a loaded model's LoRA adapter scales were changed (`scales`: adapter name -> scale)",
     "callback": "a load callback was delivered or given up (`url`, `delivered`, `attempts`, `status`)",
 }
 
