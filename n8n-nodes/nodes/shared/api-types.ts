@@ -198,7 +198,7 @@ export interface paths {
         };
         /**
          * Server-sent events: state changes, load progress, evictions, reservations, crashes
-         * @description A `text/event-stream` that stays open (a `: keepalive` comment every 15 s). Each event has `id:` (send it back as `Last-Event-ID` when reconnecting to replay what was missed), `event:` (its type) and `data:` (JSON). Types: `state`: a model changed state (`from`, `to`; `error` when it failed); `load_progress`: a load moved on: `phase` admitted (with gpu, estimate_mb, evicted), restoring (saved conversations, `slots`), ready (load_seconds); `loaded`: a load finished: the model serves requests (`load_seconds`, `pid`, `gpu`); `load_failed`: a load failed (`code`, `message`, last log lines in `logs`); `evicted`: a model was unloaded to make room (`by`: the load or reservation that needed it, `reason`); `unloaded`: a model was unloaded (`reason`: request, force, idle, evicted); `crashed`: llama-server exited while serving (`message`, last log lines in `logs`); `memory_low`: a load or reservation was refused for lack of GPU memory (`model`: who asked, `missing_mb`, `need_mb`, `gpu`), or a GPU's free memory fell below the margin (`gpu`, `free_mb`, `reason`); `reservation`: a reservation was created, renewed, released or expired (`action`, `reservation`); `estimate_checked`: after a load on a GPU: the estimate against NVML's measurement (`estimate_mb`, `measured_mb`, `error_mb`, `learned_overhead_mb`); `slots_saved`: an unload saved the model's conversations to disk (`slots`, `tokens`, `bytes`); `slots_restored`: a load restored saved conversations (`slots`, `tokens`): their prefixes are cached again; `callback`: a load callback was delivered or given up (`url`, `delivered`, `attempts`, `status`). A client that falls behind gets an `overflow` event and the stream ends (reconnect with Last-Event-ID).
+         * @description A `text/event-stream` that stays open (a `: keepalive` comment every 15 s). Each event has `id:` (send it back as `Last-Event-ID` when reconnecting to replay what was missed), `event:` (its type) and `data:` (JSON). Types: `state`: a model changed state (`from`, `to`; `error` when it failed); `load_progress`: a load moved on: `phase` admitted (with gpu, estimate_mb, evicted), restoring (saved conversations, `slots`), ready (load_seconds); `loaded`: a load finished: the model serves requests (`load_seconds`, `pid`, `gpu`); `load_failed`: a load failed (`code`, `message`, last log lines in `logs`); `evicted`: a model was unloaded to make room (`by`: the load or reservation that needed it, `reason`); `unloaded`: a model was unloaded (`reason`: request, force, idle, evicted); `crashed`: llama-server exited while serving (`message`, last log lines in `logs`); `memory_low`: a load or reservation was refused for lack of GPU memory (`model`: who asked, `missing_mb`, `need_mb`, `gpu`), or a GPU's free memory fell below the margin (`gpu`, `free_mb`, `reason`); `reservation`: a reservation was created, renewed, released or expired (`action`, `reservation`); `estimate_checked`: after a load on a GPU: the estimate against NVML's measurement (`estimate_mb`, `measured_mb`, `error_mb`, `learned_overhead_mb`); `slots_saved`: an unload saved the model's conversations to disk (`slots`, `tokens`, `bytes`); `slots_restored`: a load restored saved conversations (`slots`, `tokens`): their prefixes are cached again; `lora`: a loaded model's LoRA adapter scales were changed (`scales`: adapter name -> scale); `callback`: a load callback was delivered or given up (`url`, `delivered`, `attempts`, `status`). A client that falls behind gets an `overflow` event and the stream ends (reconnect with Last-Event-ID).
          */
         get: operations["models_events"];
         put?: never;
@@ -220,6 +220,30 @@ export interface paths {
         get: operations["model_logs"];
         put?: never;
         post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/models/{model}/lora-adapters": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * A model's LoRA adapters and their scales
+         * @description By name (the registry's `lora`), with llama-server's ids: the scales its llama-server applies now when it is loaded, else the registry's (each load starts from them).
+         */
+        get: operations["lora_adapters"];
+        put?: never;
+        /**
+         * Set a loaded model's LoRA adapter scales
+         * @description By adapter name; adapters not listed keep their scales. Applies to the requests that start from now on and lasts until the model is unloaded. A model that is not loaded answers 409 model_not_loaded; an adapter the model does not have, 400 unknown_adapter. A single request can carry its own scales instead: `lora` in /v1/chat/completions.
+         */
+        post: operations["lora_adapters_set"];
         delete?: never;
         options?: never;
         head?: never;
@@ -318,6 +342,23 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /** AdapterInfo */
+        AdapterInfo: {
+            /** Name */
+            name: string;
+            /**
+             * Scale
+             * @description the registry's scale, applied from each load on (0: loaded, not applied)
+             */
+            scale: number;
+            /**
+             * Source
+             * @description where its GGUF comes from: {type: path, path} or {type: hf, repo, file, revision}
+             */
+            source: {
+                [key: string]: unknown;
+            };
+        };
         /**
          * ChatCompletionRequest
          * @description The OpenAI chat request; fields not listed here (tools, tool_choice, response_format, ...) pass through.
@@ -337,6 +378,12 @@ export interface components {
              * @default false
              */
             stream?: boolean | null;
+            /**
+             * Lora
+             * @description the model's LoRA adapter scales for this request (GET /models/{model}/lora-adapters lists them); adapters not listed keep the model's current scales
+             * @default null
+             */
+            lora?: components["schemas"]["LoraRequestEntry"][] | null;
         } & {
             [key: string]: unknown;
         };
@@ -367,6 +414,12 @@ export interface components {
              * @default false
              */
             stream?: boolean | null;
+            /**
+             * Lora
+             * @description the model's LoRA adapter scales for this request (GET /models/{model}/lora-adapters lists them); adapters not listed keep the model's current scales
+             * @default null
+             */
+            lora?: components["schemas"]["LoraRequestEntry"][] | null;
         } & {
             [key: string]: unknown;
         };
@@ -410,6 +463,12 @@ export interface components {
             compute_mb: number;
             /** Mmproj Mb */
             mmproj_mb: number;
+            /**
+             * Lora Mb
+             * @description the LoRA adapters' tensors on the GPU
+             * @default 0
+             */
+            lora_mb?: number;
             /** Overhead Mb */
             overhead_mb: number;
             /** Total Mb */
@@ -774,6 +833,102 @@ export interface components {
             /** Lines */
             lines: string[];
         };
+        /** LoraAdapterOut */
+        LoraAdapterOut: {
+            /**
+             * Name
+             * @description the adapter's name in the model registry
+             */
+            name: string;
+            /**
+             * Id
+             * @description llama-server's id of the adapter (the registry's order)
+             */
+            id: number;
+            /**
+             * Scale
+             * @description applied now (0: loaded, not applied)
+             */
+            scale: number;
+            /**
+             * Default Scale
+             * @description the registry's scale (each load starts from it)
+             */
+            default_scale: number;
+        };
+        /** LoraAdaptersResponse */
+        LoraAdaptersResponse: {
+            /** Model */
+            model: string;
+            status: components["schemas"]["State"];
+            /**
+             * Adapters
+             * @description scale: what its llama-server applies now when it is loaded or loading, else the registry's
+             */
+            adapters: components["schemas"]["LoraAdapterOut"][];
+        };
+        /**
+         * LoraRequestEntry
+         * @description One adapter's scale for this request: by `name` (the registry's) or by llama-server's `id`.
+         */
+        LoraRequestEntry: {
+            /**
+             * Name
+             * @description the adapter's name
+             * @default null
+             */
+            name?: string | null;
+            /**
+             * Id
+             * @description llama-server's id of the adapter (the registry's order)
+             * @default null
+             */
+            id?: number | null;
+            /**
+             * Scale
+             * @description 0 (not applied) to 10
+             */
+            scale: number;
+        } & (unknown | unknown);
+        /** LoraScale */
+        LoraScale: {
+            /**
+             * Name
+             * @description the adapter's name
+             */
+            name: string;
+            /**
+             * Scale
+             * @description 0 (loaded, not applied) to 10
+             */
+            scale: number;
+        };
+        /** LoraScaleOut */
+        LoraScaleOut: {
+            /**
+             * Name
+             * @description the adapter's name in the model registry
+             */
+            name: string;
+            /**
+             * Id
+             * @description llama-server's id of the adapter (the registry's order)
+             */
+            id: number;
+            /**
+             * Scale
+             * @description applied now (0: loaded, not applied)
+             */
+            scale: number;
+        };
+        /** LoraScalesRequest */
+        LoraScalesRequest: {
+            /**
+             * Adapters
+             * @description the scales to set, by adapter name; adapters not listed keep theirs
+             */
+            adapters: components["schemas"]["LoraScale"][];
+        };
         /** ModelInfo */
         ModelInfo: {
             /** Id */
@@ -822,6 +977,12 @@ export interface components {
              * @description a load of it evicts idle models of equal priority when needed
              */
             swap_on_demand: boolean;
+            /**
+             * Lora
+             * @description its LoRA adapters (registry `lora`) with their default scales
+             * @default []
+             */
+            lora?: components["schemas"]["AdapterInfo"][];
         };
         /** ModelStatus */
         ModelStatus: {
@@ -886,6 +1047,12 @@ export interface components {
             error?: {
                 [key: string]: unknown;
             } | null;
+            /**
+             * Lora
+             * @description its LoRA adapters with the scales its llama-server applies now
+             * @default []
+             */
+            lora?: components["schemas"]["LoraScaleOut"][];
         };
         /** ModelsResponse */
         ModelsResponse: {
@@ -2301,6 +2468,207 @@ export interface operations {
             };
             /** @description body too large */
             413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description model not ready (loading failed, being unloaded) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    lora_adapters: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                model: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["LoraAdaptersResponse"];
+                };
+            };
+            /** @description invalid request (bad JSON, wrong types, unknown fields) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description missing or wrong API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description without an API key: refused for a web page's Origin or a Host name that is not allowed */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description unknown model or route */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description conflict with the model's state (busy, cancelled, files missing) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description body too large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description model not ready (loading failed, being unloaded) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    lora_adapters_set: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                model: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["LoraScalesRequest"];
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["LoraAdaptersResponse"];
+                };
+            };
+            /** @description invalid request (bad JSON, wrong types, unknown fields) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description missing or wrong API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description without an API key: refused for a web page's Origin or a Host name that is not allowed */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description unknown model or route */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description the request body did not arrive in time (MODEL_ORCHESTRATOR_IDLE_TIMEOUT_S) */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description model_not_loaded: load the model first */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description body too large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description the body's declared charset is not UTF-8 */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description upstream_error: llama-server refused the scales or did not answer */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
