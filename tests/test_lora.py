@@ -87,11 +87,15 @@ async def test_a_lora_changes_the_answer_per_request_and_at_run_time(client):
     assert status["loaded_models"]["tiny-lora"]["lora"] == [{"name": "terse", "id": 0, "scale": 0.0}]
 
     # at run time, through the sidecar: the status shows it at once, later requests answer with the adapter
+    events = client.orch.events.subscribe(types={"lora"}, models=None, last_event_id=None)
     r = await client.post("/models/tiny-lora/lora-adapters", json={"adapters": [{"name": "terse", "scale": 1}]})
     body = await r.json()
     assert r.status == 200 and body["adapters"] == [{"name": "terse", "id": 0, "scale": 1.0, "default_scale": 0.0}]
     status = await (await client.get("/models/status")).json()
     assert status["loaded_models"]["tiny-lora"]["lora"] == [{"name": "terse", "id": 0, "scale": 1.0}]
+    event = await events.next(5)
+    assert (event.type, event.model, event.data["scales"]) == ("lora", "tiny-lora", {"terse": 1.0})
+    events.close()
     assert await chat(client, "tiny-lora") == LORA_TEXT
     assert await chat(client, "tiny-lora", lora=[{"name": "terse", "scale": 0}]) == HELLO_TEXT  # a request overrides
     assert await chat(client, "tiny-lora", lora=[]) == LORA_TEXT  # names nothing: the model's scales stay

@@ -321,7 +321,8 @@ def _spec_from_sidecar(args, url: str):
     if not info.get("hub"):
         print(f"{info['id']} has no Hugging Face source (source.type = {info['source']}); nothing to pull", file=sys.stderr)
         return None
-    return ModelSpec(id=info["id"], source=HfSource(type="hf", **info["hub"]))
+    lora = [a for a in info.get("lora", []) if a["source"]["type"] == "hf"]  # adapters from the Hub come along
+    return ModelSpec(id=info["id"], source=HfSource(type="hf", **info["hub"]), lora=lora)
 
 
 def cmd_pull(args) -> int:
