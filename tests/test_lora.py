@@ -79,6 +79,9 @@ async def test_a_lora_changes_the_answer_per_request_and_at_run_time(client):
     assert await chat(client, "tiny-lora", lora=[{"name": "terse", "scale": 1}]) == LORA_TEXT
     assert await chat(client, "tiny-lora", lora=[{"id": 0, "scale": 1.0}]) == LORA_TEXT
     assert await chat(client, "tiny-lora") == HELLO_TEXT
+    r = await client.post("/v1/completions", json={"model": "tiny-lora", "prompt": "hi", "max_tokens": 8,
+                                                   "lora": [{"name": "terse", "scale": 1}]})
+    assert (await r.json())["choices"][0]["text"] == LORA_TEXT  # plain completions too
     r = await client.post("/v1/chat/completions", json={**CHAT, "model": "tiny-lora", "stream": True,
                                                        "lora": [{"name": "terse", "scale": 1}]})
     events = [e for e in await read_sse(r) if e != "[DONE]"]

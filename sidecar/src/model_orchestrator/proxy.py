@@ -6,7 +6,8 @@ llama-server writes them, never buffered whole. Token counts are read from the r
 The hot path is thin: the body is parsed once (orjson) for `model` and `stream`; a structural check of what the
 request model requires replaces pydantic, which runs only to name the field when that check fails; non-streamed
 requests reuse pooled keep-alive connections. A request's LoRA scales (`lora`, by adapter name or id) become
-llama-server's full list of ids and scales (Orchestrator.lora_request); a body without `lora` is not re-encoded. Remote image URLs never reach llama-server (see `_local_images`).
+llama-server's full list of ids and scales (Orchestrator.lora_request); a body without `lora` is not re-encoded.
+Remote image URLs never reach llama-server (see `_local_images`).
 Upstream timeouts bound connecting and the silence between reads, never the whole generation (504). A client that
 hangs up is counted as 499; llama-server's 500 for a request it cannot take becomes a 400 with our own code.
 """
