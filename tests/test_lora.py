@@ -4,6 +4,10 @@ POST /models/{model}/lora-adapters; the registry's validation, the command line 
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ from model_orchestrator.gguf_header import read_header
 from model_orchestrator.llama_args import lora_args
 from model_orchestrator.registry import RegistryError, parse_registry
 from support.helpers import CHAT, read_sse, registry_text
+from support.hf_mirror import HfMirror
 from support.tiny_models import HELLO_TEXT, LORA_TEXT, write_tiny_lora
 
 
@@ -214,3 +219,38 @@ async def test_the_estimate_route_counts_the_adapters(client, lora_file):
     assert plain["lora_mb"] == 0 and lora["lora_mb"] == pytest.approx(adapter_mb, abs=0.05)
     assert lora["total_mb"] - plain["total_mb"] == pytest.approx(adapter_mb, abs=0.1)
     assert lora["details"]["lora_adapters"] == 1
+
+
+def test_hub_adapters_are_estimated_before_download_and_pulled_with_the_model(tmp_path, model_dir, lora_file):
+    """An adapter from the Hub: its header is read remotely for the estimate, `pull` fetches it into the HF cache
+    with the model, and a load then finds it there (the same resolution as a model's files)."""
+    mirror = HfMirror({"org/tiny-GGUF": {"hello.gguf": (model_dir / "hello.gguf").read_bytes()},
+                       "org/tiny-lora": {"terse.gguf": lora_file.read_bytes()}})
+    mirror.start()
+    try:
+        registry = tmp_path / "models.toml"
+        registry.write_text('default_model = "m"\n[[models]]\nid = "m"\n'
+                            'source = { type = "hf", repo = "org/tiny-GGUF", file = "hello.gguf" }\n'
+                            'lora = [{ name = "terse", source = { type = "hf", repo = "org/tiny-lora", '
+                            'file = "terse.gguf" } }]\n')
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODEL_ORCHESTRATOR_"))}
+        env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=mirror.url, MODEL_ORCHESTRATOR_MODELS=str(registry),
+                   MODEL_ORCHESTRATOR_STATE=str(tmp_path / "state"), MODEL_ORCHESTRATOR_URL="http://127.0.0.1:9")
+
+        def cli(*args):
+            return subprocess.run([sys.executable, "-m", "model_orchestrator", *args], env=env, capture_output=True,
+                                  text=True, timeout=120)
+
+        est = cli("estimate", "m", "--json")
+        assert est.returncode == 0, est.stderr
+        adapter_mb = sum(t.n_bytes for t in read_header(lora_file).tensors) / MIB
+        data = json.loads(est.stdout)
+        assert data["details"]["header_from"] == "hub" and data["lora_mb"] == pytest.approx(adapter_mb, abs=0.05)
+        assert "LoRA adapters" in cli("estimate", "m").stdout
+        pulled = cli("pull", "m")
+        assert pulled.returncode == 0, pulled.stderr
+        paths = pulled.stdout.split()
+        assert len(paths) == 2 and paths[1].endswith("terse.gguf") and paths[1].startswith(str(tmp_path / "hf"))
+        assert Path(paths[1]).read_bytes() == lora_file.read_bytes()
+    finally:
+        mirror.stop()

@@ -393,7 +393,9 @@ def _print_estimate(name: str, ctx: int, est: dict, registry: str | None) -> Non
     print(f"{name}: {d['arch']}, {est['n_layer']} layers ({est['layers_on_gpu']} on the GPU with the output), "
           f"context {ctx} ({est['context_cells']} cells), KV cache {est['cache_type']}{where}")
     for label, key in (("weights", "weights_mb"), ("KV cache", "kv_cache_mb"), ("compute", "compute_mb"),
-                       ("mmproj", "mmproj_mb"), ("CUDA overhead", "overhead_mb")):
+                       ("mmproj", "mmproj_mb"), ("LoRA adapters", "lora_mb"), ("CUDA overhead", "overhead_mb")):
+        if key == "lora_mb" and not d.get("lora_adapters"):
+            continue
         print(f"  {label:<14}{est[key]:>10.0f} MiB")
     print(f"  {'total':<14}{est['total_mb']:>10.0f} MiB")
     if registry:
