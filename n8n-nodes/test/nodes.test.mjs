@@ -379,3 +379,36 @@ test('Load Model: body and a wait-long-enough HTTP timeout', async () => {
 	assert.equal(ctx.requests[0].timeout, 150_000);
 	assert.equal(out[0].json.result, 'loaded');
 });
+
+test('Chat: the LoRA Adapters collection goes out as the request lora field', async () => {
+	const ctx = fakeContext({
+		items: [{ json: {} }],
+		params: {
+			model: 'tiny-lora',
+			messageMode: 'simple',
+			systemPrompt: '',
+			userMessage: 'Hi',
+			images: 'none',
+			tools: '[]',
+			options: {},
+			loraAdapters: { adapter: [{ name: 'terse', scale: 1 }] },
+		},
+		respond: () => ({ ...HELLO, model: 'tiny-lora' }),
+	});
+	await new ModelOrchestratorChat().execute.call(ctx);
+	assert.deepEqual(ctx.requests[0].body.lora, [{ name: 'terse', scale: 1 }]);
+	// a bad scale is a NodeOperationError before any request
+	const bad = fakeContext({
+		items: [{ json: {} }],
+		params: {
+			model: 'tiny-lora',
+			messageMode: 'simple',
+			userMessage: 'Hi',
+			images: 'none',
+			loraAdapters: { adapter: [{ name: 'terse', scale: 12 }] },
+		},
+		respond: () => HELLO,
+	});
+	await assert.rejects(new ModelOrchestratorChat().execute.call(bad), NodeOperationError);
+	assert.equal(bad.requests.length, 0);
+});

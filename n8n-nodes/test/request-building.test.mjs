@@ -512,3 +512,36 @@ test('model parameter: a resource locator value or an older plain string', () =>
 	assert.equal(transport.modelName('qwen3-vl-30b'), 'qwen3-vl-30b');
 	assert.equal(transport.modelName(undefined), '');
 });
+
+test('LoRA adapters: per-request scales by name, checked before the request', () => {
+	const body = chat.buildChatBody({
+		model: 'tiny-lora',
+		messageMode: 'simple',
+		userMessage: 'Hi',
+		lora: [
+			{ name: ' terse ', scale: 1 },
+			{ name: 'style', scale: 0 },
+		],
+	});
+	assert.deepEqual(body.lora, [
+		{ name: 'terse', scale: 1 },
+		{ name: 'style', scale: 0 },
+	]);
+	// none chosen: no lora field at all (the model's own scales apply)
+	assert.equal(
+		chat.buildChatBody({ model: 'tiny', messageMode: 'simple', userMessage: 'Hi', lora: [] }).lora,
+		undefined,
+	);
+	const bad = (lora) => () =>
+		chat.buildChatBody({ model: 'tiny-lora', messageMode: 'simple', userMessage: 'Hi', lora });
+	assert.throws(bad([{ name: '', scale: 1 }]), /name the adapter/);
+	assert.throws(bad([{ name: 'terse', scale: -1 }]), /from 0 \(off\) to 10/);
+	assert.throws(bad([{ name: 'terse', scale: 11 }]), /from 0 \(off\) to 10/);
+	assert.throws(
+		bad([
+			{ name: 'terse', scale: 1 },
+			{ name: 'terse', scale: 0 },
+		]),
+		/listed twice/,
+	);
+});

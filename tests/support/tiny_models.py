@@ -5,6 +5,9 @@ projector. Same tokenizer and geometry as the product's (its `build_vocab` and `
 The 'tool_call' model answers ``<tool_call>`` JSON for TOOL_CALL, which llama-server (``--jinja``) returns as an
 OpenAI tool_calls entry when the request has tools; one layer-0 attention head detects a ``<tool_response>`` token
 anywhere in the prompt, after which it answers HELLO_TEXT instead, so agent loops terminate.
+
+`write_tiny_lora` writes a LoRA adapter for the 'hello' model (qwen3): applied at scale 1, the model answers
+LORA_TEXT instead of HELLO_TEXT; at scale 0 it changes nothing.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from model_orchestrator.tiny_gguf import (HELLO_TEXT, TOOL_CALL, _DETECT_SCORE, 
                                           _N_EMBD, _N_EXPERT, _N_FF, _N_FF_EXP, _N_HEAD, _N_HEAD_KV, _N_LAYER,
                                           _TOOL_PIECES, build_vocab, write_gguf)
 
-__all__ = ["HELLO_TEXT", "TOOL_CALL", "ARCHS", "BEHAVIOURS", "write_tiny_model", "write_tiny_mmproj"]
+__all__ = ["HELLO_TEXT", "LORA_TEXT", "TOOL_CALL", "ARCHS", "BEHAVIOURS", "write_tiny_model", "write_tiny_mmproj",
+           "write_tiny_lora"]
 
 ARCHS = ("llama", "qwen3", "qwen3moe")
 BEHAVIOURS = ("hello", "tool_call", "random")
@@ -155,6 +159,63 @@ def write_tiny_model(
     tokens, types, merges, ids = build_vocab()
     tensors = _tensors(arch, len(tokens), behaviour, ids, np.random.default_rng(seed))
     return write_gguf(path, arch, f"tiny-{arch}-{behaviour}", tokens, types, merges, ids, tensors)
+
+
+# The LoRA's reply: tokens of the hello program in another order, so the base model's residual directions drive it.
+_LORA_PIECES = ("Hello", " model", "!")
+LORA_TEXT = "".join(_LORA_PIECES)
+
+
+def write_tiny_lora(path: str | pathlib.Path, *, arch: str = "qwen3") -> pathlib.Path:
+    """Write a LoRA adapter GGUF for the 'hello' model: at scale 1 its answer is LORA_TEXT ("Hello model!").
+
+    How: only the lm_head (`output.weight`) changes. The hello model's residual stream is one direction per reply
+    token; its lm_head W maps each to a logit of _MARGIN on the next token. The adapter's delta is W' - W, W' being
+    the same program wired for LORA_TEXT ("Hello" -> " model" -> "!" -> <|im_end|>). W' - W is non-zero only in the
+    columns of the tokens whose successor changed, so it factors exactly as B @ A with A selecting those columns
+    (rank 3) and B their deltas. With adapter.lora.alpha = rank, llama.cpp applies scale x (B @ A): scale 1 gives W'
+    exactly, scale 0 gives W, and each answer wins by the full margin (scales near 0.5 are a tie: avoid them).
+    """
+    import gguf
+
+    from model_orchestrator.tiny_gguf import _hello_tensors
+
+    if arch != "qwen3":
+        raise ValueError("the tiny LoRA is for the qwen3 'hello' model")
+    tokens, _types, _merges, ids = build_vocab()
+    base = _hello_tensors(len(tokens), ids, np.random.default_rng(0))["output.weight"]
+    hello = [ids[p] for p in _HELLO_PIECES]
+    direction = {tok: i + 1 for i, tok in enumerate(hello)}
+    lora_seq = [ids[p] for p in _LORA_PIECES] + [ids["<|im_end|>"]]
+    target = base.copy()
+    unit = _MARGIN / np.sqrt(_N_EMBD)
+    for tok, nxt in zip(lora_seq, lora_seq[1:]):
+        col = direction[tok]
+        target[:, col] = 0.0
+        target[nxt, col] = unit
+    delta = target - base
+    cols = [c for c in range(_N_EMBD) if np.any(delta[:, c])]
+    rank = len(cols)
+    lora_a = np.zeros((rank, _N_EMBD), dtype=np.float32)  # ggml {n_embd, rank}: ne0 = the base tensor's ne0
+    for r, c in enumerate(cols):
+        lora_a[r, c] = 1.0
+    lora_b = np.ascontiguousarray(delta[:, cols], dtype=np.float32)  # ggml {rank, n_vocab}
+    assert np.allclose(lora_b @ lora_a, delta)
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_type(gguf.GGUFType.ADAPTER)
+    w.add_name("tiny-qwen3-hello-lora")
+    w.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(rank))
+    w.add_tensor("output.weight.lora_a", lora_a)
+    w.add_tensor("output.weight.lora_b", lora_b)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 # Vision projector geometry (LLaVA-style "mlp" projector, CLIP encoder).

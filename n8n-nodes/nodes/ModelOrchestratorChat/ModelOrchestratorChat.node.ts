@@ -14,6 +14,8 @@ import {
 	type ChatOptions,
 	type ChatParams,
 	type ImageInput,
+	type LoraScale,
+	MAX_LORA_SCALE,
 } from '../shared/chat';
 import { readmeUrl } from '../shared/docs';
 import type { ChatCompletionRequest } from '../shared/api';
@@ -132,6 +134,39 @@ export class ModelOrchestratorChat implements INodeType {
 				default: '[]',
 				description:
 					'OpenAI tool definitions: [{"type": "function", "function": {"name": ..., "description": ..., "parameters": {JSON schema}}}]. Calls come back in tool_calls.',
+			},
+			{
+				displayName: 'LoRA Adapters',
+				name: 'loraAdapters',
+				type: 'fixedCollection',
+				placeholder: 'Add Adapter',
+				default: {},
+				typeOptions: { multipleValues: true },
+				description:
+					"Scales of the model's LoRA adapters for this request (the model registry's lora; GET /models/{model}/lora-adapters lists them). Adapters not listed keep the model's current scales.",
+				options: [
+					{
+						displayName: 'Adapter',
+						name: 'adapter',
+						values: [
+							{
+								displayName: 'Name',
+								name: 'name',
+								type: 'string',
+								default: '',
+								description: "The adapter's name in the model registry",
+							},
+							{
+								displayName: 'Scale',
+								name: 'scale',
+								type: 'number',
+								default: 1,
+								typeOptions: { minValue: 0, maxValue: MAX_LORA_SCALE, numberPrecision: 2 },
+								description: '0 switches the adapter off for this request, 1 applies it fully',
+							},
+						],
+					},
+				],
 			},
 			{
 				displayName: 'Options',
@@ -286,6 +321,7 @@ async function chatItem(
 		toolChoice: options.toolChoice,
 		toolChoiceFunction: options.toolChoiceFunction,
 		options,
+		lora: (this.getNodeParameter('loraAdapters', i, {}) as { adapter?: LoraScale[] }).adapter ?? [],
 	};
 	if (messageMode === 'simple') {
 		params.systemPrompt = this.getNodeParameter('systemPrompt', i, '') as string;

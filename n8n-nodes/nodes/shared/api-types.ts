@@ -85,7 +85,7 @@ export interface paths {
         put?: never;
         /**
          * Load a model (joins a load under way)
-         * @description Answers when llama-server is ready; with wait=false, 202 as soon as the load is admitted and started (status `loading`; a refusal is still an error). A model that cannot start answers 503 with llama-server's last log lines.
+         * @description Answers when llama-server is ready; with wait=false, 202 as soon as the load is admitted and started (status `loading`; a refusal is still an error). A model whose files are missing is downloaded first (status `downloading`, progress in `download` here and in /models/status; timeout_s counts llama-server's start only), unless MODEL_ORCHESTRATOR_DOWNLOAD_ON_LOAD or the model's download_on_load is off; before downloading, the estimate from the file's header on the Hub must fit (else 409 insufficient_vram) and the disk must hold the files (else 507 insufficient_disk): nothing is written then. A model that cannot start answers 503 with llama-server's last log lines.
          */
         post: operations["models_load"];
         delete?: never;
@@ -105,7 +105,7 @@ export interface paths {
         put?: never;
         /**
          * Unload a model
-         * @description Without force, waits up to drain_timeout_s for requests in flight (new ones get 503 + Retry-After meanwhile) and then refuses with 409, changing nothing. With force, stops llama-server at once; requests in flight end with a model_unloaded error. An unload during a load cancels it.
+         * @description Without force, waits up to drain_timeout_s for requests in flight (new ones get 503 + Retry-After meanwhile) and then refuses with 409, changing nothing. With force, stops llama-server at once; requests in flight end with a model_unloaded error. An unload during a load cancels it; during a download it stops it (result cancelled_download; what arrived is kept and the next load resumes it).
          */
         post: operations["models_unload"];
         delete?: never;
@@ -198,7 +198,7 @@ export interface paths {
         };
         /**
          * Server-sent events: state changes, load progress, evictions, reservations, crashes
-         * @description A `text/event-stream` that stays open (a `: keepalive` comment every 15 s). Each event has `id:` (send it back as `Last-Event-ID` when reconnecting to replay what was missed), `event:` (its type) and `data:` (JSON). Types: `state`: a model changed state (`from`, `to`; `error` when it failed); `load_progress`: a load moved on: `phase` admitted (with gpu, estimate_mb, evicted), restoring (saved conversations, `slots`), ready (load_seconds); `loaded`: a load finished: the model serves requests (`load_seconds`, `pid`, `gpu`); `load_failed`: a load failed (`code`, `message`, last log lines in `logs`); `evicted`: a model was unloaded to make room (`by`: the load or reservation that needed it, `reason`); `unloaded`: a model was unloaded (`reason`: request, force, idle, evicted); `crashed`: llama-server exited while serving (`message`, last log lines in `logs`); `memory_low`: a load or reservation was refused for lack of GPU memory (`model`: who asked, `missing_mb`, `need_mb`, `gpu`), or a GPU's free memory fell below the margin (`gpu`, `free_mb`, `reason`); `reservation`: a reservation was created, renewed, released or expired (`action`, `reservation`); `estimate_checked`: after a load on a GPU: the estimate against NVML's measurement (`estimate_mb`, `measured_mb`, `error_mb`, `learned_overhead_mb`); `slots_saved`: an unload saved the model's conversations to disk (`slots`, `tokens`, `bytes`); `slots_restored`: a load restored saved conversations (`slots`, `tokens`): their prefixes are cached again; `callback`: a load callback was delivered or given up (`url`, `delivered`, `attempts`, `status`). A client that falls behind gets an `overflow` event and the stream ends (reconnect with Last-Event-ID).
+         * @description A `text/event-stream` that stays open (a `: keepalive` comment every 15 s). Each event has `id:` (send it back as `Last-Event-ID` when reconnecting to replay what was missed), `event:` (its type) and `data:` (JSON). Types: `state`: a model changed state (`from`, `to`; `error` when it failed); `load_progress`: a load moved on: `phase` admitted (with gpu, estimate_mb, evicted), restoring (saved conversations, `slots`), ready (load_seconds); `loaded`: a load finished: the model serves requests (`load_seconds`, `pid`, `gpu`); `load_failed`: a load failed (`code`, `message`, last log lines in `logs`); `evicted`: a model was unloaded to make room (`by`: the load or reservation that needed it, `reason`); `unloaded`: a model was unloaded (`reason`: request, force, idle, evicted); `crashed`: llama-server exited while serving (`message`, last log lines in `logs`); `memory_low`: a load or reservation was refused for lack of GPU memory (`model`: who asked, `missing_mb`, `need_mb`, `gpu`), or a GPU's free memory fell below the margin (`gpu`, `free_mb`, `reason`); `reservation`: a reservation was created, renewed, released or expired (`action`, `reservation`); `estimate_checked`: after a load on a GPU: the estimate against NVML's measurement (`estimate_mb`, `measured_mb`, `error_mb`, `learned_overhead_mb`); `slots_saved`: an unload saved the model's conversations to disk (`slots`, `tokens`, `bytes`); `slots_restored`: a load restored saved conversations (`slots`, `tokens`): their prefixes are cached again; `download_started`: a load found the model's files missing and began downloading them (`bytes_total`, `files`: each file's bytes_done/bytes_total, `resumed_from` what an interrupted one left); `download_progress`: a download moved on (every second while it runs: `bytes_done`, `bytes_total`, `percent`, `bytes_per_second`, `eta_s`, `files`); `download_finished`: a download ended with the files in the cache; the load follows (`bytes_done`, `seconds`); `download_failed`: a download failed (`error`: code and message, e.g. insufficient_disk, hub_unreachable); `download_cancelled`: an unload stopped a download (what arrived is kept; the next load resumes it); `lora`: a loaded model's LoRA adapter scales were changed (`scales`: adapter name -> scale); `callback`: a load callback was delivered or given up (`url`, `delivered`, `attempts`, `status`). A client that falls behind gets an `overflow` event and the stream ends (reconnect with Last-Event-ID).
          */
         get: operations["models_events"];
         put?: never;
@@ -220,6 +220,30 @@ export interface paths {
         get: operations["model_logs"];
         put?: never;
         post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/models/{model}/lora-adapters": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * A model's LoRA adapters and their scales
+         * @description By name (the registry's `lora`), with llama-server's ids: the scales its llama-server applies now when it is loaded, else the registry's (each load starts from them).
+         */
+        get: operations["lora_adapters"];
+        put?: never;
+        /**
+         * Set a loaded model's LoRA adapter scales
+         * @description By adapter name; adapters not listed keep their scales. Applies to the requests that start from now on and lasts until the model is unloaded. A model that is not loaded answers 409 model_not_loaded; an adapter the model does not have, 400 unknown_adapter. A single request can carry its own scales instead: `lora` in /v1/chat/completions.
+         */
+        post: operations["lora_adapters_set"];
         delete?: never;
         options?: never;
         head?: never;
@@ -318,6 +342,23 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        /** AdapterInfo */
+        AdapterInfo: {
+            /** Name */
+            name: string;
+            /**
+             * Scale
+             * @description the registry's scale, applied from each load on (0: loaded, not applied)
+             */
+            scale: number;
+            /**
+             * Source
+             * @description where its GGUF comes from: {type: path, path} or {type: hf, repo, file, revision}
+             */
+            source: {
+                [key: string]: unknown;
+            };
+        };
         /**
          * ChatCompletionRequest
          * @description The OpenAI chat request; fields not listed here (tools, tool_choice, response_format, ...) pass through.
@@ -337,6 +378,12 @@ export interface components {
              * @default false
              */
             stream?: boolean | null;
+            /**
+             * Lora
+             * @description the model's LoRA adapter scales for this request (GET /models/{model}/lora-adapters lists them); adapters not listed keep the model's current scales
+             * @default null
+             */
+            lora?: components["schemas"]["LoraRequestEntry"][] | null;
         } & {
             [key: string]: unknown;
         };
@@ -367,8 +414,59 @@ export interface components {
              * @default false
              */
             stream?: boolean | null;
+            /**
+             * Lora
+             * @description the model's LoRA adapter scales for this request (GET /models/{model}/lora-adapters lists them); adapters not listed keep the model's current scales
+             * @default null
+             */
+            lora?: components["schemas"]["LoraRequestEntry"][] | null;
         } & {
             [key: string]: unknown;
+        };
+        /** DownloadFile */
+        DownloadFile: {
+            /** File */
+            file: string;
+            /** Bytes Done */
+            bytes_done: number;
+            /**
+             * Bytes Total
+             * @description null: not known before it ends (a PyPI wheel)
+             */
+            bytes_total: number | null;
+            /**
+             * Resumed From
+             * @description bytes an earlier, interrupted download had left (not fetched again)
+             */
+            resumed_from: number;
+        };
+        /**
+         * DownloadStatus
+         * @description A model's files being downloaded before its load (state `downloading`).
+         */
+        DownloadStatus: {
+            /** Bytes Done */
+            bytes_done: number;
+            /** Bytes Total */
+            bytes_total: number | null;
+            /** Percent */
+            percent: number | null;
+            /**
+             * Bytes Per Second
+             * @description since this download began (resumed bytes not counted)
+             */
+            bytes_per_second: number;
+            /** Seconds */
+            seconds: number;
+            /** Eta S */
+            eta_s: number | null;
+            /** Started At */
+            started_at: string;
+            /**
+             * Files
+             * @description the model file and its projector, each on its own
+             */
+            files: components["schemas"]["DownloadFile"][];
         };
         /** EmbeddingRequest */
         EmbeddingRequest: {
@@ -410,6 +508,12 @@ export interface components {
             compute_mb: number;
             /** Mmproj Mb */
             mmproj_mb: number;
+            /**
+             * Lora Mb
+             * @description the LoRA adapters' tensors on the GPU
+             * @default 0
+             */
+            lora_mb?: number;
             /** Overhead Mb */
             overhead_mb: number;
             /** Total Mb */
@@ -614,6 +718,7 @@ export interface components {
             model: string;
             /**
              * Result
+             * @description cancelled: an unload stopped the load or the download before it
              * @enum {string}
              */
             result: "loaded" | "already_loaded" | "failed" | "cancelled";
@@ -723,6 +828,11 @@ export interface components {
         LoadResponse: {
             /** Model */
             model: string;
+            /**
+             * @description result `downloading`: where the download stands
+             * @default null
+             */
+            download?: components["schemas"]["DownloadStatus"] | null;
             /** Status */
             status: components["schemas"]["State"] | "reserved";
             result: components["schemas"]["LoadResult"];
@@ -764,7 +874,7 @@ export interface components {
          * @description What a load did (POST /models/load's `result`).
          * @enum {string}
          */
-        LoadResult: "loaded" | "joined" | "already_loaded" | "loading" | "reserved";
+        LoadResult: "loaded" | "joined" | "already_loaded" | "loading" | "downloading" | "reserved";
         /** LogsResponse */
         LogsResponse: {
             /** Model */
@@ -773,6 +883,102 @@ export interface components {
             pid: number | null;
             /** Lines */
             lines: string[];
+        };
+        /** LoraAdapterOut */
+        LoraAdapterOut: {
+            /**
+             * Name
+             * @description the adapter's name in the model registry
+             */
+            name: string;
+            /**
+             * Id
+             * @description llama-server's id of the adapter (the registry's order)
+             */
+            id: number;
+            /**
+             * Scale
+             * @description applied now (0: loaded, not applied)
+             */
+            scale: number;
+            /**
+             * Default Scale
+             * @description the registry's scale (each load starts from it)
+             */
+            default_scale: number;
+        };
+        /** LoraAdaptersResponse */
+        LoraAdaptersResponse: {
+            /** Model */
+            model: string;
+            status: components["schemas"]["State"];
+            /**
+             * Adapters
+             * @description scale: what its llama-server applies now when it is loaded or loading, else the registry's
+             */
+            adapters: components["schemas"]["LoraAdapterOut"][];
+        };
+        /**
+         * LoraRequestEntry
+         * @description One adapter's scale for this request: by `name` (the registry's) or by llama-server's `id`.
+         */
+        LoraRequestEntry: {
+            /**
+             * Name
+             * @description the adapter's name
+             * @default null
+             */
+            name?: string | null;
+            /**
+             * Id
+             * @description llama-server's id of the adapter (the registry's order)
+             * @default null
+             */
+            id?: number | null;
+            /**
+             * Scale
+             * @description 0 (not applied) to 10
+             */
+            scale: number;
+        } & (unknown | unknown);
+        /** LoraScale */
+        LoraScale: {
+            /**
+             * Name
+             * @description the adapter's name
+             */
+            name: string;
+            /**
+             * Scale
+             * @description 0 (loaded, not applied) to 10
+             */
+            scale: number;
+        };
+        /** LoraScaleOut */
+        LoraScaleOut: {
+            /**
+             * Name
+             * @description the adapter's name in the model registry
+             */
+            name: string;
+            /**
+             * Id
+             * @description llama-server's id of the adapter (the registry's order)
+             */
+            id: number;
+            /**
+             * Scale
+             * @description applied now (0: loaded, not applied)
+             */
+            scale: number;
+        };
+        /** LoraScalesRequest */
+        LoraScalesRequest: {
+            /**
+             * Adapters
+             * @description the scales to set, by adapter name; adapters not listed keep theirs
+             */
+            adapters: components["schemas"]["LoraScale"][];
         };
         /** ModelInfo */
         ModelInfo: {
@@ -822,6 +1028,22 @@ export interface components {
              * @description a load of it evicts idle models of equal priority when needed
              */
             swap_on_demand: boolean;
+            /**
+             * Download On Load
+             * @description a load downloads its files when they are missing
+             */
+            download_on_load: boolean;
+            /**
+             * @description while `downloading`: bytes done/total per file
+             * @default null
+             */
+            download?: components["schemas"]["DownloadStatus"] | null;
+            /**
+             * Lora
+             * @description its LoRA adapters (registry `lora`) with their default scales
+             * @default []
+             */
+            lora?: components["schemas"]["AdapterInfo"][];
         };
         /** ModelStatus */
         ModelStatus: {
@@ -886,6 +1108,17 @@ export interface components {
             error?: {
                 [key: string]: unknown;
             } | null;
+            /**
+             * @description while `downloading`: bytes done/total per file
+             * @default null
+             */
+            download?: components["schemas"]["DownloadStatus"] | null;
+            /**
+             * Lora
+             * @description its LoRA adapters with the scales its llama-server applies now
+             * @default []
+             */
+            lora?: components["schemas"]["LoraScaleOut"][];
         };
         /** ModelsResponse */
         ModelsResponse: {
@@ -1006,7 +1239,7 @@ export interface components {
          * State
          * @enum {string}
          */
-        State: "unloaded" | "loading" | "loaded" | "unloading" | "failed";
+        State: "unloaded" | "downloading" | "loading" | "loaded" | "unloading" | "failed";
         /** StatusResponse */
         StatusResponse: {
             /**
@@ -1099,7 +1332,7 @@ export interface components {
          * @description What an unload did (POST /models/unload's `result`).
          * @enum {string}
          */
-        UnloadResult: "unloaded" | "cancelled_load" | "joined" | "not_loaded" | "released" | "not_held";
+        UnloadResult: "unloaded" | "cancelled_load" | "cancelled_download" | "joined" | "not_loaded" | "released" | "not_held";
     };
     responses: never;
     parameters: never;
@@ -1445,7 +1678,7 @@ export interface operations {
                     "application/json": components["schemas"]["LoadResponse"];
                 };
             };
-            /** @description wait=false: the load was admitted and started */
+            /** @description wait=false: the load was admitted and started, or its download began (result downloading) */
             202: {
                 headers: {
                     [name: string]: unknown;
@@ -1528,6 +1761,15 @@ export interface operations {
             };
             /** @description model not ready (loading failed, being unloaded) */
             503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description insufficient_disk: the files to download do not fit on the disk of HF_HOME */
+            507: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2301,6 +2543,207 @@ export interface operations {
             };
             /** @description body too large */
             413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description model not ready (loading failed, being unloaded) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    lora_adapters: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                model: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["LoraAdaptersResponse"];
+                };
+            };
+            /** @description invalid request (bad JSON, wrong types, unknown fields) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description missing or wrong API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description without an API key: refused for a web page's Origin or a Host name that is not allowed */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description unknown model or route */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description conflict with the model's state (busy, cancelled, files missing) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description body too large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description model not ready (loading failed, being unloaded) */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    lora_adapters_set: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                model: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["LoraScalesRequest"];
+            };
+        };
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["LoraAdaptersResponse"];
+                };
+            };
+            /** @description invalid request (bad JSON, wrong types, unknown fields) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description missing or wrong API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description without an API key: refused for a web page's Origin or a Host name that is not allowed */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description unknown model or route */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description the request body did not arrive in time (MODEL_ORCHESTRATOR_IDLE_TIMEOUT_S) */
+            408: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description model_not_loaded: load the model first */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description body too large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description the body's declared charset is not UTF-8 */
+            415: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description upstream_error: llama-server refused the scales or did not answer */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };

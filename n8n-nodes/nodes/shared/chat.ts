@@ -24,6 +24,15 @@ export interface ChatOptions {
 	stop?: string;
 }
 
+/** One LoRA adapter's scale for this request (the n8n node's "LoRA Adapters" collection). */
+export interface LoraScale {
+	name: string;
+	scale: number;
+}
+
+/** The sidecar's bound on a scale (registry.MAX_LORA_SCALE): 0 switches an adapter off for the request. */
+export const MAX_LORA_SCALE = 10;
+
 export interface ChatParams {
 	model: string;
 	messageMode: 'simple' | 'messages';
@@ -37,6 +46,8 @@ export interface ChatParams {
 	toolChoice?: 'auto' | 'none' | 'required' | 'function';
 	toolChoiceFunction?: string;
 	options?: ChatOptions;
+	/** per-request LoRA adapter scales, by adapter name (GET /models/{model}/lora-adapters lists them) */
+	lora?: LoraScale[];
 }
 
 export class ChatParameterError extends Error {}
@@ -173,7 +184,26 @@ export function buildChatBody(p: ChatParams): ChatCompletionRequest {
 		if (stops.length) body.stop = stops;
 	}
 	if (o.responseFormat === 'json_object') body.response_format = { type: 'json_object' };
+	const lora = normaliseLora(p.lora);
+	if (lora.length) body.lora = lora;
 	return body;
+}
+
+function normaliseLora(entries: LoraScale[] | undefined): LoraScale[] {
+	const seen = new Set<string>();
+	return (entries ?? []).map((e, i) => {
+		const name = typeof e?.name === 'string' ? e.name.trim() : '';
+		if (!name) throw new ChatParameterError(`LoRA Adapters[${i}]: name the adapter`);
+		if (seen.has(name)) throw new ChatParameterError(`LoRA Adapters: "${name}" is listed twice`);
+		seen.add(name);
+		const scale = Number(e.scale);
+		if (typeof e.scale === 'boolean' || !Number.isFinite(scale) || scale < 0 || scale > MAX_LORA_SCALE) {
+			throw new ChatParameterError(
+				`LoRA Adapters[${i}] ("${name}"): the scale must be a number from 0 (off) to ${MAX_LORA_SCALE}`,
+			);
+		}
+		return { name, scale };
+	});
 }
 
 /** The node's output: the answer's content, tool calls (arguments parsed when they are JSON), usage, finish. */

@@ -30,7 +30,8 @@ from .model_files import ModelFilesMissing
 from .openapi import build_openapi
 from .orchestrator import Orchestrator
 from .schemas import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, EstimateRequest, EstimateResponse,
-                      EventOut, HealthResponse, LoadCallback, LoadRequest, LoadResponse, LogsResponse, ModelsResponse, OpenAIModelList,
+                      EventOut, HealthResponse, LoadCallback, LoadRequest, LoadResponse, LogsResponse,
+                      LoraAdaptersResponse, LoraScalesRequest, ModelsResponse, OpenAIModelList,
                       OpenAIResponse, RenewRequest, ReservationList, ReservationOut, ReservationRequest,
                       StatusResponse, UnloadRequest, UnloadResponse)
 from .status_cache import StatusCache
@@ -248,6 +249,26 @@ async def model_logs(request: web.Request) -> web.Response:
     return _json(LogsResponse, {"model": model.id, "pid": server.pid if server else None, "lines": lines})
 
 
+def _lora_answer(orch: Orchestrator, model) -> web.Response:
+    return _json(LoraAdaptersResponse, {"model": model.id, "status": model.state, "adapters": orch.lora_view(model)})
+
+
+async def lora_adapters(request: web.Request) -> web.Response:
+    orch = request.app[ORCH]
+    return _lora_answer(orch, orch.model(request.match_info["model"]))
+
+
+async def lora_adapters_set(request: web.Request) -> web.Response:
+    orch = request.app[ORCH]
+    model = orch.model(request.match_info["model"])
+    req = await _body(request, LoraScalesRequest)
+    scales = {a.name: a.scale for a in req.adapters}
+    if len(scales) != len(req.adapters):
+        raise Refused(Code.INVALID_REQUEST, "adapters: each adapter may be named once")
+    await orch.set_lora_scales(model.id, scales)
+    return _lora_answer(orch, model)
+
+
 EVENTS_KEEPALIVE_S = 15.0  # a comment line this often keeps proxies and n8n from closing an idle stream
 
 
@@ -371,6 +392,17 @@ ROUTES: list[Route] = [
     Route("GET", "/models/{model}/logs", model_logs, "The last lines llama-server printed (?lines=N)", response=LogsResponse,
           query=({"name": "lines", "in": "query", "required": False, "description": "how many lines (1..10000)",
                   "schema": {"type": "integer", "default": 100}},)),
+    Route("GET", "/models/{model}/lora-adapters", lora_adapters, "A model's LoRA adapters and their scales",
+          response=LoraAdaptersResponse, description="By name (the registry's `lora`), with llama-server's ids: the "
+          "scales its llama-server applies now when it is loaded, else the registry's (each load starts from them)."),
+    Route("POST", "/models/{model}/lora-adapters", lora_adapters_set, "Set a loaded model's LoRA adapter scales",
+          request=LoraScalesRequest, response=LoraAdaptersResponse,
+          description="By adapter name; adapters not listed keep their scales. Applies to the requests that start "
+          "from now on and lasts until the model is unloaded. A model that is not loaded answers 409 "
+          "model_not_loaded; an adapter the model does not have, 400 unknown_adapter. A single request can carry "
+          "its own scales instead: `lora` in /v1/chat/completions.",
+          statuses=((409, "model_not_loaded: load the model first"),
+                    (502, "upstream_error: llama-server refused the scales or did not answer"))),
     Route("GET", "/v1/models", v1_models, "OpenAI: list models", response=OpenAIModelList, tag="openai"),
     Route("POST", "/v1/chat/completions", chat_completions, "OpenAI: chat (images, tools, streaming passed through)",
           request=ChatCompletionRequest, response=OpenAIResponse, tag="openai", statuses=_PROXY_STATUSES, stream=True,

@@ -321,7 +321,8 @@ def _spec_from_sidecar(args, url: str):
     if not info.get("hub"):
         print(f"{info['id']} has no Hugging Face source (source.type = {info['source']}); nothing to pull", file=sys.stderr)
         return None
-    return ModelSpec(id=info["id"], source=HfSource(type="hf", **info["hub"]))
+    lora = [a for a in info.get("lora", []) if a["source"]["type"] == "hf"]  # adapters from the Hub come along
+    return ModelSpec(id=info["id"], source=HfSource(type="hf", **info["hub"]), lora=lora)
 
 
 def cmd_pull(args) -> int:
@@ -356,6 +357,8 @@ def cmd_pull(args) -> int:
     print(files.model)
     if files.mmproj:
         print(files.mmproj)
+    for adapter in files.lora:
+        print(adapter)
     return 0
 
 
@@ -390,7 +393,9 @@ def _print_estimate(name: str, ctx: int, est: dict, registry: str | None) -> Non
     print(f"{name}: {d['arch']}, {est['n_layer']} layers ({est['layers_on_gpu']} on the GPU with the output), "
           f"context {ctx} ({est['context_cells']} cells), KV cache {est['cache_type']}{where}")
     for label, key in (("weights", "weights_mb"), ("KV cache", "kv_cache_mb"), ("compute", "compute_mb"),
-                       ("mmproj", "mmproj_mb"), ("CUDA overhead", "overhead_mb")):
+                       ("mmproj", "mmproj_mb"), ("LoRA adapters", "lora_mb"), ("CUDA overhead", "overhead_mb")):
+        if key == "lora_mb" and not d.get("lora_adapters"):
+            continue
         print(f"  {label:<14}{est[key]:>10.0f} MiB")
     print(f"  {'total':<14}{est['total_mb']:>10.0f} MiB")
     if registry:

@@ -17,6 +17,7 @@ class Code(str, enum.Enum):
     UNKNOWN_SERVICE = "unknown_service"
     EMBEDDINGS_NOT_ENABLED = "embeddings_not_enabled"
     VISION_NOT_SUPPORTED = "vision_not_supported"
+    UNKNOWN_ADAPTER = "unknown_adapter"
     IMAGE_URL_NOT_ALLOWED = "image_url_not_allowed"
     IMAGE_FETCH_FAILED = "image_fetch_failed"
     IMAGE_TOO_LARGE = "image_too_large"

@@ -1,6 +1,6 @@
 """How much GPU memory a llama-server process will take, from the GGUF header alone (the weights are never read).
 
-    total = weights placed on the GPU + KV cache + compute buffer + mmproj + per-process CUDA overhead
+    total = weights placed on the GPU + KV cache + compute buffer + mmproj + LoRA adapters + per-process CUDA overhead
 
 Weights follow llama.cpp's placement: the last `n_gpu_layers` blocks go to the GPU, plus the output layer (norm and
 lm_head) once n_gpu_layers > 0 counts it; the token embedding stays on the host, except that a tied lm_head is
@@ -8,6 +8,7 @@ copied to the GPU. Tensor overrides (`-ot REGEX=CPU`, `--cpu-moe`, `--n-cpu-moe 
 The KV cache is cells × (K + V bytes per cell) for each offloaded attention layer, with the cell count llama.cpp uses
 (the context padded to 256; sliding-window layers keep only their window). The compute buffer and the per-process
 overhead are fitted on a real GPU (CALIBRATION below; bench/vram_table.py measures them and says how).
+A LoRA adapter's tensors (`<base tensor>.lora_a` / `.lora_b`) go where llama.cpp puts them: with their base tensor.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class Estimate:
     context_cells: int
     cache_type: str
     details: dict = field(default_factory=dict)
+    lora_mb: float = 0.0  # the LoRA adapters' tensors placed on the GPU (with their base tensors)
 
     def to_dict(self) -> dict:
         return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -141,7 +143,8 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.")
 def estimate_shape(shape: ModelShape, *, n_ctx: int, n_gpu_layers: int, cache_type: str = "f16",
                    cache_type_v: str | None = None, flash_attn: bool = True, n_ubatch: int = 512,
                    extra_args: list[str] = (), mmproj_bytes: int = 0, kv_offload: bool = True,
-                   overhead_mib: float | None = None) -> Estimate:
+                   overhead_mib: float | None = None, lora_tensors: dict[str, int] | None = None) -> Estimate:
+    """`lora_tensors`: the adapters' tensors (name -> bytes), counted where their base tensor goes."""
     cal = CALIBRATION
     n_layer = shape.n_layer
     ngl = n_layer + 1 if n_gpu_layers < 0 else n_gpu_layers
@@ -150,19 +153,20 @@ def estimate_shape(shape: ModelShape, *, n_ctx: int, n_gpu_layers: int, cache_ty
     on_gpu = [i >= first_gpu_layer for i in range(n_layer)]
     overrides = host_tensor_patterns(list(extra_args), n_layer)
 
-    weights = 0
-    for name, nbytes in shape.tensors.items():
+    def placed_on_gpu(name: str) -> bool:
         if any(p.search(name) for p in overrides):
-            continue
+            return False
         m = _BLOCK.match(name)
         if m:
-            if int(m.group(1)) < n_layer and on_gpu[int(m.group(1))]:
-                weights += nbytes
-        elif name.startswith(("output.", "output_norm.")):
-            if output_on_gpu:
-                weights += nbytes
-        elif name.startswith("token_embd.") and shape.tied_output and output_on_gpu:
-            weights += nbytes  # the tied lm_head is a GPU copy of the embedding
+            return int(m.group(1)) < n_layer and on_gpu[int(m.group(1))]
+        if name.startswith(("output.", "output_norm.")):
+            return output_on_gpu
+        # the tied lm_head is a GPU copy of the embedding
+        return name.startswith("token_embd.") and shape.tied_output and output_on_gpu
+
+    weights = sum(nbytes for name, nbytes in shape.tensors.items() if placed_on_gpu(name))
+    lora = sum(nbytes for name, nbytes in (lora_tensors or {}).items()
+               if placed_on_gpu(name.removesuffix(".lora_a").removesuffix(".lora_b")))
     cells = -(-n_ctx // 256) * 256
     ctype_v = cache_type_v or cache_type
     kv = 0.0
@@ -189,13 +193,14 @@ def estimate_shape(shape: ModelShape, *, n_ctx: int, n_gpu_layers: int, cache_ty
         compute += shape.n_vocab * cal["output_bytes_per_vocab"]
         overhead = (overhead_mib if overhead_mib is not None else
                     cal["cuda_overhead_moe_mib"] if shape.n_expert else cal["cuda_overhead_mib"]) * MIB
-    total = weights + kv + compute + mmproj_bytes + overhead
+    total = weights + kv + compute + mmproj_bytes + lora + overhead
     return Estimate(
         weights_mb=weights / MIB, kv_cache_mb=kv / MIB, compute_mb=compute / MIB, mmproj_mb=mmproj_bytes / MIB,
         overhead_mb=overhead / MIB, total_mb=total / MIB, layers_on_gpu=sum(on_gpu) + (1 if output_on_gpu else 0),
         n_layer=n_layer, context_cells=cells, cache_type=cache_type if ctype_v == cache_type else f"{cache_type}/{ctype_v}",
         details={"arch": shape.arch, "file_mb": round(shape.file_bytes / MIB, 1), "n_ubatch": n_ubatch,
                  "flash_attn": flash_attn, "experts": shape.n_expert, "sliding_window": shape.n_swa},
+        lora_mb=lora / MIB,
     )
 
 
@@ -203,18 +208,26 @@ def estimate_headers(headers: "ModelHeaders", **kwargs) -> Estimate:
     """The estimate of a model from its headers (model_files.read_headers: from disk, or from the Hub before any
     download); the one path every estimate takes."""
     mmproj_bytes = sum(t.n_bytes for t in headers.mmproj.tensors) if headers.mmproj else 0
-    est = estimate_shape(shape_from_header(headers.model, headers.model_bytes), mmproj_bytes=mmproj_bytes, **kwargs)
+    lora: dict[str, int] = {}  # two adapters of one tensor: both count
+    for h in headers.lora:
+        for t in h.tensors:
+            lora[t.name] = lora.get(t.name, 0) + t.n_bytes
+    est = estimate_shape(shape_from_header(headers.model, headers.model_bytes), mmproj_bytes=mmproj_bytes,
+                         lora_tensors=lora, **kwargs)
+    if headers.lora:
+        est.details["lora_adapters"] = len(headers.lora)
     est.details["header_from"] = "disk" if headers.hub_bytes_read is None else "hub"
     if headers.hub_bytes_read is not None:
         est.details["hub_bytes_read"] = headers.hub_bytes_read  # 0: from the header cache
     return est
 
 
-def estimate_file(model: Path, *, mmproj: Path | None = None, **kwargs) -> Estimate:
-    """The estimate of GGUF files on disk."""
+def estimate_file(model: Path, *, mmproj: Path | None = None, lora: list[Path] = (), **kwargs) -> Estimate:
+    """The estimate of GGUF files on disk (`lora`: adapter files)."""
     from .gguf_header import read_header_cached
     from .model_files import ModelHeaders
 
     headers = ModelHeaders(read_header_cached(model), Path(model).stat().st_size,
-                           read_header_cached(mmproj) if mmproj else None)
+                           read_header_cached(mmproj) if mmproj else None,
+                           lora=[read_header_cached(p) for p in lora])
     return estimate_headers(headers, **kwargs)

@@ -39,6 +39,7 @@ EVENT_TYPES: dict[str, str] = {
     "download_finished": "a download ended with the files in the cache; the load follows (`bytes_done`, `seconds`)",
     "download_failed": "a download failed (`error`: code and message, e.g. insufficient_disk, hub_unreachable)",
     "download_cancelled": "an unload stopped a download (what arrived is kept; the next load resumes it)",
+    "lora": "a loaded model's LoRA adapter scales were changed (`scales`: adapter name -> scale)",
     "callback": "a load callback was delivered or given up (`url`, `delivered`, `attempts`, `status`)",
 }
 

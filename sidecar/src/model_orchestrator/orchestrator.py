@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import aiohttp
+
 from . import __version__
 from .calibration import Calibration, EstimateCheck
 from .errors import Code, Refused
@@ -30,7 +32,7 @@ from .metrics import Metrics
 from .downloads import Downloads
 from .hub import HubError
 from .model_files import ModelFilesMissing, can_download, plan_pull, pull, read_headers, resolve
-from .registry import GeneratedSource, HfSource, ModelSpec, PathSource, Registry
+from .registry import MAX_LORA_SCALE, GeneratedSource, HfSource, ModelSpec, PathSource, Registry
 from .reservations import Reservation, ReservationBook
 from .scheduler import Decision, Device, Request, Resident, available, decide
 from .settings import Settings
@@ -467,13 +469,88 @@ class Orchestrator:
                 devices = [model.gpu]
         slot_dir = await asyncio.to_thread(self.slot_cache.prepare, spec, files.model, files.mmproj,
                                            self.llama_server_bin)
-        argv = build_argv(self.llama_server_bin, spec, files.model, files.mmproj, port, split, slot_dir)
+        model.lora_scales = {a.name: a.scale for a in spec.lora}  # each process starts from the registry's scales
+        model.lora_version += 1
+        argv = build_argv(self.llama_server_bin, spec, files.model, files.mmproj, port, split, slot_dir,
+                          lora=[(path, a.scale) for path, a in zip(files.lora, spec.lora)])
         env = {k: v for k, v in os.environ.items() if not k.startswith(_CHILD_ENV_DROP_PREFIXES)}
         env.update(owner_env(self.owner))
         env[MODEL_ENV] = spec.id
         if devices:
             env.update(placement_env(devices))
         return LaunchPlan(argv, env, port)
+
+    # ---- LoRA adapters (the registry's `lora`; llama-server numbers them in that order) ----------------------
+    def lora_view(self, model: ManagedModel) -> list[dict]:
+        """Each adapter with llama-server's id and its scale now (the registry's when no process runs)."""
+        running = model.state in (State.LOADING, State.LOADED)
+        return [{"name": a.name, "id": i, "scale": model.lora_scales[a.name] if running else a.scale,
+                 "default_scale": a.scale} for i, a in enumerate(model.spec.lora)]
+
+    def _unknown_adapter(self, model: ManagedModel, what: str) -> Refused:
+        names = ", ".join(a.name for a in model.spec.lora)
+        return Refused(Code.UNKNOWN_ADAPTER, f"{model.id} has no LoRA adapter {what}; " + (
+            f"its adapters: {names} (GET /models/{model.id}/lora-adapters)" if names else
+            f"it has none: add `lora` to its entry in the model registry"), model=model.id,
+            adapters=[a.name for a in model.spec.lora])
+
+    def lora_overrides(self, model: ManagedModel, entries) -> dict[int, float]:
+        """A request's `lora` (OpenAI chat or completion: [{"name" or "id", "scale"}]) checked, as {id: scale}."""
+        where = "lora: a list of {\"name\" (or \"id\"), \"scale\"}"
+        if type(entries) is not list:
+            raise Refused(Code.INVALID_REQUEST, f"{where} is expected")
+        ids = {a.name: i for i, a in enumerate(model.spec.lora)}
+        out: dict[int, float] = {}
+        for n, e in enumerate(entries):
+            if type(e) is not dict or not set(e) <= {"name", "id", "scale"} or ("name" in e) == ("id" in e):
+                raise Refused(Code.INVALID_REQUEST, f"lora.{n}: {where} is expected, with either name or id")
+            scale = e.get("scale")
+            if type(scale) not in (int, float) or not 0 <= scale <= MAX_LORA_SCALE:
+                raise Refused(Code.INVALID_REQUEST, f"lora.{n}.scale: a number from 0 (not applied) to "
+                              f"{MAX_LORA_SCALE:g} is expected")
+            if "name" in e:
+                if e["name"] not in ids:
+                    raise self._unknown_adapter(model, repr(e["name"]))
+                out[ids[e["name"]]] = float(scale)
+            else:
+                if type(e["id"]) is not int or not 0 <= e["id"] < len(model.spec.lora):
+                    raise self._unknown_adapter(model, f"with id {e['id']!r}")
+                out[e["id"]] = float(scale)
+        return out
+
+    def lora_request(self, model: ManagedModel, overrides: dict[int, float]) -> list[dict]:
+        """llama-server's per-request `lora`: every adapter, at the request's scale or else at the model's scale now
+        (llama-server itself would switch off the adapters a request does not name)."""
+        return [{"id": i, "scale": overrides.get(i, model.lora_scales[a.name])} for i, a in enumerate(model.spec.lora)]
+
+    async def set_lora_scales(self, name: str, scales: dict[str, float]) -> ManagedModel:
+        """Change the scales of a loaded model's adapters (the others keep theirs) through llama-server's
+        /lora-adapters; they last until the model is unloaded (each load starts from the registry's)."""
+        model = self.model(name)
+        unknown = [n for n in scales if model.spec.adapter(n) is None]
+        if unknown:
+            raise self._unknown_adapter(model, ", ".join(map(repr, unknown)))
+        server = model.server
+        if model.state != State.LOADED or server is None:
+            raise Refused(Code.MODEL_NOT_LOADED, f"{model.id} is {model.state.value}: adapter scales are set on a "
+                          "loaded model (POST /models/load first; each load starts from the registry's scales, "
+                          "and a chat may carry its own in `lora`)", model=model.id)
+        merged = {**model.lora_scales, **scales}
+        body = [{"id": i, "scale": merged[a.name]} for i, a in enumerate(model.spec.lora)]
+        try:
+            async with self.http.post(f"{server.base_url}/lora-adapters", json=body,
+                                      timeout=aiohttp.ClientTimeout(total=30)) as r:
+                if r.status != 200:
+                    raise Refused(Code.UPSTREAM_ERROR, f"llama-server for {model.id} refused the adapter scales: "
+                                  f"{r.status} {(await r.text())[:300]}", model=model.id)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Refused(Code.UPSTREAM_ERROR, f"could not reach llama-server for {model.id}: "
+                          f"{exc.__class__.__name__}", model=model.id) from None
+        if model.server is server:  # still the same process
+            model.lora_scales = merged
+            model.lora_version += 1
+            self.events.publish("lora", model=model.id, scales=merged)
+        return model
 
     # ---- unload -------------------------------------------------------------------------------------------
     async def unload(self, name: str, *, service: str | None = None, force: bool = False,
@@ -664,6 +741,7 @@ class Orchestrator:
             "vram_mb": vram, "estimate_mb": round(model.estimate.total_mb, 1) if model.estimate else None,
             "gpu": model.gpu, "error": model.last_error, "download": self.downloads.view(model.id),
             "estimate_check": self.estimate_checks[model.id].to_dict() if model.id in self.estimate_checks else None,
+            "lora": [{k: a[k] for k in ("name", "id", "scale")} for a in self.lora_view(model)],
         }
 
     def status_view(self, snap: GpuSnapshot) -> dict:
@@ -710,6 +788,8 @@ class Orchestrator:
                 "priority": model.priority, "idle_ttl_s": spec.idle_ttl_s, "load_on_demand": spec.load_on_demand,
                 "vision": spec.vision, "default": spec.id == self.registry.default.id,
                 "swap_on_demand": self._allow_eviction(spec, None),
+                "lora": [{"name": a.name, "scale": a.scale, "source": a.source.model_dump(mode="json")}
+                         for a in spec.lora],
             })
         return {"default_model": self.registry.default.id, "models": out}
 

@@ -5,7 +5,9 @@ llama-server writes them, never buffered whole. Token counts are read from the r
 
 The hot path is thin: the body is parsed once (orjson) for `model` and `stream`; a structural check of what the
 request model requires replaces pydantic, which runs only to name the field when that check fails; non-streamed
-requests reuse pooled keep-alive connections. Remote image URLs never reach llama-server (see `_local_images`).
+requests reuse pooled keep-alive connections. A request's LoRA scales (`lora`, by adapter name or id) become
+llama-server's full list of ids and scales (Orchestrator.lora_request); a body without `lora` is not re-encoded.
+Remote image URLs never reach llama-server (see `_local_images`).
 Upstream timeouts bound connecting and the silence between reads, never the whole generation (504). A client that
 hangs up is counted as 499; llama-server's 500 for a request it cannot take becomes a 400 with our own code.
 """
@@ -96,7 +98,8 @@ def _validate(endpoint: str, body: dict) -> None:
 
 
 def _looks_valid(endpoint: str, body: dict) -> bool:
-    """True only for bodies the request model accepts (schemas.py: strict types, extra fields allowed)."""
+    """True only for bodies the request model accepts (schemas.py: strict types, extra fields allowed); a `lora`
+    list is checked apart, by Orchestrator.lora_overrides."""
     if not isinstance(body.get("model", ""), str) or body.get("stream") not in (None, True, False):
         return False
     if endpoint == "chat_completions":
@@ -179,6 +182,8 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
                           f"{slot.id}'s source in the model registry", model=slot.id)
         if endpoint == "chat_completions" and await _local_images(orch, body):
             raw = orjson.dumps(body)
+        # the request's LoRA scales, checked now (before a load on demand), completed once the process is known
+        lora = orch.lora_overrides(slot, body["lora"]) if "lora" in body and endpoint != "embeddings" else None
         if endpoint == "embeddings" and not serves_embeddings(slot.spec.extra_args):
             # llama-server would answer 501 after a load on demand: say what to change instead
             raise Refused(Code.EMBEDDINGS_NOT_ENABLED, f"{slot.id} does not serve embeddings: add \"--embeddings\" "
@@ -190,6 +195,9 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
                           retry_after=1, model=slot.id, in_flight=slot.in_flight, limit=limit)
         with slot.request():
             server = await orch.ready_server(slot)
+            if lora is not None:
+                body["lora"] = orch.lora_request(slot, lora)
+                raw = orjson.dumps(body)
             headers = _STREAM_HEADERS if stream else _JSON_HEADERS
             if "Accept" in request.headers:
                 headers = {**headers, "Accept": request.headers["Accept"]}

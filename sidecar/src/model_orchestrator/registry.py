@@ -120,6 +120,55 @@ class PypiSource(_Strict):
 Source = Annotated[Union[HfSource, PathSource, GeneratedSource, PypiSource], Field(discriminator="type")]
 SOURCE_TYPES = tuple(get_args(m.model_fields["type"].annotation)[0] for m in get_args(get_args(Source)[0]))
 
+# Adapter names are what clients send (`lora: [{"name": ...}]`, the sidecar's lora-adapters route): the model id's
+# alphabet. Scales: 0 loads an adapter without applying it; llama-server takes any float, but beyond MAX_LORA_SCALE
+# an adapter only breaks the model, and a negative scale is almost always a mistake (say 0 to switch it off).
+ADAPTER_NAME_PATTERN = MODEL_ID_PATTERN
+MAX_LORA_SCALE = 10.0
+LoraScale = Annotated[float, Field(ge=0, le=MAX_LORA_SCALE, description=f"0 (loaded, not applied) to {MAX_LORA_SCALE:g}")]
+
+
+class AdapterHfSource(_Strict):
+    """A LoRA GGUF in a Hugging Face repo, resolved through the shared HF cache like a model's files (`pull`
+    downloads it with the model)."""
+
+    type: Literal["hf"]
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$")
+    file: str
+    revision: str = "main"
+
+    @field_validator("file")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        return HfSource._relative(v)
+
+
+class AdapterPathSource(_Strict):
+    """A LoRA GGUF on disk (relative paths are relative to the registry file)."""
+
+    type: Literal["path"]
+    path: Path
+
+    @field_validator("path")
+    @classmethod
+    def _no_colon(cls, v: Path) -> Path:
+        if ":" in str(v):
+            raise ValueError("llama-server's --lora-scaled cannot take a path with ':' (FNAME:SCALE); rename the "
+                             "file or link it under a plain name")
+        return v
+
+
+AdapterSource = Annotated[Union[AdapterHfSource, AdapterPathSource], Field(discriminator="type")]
+
+
+class LoraAdapter(_Strict):
+    """A LoRA adapter for its model: loaded with it (llama-server --lora-scaled), applied at `scale`; clients change
+    the scales at run time (POST /models/{model}/lora-adapters) or per request (`lora` in a chat)."""
+
+    name: str = Field(pattern=ADAPTER_NAME_PATTERN, description="what clients call it")
+    source: AdapterSource
+    scale: LoraScale = Field(1.0, description="applied from each load on; 0: loaded but not applied")
+
 
 class ModelSpec(_Strict):
     id: str = Field(pattern=MODEL_ID_PATTERN)
@@ -141,6 +190,8 @@ class ModelSpec(_Strict):
                                         "priority (least recently used first); unset: MODEL_ORCHESTRATOR_SWAP_ON_DEMAND")
     download_on_load: bool | None = Field(None, description="a load downloads the model's files when they are "
                                           "missing; unset: MODEL_ORCHESTRATOR_DOWNLOAD_ON_LOAD")
+    lora: list[LoraAdapter] = Field([], description="LoRA adapters loaded with the model (llama-server's ids follow "
+                                    "this order); their memory counts in the estimate")
 
     @property
     def vision(self) -> bool:
@@ -155,6 +206,18 @@ class ModelSpec(_Strict):
             if flag:
                 raise ValueError(f"{flag} is set by the orchestrator; use the model's own field instead")
         return args
+
+    @field_validator("lora")
+    @classmethod
+    def _adapter_names_unique(cls, adapters: list[LoraAdapter]) -> list[LoraAdapter]:
+        names = [a.name for a in adapters]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"adapter name(s) {', '.join(dup)} used twice; each adapter of a model needs its own name")
+        return adapters
+
+    def adapter(self, name: str) -> LoraAdapter | None:
+        return next((a for a in self.lora if a.name == name), None)
 
     @model_validator(mode="after")
     def _quantized_v_needs_flash_attention(self) -> "ModelSpec":
@@ -227,6 +290,10 @@ def parse_registry(text: str, source: str = "<registry>", *, context_size: int |
         if isinstance(spec.source, PathSource) and not spec.source.path.is_absolute() and source != "<registry>":
             # relative paths are relative to the registry file, not to wherever the sidecar was started
             spec.source.path = Path(source).parent / spec.source.path
+        for adapter in spec.lora:
+            if isinstance(adapter.source, AdapterPathSource) and not adapter.source.path.is_absolute() \
+                    and source != "<registry>":
+                adapter.source.path = Path(source).parent / adapter.source.path
     return registry
 
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from .lifecycle import LoadResult, State, UnloadResult
-from .registry import MODEL_ID_PATTERN, SOURCE_TYPES, CacheType
+from .registry import ADAPTER_NAME_PATTERN, MAX_LORA_SCALE, MODEL_ID_PATTERN, SOURCE_TYPES, CacheType
 
 ModelName = Field(min_length=1, max_length=64, pattern=MODEL_ID_PATTERN, description="model id or alias")
 
@@ -144,6 +144,10 @@ class DownloadStatus(BaseModel):
     eta_s: float | None
     started_at: str
     files: list[DownloadFile] = Field(description="the model file and its projector, each on its own")
+class LoraScaleOut(BaseModel):
+    name: str = Field(description="the adapter's name in the model registry")
+    id: int = Field(description="llama-server's id of the adapter (the registry's order)")
+    scale: float = Field(description="applied now (0: loaded, not applied)")
 
 
 class ModelStatus(BaseModel):
@@ -167,6 +171,7 @@ class ModelStatus(BaseModel):
     gpu: int | None = None
     error: dict[str, Any] | None = None
     download: DownloadStatus | None = Field(None, description="while `downloading`: bytes done/total per file")
+    lora: list[LoraScaleOut] = Field([], description="its LoRA adapters with the scales its llama-server applies now")
 
 
 class StatusResponse(BaseModel):
@@ -215,6 +220,7 @@ class EstimateOut(BaseModel):
     kv_cache_mb: float
     compute_mb: float
     mmproj_mb: float
+    lora_mb: float = Field(0, description="the LoRA adapters' tensors on the GPU")
     overhead_mb: float
     total_mb: float
     layers_on_gpu: int
@@ -282,6 +288,13 @@ class HubFiles(BaseModel):
     revision: str
 
 
+class AdapterInfo(BaseModel):
+    name: str
+    scale: float = Field(description="the registry's scale, applied from each load on (0: loaded, not applied)")
+    source: dict[str, Any] = Field(description="where its GGUF comes from: {type: path, path} or {type: hf, repo, "
+                                   "file, revision}")
+
+
 class ModelInfo(BaseModel):
     id: str
     name: str
@@ -301,11 +314,33 @@ class ModelInfo(BaseModel):
     swap_on_demand: bool = Field(description="a load of it evicts idle models of equal priority when needed")
     download_on_load: bool = Field(description="a load downloads its files when they are missing")
     download: DownloadStatus | None = Field(None, description="while `downloading`: bytes done/total per file")
+    lora: list[AdapterInfo] = Field([], description="its LoRA adapters (registry `lora`) with their default scales")
 
 
 class ModelsResponse(BaseModel):
     default_model: str
     models: list[ModelInfo]
+
+
+class LoraScale(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=ADAPTER_NAME_PATTERN, description="the adapter's name")
+    scale: float = Field(ge=0, le=MAX_LORA_SCALE, description=f"0 (loaded, not applied) to {MAX_LORA_SCALE:g}")
+
+
+class LoraScalesRequest(_Request):
+    adapters: list[LoraScale] = Field(min_length=1, max_length=64, description="the scales to set, by adapter name; "
+                                      "adapters not listed keep theirs")
+
+
+class LoraAdapterOut(LoraScaleOut):
+    default_scale: float = Field(description="the registry's scale (each load starts from it)")
+
+
+class LoraAdaptersResponse(BaseModel):
+    model: str
+    status: State
+    adapters: list[LoraAdapterOut] = Field(description="scale: what its llama-server applies now when it is loaded "
+                                           "or loading, else the registry's")
 
 
 class HealthResponse(BaseModel):
@@ -328,6 +363,20 @@ class ChatMessage(BaseModel):
     content: Any = None
 
 
+class LoraRequestEntry(BaseModel):
+    """One adapter's scale for this request: by `name` (the registry's) or by llama-server's `id`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, json_schema_extra={
+        "oneOf": [{"required": ["name"]}, {"required": ["id"]}]})
+    name: str | None = Field(None, min_length=1, max_length=64, description="the adapter's name")
+    id: int | None = Field(None, ge=0, le=1000, description="llama-server's id of the adapter (the registry's order)")
+    scale: float = Field(ge=0, le=MAX_LORA_SCALE, description=f"0 (not applied) to {MAX_LORA_SCALE:g}")
+
+
+_LORA_FIELD = Field(None, description="the model's LoRA adapter scales for this request (GET /models/{model}/"
+                    "lora-adapters lists them); adapters not listed keep the model's current scales")
+
+
 class ChatCompletionRequest(BaseModel):
     """The OpenAI chat request; fields not listed here (tools, tool_choice, response_format, ...) pass through."""
 
@@ -335,6 +384,7 @@ class ChatCompletionRequest(BaseModel):
     model: str | None = Field(None, description="model id or alias; default: the registry's default model")
     messages: list[ChatMessage]
     stream: bool | None = Field(False, description="null reads as false (llama-server's reading)")
+    lora: list[LoraRequestEntry] | None = _LORA_FIELD
 
 
 class CompletionRequest(BaseModel):
@@ -342,6 +392,7 @@ class CompletionRequest(BaseModel):
     model: str | None = None
     prompt: Any
     stream: bool | None = Field(False, description="null reads as false (llama-server's reading)")
+    lora: list[LoraRequestEntry] | None = _LORA_FIELD
 
 
 class EmbeddingRequest(BaseModel):

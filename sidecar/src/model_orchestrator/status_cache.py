@@ -1,8 +1,8 @@
 """The answers of GET /models/status, /models and /health: built once per state, serialised once, then served as
 bytes until something they show changes.
 
-What an answer shows can change through: a model's state, process, requests in flight, priority, last use or error
-(`state_key`); a running download's bytes; the reservation book (its `version`); the GPU readings (a new snapshot from the sampler,
+What an answer shows can change through: a model's state, process, requests in flight, priority, last use, error or
+LoRA scales (`state_key`); a running download's bytes; the reservation book (its `version`); the GPU readings (a new snapshot from the sampler,
 gpu.GpuSampler, told apart by the time it was taken). The cache key is all of these plus the route and query, compared on every request (a few
 microseconds), so a change is visible at once. An answer is also rebuilt after `max_age_s` (the sampling period):
 values derived from the clock (a reservation's expires_in_s) are never older than one period.
@@ -30,7 +30,7 @@ class StatusCache:
         o = self.orch
         return (o.gpu_view.latest().taken_at, o.reservations.version,
                 tuple((s.state, s.server, s.in_flight, s.draining, s.priority, s.last_used_mono, id(s.last_error),
-                       s.gpu, s.load_seconds) for s in o.models.values()),
+                       s.gpu, s.load_seconds, s.lora_version) for s in o.models.values()),
                 tuple((m, d.bytes_done) for m, d in o.downloads.active.items()))
 
     async def get(self, name: str, build: Callable[[], Awaitable[bytes]]) -> bytes:
