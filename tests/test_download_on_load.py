@@ -120,6 +120,18 @@ def test_a_chat_for_a_model_never_downloaded_downloads_it_shows_progress_and_ans
         metrics = urllib.request.urlopen(sp.url + "/metrics").read().decode()
         assert 'model_orchestrator_downloads_total{model="tiny",result="finished"} 1.0' in metrics
         assert "model_orchestrator_download_bytes{" not in metrics  # only running downloads
+        # the events stream told the story: started, progress while it ran, finished (replayed from the start)
+        req = urllib.request.Request(sp.url + "/models/events?types=download_started,download_progress,"
+                                     "download_finished", headers={"Last-Event-ID": "0"})
+        seen = []
+        with urllib.request.urlopen(req, timeout=10) as r:
+            for line in r:
+                if line.startswith(b"data: "):
+                    seen.append(json.loads(line[6:]))
+                    if seen[-1]["type"] == "download_finished":
+                        break
+        assert [e["type"] for e in seen][0] == "download_started" and seen[-1]["bytes_done"] == len(tiny_bytes)
+        assert any(e["type"] == "download_progress" and 0 < e["bytes_done"] < len(tiny_bytes) for e in seen), seen
         # the files landed where huggingface_hub looks: a later `pull` or any HF tool finds them
         from huggingface_hub import try_to_load_from_cache
 
@@ -129,11 +141,39 @@ def test_a_chat_for_a_model_never_downloaded_downloads_it_shows_progress_and_ans
         sp.stop()
 
 
+class Callbacks:
+    """Receives load callbacks (what an n8n Wait node "on webhook call" would)."""
+
+    def __init__(self):
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.got: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_POST(self):
+                outer.got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+
 def test_an_unload_cancels_the_download_and_the_next_load_resumes_it(tmp_path, mirror, tiny_bytes, llama_server_bin):
+    """With wait=false and a callback (the guide's callback pattern): the callback says `cancelled` when an unload
+    stops the download, and `loaded` when the next load (resuming the download) is ready."""
     mirror.rate[FILE] = len(tiny_bytes) / 6
-    sp = sidecar(tmp_path, mirror, llama_server_bin)
+    hooks = Callbacks()
+    sp = sidecar(tmp_path, mirror, llama_server_bin,
+                 MODEL_ORCHESTRATOR_CALLBACK_HOSTS=f"127.0.0.1:{hooks.server.server_address[1]}")
     try:
-        status, started = sp.call("POST", "/models/load", {"model": "tiny", "wait": False})
+        status, started = sp.call("POST", "/models/load", {"model": "tiny", "wait": False, "callback_url": hooks.url})
         assert status == 202 and started["result"] == "downloading" and started["status"] == "downloading", started
         assert started["download"]["bytes_total"] == len(tiny_bytes)
         wait_for(lambda: (sp.call("GET", "/models/status")[1]["loaded_models"].get("tiny") or {}).get("download", {})
@@ -142,12 +182,17 @@ def test_an_unload_cancels_the_download_and_the_next_load_resumes_it(tmp_path, m
         status, unloaded = sp.call("POST", "/models/unload", {"model": "tiny"})
         assert status == 200 and unloaded["result"] == "cancelled_download" and unloaded["status"] == "unloaded", unloaded
         assert "tiny" not in sp.call("GET", "/models/status")[1]["loaded_models"]
+        wait_for(lambda: hooks.got, what="the callback of the cancelled load")
+        assert hooks.got[0]["result"] == "cancelled" and hooks.got[0]["error"]["code"] == "download_cancelled", hooks.got
         kept = list((tmp_path / "hf-home").rglob("*.partial"))
         assert len(kept) == 1 and 0 < kept[0].stat().st_size < len(tiny_bytes)
         have = kept[0].stat().st_size
         del mirror.rate[FILE]
-        status, loaded = sp.call("POST", "/models/load", {"model": "tiny"}, timeout=120)
-        assert status == 200 and loaded["status"] == "loaded", loaded
+        status, again = sp.call("POST", "/models/load", {"model": "tiny", "wait": False, "callback_url": hooks.url})
+        assert status == 202 and again["download"]["files"][0]["resumed_from"] == have, again
+        wait_for(lambda: len(hooks.got) == 2, what="the callback of the second load")
+        assert hooks.got[1]["result"] == "loaded" and hooks.got[1]["status"] == "loaded", hooks.got
+        hooks.server.shutdown()
         gets = [r for r in mirror.file_gets() if r.path.endswith(FILE)]
         assert gets[-1].range == f"bytes={have}-" and gets[-1].status == 206, gets  # resumed, not started over
         assert sum(g.body_bytes for g in gets) < len(tiny_bytes) + (256 << 10)  # at most what was in flight again

@@ -35,11 +35,11 @@ PROGRESS_EVENT_S = 1.0  # how often a running download publishes a download_prog
 class Download:
     """One model's download: its files' progress, its cancel switch, the task that runs it."""
 
-    def __init__(self, model: str, files: list[str], total_by_file: dict[str, int]):
+    def __init__(self, model: str, files: list[str], total_by_file: dict[str, int], resumed: dict[str, int]):
         self.model = model
         self._cancel = threading.Event()
-        self.files = {f: DownloadProgress(file=f, total=total_by_file.get(f, 0), _cancel=self._cancel)
-                      for f in files}
+        self.files = {f: DownloadProgress(file=f, total=total_by_file.get(f, 0), done=resumed.get(f, 0),
+                                          resumed_from=resumed.get(f, 0), _cancel=self._cancel) for f in files}
         self.started_at = datetime.now(timezone.utc)
         self._t0 = time.monotonic()
         self.task: asyncio.Task | None = None
@@ -80,11 +80,11 @@ class Downloads:
         self.active: dict[str, Download] = {}
         self._ticker: asyncio.Task | None = None
 
-    def start(self, model: "ManagedModel", files: list[str], total_by_file: dict[str, int],
+    def start(self, model: "ManagedModel", files: list[str], total_by_file: dict[str, int], resumed: dict[str, int],
               fetch: Callable[[dict[str, DownloadProgress]], object]) -> Download:
         """Enter `downloading` and run `fetch(trackers)` in a thread. Call with the model UNLOADED or FAILED and no
         download active for it (the orchestrator checks both without awaiting in between)."""
-        dl = Download(model.id, files, total_by_file)
+        dl = Download(model.id, files, total_by_file, resumed)
         model.begin_download()
         self.active[model.id] = dl
         self.events.publish("download_started", model=model.id, **dl.view())

