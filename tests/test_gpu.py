@@ -148,9 +148,11 @@ flash_attn = "on"
     orch = Orchestrator(Settings(state_dir=tmp_path / "s", vram_margin_mb=512), reg, gpu, find_llama_server())
     c = await aiohttp_client(create_app(orch))
     st = await (await c.get("/models/status")).json()
-    room = st["gpus"][0]["available_mb"]
-    r = await c.post("/reservations", json={"service": "test-squeeze", "vram_mb": room - 20000, "ttl_s": 600})
-    assert r.status == 201, await r.text()
+    for g in st["gpus"]:  # 20 GB left on GPU 0, none on any other (a machine with two GPUs runs this too)
+        squeeze = g["available_mb"] - (20000 if g["index"] == 0 else 0)
+        r = await c.post("/reservations", json={"service": f"test-squeeze-{g['index']}", "vram_mb": squeeze,
+                                                 "ttl_s": 600, "gpu": g["index"]})
+        assert r.status == 201, await r.text()
 
     r = await c.post("/models/load", json={"model": "moe"})
     body = await r.json()
