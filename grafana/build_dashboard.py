@@ -33,8 +33,9 @@ G = 'gpu=~"$gpu"'
 RI = "$__rate_interval"
 
 # model_orchestrator_model_state as one number per model, for the state timeline (value mappings below)
-STATES = ["unloaded", "loading", "loaded", "unloading", "failed"]
-STATE_COLORS = {"unloaded": "#808080", "loading": "blue", "loaded": "green", "unloading": "orange", "failed": "red"}
+STATES = ["unloaded", "downloading", "loading", "loaded", "unloading", "failed"]
+STATE_COLORS = {"unloaded": "#808080", "downloading": "purple", "loading": "blue", "loaded": "green",
+                "unloading": "orange", "failed": "red"}
 
 
 def events(selector: str, window: str = RI) -> str:
@@ -244,6 +245,13 @@ def build() -> dm.Dashboard:
                         "cancelled (an unload during the load)", "short",
                         q(f"sum by (model, result) ({events(f'model_orchestrator_model_loads_total{{{M}}}')})",
                           "{{model}} {{result}}"), bars=True, w=8, calcs=("sum",))
+                     .override_by_regexp(".* failed", [dm.DynamicConfigValue("color", {"mode": "fixed", "fixedColor": "red"})]))
+    d = d.with_panel(ts("Downloads by result", "Downloads of a model's missing files before its first load: finished, "
+                        "failed (Hub unreachable, disk full, bad checksum), cancelled (an unload); while one runs "
+                        "the model is `downloading` and model_orchestrator_download_bytes shows its progress",
+                        "short",
+                        q(f"sum by (model, result) ({events(f'model_orchestrator_downloads_total{{{M}}}')})",
+                          "{{model}} {{result}}"), bars=True, w=4, calcs=("sum",))
                      .override_by_regexp(".* failed", [dm.DynamicConfigValue("color", {"mode": "fixed", "fixedColor": "red"})]))
     d = d.with_panel(ts("Unloads by reason", "request, force, idle (idle TTL), evicted (to make room for another "
                         "model)", "short",

@@ -270,6 +270,18 @@ class LlamaServer:
         self.health_misses = self.health_misses + 1 if problem else 0
         return problem
 
+    async def set_lora_adapters(self, http: aiohttp.ClientSession, body: list[dict]) -> None:
+        """llama-server's POST /lora-adapters (every adapter's id and scale: one left out would be set to 0)."""
+        try:
+            async with http.post(f"{self.base_url}/lora-adapters", json=body,
+                                 timeout=aiohttp.ClientTimeout(total=30)) as r:
+                if r.status != 200:
+                    raise Refused(Code.UPSTREAM_ERROR, f"llama-server for {self.model_id} refused the adapter "
+                                  f"scales: {r.status} {(await r.text())[:300]}", model=self.model_id)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise Refused(Code.UPSTREAM_ERROR, f"could not reach llama-server for {self.model_id}: "
+                          f"{exc.__class__.__name__}", model=self.model_id) from None
+
     async def _read_logs(self) -> None:
         assert self.proc and self.proc.stdout
         stream = self.proc.stdout

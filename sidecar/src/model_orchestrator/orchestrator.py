@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import aiohttp
 
 from . import __version__
 from .calibration import Calibration, EstimateCheck
@@ -537,15 +536,7 @@ class Orchestrator:
                           "and a chat may carry its own in `lora`)", model=model.id)
         merged = {**model.lora_scales, **scales}
         body = [{"id": i, "scale": merged[a.name]} for i, a in enumerate(model.spec.lora)]
-        try:
-            async with self.http.post(f"{server.base_url}/lora-adapters", json=body,
-                                      timeout=aiohttp.ClientTimeout(total=30)) as r:
-                if r.status != 200:
-                    raise Refused(Code.UPSTREAM_ERROR, f"llama-server for {model.id} refused the adapter scales: "
-                                  f"{r.status} {(await r.text())[:300]}", model=model.id)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise Refused(Code.UPSTREAM_ERROR, f"could not reach llama-server for {model.id}: "
-                          f"{exc.__class__.__name__}", model=model.id) from None
+        await server.set_lora_adapters(self.http, body)
         if model.server is server:  # still the same process
             model.lora_scales = merged
             model.lora_version += 1
