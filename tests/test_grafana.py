@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from support.hf_mirror import HfMirror
 from support.helpers import ROOT, SidecarProcess, free_port, metric_value, registry_text, wait_until
 
 pytestmark = pytest.mark.external  # starts a third-party program (see conftest.MARKERS)
@@ -151,7 +152,7 @@ def slow_start_wrapper(work: Path, llama_bin: Path) -> tuple[Path, Path]:
 
 def run_scenario(sc: FakeGpuSidecar, slow_start: Path) -> None:
     """What a day of a sidecar looks like, compressed into seconds; every step shows in some panel."""
-    # two chats for a model that is not loaded: it loads on demand, slowly enough for a scrape to see them wait
+    # two chats for a model that was never downloaded: it is downloaded (Downloads panel) and loads on demand, slowly enough for a scrape to see them wait
     # (waiting for load, load duration, state timeline)
     slow_start.touch()
     waiting = [threading.Thread(target=chat, args=(sc, MODEL)) for _ in range(2)]
@@ -196,9 +197,17 @@ def live(tmp_path_factory, model_dir, llama_server_bin, prometheus_bins):
     """A sidecar (stand-in GPU) scraped every second by a real Prometheus, after the scenario ran."""
     work = tmp_path_factory.mktemp("grafana")
     registry = work / "models.toml"
-    registry.write_text(registry_text(model_dir))
+    # the scenario's model comes from a (local) Hub, never downloaded: its first load downloads it (Downloads panel)
+    hub = HfMirror({"test-org/Tiny-GGUF": {"hello.gguf": (model_dir / "hello.gguf").read_bytes()}}).start()
+    text = registry_text(model_dir)
+    local = f'source = {{ type = "path", path = "{model_dir / "hello.gguf"}" }}\ncontext_size = 512'
+    assert local in text
+    registry.write_text(text.replace(local, 'source = { type = "hf", repo = "test-org/Tiny-GGUF", file = "hello.gguf" }'
+                                            "\ncontext_size = 512", 1))
     wrapper, slow_start = slow_start_wrapper(work, llama_server_bin)
-    sc = FakeGpuSidecar(registry, work / "state", wrapper).start()
+    sc = FakeGpuSidecar(registry, work / "state", wrapper)
+    sc.env.update(HF_HOME=str(work / "hf-home"), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1")
+    sc.start()
     prom = Prometheus(prometheus_bins[0], work, f"127.0.0.1:{sc.port}")
     try:
         assert wait_until(prom.ready, 20, 0.1) is not None, f"prometheus not ready:\n{prom.log.read_text()[-3000:]}"
@@ -212,6 +221,7 @@ def live(tmp_path_factory, model_dir, llama_server_bin, prometheus_bins):
     finally:
         prom.stop()
         sc.stop()
+        hub.stop()
 
 
 # ---- the dashboard ----------------------------------------------------------------------------------------------
