@@ -398,3 +398,29 @@ def test_a_dropped_connection_is_resumed_from_the_last_byte(env, mirror, files):
     gets = [r for r in mirror.file_gets() if r.path.endswith(TINY_FILE) and r.range != "bytes=0-1048575"]
     assert [(r.range, r.body_bytes) for r in gets] == [(None, 100_000), ("bytes=100000-", files["tiny"].stat().st_size
                                                                          - 100_000)]
+
+
+def test_pull_on_a_terminal_draws_a_progress_bar(env, mirror, files):
+    """On a terminal `pull` redraws one bar (plain lines elsewhere: test_hub_failures_are_one_line_with_the_fix)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    mirror.rate[TINY_FILE] = files["tiny"].stat().st_size / 1.5
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: pull on a 120-column terminal
+        os.execvpe(sys.executable, [sys.executable, "-m", "model_orchestrator", "pull", "tiny"], env)
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child exited
+            break
+        if not chunk:
+            break
+        out += chunk
+    assert os.waitpid(pid, 0)[1] == 0, out[-2000:]
+    text = out.decode(errors="replace")
+    assert f"{TINY_FILE}: 100%|" in text and "\r" in text and text.count("%|") >= 2, text[-2000:]
