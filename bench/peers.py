@@ -135,9 +135,10 @@ class Sidecar:
         self.base = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "MODEL_ORCHESTRATOR_MODELS": str(registry), "MODEL_ORCHESTRATOR_PORT": str(self.port),
                "MODEL_ORCHESTRATOR_STATE": str(work / "state"), "LLAMA_SERVER_BIN": str(binary),
-               "MODEL_ORCHESTRATOR_MAX_LOADED": "1", "MODEL_ORCHESTRATOR_LOG_LEVEL": "WARNING"}
+               "MODEL_ORCHESTRATOR_MAX_LOADED": "1", "MODEL_ORCHESTRATOR_LOG_LEVEL": "INFO"}  # INFO: load phases
+        self.log = work / "sidecar.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "model_orchestrator", "serve"], env=env,
-                                     stdout=open(work / "sidecar.log", "ab"), stderr=subprocess.STDOUT)
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         self.load_seconds: list[float] = []
 
     def url(self, model: str) -> str:
@@ -160,6 +161,11 @@ class Sidecar:
         for m in loaded:
             async with http.post(self.base + "/models/unload", json={"model": m, "force": True}) as r:
                 await r.read()
+
+    def load_phases(self) -> list[str]:
+        """The sidecar's own account of each load (lifecycle: planned, spawned, ready_hint, healthy; ms)."""
+        return [line.split("load phases (ms from the start of the load): ", 1)[1].strip()
+                for line in self.log.read_text(errors="replace").splitlines() if "load phases" in line]
 
     def close(self) -> None:
         self.proc.terminate()
@@ -387,6 +393,7 @@ async def run(args) -> dict:
             p.close()
     res["raw"] = rows
     res["sidecar_load_seconds"] = sidecar.load_seconds  # its own measure of the load rows (POST /models/load)
+    res["sidecar_load_phases"] = sidecar.load_phases()  # every load's phases, from its log
     res["summary"] = {row: {peer: (statistics.median(v) if not row.startswith("chat_latency") else
                                    {"p50": pct(v, 50), "p99": pct(v, 99)}) for peer, v in by_peer.items()}
                       for row, by_peer in rows.items()}
