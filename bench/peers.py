@@ -347,7 +347,9 @@ async def run(args) -> dict:
     specs = {s.id: s for s in parse_registry(reg_text).models}
     argvs = {}
     for mid, spec in specs.items():
-        argv = build_argv(binary, spec, spec.source.path, None, 0)
+        # the sidecar's own argument list, its slot-save directory included (slot_cache.py: on by default)
+        (work / "slots" / mid).mkdir(parents=True, exist_ok=True)
+        argv = build_argv(binary, spec, spec.source.path, None, 0, None, work / "slots" / mid)
         i = argv.index("--port")
         argvs[mid] = argv[:i] + argv[i + 2:]
     bare, sidecar, router = Bare(argvs), Sidecar(work / "models.toml", work, binary), Router(argvs, work, binary)
