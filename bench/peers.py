@@ -283,9 +283,15 @@ def _status_worker(url: str, clients: int, seconds: float, queue) -> None:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process, all its threads (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time of a process so far, all its threads, in ns resolution (Linux /proc/PID/task/*/schedstat; threads
+    that ended are missed, which the sidecar's long-lived ones are not)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError):
+            pass
+    return total / 1e9
 
 
 def status_load(url: str, clients: int, seconds: float, procs: int, server_pid: int) -> dict:
@@ -310,7 +316,7 @@ def status_load(url: str, clients: int, seconds: float, procs: int, server_pid: 
 
 
 # ---- the run -------------------------------------------------------------------------------------------------------
-def make_models(work: Path, gpu: bool) -> tuple[str, dict]:
+def make_models(work: Path, gpu: bool, model_b: Path | None = None) -> tuple[str, dict]:
     if gpu:
         from synthetic_gguf import write_synthetic
         a = write_synthetic(work / "a.gguf", "llama-8b")
@@ -324,6 +330,8 @@ def make_models(work: Path, gpu: bool) -> tuple[str, dict]:
         b = write_tiny_model(work / "b.gguf", behaviour="random", arch="llama")
         common = "context_size = 4096\nn_gpu_layers = 0"
         names = {"a": "tiny model A (hello, qwen3)", "b": "tiny model B (random, llama)"}
+    if model_b is not None:  # a real model for B (the streamed rows), e.g. SmolLM2-135M on the CPU
+        b, names["b"] = model_b.resolve(), model_b.name
     text = f'''default_model = "a"
 [[models]]
 id = "a"
@@ -342,7 +350,7 @@ priority = 50
 async def run(args) -> dict:
     binary = find_llama_server()
     work = Path(tempfile.mkdtemp(prefix="peers-"))
-    reg_text, names = make_models(work, args.gpu)
+    reg_text, names = make_models(work, args.gpu, args.model_b)
     (work / "models.toml").write_text(reg_text)
     specs = {s.id: s for s in parse_registry(reg_text).models}
     argvs = {}
@@ -532,6 +540,7 @@ def main() -> int:
     ap.add_argument("--status-clients", type=int, default=200)
     ap.add_argument("--status-seconds", type=float, default=10)
     ap.add_argument("--status-reps", type=int, default=1, help="interleaved status runs (the median is shown)")
+    ap.add_argument("--model-b", type=Path, help="a GGUF file to use as model B instead of the generated one")
     ap.add_argument("--only", help="comma-separated rows: cold, swap, load, latency, stream, status")
     ap.add_argument("--status-procs", type=int, help="client processes for the status load (default: cores / 2, <= 8)")
     ap.add_argument("--json", type=Path)

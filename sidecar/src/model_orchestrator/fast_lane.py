@@ -29,6 +29,7 @@ from typing import Any, Callable
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time  # the Date value aiohttp's own answers carry
 from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.tcp_helpers import tcp_keepalive, tcp_nodelay
 
 from .api import CACHED, GUARD, ORCH, STATUS, count_request
 
@@ -126,6 +127,8 @@ class _Connection(asyncio.Protocol):
 
     # ---- asyncio.Protocol ------------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
+        tcp_nodelay(transport, True)  # the socket options aiohttp's protocol sets on its connections
+        tcp_keepalive(transport)
         self.transport = transport
         self.lane.live.add(self)
         self.last = asyncio.get_running_loop().time()
