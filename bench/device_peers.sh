@@ -16,7 +16,7 @@ export LLAMA_SERVER_BIN=/tmp/moc/llama-server/b11434-cuda-90/llama-server
 cd "$REPO"
 for step in "$@"; do
   case $step in
-    peers-gpu) python3 bench/peers.py --gpu --json "$OUT/peers-h100.json" --md "$OUT/peers-h100.md" 2>&1 | tail -40 ;;
+    peers-gpu) python3 bench/peers.py --gpu ${PEERS_GPU_ARGS:-} --json "$OUT/peers-h100.json" --md "$OUT/peers-h100.md" 2>&1 | tail -40 ;;
     peers-cpu) CUDA_VISIBLE_DEVICES="" python3 bench/peers.py ${PEERS_CPU_ARGS:-} --json "$OUT/peers-cpu.json" --md "$OUT/peers-cpu.md" 2>&1 | tail -30 ;;
     tests) python3 -m pytest -q -p no:cacheprovider --timeout 300 tests/test_hotpath.py tests/test_gpu.py 2>&1 | tee "$OUT/tests-h100.log" | tail -15 ;;
     kv-restore) python3 bench/kv_restore.py ${KV_ARGS:-} --json "$OUT/kv-restore-h100.json" 2>&1 | tail -12 ;;

@@ -42,11 +42,10 @@ def serve(args) -> None:
     """The sidecar with the stand-in GPU: `model-orchestrator serve`, except for the GPU view."""
     import logging
 
-    from aiohttp import web
-
     sys.path.insert(0, str(ROOT / "tests"))
     from support.nvml import FakeNvml  # the stand-in the unit tests use
 
+    from model_orchestrator import fast_lane
     from model_orchestrator.api import create_app
     from model_orchestrator.cli import use_production_event_loop
     from model_orchestrator.gpu import GpuView
@@ -61,8 +60,7 @@ def serve(args) -> None:
     orch = Orchestrator(settings, load_registry(args.registry), GpuView(FakeNvml({0: []}, total_mb=args.total_mb),
                                                                         max_age_s=0), find_llama_server())
     use_production_event_loop()  # the loop `serve` runs on (uvloop): the races under test depend on it
-    web.run_app(create_app(orch), host="127.0.0.1", port=args.port, print=None, access_log=None,
-                handle_signals=True)
+    fast_lane.run_app(create_app(orch), host="127.0.0.1", port=args.port, access_log=None)  # as `serve` runs it
 
 
 def write_models(d: Path) -> Path:

@@ -17,7 +17,8 @@ so they share the machine's state. Rows:
 
 Models: --gpu uses bench/synthetic_gguf.py's real shapes (A = Llama-3.1-8B, B = Qwen3-30B-A3B, Q4_0, 8K context,
 all layers on the GPU); without it two tiny generated models (tiny_gguf) run on the CPU.
-Usage: bench/peers.py [--gpu] [--reps 3] [--requests 300] [--status-seconds 10] [--json OUT] [--md OUT]
+Usage: bench/peers.py [--gpu] [--reps 3] [--requests 300] [--status-seconds 10] [--only ROW,...] [--json OUT] [--md OUT]
+--only runs some rows: cold, swap, load, latency, stream, status (the table shows only those).
 """
 
 from __future__ import annotations
@@ -134,9 +135,10 @@ class Sidecar:
         self.base = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "MODEL_ORCHESTRATOR_MODELS": str(registry), "MODEL_ORCHESTRATOR_PORT": str(self.port),
                "MODEL_ORCHESTRATOR_STATE": str(work / "state"), "LLAMA_SERVER_BIN": str(binary),
-               "MODEL_ORCHESTRATOR_MAX_LOADED": "1", "MODEL_ORCHESTRATOR_LOG_LEVEL": "WARNING"}
+               "MODEL_ORCHESTRATOR_MAX_LOADED": "1", "MODEL_ORCHESTRATOR_LOG_LEVEL": "INFO"}  # INFO: load phases
+        self.log = work / "sidecar.log"
         self.proc = subprocess.Popen([sys.executable, "-m", "model_orchestrator", "serve"], env=env,
-                                     stdout=open(work / "sidecar.log", "ab"), stderr=subprocess.STDOUT)
+                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         self.load_seconds: list[float] = []
 
     def url(self, model: str) -> str:
@@ -159,6 +161,11 @@ class Sidecar:
         for m in loaded:
             async with http.post(self.base + "/models/unload", json={"model": m, "force": True}) as r:
                 await r.read()
+
+    def load_phases(self) -> list[str]:
+        """The sidecar's own account of each load (lifecycle: planned, spawned, ready_hint, healthy; ms)."""
+        return [line.split("load phases (ms from the start of the load): ", 1)[1].strip()
+                for line in self.log.read_text(errors="replace").splitlines() if "load phases" in line]
 
     def close(self) -> None:
         self.proc.terminate()
@@ -275,24 +282,41 @@ def _status_worker(url: str, clients: int, seconds: float, queue) -> None:
     queue.put(asyncio.run(run()))
 
 
-def status_load(url: str, clients: int, seconds: float, procs: int) -> dict:
-    """`clients` concurrent keep-alive clients spread over `procs` processes (so the client is not the limit)."""
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process so far, all its threads, in ns resolution (Linux /proc/PID/task/*/schedstat; threads
+    that ended are missed, which the sidecar's long-lived ones are not)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError):
+            pass
+    return total / 1e9
+
+
+def status_load(url: str, clients: int, seconds: float, procs: int, server_pid: int) -> dict:
+    """`clients` concurrent keep-alive clients spread over `procs` processes (so the client is not the limit).
+    `cpu_us_per_req`: the server's CPU time per answer, which a machine with few cores shows better than req/s
+    (there the clients and the server share the cores)."""
     ctx = multiprocessing.get_context("spawn")
     q = ctx.Queue()
     workers = [ctx.Process(target=_status_worker, args=(url, clients // procs + (i < clients % procs), seconds, q))
                for i in range(procs)]
+    cpu0 = cpu_seconds(server_pid)
     for w in workers:
         w.start()
     results = [q.get() for _ in workers]
+    cpu = cpu_seconds(server_pid) - cpu0
     for w in workers:
         w.join()
     n = sum(r[0] for r in results)
     lat = [x for r in results for x in r[1]]
-    return {"req_per_s": n / seconds, "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000, "requests": n}
+    return {"req_per_s": n / seconds, "p50_ms": pct(lat, 50) * 1000, "p99_ms": pct(lat, 99) * 1000, "requests": n,
+            "cpu_us_per_req": 1e6 * cpu / max(n, 1)}
 
 
 # ---- the run -------------------------------------------------------------------------------------------------------
-def make_models(work: Path, gpu: bool) -> tuple[str, dict]:
+def make_models(work: Path, gpu: bool, model_b: Path | None = None) -> tuple[str, dict]:
     if gpu:
         from synthetic_gguf import write_synthetic
         a = write_synthetic(work / "a.gguf", "llama-8b")
@@ -306,6 +330,8 @@ def make_models(work: Path, gpu: bool) -> tuple[str, dict]:
         b = write_tiny_model(work / "b.gguf", behaviour="random", arch="llama")
         common = "context_size = 4096\nn_gpu_layers = 0"
         names = {"a": "tiny model A (hello, qwen3)", "b": "tiny model B (random, llama)"}
+    if model_b is not None:  # a real model for B (the streamed rows), e.g. SmolLM2-135M on the CPU
+        b, names["b"] = model_b.resolve(), model_b.name
     text = f'''default_model = "a"
 [[models]]
 id = "a"
@@ -324,12 +350,14 @@ priority = 50
 async def run(args) -> dict:
     binary = find_llama_server()
     work = Path(tempfile.mkdtemp(prefix="peers-"))
-    reg_text, names = make_models(work, args.gpu)
+    reg_text, names = make_models(work, args.gpu, args.model_b)
     (work / "models.toml").write_text(reg_text)
     specs = {s.id: s for s in parse_registry(reg_text).models}
     argvs = {}
     for mid, spec in specs.items():
-        argv = build_argv(binary, spec, spec.source.path, None, 0)
+        # the sidecar's own argument list, its slot-save directory included (slot_cache.py: on by default)
+        (work / "slots" / mid).mkdir(parents=True, exist_ok=True)
+        argv = build_argv(binary, spec, spec.source.path, None, 0, None, work / "slots" / mid)
         i = argv.index("--port")
         argvs[mid] = argv[:i] + argv[i + 2:]
     bare, sidecar, router = Bare(argvs), Sidecar(work / "models.toml", work, binary), Router(argvs, work, binary)
@@ -345,65 +373,89 @@ async def run(args) -> dict:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4)) as http:
             await wait_http(http, sidecar.base + "/health", every=0.05)
             await wait_http(http, router.base + "/models", every=0.05)
+            only = set(args.only.split(",")) if args.only else {"cold", "swap", "load", "latency", "stream", "status"}
             for p in peers:  # warm the page cache and the CUDA driver, unmeasured
                 await p.cold_chat(http, "a")
                 await p.unload_all(http)
-            for rep in range(args.reps):
-                for p in peers:
+            for rep in range(args.reps if only & {"cold", "swap", "load"} else 0):
+                for p in peers if "cold" in only else ():
                     add("cold_chat_a_s", p.name, await timed(p.cold_chat(http, "a")))
                     await p.unload_all(http)
-                for p in peers:
+                for p in peers if "cold" in only else ():
                     add("cold_chat_b_s", p.name, await timed(p.cold_chat(http, "b")))
                     await p.unload_all(http)
-                for p in peers:
+                for p in peers if "swap" in only else ():
                     await p.cold_chat(http, "a")
                     add("swap_a_to_b_s", p.name, await timed(p.swap(http, "a", "b")))
                     await p.unload_all(http)
-                for p in peers:
+                for p in peers if "load" in only else ():
                     add("load_ready_a_s", p.name, await timed(p.load(http, "a")))
                     await p.unload_all(http)
-                print(f"rep {rep + 1}/{args.reps}: cold, swap, load done", flush=True)
-
-            # small chat latency, A loaded everywhere, requests interleaved
-            for p in peers:
-                await p.load(http, "a")
-            for p in peers:
-                for _ in range(20):
-                    await chat(http, p.url("a"), "a")
-            for _ in range(args.requests):
-                for p in peers:
-                    add("chat_latency_ms", p.name, 1000 * await timed(chat(http, p.url("a"), "a", max_tokens=1)))
-            print("latency done", flush=True)
-            for p in peers:
-                await p.unload_all(http)
-
-            # streamed generation, B loaded everywhere
-            for p in peers:
-                await p.load(http, "b")
-                await stream_run(http, p.url("b"), "b", 32, 1)
-            for _ in range(args.stream_reps):
-                for streams in (1, 8):
-                    for p in peers:
-                        add(f"stream_tok_s_x{streams}", p.name, await stream_run(http, p.url("b"), "b", args.tokens, streams))
-            print("streams done", flush=True)
-
-            # status throughput: the sidecar's /models/status and the router's GET /models, B loaded in both
-            procs = args.status_procs or max(1, min(8, (os.cpu_count() or 2) // 2))
-            for url, peer in ((sidecar.base + "/models/status", "sidecar"), (router.base + "/models", "router")):
-                st = await asyncio.to_thread(status_load, url, args.status_clients, args.status_seconds, procs)
-                res[f"status_{peer}"] = st
-            res["status_client_processes"] = procs
-            for p in peers:
-                await p.unload_all(http)
+                print(f"rep {rep + 1}/{args.reps}: {', '.join(sorted(only & {'cold', 'swap', 'load'}))} done", flush=True)
+            if "latency" in only:
+                await latency_rows(http, peers, args, add)
+            if "stream" in only:
+                await stream_rows(http, peers, args, add)
+            if "status" in only:
+                await status_rows(http, sidecar, router, args, res)
     finally:
         for p in peers:
             p.close()
     res["raw"] = rows
     res["sidecar_load_seconds"] = sidecar.load_seconds  # its own measure of the load rows (POST /models/load)
+    res["sidecar_load_phases"] = sidecar.load_phases()  # every load's phases, from its log
     res["summary"] = {row: {peer: (statistics.median(v) if not row.startswith("chat_latency") else
                                    {"p50": pct(v, 50), "p99": pct(v, 99)}) for peer, v in by_peer.items()}
                       for row, by_peer in rows.items()}
     return res
+
+
+async def latency_rows(http, peers, args, add) -> None:
+    # small chat latency, A loaded everywhere, requests interleaved
+    for p in peers:
+        await p.load(http, "a")
+    for p in peers:
+        for _ in range(20):
+            await chat(http, p.url("a"), "a")
+    for _ in range(args.requests):
+        for p in peers:
+            add("chat_latency_ms", p.name, 1000 * await timed(chat(http, p.url("a"), "a", max_tokens=1)))
+    print("latency done", flush=True)
+    for p in peers:
+        await p.unload_all(http)
+
+
+async def stream_rows(http, peers, args, add) -> None:
+    # streamed generation, B loaded everywhere
+    for p in peers:
+        await p.load(http, "b")
+        await stream_run(http, p.url("b"), "b", 32, 1)
+    for _ in range(args.stream_reps):
+        for streams in (1, 8):
+            for p in peers:
+                add(f"stream_tok_s_x{streams}", p.name, await stream_run(http, p.url("b"), "b", args.tokens, streams))
+    print("streams done", flush=True)
+    for p in peers:
+        await p.unload_all(http)
+
+
+async def status_rows(http, sidecar, router, args, res) -> None:
+    """The sidecar's /models/status and the router's GET /models, B loaded in both, interleaved --status-reps
+    times; the table shows the rep with the median throughput of each, the JSON every rep."""
+    procs = args.status_procs or max(1, min(8, (os.cpu_count() or 2) // 2))
+    for p in (sidecar, router):
+        await p.load(http, "b")
+    reps: dict[str, list[dict]] = {"sidecar": [], "router": []}
+    for _ in range(args.status_reps):
+        for url, peer in ((sidecar.base + "/models/status", sidecar), (router.base + "/models", router)):
+            reps[peer.name].append(await asyncio.to_thread(status_load, url, args.status_clients, args.status_seconds,
+                                                           procs, peer.proc.pid))
+    for peer, runs in reps.items():
+        res[f"status_{peer}"] = sorted(runs, key=lambda r: r["req_per_s"])[len(runs) // 2]
+        res[f"status_{peer}_reps"] = runs
+    res["status_client_processes"] = procs
+    for p in (sidecar, router):
+        await p.unload_all(http)
 
 
 def machine() -> str:
@@ -444,30 +496,37 @@ def table(res: dict) -> str:
     lines = [f"Machine: {res['machine']}; llama-server {res['binary_version']}; {res['reps']} interleaved reps "
              "(medians); latency over all requests.", "",
              "| measure | bare | sidecar | llama.cpp router | sidecar at or ahead of router |", "|---|---|---|---|---|"]
-    lines.append(f"| cold chat, {names['a']} | " + " | ".join(secs("cold_chat_a_s")) + f" | {ahead('cold_chat_a_s')} |")
-    lines.append(f"| cold chat, {names['b']} | " + " | ".join(secs("cold_chat_b_s")) + f" | {ahead('cold_chat_b_s')} |")
-    lines.append("| swap A -> B (request for B while A is loaded) | " + " | ".join(secs("swap_a_to_b_s"))
-                 + f" | {ahead('swap_a_to_b_s')} |")
-    lr = s["load_ready_a_s"]
-    lines.append(f"| load -> ready, A (bare: exec -> /health 200) | " + " | ".join(secs("load_ready_a_s"))
-                 + f" | {ahead('load_ready_a_s')} (sidecar - bare: {1000 * (lr['sidecar'] - lr['bare']):+.1f} ms) |")
-    c = s["chat_latency_ms"]
-    lines.append(f"| small chat latency p50 / p99 ({len(res['raw']['chat_latency_ms']['bare'])} sequential) | "
-                 + " | ".join(lat(p) for p in PEERS)
-                 + f" | {'yes' if c['sidecar']['p50'] <= c['router']['p50'] and c['sidecar']['p99'] <= c['router']['p99'] else 'NO'}"
-                 f" (added over bare: p50 {c['sidecar']['p50'] - c['bare']['p50']:+.2f} ms, "
-                 f"p99 {c['sidecar']['p99'] - c['bare']['p99']:+.2f} ms) |")
-    for n in (1, 8):
+    if "cold_chat_a_s" in s:
+        lines.append(f"| cold chat, {names['a']} | " + " | ".join(secs("cold_chat_a_s")) + f" | {ahead('cold_chat_a_s')} |")
+        lines.append(f"| cold chat, {names['b']} | " + " | ".join(secs("cold_chat_b_s")) + f" | {ahead('cold_chat_b_s')} |")
+    if "swap_a_to_b_s" in s:
+        lines.append("| swap A -> B (request for B while A is loaded) | " + " | ".join(secs("swap_a_to_b_s"))
+                     + f" | {ahead('swap_a_to_b_s')} |")
+    if "load_ready_a_s" in s:
+        lr = s["load_ready_a_s"]
+        lines.append(f"| load -> ready, A (bare: exec -> /health 200) | " + " | ".join(secs("load_ready_a_s"))
+                     + f" | {ahead('load_ready_a_s')} (sidecar - bare: {1000 * (lr['sidecar'] - lr['bare']):+.1f} ms) |")
+    if "chat_latency_ms" in s:
+        c = s["chat_latency_ms"]
+        lines.append(f"| small chat latency p50 / p99 ({len(res['raw']['chat_latency_ms']['bare'])} sequential) | "
+                     + " | ".join(lat(p) for p in PEERS)
+                     + f" | {'yes' if c['sidecar']['p50'] <= c['router']['p50'] and c['sidecar']['p99'] <= c['router']['p99'] else 'NO'}"
+                     f" (added over bare: p50 {c['sidecar']['p50'] - c['bare']['p50']:+.2f} ms, "
+                     f"p99 {c['sidecar']['p99'] - c['bare']['p99']:+.2f} ms) |")
+    for n in (1, 8) if "stream_tok_s_x1" in s else ():
         row = f"stream_tok_s_x{n}"
         lines.append(f"| streamed tok/s, {names['b']}, {n} stream{'s' if n > 1 else ''} | "
                      + " | ".join(f"{s[row][p]:.0f}" for p in PEERS)
                      + f" | {ahead(row, lower_better=False)} (sidecar/bare {s[row]['sidecar'] / s[row]['bare']:.3f}) |")
-    ss, rs = res["status_sidecar"], res["status_router"]
-    ok = ss["req_per_s"] >= rs["req_per_s"] and ss["p99_ms"] <= rs["p99_ms"]
-    lines.append(f"| status, 200 concurrent clients: sidecar `/models/status` vs router `GET /models` | — | "
-                 f"{ss['req_per_s']:.0f} req/s, p50 {ss['p50_ms']:.1f} ms, p99 {ss['p99_ms']:.1f} ms | "
-                 f"{rs['req_per_s']:.0f} req/s, p50 {rs['p50_ms']:.1f} ms, p99 {rs['p99_ms']:.1f} ms | "
-                 f"{'yes' if ok else 'NO'} |")
+    if "status_sidecar" in res:
+        ss, rs = res["status_sidecar"], res["status_router"]
+        ok = ss["req_per_s"] >= rs["req_per_s"] and ss["p99_ms"] <= rs["p99_ms"]
+        lines.append(f"| status, 200 concurrent clients: sidecar `/models/status` vs router `GET /models` | — | "
+                     f"{ss['req_per_s']:.0f} req/s, p50 {ss['p50_ms']:.1f} ms, p99 {ss['p99_ms']:.1f} ms, "
+                     f"{ss['cpu_us_per_req']:.0f} µs CPU/req | "
+                     f"{rs['req_per_s']:.0f} req/s, p50 {rs['p50_ms']:.1f} ms, p99 {rs['p99_ms']:.1f} ms, "
+                     f"{rs['cpu_us_per_req']:.0f} µs CPU/req | "
+                     f"{'yes' if ok else 'NO'} (sidecar/router {ss['req_per_s'] / rs['req_per_s']:.2f}) |")
     return "\n".join(lines)
 
 
@@ -480,6 +539,9 @@ def main() -> int:
     ap.add_argument("--stream-reps", type=int, default=3)
     ap.add_argument("--status-clients", type=int, default=200)
     ap.add_argument("--status-seconds", type=float, default=10)
+    ap.add_argument("--status-reps", type=int, default=1, help="interleaved status runs (the median is shown)")
+    ap.add_argument("--model-b", type=Path, help="a GGUF file to use as model B instead of the generated one")
+    ap.add_argument("--only", help="comma-separated rows: cold, swap, load, latency, stream, status")
     ap.add_argument("--status-procs", type=int, help="client processes for the status load (default: cores / 2, <= 8)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)

@@ -86,6 +86,31 @@ def make_orchestrator(tmp_path, registry_file, llama_server_bin):
 
 
 @pytest.fixture
+def aiohttp_client(aiohttp_client):
+    """pytest-aiohttp's aiohttp_client, serving an Application as `serve` does: through the fast lane
+    (fast_lane.Runner), so every in-process test also runs the fast lane's hand-over to aiohttp."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from model_orchestrator.fast_lane import Runner
+
+    class FastLaneTestServer(TestServer):
+        def __init__(self, app, runner_kwargs):
+            super().__init__(app)
+            self.runner_kwargs = runner_kwargs  # e.g. keepalive_timeout, as `serve` passes it
+
+        async def _make_runner(self, **kwargs):
+            return Runner(self.app, **kwargs, **self.runner_kwargs)
+
+    async def go(app, *, server_kwargs=None, **kwargs):
+        if isinstance(app, web.Application):
+            app = FastLaneTestServer(app, server_kwargs or {})
+        return await aiohttp_client(app, **kwargs)
+
+    return go
+
+
+@pytest.fixture
 async def client(aiohttp_client, make_orchestrator):
     from model_orchestrator.api import create_app
 

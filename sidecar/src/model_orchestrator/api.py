@@ -40,6 +40,7 @@ log = logging.getLogger("model_orchestrator.api")
 ORCH = web.AppKey("orchestrator", Orchestrator)
 STATUS = web.AppKey("status_cache", StatusCache)
 OPENAPI = web.AppKey("openapi", dict)
+GUARD = web.AppKey("guard", object)  # the app's request_guard, for fast_lane.py
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -103,20 +104,34 @@ def _serialised(model: type[BaseModel], data: dict) -> bytes:
     return model.model_validate(data).model_dump_json().encode()
 
 
-async def _cached(request: web.Request, name: str, build: Callable[[], Awaitable[bytes]]) -> web.Response:
-    """An answer of the status cache (status_cache.py): built and serialised once per state, then served as bytes."""
+# The answers of the polled read-only routes, built and serialised once per state (status_cache.py), then served as
+# bytes: by their handlers below, and before aiohttp by fast_lane.py for plain GETs. path -> (cache name, builder).
+async def _build_health(orch: Orchestrator) -> bytes:
+    return _serialised(HealthResponse, orch.health())
+
+
+async def _build_status(orch: Orchestrator) -> bytes:
+    return _serialised(StatusResponse, orch.status_view(orch.gpu_view.latest()))  # the sampler's GPU readings
+
+
+async def _build_models(orch: Orchestrator) -> bytes:
+    return _serialised(ModelsResponse, await asyncio.to_thread(orch.registry_view))  # checks the HF cache on disk
+
+
+CACHED: dict[str, tuple[str, Callable[[Orchestrator], Awaitable[bytes]]]] = {
+    "/health": ("health", _build_health), "/models/status": ("status", _build_status), "/models": ("models", _build_models)}
+
+
+async def _cached(request: web.Request) -> web.Response:
+    name, build = CACHED[request.path]
     key = f"{name}?{request.query_string}" if request.query_string else name
-    return web.Response(body=await request.app[STATUS].get(key, build), content_type="application/json")
+    orch = request.app[ORCH]
+    return web.Response(body=await request.app[STATUS].get(key, lambda: build(orch)), content_type="application/json")
 
 
 # ---- handlers ---------------------------------------------------------------------------------------------------
 async def health(request: web.Request) -> web.Response:
-    orch = request.app[ORCH]
-
-    async def build() -> bytes:
-        return _serialised(HealthResponse, orch.health())
-
-    return await _cached(request, "health", build)
+    return await _cached(request)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -127,21 +142,11 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def models_status(request: web.Request) -> web.Response:
-    orch = request.app[ORCH]
-
-    async def build() -> bytes:
-        return _serialised(StatusResponse, orch.status_view(orch.gpu_view.latest()))  # the sampler's GPU readings
-
-    return await _cached(request, "status", build)
+    return await _cached(request)
 
 
 async def models_list(request: web.Request) -> web.Response:
-    orch = request.app[ORCH]
-
-    async def build() -> bytes:
-        return _serialised(ModelsResponse, await asyncio.to_thread(orch.registry_view))  # checks the HF cache on disk
-
-    return await _cached(request, "models", build)
+    return await _cached(request)
 
 
 async def models_load(request: web.Request) -> web.Response:
@@ -457,26 +462,53 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         log.exception("unhandled error on %s %s", request.method, request.path)
         return refusal_response(Refused(Code.INTERNAL_ERROR, "internal error; the sidecar's log has the details"))
     finally:
-        orch = request.app[ORCH]
-        route = _route_label(request)
-        m = orch.metrics
-        m.child(m.http_requests, route, request.method, str(status)).inc()
-        m.child(m.http_duration, route, request.method).observe(time.perf_counter() - t0)
+        count_request(request.app[ORCH], _route_label(request), request.method, status, time.perf_counter() - t0)
 
 
-def auth_middleware(api_key: str, public_paths: set[str]):
-    expected = f"Bearer {api_key}".encode()
+def count_request(orch: Orchestrator, route: str, method: str, status: int, seconds: float) -> None:
+    """The request metrics of one answer (errors_and_metrics, and fast_lane for the answers it sends itself)."""
+    m = orch.metrics
+    m.child(m.http_requests, route, method, str(status)).inc()
+    m.child(m.http_duration, route, method).observe(seconds)
 
+
+# The access rules: a Guard sees the path and the three headers it may judge (None when absent, decoded as aiohttp
+# decodes them) and returns the refusal to raise, or None. guard_middleware applies it to every request aiohttp
+# handles; fast_lane.py asks the same function before it answers a request itself.
+Guard = Callable[[str, "str | None", "str | None", "str | None"], "Exception | None"]
+
+
+def request_guard(settings) -> Guard:
+    """The API key's rule when a key is set, else the browser guard's."""
+    if settings.api_key:
+        return api_key_guard(settings.api_key, {r.path for r in ROUTES if not r.auth})
+    return browser_guard(settings)
+
+
+def guard_middleware(guard: Guard):
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path in public_paths or request.path.startswith(PUBLIC_PREFIXES):
-            return await handler(request)
-        # aiohttp decodes header bytes that are not UTF-8 with surrogateescape: encode them back the same way
-        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
-        if not hmac.compare_digest(given, expected):  # constant time: no timing oracle on the key
-            raise HttpRefused(Code.INVALID_API_KEY, "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                              headers={"WWW-Authenticate": "Bearer"})
+        h = request.headers
+        refusal = guard(request.path, h.get("Host"), h.get("Origin"), h.get("Authorization"))
+        if refusal is not None:
+            raise refusal
         return await handler(request)
+
+    return check
+
+
+def api_key_guard(api_key: str, public_paths: set[str]) -> Guard:
+    expected = f"Bearer {api_key}".encode()
+
+    def check(path: str, host: str | None, origin: str | None, authorization: str | None) -> Exception | None:
+        if path in public_paths or path.startswith(PUBLIC_PREFIXES):
+            return None
+        # aiohttp decodes header bytes that are not UTF-8 with surrogateescape: encode them back the same way
+        given = (authorization or "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, expected):  # constant time: no timing oracle on the key
+            return HttpRefused(Code.INVALID_API_KEY, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                               headers={"WWW-Authenticate": "Bearer"})
+        return None
 
     return check
 
@@ -510,36 +542,31 @@ def browser_guard(settings):
     def host_allowed(host: str) -> bool:
         return host in hosts or host.endswith(".localhost") or _is_ip_literal(host)
 
-    @web.middleware
-    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
-        raw_host = request.headers.get("Host")
+    def check(path: str, raw_host: str | None, origin: str | None, authorization: str | None) -> Exception | None:
         if raw_host is not None and not host_allowed(_split_host(raw_host)):
-            raise Refused(Code.HOST_NOT_ALLOWED, f"Host {raw_host!r} is not allowed without an API key (DNS rebinding "
-                          "protection): use 127.0.0.1 or localhost, add the name to MODEL_ORCHESTRATOR_ALLOWED_HOSTS, "
-                          "or set MODEL_ORCHESTRATOR_API_KEY")
-        origin = request.headers.get("Origin")
+            return Refused(Code.HOST_NOT_ALLOWED, f"Host {raw_host!r} is not allowed without an API key (DNS rebinding "
+                           "protection): use 127.0.0.1 or localhost, add the name to MODEL_ORCHESTRATOR_ALLOWED_HOSTS, "
+                           "or set MODEL_ORCHESTRATOR_API_KEY")
         if origin is not None:
             normalized = origin.strip().lower().rstrip("/")
             authority = normalized.split("://", 1)[1] if "://" in normalized else None
             same_origin = raw_host is not None and authority == raw_host.strip().lower()
             if not (same_origin or normalized in origins):
-                raise Refused(Code.ORIGIN_NOT_ALLOWED, f"requests from web pages at {origin!r} are refused without an "
-                              "API key: list the origin in MODEL_ORCHESTRATOR_ALLOWED_ORIGINS, or set "
-                              "MODEL_ORCHESTRATOR_API_KEY")
-        return await handler(request)
+                return Refused(Code.ORIGIN_NOT_ALLOWED, f"requests from web pages at {origin!r} are refused without an "
+                               "API key: list the origin in MODEL_ORCHESTRATOR_ALLOWED_ORIGINS, or set "
+                               "MODEL_ORCHESTRATOR_API_KEY")
+        return None
 
     return check
 
 
 # ---- the application --------------------------------------------------------------------------------------------
 def create_app(orch: Orchestrator) -> web.Application:
-    middlewares = [errors_and_metrics]
-    if orch.settings.api_key:
-        middlewares.append(auth_middleware(orch.settings.api_key, {r.path for r in ROUTES if not r.auth}))
-    else:
-        middlewares.append(browser_guard(orch.settings))
-    app = web.Application(middlewares=middlewares, client_max_size=orch.settings.max_body_mb * 1024 * 1024)
+    guard = request_guard(orch.settings)
+    app = web.Application(middlewares=[errors_and_metrics, guard_middleware(guard)],
+                          client_max_size=orch.settings.max_body_mb * 1024 * 1024)
     app[ORCH] = orch
+    app[GUARD] = guard
     app[STATUS] = StatusCache(orch, max_age_s=orch.settings.gpu_sample_s)
     sampler = GpuSampler(orch.gpu_view, orch.settings.gpu_sample_s)
     for r in ROUTES:

@@ -41,8 +41,7 @@ def use_production_event_loop() -> None:
 
 # ---- serve ------------------------------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
-    from aiohttp import web
-
+    from . import fast_lane
     from .api import create_app
     from .gpu import open_gpu_view
     from .install import find_llama_server
@@ -98,11 +97,12 @@ def cmd_serve(args) -> int:
             await orch.ensure_loaded(args.preload)
         app.on_startup.append(preload)
     use_production_event_loop()
+    # fast_lane.run_app is web.run_app with the status routes' plain GETs answered before aiohttp's machinery.
     # SIGTERM: stop accepting, let requests finish for up to shutdown_timeout_s (aiohttp then cancels them), then
     # stop every llama-server (orch.close: SIGTERM, SIGKILL after stop_timeout_s); _exit_deadline bounds the whole
     # shutdown whatever the children or a stuck thread do. keepalive_timeout closes a connection idle that long
     # (from its first byte on, and between requests).
-    web.run_app(app, host=settings.host, port=settings.port, access_log=None,
+    fast_lane.run_app(app, host=settings.host, port=settings.port, access_log=None,
                 shutdown_timeout=settings.shutdown_timeout_s, keepalive_timeout=settings.idle_timeout_s,
                 print=lambda _: log.info("serving on %s (API docs: /docs)", address))
     state_lock.release()

@@ -2,8 +2,9 @@
 
 `LlamaServer` owns one child process: spawned from an argument list (never a shell) on its own loopback port,
 ready when its log says "model loaded" and one /health confirms it (push, not a poll loop), logs in a bounded
-buffer, stopped with SIGTERM then SIGKILL, its exit noticed at once (a task awaits it) with the reason kept. It dies with the sidecar (PR_SET_PDEATHSIG) and carries a marker in
-its environment so a restarted sidecar can find and reap leftovers.
+buffer, stopped with SIGTERM then SIGKILL, its exit noticed at once (a pidfd on the loop) with the reason kept. It
+dies with the sidecar (PR_SET_PDEATHSIG, set by util-linux's `setpriv` so the spawn is a cheap vfork+exec: `_spawn`)
+and carries a marker in its environment so a restarted sidecar can find and reap leftovers.
 
 `ManagedModel` is one model's state machine. Every state change goes through `_transition`, checked against
 TRANSITIONS, the single table of legal moves. A second load joins the load in progress; an unload during a load
@@ -18,8 +19,12 @@ import collections
 import contextlib
 import ctypes
 import enum
+import errno
+import logging
 import os
+import shutil
 import signal
+import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,6 +35,9 @@ import aiohttp
 
 from .errors import Code, Refused
 from .registry import ModelSpec
+
+
+log = logging.getLogger("model_orchestrator.lifecycle")
 
 
 class State(str, enum.Enum):
@@ -150,6 +158,7 @@ def _utcnow() -> datetime:
 
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
+_SETPRIV = shutil.which("setpriv")  # util-linux (>= 2.33): sets PR_SET_PDEATHSIG, then execs the command
 
 
 def _child_setup(parent_pid: int) -> Callable[[], None]:
@@ -159,6 +168,64 @@ def _child_setup(parent_pid: int) -> Callable[[], None]:
             os._exit(1)
 
     return setup
+
+
+class _Child:
+    """A spawned process as the event loop sees it: its output as a StreamReader, its exit as `await wait()`."""
+
+    def __init__(self, popen: subprocess.Popen, stdout: asyncio.StreamReader):
+        self._popen = popen
+        self.pid = popen.pid
+        self.stdout = stdout
+        self._exit = asyncio.get_running_loop().create_future()
+        try:
+            fd = os.pidfd_open(popen.pid)  # readable once the process has exited (Linux >= 5.3)
+        except OSError:  # no pidfd here: a thread waits instead
+            asyncio.ensure_future(asyncio.to_thread(popen.wait)).add_done_callback(self._reaped)
+            return
+        loop = asyncio.get_running_loop()
+
+        def exited() -> None:
+            loop.remove_reader(fd)
+            os.close(fd)
+            popen.wait()  # reaps it at once: it has exited
+            self._reaped(None)
+
+        loop.add_reader(fd, exited)
+
+    @property
+    def returncode(self) -> int | None:  # None until reaped (so its PID cannot be reused while we may signal it)
+        return self._popen.returncode
+
+    def _reaped(self, _) -> None:
+        if not self._exit.done():
+            self._exit.set_result(self._popen.returncode)
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._exit)
+
+
+async def _spawn(argv: list[str], env: dict[str, str]) -> _Child:
+    """Start llama-server in a session of its own (Ctrl-C at the terminal reaches the sidecar, which stops children
+    in order) with stdout and stderr on one pipe. A fork copies the sidecar's page tables and uvloop's spawn always
+    forks (~5 ms), so the child is started by subprocess's vfork+exec, through `setpriv --pdeathsig KILL`. (If the
+    sidecar dies in the moment before setpriv's prctl, the child outlives it: find_leftovers reaps it on the next
+    start.) Without setpriv the child sets PR_SET_PDEATHSIG itself between fork and exec. Raises OSError when the
+    program cannot be executed."""
+    if _SETPRIV is not None:
+        if not os.access(argv[0], os.X_OK):  # what exec would say, before setpriv runs
+            code = errno.EACCES if os.path.exists(argv[0]) else errno.ENOENT
+            raise OSError(code, os.strerror(code), argv[0])
+        popen = subprocess.Popen([_SETPRIV, "--pdeathsig", "KILL", "--", *argv], env=env, stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    else:
+        popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, start_new_session=True,
+                                 preexec_fn=_child_setup(os.getpid()))
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader(limit=1 << 20)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), popen.stdout)
+    return _Child(popen, reader)
 
 
 class LlamaServer:
@@ -171,7 +238,7 @@ class LlamaServer:
         self.port = plan.port
         self.logs: collections.deque[str] = collections.deque(maxlen=log_lines)
         self.on_exit = on_exit
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: _Child | None = None
         self.exit: ExitInfo | None = None
         self._stopping = False
         self.health_misses = 0  # failed /health checks in a row since it was ready (check_health)
@@ -179,6 +246,7 @@ class LlamaServer:
         self._wake = asyncio.Event()  # a ready hint in the log, or the process exited
         self._exited = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
+        self.marks: dict[str, float] = {}  # perf_counter at: spawned, ready_hint (the log line), healthy
 
     @property
     def pid(self) -> int | None:
@@ -198,17 +266,13 @@ class LlamaServer:
 
     async def start(self, http: aiohttp.ClientSession, timeout: float) -> None:
         """Spawn and wait until /health answers 200. Raises LoadFailed (process stopped) on any failure."""
-        # The spawn is shielded: an unload that cancels us mid-spawn must not leave a child that nobody waits for
-        # (uvloop kills it without reaping, and the model would be unloaded while its process still runs).
-        spawn = asyncio.ensure_future(asyncio.create_subprocess_exec(
-            *self.plan.argv, env=self.plan.env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C at the terminal reaches the sidecar, which stops children in order
-            preexec_fn=_child_setup(os.getpid()), limit=1 << 20))
+        # The spawn is shielded: an unload that cancels us mid-spawn must not leave a child that nobody waits for.
+        spawn = asyncio.ensure_future(_spawn(self.plan.argv, self.plan.env))
         cancelled = False
         while True:
             try:
                 self.proc = await asyncio.shield(spawn)
+                self.marks["spawned"] = time.perf_counter()
                 break
             except asyncio.CancelledError:
                 cancelled = True  # wait for the spawn to finish, then stop what it started
@@ -246,6 +310,7 @@ class LlamaServer:
             try:
                 async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     if resp.status == 200:
+                        self.marks["healthy"] = time.perf_counter()
                         return
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 pass
@@ -295,6 +360,7 @@ class LlamaServer:
             line = raw.decode(errors="replace").rstrip()
             self.logs.append(line)
             if any(h in line for h in READY_LOG_HINTS):
+                self.marks.setdefault("ready_hint", time.perf_counter())
                 self._wake.set()
 
     async def _watch_exit(self) -> None:
@@ -463,6 +529,7 @@ class ManagedModel:
         t0 = time.perf_counter()
         try:
             plan = await launch()
+            planned = time.perf_counter()
             self.server = LlamaServer(self.id, plan, log_lines=log_lines, on_exit=self._on_server_exit)
             await self.server.start(http, timeout)
             if on_ready is not None:  # ready, not yet serving: e.g. restore saved conversations (never raises)
@@ -485,6 +552,8 @@ class ManagedModel:
             await self.server.stop(0)
             raise LoadCancelled(f"load of {self.id} was cancelled by an unload", model=self.id)
         self.load_seconds = time.perf_counter() - t0
+        log.info("%s: load phases (ms from the start of the load): %s", self.id, " ".join(
+            f"{k}={1000 * (v - t0):.1f}" for k, v in {"planned": planned, **self.server.marks}.items()))
         self.loaded_at = _utcnow()
         self.last_error = None
         self._touch()

@@ -1,0 +1,294 @@
+"""The fast lane: plain GETs of the cached status routes answered before aiohttp's request machinery, on the same
+socket (issue 12: `GET /models/status` at 200 concurrent pollers).
+
+It owns one decision, "may this request be answered here", and the head bytes of those answers. It owns no rule:
+which paths are cached and how their bodies are built is `api.CACHED`; the body is the status cache's
+(`status_cache.py`); whether the request may pass is the app's guard (`api.request_guard`, the very function
+`api.guard_middleware` applies); the request metrics are `api.count_request`.
+
+Every connection starts here. A request is answered here only when it is complete and is exactly
+`GET <a path of api.CACHED> HTTP/1.1` (no query), with one Host, without a body or anything that changes how it is
+answered (Connection other than keep-alive, Upgrade, Expect, Content-Length, Transfer-Encoding, a repeated
+Host/Origin/Authorization, a folded or malformed line), and the guard lets it pass. At the first request that is not,
+the connection is handed to aiohttp's RequestHandler for good, with every byte not yet answered: answers keep the
+order of the requests, and aiohttp answers (or refuses) everything else as before. Its answer is what aiohttp sends
+for the same state (tests/test_fast_lane.py compares them byte for byte): the status line, Content-Type,
+Content-Length, Date, Server, then the cached body. A connection idle for keepalive_timeout is closed, as aiohttp
+closes its own; idle fast-lane connections are closed at shutdown, as aiohttp closes its idle ones.
+
+`Runner` is aiohttp's AppRunner whose sites accept into the fast lane; `run_app` is `web.run_app` with that runner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from typing import Any, Callable
+
+from aiohttp import web
+from aiohttp.helpers import rfc822_formatted_time  # the Date value aiohttp's own answers carry
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.tcp_helpers import tcp_keepalive, tcp_nodelay
+
+from .api import CACHED, GUARD, ORCH, STATUS, count_request
+
+# Heads beyond these go to aiohttp, whose limits decide (its defaults: 8190-byte lines and fields, 128 headers)
+MAX_HEAD = 8190
+MAX_LINES = 64
+_TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110 token)
+_VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")  # a header value without control characters
+_JUDGED = {b"host": 0, b"origin": 1, b"authorization": 2}  # what the guard reads
+_HANDS_OFF = {b"upgrade", b"expect", b"content-length", b"transfer-encoding"}  # a body or another protocol
+
+
+def parse(head: bytes, paths: dict[bytes, str]) -> tuple[str, str, str | None, str | None] | None:
+    """(path, Host, Origin, Authorization) of a request head (without its final CRLF CRLF) that the fast lane may
+    answer, else None. Values are decoded as aiohttp decodes them (UTF-8, surrogateescape; outer blanks stripped)."""
+    lines = head.split(b"\r\n")
+    if len(lines) > MAX_LINES:
+        return None
+    first = lines[0]
+    if not (first.startswith(b"GET ") and first.endswith(b" HTTP/1.1")):
+        return None
+    path = paths.get(first[4:-9])
+    if path is None:
+        return None
+    judged: list[str | None] = [None, None, None]
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name) or not _VALUE.fullmatch(value):
+            return None
+        name = name.lower()
+        value = value.strip(b" \t")
+        i = _JUDGED.get(name)
+        if i is not None:
+            if judged[i] is not None:
+                return None
+            judged[i] = value.decode("utf-8", "surrogateescape")
+        elif name == b"connection":
+            if value.lower() != b"keep-alive":
+                return None
+        elif name in _HANDS_OFF:
+            return None
+    host, origin, authorization = judged
+    if host is None:  # aiohttp refuses an HTTP/1.1 request without Host (400)
+        return None
+    return path, host, origin, authorization
+
+
+class Lane:
+    """What every fast-lane connection of one server shares; calling it makes a connection's protocol."""
+
+    def __init__(self, app: web.Application, server: web.Server, keepalive_timeout: float):
+        self.server = server  # aiohttp's: makes the RequestHandler a connection is handed to
+        self.orch = app[ORCH]
+        self.guard = app[GUARD]
+        self.cache = app[STATUS]
+        self.keepalive_timeout = keepalive_timeout
+        self.paths = {p.encode(): p for p in CACHED}
+        self.live: set[_Connection] = set()
+        self.answered = 0  # requests answered here (tests read it)
+        self._answers: dict[str, tuple[bytes, str, bytes]] = {}  # path -> (body, date, the whole answer)
+
+    def __call__(self) -> _Connection:
+        return _Connection(self)
+
+    def answer(self, path: str, body: bytes) -> bytes:
+        """The bytes aiohttp sends for `web.Response(body=body, content_type="application/json")` (kept per body and
+        Date second)."""
+        date = rfc822_formatted_time()
+        last = self._answers.get(path)
+        if last is not None and last[0] is body and last[1] == date:
+            return last[2]
+        whole = (f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                 f"Date: {date}\r\nServer: {SERVER_SOFTWARE}\r\n\r\n").encode() + body
+        self._answers[path] = (body, date, whole)
+        return whole
+
+    def build(self, path: str) -> asyncio.Future:
+        name, build = CACHED[path]
+        return asyncio.ensure_future(self.cache.get(name, lambda: build(self.orch)))
+
+    def close(self) -> None:
+        for conn in list(self.live):
+            conn.transport.close()
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, lane: Lane):
+        self.lane = lane
+        self.transport: Any = None
+        self.buf = b""
+        self.building: asyncio.Future | None = None  # the build of an answer this connection waits for
+        self.write_paused = False
+        self.last = 0.0  # loop time of the connection or of its last answer
+        self.timer: asyncio.TimerHandle | None = None
+
+    # ---- asyncio.Protocol ------------------------------------------------------------------------------------
+    def connection_made(self, transport) -> None:
+        tcp_nodelay(transport, True)  # the socket options aiohttp's protocol sets on its connections
+        tcp_keepalive(transport)
+        self.transport = transport
+        self.lane.live.add(self)
+        self.last = asyncio.get_running_loop().time()
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.building is None:
+            self._serve()
+
+    def connection_lost(self, exc) -> None:
+        self.lane.live.discard(self)
+        self.transport = None
+        if self.timer is not None:
+            self.timer.cancel()
+
+    def pause_writing(self) -> None:  # a client that pipelines without reading: stop reading it
+        self.write_paused = True
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.transport.resume_reading()
+
+    # ---- the lane ----------------------------------------------------------------------------------------------
+    def _serve(self, built: bytes | None = None) -> None:
+        """Answer the complete requests at the start of the buffer; hand over at the first one not for us."""
+        lane, buf, out = self.lane, self.buf, []
+        t0 = time.perf_counter()
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > MAX_HEAD or buf.count(b"\n") != buf.count(b"\r\n"):  # too long, or bare LF endings
+                    return self._hand_over(out, buf)
+                break
+            request = parse(buf[:end], lane.paths) if end <= MAX_HEAD else None
+            if request is None or lane.guard(*request) is not None:
+                return self._hand_over(out, buf)
+            path = request[0]
+            body = built if built is not None else lane.cache.peek(CACHED[path][0])
+            built = None
+            if body is None:  # not built for this state yet: answer when it is, then go on
+                self.building = lane.build(path)
+                self.building.add_done_callback(self._built)
+                break
+            out.append(lane.answer(path, body))
+            buf = buf[end + 4:]
+            lane.answered += 1
+            count_request(lane.orch, path, "GET", 200, time.perf_counter() - t0)
+        self.buf = buf
+        if out:
+            self.transport.write(b"".join(out))
+            self.last = asyncio.get_running_loop().time()
+
+    def _built(self, fut: asyncio.Future) -> None:
+        self.building = None
+        failed = fut.cancelled() or fut.exception() is not None
+        if self.transport is None:  # the client left meanwhile
+            return
+        if failed:  # aiohttp answers the request (and maps the error)
+            return self._hand_over([], self.buf)
+        self._serve(fut.result())
+
+    def _hand_over(self, out: list[bytes], rest: bytes) -> None:
+        """From now on aiohttp's RequestHandler owns the connection; it gets every byte not yet answered."""
+        transport, lane = self.transport, self.lane
+        if out:
+            transport.write(b"".join(out))
+        lane.live.discard(self)
+        if self.timer is not None:
+            self.timer.cancel()
+        self.transport, self.buf = None, b""
+        handler = lane.server()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self.write_paused:  # our pause of reading was for our own writes: the handler waits on drain instead
+            transport.resume_reading()
+            handler.pause_writing()
+        if rest:
+            handler.data_received(rest)
+
+    def _arm(self) -> None:
+        if self.lane.keepalive_timeout > 0:
+            self.timer = asyncio.get_running_loop().call_at(self.last + self.lane.keepalive_timeout, self._idle)
+
+    def _idle(self) -> None:
+        self.timer = None
+        if self.transport is None:
+            return
+        now = asyncio.get_running_loop().time()
+        if self.building is not None:  # waiting for our own build is not idleness
+            self.last = now
+        if now < self.last + self.lane.keepalive_timeout:
+            return self._arm()
+        self.transport.close()
+
+
+class Runner(web.AppRunner):
+    """aiohttp's AppRunner whose sites accept connections into the fast lane (`lane`); `aiohttp_server` is the
+    plain aiohttp server behind it (tests serve it on a second socket to compare answers)."""
+
+    def __init__(self, app: web.Application, **kwargs: Any):
+        super().__init__(app, **kwargs)
+        self._keepalive_timeout = kwargs.get("keepalive_timeout", 3630.0)  # RequestHandler's default when unset
+        self.lane: Lane | None = None
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        self.lane = Lane(self.app, server, self._keepalive_timeout)
+        return server
+
+    @property
+    def server(self) -> Callable[[], asyncio.Protocol] | None:  # what the sites accept with
+        return self.lane if self._server is not None else None
+
+    @property
+    def aiohttp_server(self) -> web.Server | None:
+        return self._server
+
+    async def shutdown(self) -> None:
+        if self.lane is not None:
+            self.lane.close()  # the idle ones, as aiohttp's pre_shutdown has just closed its idle connections
+        await super().shutdown()
+
+
+def run_app(app: web.Application, *, host: str, port: int, print: Callable[[str], None] | None = None,
+            **kwargs: Any) -> None:
+    """`web.run_app(app, host=, port=, ...)` with the fast lane: the same signals (SIGINT/SIGTERM end it
+    gracefully), the same shutdown of the runner, then of every task left."""
+    async def main() -> None:
+        runner = Runner(app, handle_signals=True, **kwargs)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, host, port)
+            await site.start()
+            if print is not None:
+                print(f"======== Running on {site.name} ========")
+            await asyncio.Event().wait()
+        finally:
+            await runner.cleanup()
+
+    loop = asyncio.new_event_loop()
+    main_task = loop.create_task(main())
+    try:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(main_task)
+    except (web.GracefulExit, KeyboardInterrupt):
+        pass
+    finally:
+        try:
+            if not main_task.done():
+                main_task.cancel()
+                try:
+                    loop.run_until_complete(main_task)
+                except asyncio.CancelledError:
+                    pass
+        finally:
+            left = asyncio.all_tasks(loop)
+            for task in left:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
