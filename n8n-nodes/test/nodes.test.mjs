@@ -356,28 +356,293 @@ test('Unload Model: resource locator or old plain string; not_loaded and not_hel
 	);
 });
 
-test('Load Model: body and a wait-long-enough HTTP timeout', async () => {
+test('Load Model: Wait Until Ready posts wait=false with a short HTTP timeout, then polls the status', async () => {
+	const statuses = [
+		{ loaded_models: { tiny: { model: 'tiny', status: 'loading' } } },
+		{
+			loaded_models: {
+				tiny: {
+					model: 'tiny',
+					status: 'loaded',
+					load_seconds: 1.5,
+					pid: 42,
+					port: 9001,
+					gpu: 0,
+					estimate_mb: 900,
+				},
+			},
+		},
+	];
 	const ctx = fakeContext({
 		items: [{ json: {} }],
 		params: {
 			model: 'tiny',
 			wait: true,
 			timeoutS: 120,
-			options: { priority: 10, allowEviction: true },
+			options: {
+				priority: 10,
+				allowEviction: true,
+				callbackUrl: 'http://n8n/hook',
+				pollIntervalS: 0.01,
+			},
 		},
-		respond: () => ({ model: 'tiny', status: 'loaded', result: 'loaded' }),
+		respond: (o) =>
+			o.url.endsWith('/models/load')
+				? { model: 'tiny', status: 'loading', result: 'loading', evicted: ['other'] }
+				: statuses.shift(),
 	});
 	const [out] = await new ModelOrchestratorLoadModel().execute.call(ctx);
 	assert.deepEqual(ctx.requests[0].body, {
 		model: 'tiny',
 		service: 'llama-cpp',
-		wait: true,
+		wait: false,
 		timeout_s: 120,
 		priority: 10,
 		allow_eviction: true,
 	});
-	assert.equal(ctx.requests[0].timeout, 150_000);
+	assert.equal(ctx.requests[0].timeout, 60_000);
+	assert.deepEqual(
+		ctx.requests.slice(1).map((r) => [r.method, r.url, r.timeout]),
+		[
+			['GET', 'http://sidecar:8000/models/status', 15_000],
+			['GET', 'http://sidecar:8000/models/status', 15_000],
+		],
+	);
+	assert.deepEqual(out[0].json, {
+		model: 'tiny',
+		status: 'loaded',
+		result: 'loaded',
+		load_seconds: 1.5,
+		pid: 42,
+		port: 9001,
+		gpu: 0,
+		estimate_mb: 900,
+		evicted: ['other'],
+	});
+});
+
+test('Load Model: Wait Until Ready off is one POST whose 202 answer (with download) is the output', async () => {
+	const answer = {
+		model: 'tiny',
+		status: 'downloading',
+		result: 'downloading',
+		download: { bytes_done: 0, bytes_total: 10, files: [] },
+	};
+	const ctx = fakeContext({
+		items: [{ json: {} }],
+		params: { model: 'tiny', wait: false, timeoutS: 60, options: { callbackUrl: 'http://n8n/hook' } },
+		respond: () => answer,
+	});
+	const [out] = await new ModelOrchestratorLoadModel().execute.call(ctx);
+	assert.equal(ctx.requests.length, 1);
+	assert.equal(ctx.requests[0].body.wait, false);
+	assert.equal(ctx.requests[0].body.callback_url, 'http://n8n/hook');
+	assert.deepEqual(out[0].json, answer);
+});
+
+const dl = (done, total, seconds, resumed = 0) => ({
+	bytes_done: done,
+	bytes_total: total,
+	percent: Math.round((1000 * done) / total) / 10,
+	bytes_per_second: Math.round((done - resumed) / seconds),
+	seconds,
+	eta_s: 1,
+	started_at: '2026-11-26T09:00:00+00:00',
+	files: [{ file: 'tiny.gguf', bytes_done: done, bytes_total: total, resumed_from: resumed }],
+});
+
+/** A Load Model run against a sidecar whose POST answers `post` and whose status answers come from `statuses`
+ * (the last one repeats); `models` answers GET /models. */
+function loadRun({ post, statuses, models, options = {}, continueOnFail = false }) {
+	const seq = [...statuses];
+	return fakeContext({
+		items: [{ json: {} }],
+		continueOnFail,
+		params: {
+			model: 'tiny',
+			wait: true,
+			timeoutS: 60,
+			options: { pollIntervalS: 0.01, ...options },
+		},
+		respond: (o) => {
+			if (o.url.endsWith('/models/load')) return typeof post === 'function' ? post() : post;
+			if (o.url.endsWith('/models')) return models;
+			return seq.length > 1 ? seq.shift() : seq[0];
+		},
+	});
+}
+
+const entry = (status, extra = {}) => ({ loaded_models: { tiny: { model: 'tiny', status, ...extra } } });
+
+test('Load Model: a download (growing bytes) then loading then loaded: output with a download summary', async () => {
+	const ctx = loadRun({
+		post: {
+			model: 'tiny',
+			status: 'downloading',
+			result: 'downloading',
+			download: dl(0, 1000, 0, 200),
+			evicted: [],
+		},
+		statuses: [
+			entry('downloading', { download: dl(400, 1000, 1, 200) }),
+			entry('downloading', { download: dl(700, 1000, 2, 200) }),
+			entry('downloading', { download: dl(1000, 1000, 3, 200) }),
+			entry('loading'),
+			entry('loaded', { load_seconds: 0.8, pid: 7, port: 9002, gpu: 1, estimate_mb: 512 }),
+		],
+	});
+	const [out] = await new ModelOrchestratorLoadModel().execute.call(ctx);
+	assert.deepEqual(out[0].json, {
+		model: 'tiny',
+		status: 'loaded',
+		result: 'loaded',
+		load_seconds: 0.8,
+		pid: 7,
+		port: 9002,
+		gpu: 1,
+		estimate_mb: 512,
+		evicted: [],
+		download: {
+			bytes_total: 1000,
+			seconds: 3,
+			bytes_per_second: 267,
+			files: [{ file: 'tiny.gguf', bytes_total: 1000, resumed_from: 200 }],
+			resumed_from: 200,
+		},
+	});
+});
+
+test('Load Model: the download ended and its load is not admitted yet (unloaded, files present): asks again and joins', async () => {
+	let posts = 0;
+	const ctx = loadRun({
+		post: () =>
+			++posts === 1
+				? { model: 'tiny', status: 'downloading', result: 'downloading', download: dl(0, 10, 0) }
+				: { model: 'tiny', status: 'loading', result: 'loading', evicted: ['big'] },
+		statuses: [
+			entry('downloading', { download: dl(10, 10, 1) }),
+			{ loaded_models: {} },
+			entry('loaded', { load_seconds: 1, pid: 1, port: 2, gpu: 0, estimate_mb: 3 }),
+		],
+		models: { default_model: 'tiny', models: [{ id: 'tiny', status: 'unloaded', files_present: true }] },
+	});
+	const [out] = await new ModelOrchestratorLoadModel().execute.call(ctx);
+	assert.equal(posts, 2);
 	assert.equal(out[0].json.result, 'loaded');
+	assert.deepEqual(out[0].json.evicted, ['big']);
+	assert.equal(out[0].json.download.bytes_total, 10);
+});
+
+test('Load Model: a failed download is a NodeApiError with the model error code and message', async () => {
+	const error = { code: 'hub_unreachable', message: 'the Hub did not answer', at: 'now' };
+	const ctx = loadRun({
+		post: { model: 'tiny', status: 'downloading', result: 'downloading', download: dl(0, 10, 0) },
+		statuses: [entry('downloading', { download: dl(5, 10, 1) }), entry('failed', { error })],
+	});
+	await assert.rejects(new ModelOrchestratorLoadModel().execute.call(ctx), (e) => {
+		assert.ok(e instanceof NodeApiError);
+		assert.equal(e.message, 'the Hub did not answer');
+		assert.equal(e.description, 'code: hub_unreachable');
+		return true;
+	});
+	// continue on fail: the error item carries the code
+	const ctx2 = loadRun({
+		post: { model: 'tiny', status: 'loading', result: 'loading' },
+		statuses: [entry('failed', { error: { code: 'load_failed', message: 'llama-server exited' } })],
+		continueOnFail: true,
+	});
+	const [out] = await new ModelOrchestratorLoadModel().execute.call(ctx2);
+	assert.deepEqual(out[0].json, { error: 'llama-server exited', code: 'load_failed' });
+});
+
+test('Load Model: a model that disappears (an unload cancelled the download) is a cancelled error', async () => {
+	const ctx = loadRun({
+		post: { model: 'tiny', status: 'downloading', result: 'downloading', download: dl(0, 10, 0) },
+		statuses: [entry('downloading', { download: dl(5, 10, 1) }), { loaded_models: {} }],
+		models: { default_model: 'tiny', models: [{ id: 'tiny', status: 'unloaded', files_present: false }] },
+	});
+	await assert.rejects(new ModelOrchestratorLoadModel().execute.call(ctx), (e) => {
+		assert.ok(e instanceof NodeApiError);
+		assert.match(e.message, /the load of tiny was cancelled \(an unload stopped it\)/i);
+		assert.equal(e.description, 'code: load_cancelled');
+		return true;
+	});
+	assert.equal(ctx.requests.filter((r) => r.url.endsWith('/models/load')).length, 1);
+	// during llama-server's start: cancelled at once, no second look
+	const ctx2 = loadRun({
+		post: { model: 'tiny', status: 'loading', result: 'loading' },
+		statuses: [entry('loading'), { loaded_models: {} }],
+	});
+	await assert.rejects(new ModelOrchestratorLoadModel().execute.call(ctx2), /cancelled/);
+});
+
+test('Load Model: a download with no new bytes for the stall timeout fails with download_stalled', async () => {
+	const ctx = loadRun({
+		post: { model: 'tiny', status: 'downloading', result: 'downloading', download: dl(0, 10, 0) },
+		statuses: [
+			entry('downloading', { download: dl(3, 10, 1) }),
+			entry('downloading', { download: dl(3, 10, 2) }),
+		],
+		options: { stallTimeoutS: 0.1 },
+	});
+	const t0 = Date.now();
+	await assert.rejects(new ModelOrchestratorLoadModel().execute.call(ctx), (e) => {
+		assert.ok(e instanceof NodeApiError);
+		assert.match(e.message, /stalled: no new bytes for 0\.1 s \(3 of 10 bytes\)/);
+		assert.equal(e.description, 'code: download_stalled');
+		return true;
+	});
+	assert.ok(Date.now() - t0 >= 100);
+});
+
+test('Load Model: already loaded is one POST, no polling, result already_loaded', async () => {
+	const ctx = loadRun({
+		post: {
+			model: 'tiny',
+			status: 'loaded',
+			result: 'already_loaded',
+			load_seconds: 2,
+			pid: 5,
+			port: 9003,
+			gpu: 0,
+			estimate_mb: 100,
+			evicted: [],
+			download: null,
+		},
+		statuses: [],
+	});
+	const [out] = await new ModelOrchestratorLoadModel().execute.call(ctx);
+	assert.equal(ctx.requests.length, 1);
+	assert.deepEqual(out[0].json, {
+		model: 'tiny',
+		status: 'loaded',
+		result: 'already_loaded',
+		load_seconds: 2,
+		pid: 5,
+		port: 9003,
+		gpu: 0,
+		estimate_mb: 100,
+		evicted: [],
+	});
+});
+
+test('Load Model: a load (joined) that outlasts Timeout plus the margin fails with load_timeout', async () => {
+	const realNow = Date.now;
+	let clock = realNow();
+	Date.now = () => (clock += 20_000); // every look at the clock: 20 s later
+	try {
+		const ctx = loadRun({
+			post: { model: 'tiny', status: 'loading', result: 'loading' },
+			statuses: [entry('loading')],
+		});
+		await assert.rejects(new ModelOrchestratorLoadModel().execute.call(ctx), (e) => {
+			assert.equal(e.description, 'code: load_timeout');
+			assert.match(e.message, /not ready 90 s after its start \(Timeout 60 s plus a 30 s margin\)/);
+			return true;
+		});
+	} finally {
+		Date.now = realNow;
+	}
 });
 
 test('Chat: the LoRA Adapters collection goes out as the request lora field', async () => {

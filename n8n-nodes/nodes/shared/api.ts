@@ -17,3 +17,5 @@ export type UnloadResponse = Schemas['UnloadResponse'];
 export type EstimateRequest = Schemas['EstimateRequest'];
 export type EstimateResponse = Schemas['EstimateResponse'];
 export type ChatCompletionRequest = Schemas['ChatCompletionRequest'];
+export type ModelStatus = Schemas['ModelStatus'];
+export type DownloadStatus = Schemas['DownloadStatus'];
