@@ -3,11 +3,12 @@
 #
 #   ./llama-cpp-service/download-model.sh [--local|--docker] [--no-verify] [MODEL]    (MODEL: qwen3-vl-30b)
 #
-# It runs the sidecar's `model-orchestrator pull MODEL` (huggingface-hub's hf_hub_download):
+# It runs the sidecar's `model-orchestrator pull MODEL` (into huggingface-hub's cache layout):
 #   - nothing is downloaded when the files are already in the cache (one metadata request per file);
-#   - a dropped connection is resumed where it stopped (HTTP Range, up to 5 times in a row);
+#   - a dropped connection is resumed from the last byte written (HTTP Range, up to 5 times in a row), and an
+#     interrupted pull (Ctrl-C, a restart) resumes the next time;
 #   - progress bars on a terminal;
-#   - checks: the size the Hub announced (huggingface-hub), the GGUF magic (the sidecar), and here the SHA-256 of
+#   - checks: the size the Hub announced and its SHA-256 (the sidecar), the GGUF magic (the sidecar), and here the SHA-256 of
 #     each file against the Hub's (the blob's name in the cache is the LFS SHA-256); --no-verify skips the hashing
 #     (about 10-20 s for the 20 GB of qwen3-vl-30b).
 #

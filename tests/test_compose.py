@@ -363,16 +363,16 @@ def test_corruption_on_disk_is_detected(mirror, hf_env, gguf_files):
 
 
 def test_interrupted_download_resumes(mirror, hf_env, gguf_files):
-    """The connection drops in the middle of a file: the download goes on from what was written (Range), it does
-    not start over. huggingface-hub writes in 10 MiB chunks, so the file here is a 24 MiB GGUF (the tiny model
-    padded) cut after 15 MiB: the first 10 MiB are kept, the rest comes with `Range: bytes=10485760-`."""
+    """The connection drops in the middle of a file: the download goes on from the last byte written (Range), it
+    does not start over. A 24 MiB GGUF (the tiny model padded) cut after 15 MiB: the rest comes with
+    `Range: bytes=15728640-`."""
     data = gguf_files[MODEL_FILE] + bytes(range(256)) * (24 * 4096 - len(gguf_files[MODEL_FILE]) // 256)
     mirror.repos[REPO][MODEL_FILE] = data
     mirror.cut_once[MODEL_FILE] = 15 << 20
     proc = _download(hf_env, "tiny-vl")
     assert proc.returncode == 0, proc.stderr
-    assert "Trying to resume download" in proc.stderr
-    gets = [r for r in mirror.file_gets() if r.path.endswith(MODEL_FILE)]
-    assert [(r.range, r.status) for r in gets] == [(None, 200), (f"bytes={10 << 20}-", 206)]
-    assert gets[0].body_bytes == 15 << 20 and gets[1].body_bytes == len(data) - (10 << 20)
+    assert f"connection lost at {15 << 20} of {len(data)} bytes" in proc.stderr and "resuming" in proc.stderr
+    gets = [r for r in mirror.file_gets() if r.path.endswith(MODEL_FILE) and r.range != "bytes=0-1048575"]
+    assert [(r.range, r.status) for r in gets] == [(None, 200), (f"bytes={15 << 20}-", 206)]
+    assert gets[0].body_bytes == 15 << 20 and gets[1].body_bytes == len(data) - (15 << 20)
     assert Path(proc.stdout.split()[0]).read_bytes() == data

@@ -67,7 +67,7 @@ const out = [];
 for (const [kind, files] of [['node', pkg.n8n.nodes], ['credential', pkg.n8n.credentials]]) {
   for (const file of files) {
     const mod = require(path.join(dir, file));
-    const instance = new (Object.values(mod)[0])();
+    const instance = new mod[path.basename(file).split('.')[0]]();  // n8n's rule: the class named like the file
     const d = kind === 'node' ? instance.description : instance;
     const codex = (((d.codex || {}).resources || {}).primaryDocumentation || []).map((r) => r.url);
     out.push({kind, file, name: d.name, documentationUrl: d.documentationUrl, icon: d.icon, codex});

@@ -355,7 +355,9 @@ def _fetch(plan: DownloadPlan, file: str, tracker: DownloadProgress, progress: b
     partial = _partial_path(repo, meta)
     blob = partial.with_name(meta.etag)
     partial.parent.mkdir(parents=True, exist_ok=True)
-    with open(partial.with_name(f"{meta.etag}.lock"), "w") as lock:
+    locks = _hub_cache() / ".locks" / _repo_dir(repo).name  # where huggingface_hub keeps its own locks
+    locks.mkdir(parents=True, exist_ok=True)
+    with open(locks / f"{meta.etag}.model-orchestrator.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one writer per file, across threads and processes
         if not blob.is_file():
             have = partial.stat().st_size if partial.is_file() else 0
