@@ -125,14 +125,15 @@ async def test_a_slow_subscriber_is_cut_off_with_bounded_memory():
 # ---- callbacks --------------------------------------------------------------------------------------------------
 @pytest.fixture
 async def receiver(aiohttp_server):
-    """A real HTTP endpoint that records what is POSTed to it; `fail_first` answers 500 that many times first."""
+    """A real HTTP endpoint that records what is POSTed to it; `fail_first` answers `fail_status` (500) that many
+    times first."""
     got: list[dict] = []
-    state = {"fail_first": 0, "calls": 0}
+    state = {"fail_first": 0, "fail_status": 500, "calls": 0}
 
     async def hook(request: web.Request) -> web.Response:
         state["calls"] += 1
         if state["calls"] <= state["fail_first"]:
-            return web.Response(status=500)
+            return web.Response(status=state["fail_status"])
         got.append(await request.json())
         return web.json_response({"ok": True})
 
@@ -162,9 +163,10 @@ async def test_callback_gets_the_outcome_of_a_load_that_did_not_wait(client, rec
     assert body["status"] == "loaded" and body["load_seconds"] > 0 and body["pid"] == client.orch.models["tiny"].server.pid
 
 
-async def test_callback_reports_a_failure_and_is_retried(client, receiver):
+@pytest.mark.parametrize("fail_status", [500, 409])  # 409: n8n's "execution is running already" (not waiting yet)
+async def test_callback_reports_a_failure_and_is_retried(client, receiver, fail_status):
     client.orch.settings.callback_hosts = "127.0.0.1"  # any port of that host
-    receiver.state["fail_first"] = 1
+    receiver.state["fail_first"], receiver.state["fail_status"] = 1, fail_status
     resp = await client.get("/models/events?types=callback")
     r = await client.post("/models/load", json={"model": "broken", "wait": False, "callback_url": receiver.hook_url})
     assert r.status == 202

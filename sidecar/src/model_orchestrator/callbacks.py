@@ -23,6 +23,9 @@ log = logging.getLogger("model_orchestrator.callbacks")
 ATTEMPTS = 4  # the first try and three retries
 BACKOFF_S = (0.5, 2.0, 5.0)  # waits before the retries
 TIMEOUT_S = 10.0
+# 4xx answers that mean "not yet": 429 (slow down) and 409, what n8n's webhook-waiting URL answers while the execution
+# that will wait has not reached its Wait node yet (a load that ends in milliseconds calls back before that)
+RETRIED_4XX = (409, 429)
 
 
 def _default_port(scheme: str) -> int:
@@ -65,7 +68,7 @@ def check_url(url: str, allowed_hosts: str | None) -> str:
 
 async def deliver(http: aiohttp.ClientSession, url: str, payload: dict, *, attempts: int = ATTEMPTS,
                   backoff_s: tuple[float, ...] = BACKOFF_S) -> tuple[bool, int, int | None]:
-    """POST `payload` as JSON; retry on a connection error, a timeout or a 5xx/429 answer.
+    """POST `payload` as JSON; retry on a connection error, a timeout or a 5xx/409/429 answer.
     Returns (delivered, attempts made, last HTTP status)."""
     status = None
     for attempt in range(1, attempts + 1):
@@ -76,7 +79,7 @@ async def deliver(http: aiohttp.ClientSession, url: str, payload: dict, *, attem
                 await resp.read()
                 if status < 300:
                     return True, attempt, status
-                if status < 500 and status != 429:  # the receiver refused it: asking again will not help
+                if status < 500 and status not in RETRIED_4XX:  # the receiver refused it: asking again will not help
                     log.warning("callback to %s refused with %d; not retried", url, status)
                     return False, attempt, status
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
