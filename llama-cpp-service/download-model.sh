@@ -5,7 +5,7 @@
 #
 # It runs the sidecar's `model-orchestrator pull MODEL` (into huggingface-hub's cache layout):
 #   - nothing is downloaded when the files are already in the cache (one metadata request per file);
-#   - a dropped connection is resumed from the last byte written (HTTP Range, up to 5 times in a row), and an
+#   - a dropped connection is resumed from the last byte written (HTTP Range, up to 5 times a file), and an
 #     interrupted pull (Ctrl-C, a restart) resumes the next time;
 #   - progress bars on a terminal;
 #   - checks: the size the Hub announced and its SHA-256 (the sidecar), the GGUF magic (the sidecar), and here the SHA-256 of

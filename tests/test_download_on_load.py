@@ -54,10 +54,10 @@ source = {{ type = "hf", repo = "{REPO}", file = "big.gguf" }}
 
 
 def sidecar(tmp_path: Path, mirror: HfMirror, llama_server_bin: Path, hf_home: Path | None = None,
-            **env: str) -> SidecarProcess:
+            extra: str = "", **env: str) -> SidecarProcess:
     e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODEL_ORCHESTRATOR_"))}
     e.update(HF_HOME=str(hf_home or tmp_path / "hf-home"), HF_ENDPOINT=mirror.url, HF_HUB_DISABLE_TELEMETRY="1", **env)
-    return SidecarProcess(registry(tmp_path / "models.toml"), tmp_path / "state", llama_server_bin, env=e).start()
+    return SidecarProcess(registry(tmp_path / "models.toml", extra), tmp_path / "state", llama_server_bin, env=e).start()
 
 
 def chat(url: str, model: str) -> tuple[int, dict]:
@@ -270,3 +270,22 @@ async def test_a_model_that_would_not_fit_is_refused_before_its_download(tmp_pat
             await orch.close()
     finally:
         m.stop()
+
+
+def test_a_missing_local_adapter_of_a_downloaded_hub_model_is_refused_not_retried(tmp_path, mirror, llama_server_bin):
+    """The model's files come from the Hub (downloaded), its LoRA adapter is a local path that does not exist: no
+    source can give it, so the load is refused with what to fix (it once looped looking for something to download)."""
+    sp = sidecar(tmp_path, mirror, llama_server_bin, extra=f'''[[models]]
+id = "tiny-lora"
+source = {{ type = "hf", repo = "{REPO}", file = "{FILE}" }}
+context_size = 512
+lora = [{{ name = "gone", source = {{ type = "path", path = "{tmp_path / 'gone.gguf'}" }} }}]
+''')
+    try:
+        status, body = sp.call("POST", "/models/load", {"model": "tiny-lora"}, timeout=60)
+        assert (status, body["error"]["code"]) == (409, "model_files_missing"), body
+        assert "gone" in body["error"]["message"] and "does not exist" in body["error"]["message"]
+        assert sp.call("GET", "/models")[1]["models"][-1]["status"] == "unloaded"  # a refusal changes nothing
+        assert not mirror.file_gets(), "nothing was fetched"
+    finally:
+        sp.stop()

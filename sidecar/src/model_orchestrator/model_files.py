@@ -167,6 +167,9 @@ def plan_pull(spec: ModelSpec) -> PullPlan:
                                 "nothing to pull")
     from .hub import plan_download
 
+    for a in spec.lora:  # a local adapter no source can give: refused before anything is fetched
+        if not isinstance(a.source, AdapterHfSource):
+            _adapter_file(spec, a)
     plan = PullPlan([], {})
     for repo, files, revision in _hub_parts(spec):
         hub_plan = plan_download(repo, list(files), revision)

@@ -249,8 +249,11 @@ class Orchestrator:
                 await self._refuse_unless_it_could_fit(model, priority, allow_eviction)
             plan = await asyncio.to_thread(plan_pull, spec)
             self._refuse_if_closing()
-            if model.state not in (State.UNLOADED, State.FAILED) or not plan.files:
-                continue  # another load began the download (or brought the files) meanwhile: look again
+            if model.state not in (State.UNLOADED, State.FAILED):
+                continue  # another load began the download (or finished it) meanwhile: look again
+            if not plan.files:  # nothing a source can give: what is missing is a local file (a path adapter)
+                await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")
+                return False
             log.info("%s: downloading %s before loading it", spec.id, ", ".join(plan.files))
             self.downloads.start(model, plan.files, plan.sizes, plan.resumed,
                                  lambda trackers: pull(spec, progress=False, trackers=trackers, plan=plan))
