@@ -168,9 +168,10 @@ class Orchestrator:
     async def ensure_loaded(self, name: str, *, priority: int | None = None, service: str = "llama-cpp",
                             timeout_s: float | None = None, allow_eviction: bool | None = None,
                             force: bool = False, wait: bool = True) -> LoadOutcome:
-        """Make the model loaded: join a load under way, wait for an unload under way, or admit and start one.
-        With wait=False, answer once the load is admitted and started (result `loading`): a refusal still comes
-        back as an error, the load's own outcome shows in status and metrics."""
+        """Make the model loaded: download its missing files first (_ensure_files), join a load under way, wait for
+        an unload under way, or admit and start one. With wait=False, answer once the load is admitted and started
+        (result `loading`), or once its download began (`downloading`, the load follows in the background): a
+        refusal still comes back as an error, the outcome shows in status, metrics, events and callbacks."""
         model = self.model(name)
         if service != "llama-cpp":
             raise Refused(Code.UNKNOWN_SERVICE, f"service {service!r} is not run by this orchestrator; use "
