@@ -8,7 +8,6 @@ the Hub's file protocol (tests/support/hf_mirror.py), slowed down so the downloa
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import threading
 import time
@@ -55,8 +54,7 @@ source = {{ type = "hf", repo = "{REPO}", file = "big.gguf" }}
 
 def sidecar(tmp_path: Path, mirror: HfMirror, llama_server_bin: Path, hf_home: Path | None = None,
             extra: str = "", **env: str) -> SidecarProcess:
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODEL_ORCHESTRATOR_"))}
-    e.update(HF_HOME=str(hf_home or tmp_path / "hf-home"), HF_ENDPOINT=mirror.url, HF_HUB_DISABLE_TELEMETRY="1", **env)
+    e = mirror.client_env(hf_home or tmp_path / "hf-home", **env)
     return SidecarProcess(registry(tmp_path / "models.toml", extra), tmp_path / "state", llama_server_bin, env=e).start()
 
 

@@ -62,9 +62,7 @@ id = "tiny-slow"
 source = {{ type = "hf", repo = "{REPO}", file = "{SLOW_FILE}" }}
 context_size = 512
 ''')
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODEL_ORCHESTRATOR_"))}
-    env.update(HF_HOME=str(tmp / "hf-home"), HF_ENDPOINT=mirror.url, HF_HUB_DISABLE_TELEMETRY="1")
-    sp = SidecarProcess(registry, tmp / "state", llama_server_bin, env=env).start()
+    sp = SidecarProcess(registry, tmp / "state", llama_server_bin, env=mirror.client_env(tmp / "hf-home")).start()
     yield sp
     sp.stop()
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import threading
 import time
@@ -191,6 +192,13 @@ class HfMirror:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def client_env(self, hf_home: Path, **extra: str) -> dict[str, str]:
+        """This process's environment for a sidecar or CLI whose Hub is this mirror: no inherited HF_* or
+        MODEL_ORCHESTRATOR_* variables, HF_HOME = hf_home, plus `extra`."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODEL_ORCHESTRATOR_"))}
+        env.update(HF_HOME=str(hf_home), HF_ENDPOINT=self.url, HF_HUB_DISABLE_TELEMETRY="1", **extra)
+        return env
 
     def file_gets(self) -> list[Request]:
         """GET requests for file contents (what counts as downloading)."""

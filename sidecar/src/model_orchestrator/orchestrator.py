@@ -274,16 +274,13 @@ class Orchestrator:
         except (ModelFilesMissing, ValueError, OSError) as exc:
             log.info("%s: no estimate before the download (%s); admission decides after it", spec.id, exc)
             return
-        devices, residents = await self._placement_view()
-        d = decide(Request(spec.id, est.total_mb, model.priority if priority is None else priority,
-                           self._allow_eviction(spec, allow_eviction), split=spec.split),
-                   devices, residents, margin_mb=self.settings.vram_margin_mb, max_loaded=self.settings.max_loaded)
-        if not d.admit and (d.refusal or Code.INSUFFICIENT_VRAM) == Code.INSUFFICIENT_VRAM:
-            raise Refused(Code.INSUFFICIENT_VRAM, f"{spec.id} would not fit: {d.reason}; "
-                          + (f"{d.missing_mb:.0f} MB missing. " if d.missing_mb else "")
+        fit = await self.check_fit(spec, est, priority=priority, allow_eviction=allow_eviction)
+        if not fit["fits_after_eviction"] and (fit["refusal"] or Code.INSUFFICIENT_VRAM) == Code.INSUFFICIENT_VRAM:
+            raise Refused(Code.INSUFFICIENT_VRAM, f"{spec.id} would not fit: {fit['reason']}; "
+                          + (f"{fit['missing_mb']:.0f} MB missing. " if fit["missing_mb"] else "")
                           + "Nothing was downloaded (the estimate comes from the file's header on the Hub).",
-                          model=spec.id, need_mb=round(est.total_mb, 1), missing_mb=d.missing_mb, gpu=d.gpu,
-                          evictable=d.evictable)
+                          model=spec.id, need_mb=round(est.total_mb, 1), missing_mb=fit["missing_mb"], gpu=fit["gpu"],
+                          evictable=fit["evictable"])
 
     def _refuse_if_closing(self) -> None:
         if self._closing:
@@ -438,11 +435,13 @@ class Orchestrator:
         return ModelFilesMissing(f"{exc}; it needs {est.total_mb:.0f} MB of GPU memory ({verdict})", model=spec.id,
                                  need_mb=round(est.total_mb, 1), fit=fit)
 
-    async def check_fit(self, spec: ModelSpec, est: Estimate) -> dict:
+    async def check_fit(self, spec: ModelSpec, est: Estimate, *, priority: int | None = None,
+                        allow_eviction: bool | None = None) -> dict:
         """Would a load of `spec` fit now, and what would it evict (the same decision a load takes; nothing done)."""
         model = self.models[spec.id]
         devices, residents = await self._placement_view()
-        d = decide(Request(spec.id, est.total_mb, model.priority, self._allow_eviction(spec, None), split=spec.split),
+        d = decide(Request(spec.id, est.total_mb, model.priority if priority is None else priority,
+                           self._allow_eviction(spec, allow_eviction), split=spec.split),
                    devices, residents, margin_mb=self.settings.vram_margin_mb, max_loaded=self.settings.max_loaded)
         return {"fits": d.admit and not d.evict if devices else None, "fits_after_eviction": d.admit,
                 "gpu": d.gpu, "evict": d.evict, "missing_mb": d.missing_mb, "evictable": d.evictable,
