@@ -63,14 +63,15 @@ async def test_lower_priority_goes_by_the_priority_rule_alone_but_never_a_busy_o
     c = gpu_client
     await post(c, "/models/load", {"model": "tiny", "priority": 1})
     slot = c.orch.models["tiny"]
-    with slot.request():  # a request in flight
-        status, body = await post(c, "/models/load", {"model": "tiny-tools", "priority": 9})
-        assert status == 409 and body["error"]["evictable"] == [], body  # busy: not even offered
-        status, body = await post(c, "/models/load", {"model": "tiny-tools", "priority": 9, "allow_eviction": True})
-        assert status == 409
-        assert slot.state.value == "loaded"
+    with slot.request():  # a request in flight: never evicted under it; the load waits in the queue instead
+        status, body = await post(c, "/models/load", {"model": "tiny-tools", "priority": 9, "wait": False})
+        assert status == 202 and body["result"] == "queued", body
+        await asyncio.sleep(0.5)
+        assert slot.state.value == "loaded" and c.orch.models["tiny-tools"].state.value == "unloaded"
+        st = await (await c.get("/models/status")).json()
+        assert st["queues"]["tiny-tools"]["length"] == 1, st["queues"]
         status, body = await post(c, "/models/load", {"model": "tiny-tools", "priority": 9, "allow_eviction": True,
-                                                      "force": True})
+                                                      "force": True})  # force: it may end the request
         assert status == 200 and body["evicted"] == ["tiny"]
     await post(c, "/models/unload", {"model": "tiny-tools"})
     await post(c, "/models/load", {"model": "tiny", "priority": 1})

@@ -308,11 +308,14 @@ async def test_unload_without_force_waits_for_requests_in_flight(client):
         u = asyncio.ensure_future(client.post("/models/unload", json={"model": "tiny"}))
         await asyncio.sleep(0.2)
         assert slot.draining and slot.state.value == "loaded" and not u.done()
-        c = await client.post("/v1/chat/completions", json={**CHAT, "model": "tiny"})  # new work is refused meanwhile
-        assert c.status == 503 and c.headers["Retry-After"] == "1"
-        assert_error(await c.json(), "model_draining")
+        # new work waits in the queue meanwhile (it never reaches the model being unloaded)
+        c = asyncio.ensure_future(client.post("/v1/chat/completions", json={**CHAT, "model": "tiny"}))
+        await asyncio.sleep(0.3)
+        assert not c.done() and slot.in_flight == 1
     resp = await u
     assert (resp.status, (await resp.json())["result"]) == (200, "unloaded")
+    c = await c  # then the model loads again for it (load on demand) and it is answered
+    assert c.status == 200 and int(c.headers["X-Queue-Wait-Ms"]) >= 300, await c.text()
 
 
 async def test_a_stream_in_flight_finishes_normally_before_an_unload_without_force(client):

@@ -80,16 +80,26 @@ async def test_strict_when_configured_globally(aiohttp_client, make_orchestrator
     assert models["tiny"]["swap_on_demand"] is False
 
 
-async def test_higher_priority_and_busy_models_stay_protected(capped):
+async def test_higher_priority_stays_protected_and_a_busy_model_drains_before_its_swap(capped):
     c = capped
     await c.post("/models/load", json={"model": "tiny", "priority": 50})
-    status, body = await chat(c, "tiny-tools")  # priority 0 may not evict priority 50
+    status, body = await chat(c, "tiny-tools")  # priority 0 may never evict priority 50: refused at once
     assert status == 409 and body["error"]["code"] == "too_many_models", body
     await c.post("/models/unload", json={"model": "tiny"})
     await c.post("/models/load", json={"model": "tiny"})
-    with c.orch.models["tiny"].request():  # busy: not evicted without force
-        status, body = await chat(c, "tiny-tools")
-        assert status == 409 and body["error"]["code"] == "too_many_models", body
+    tiny = c.orch.models["tiny"]
+    tiny.acquire()  # a request in flight: tiny is never evicted under it
+    waiting = asyncio.create_task(chat(c, "tiny-tools"))
+    for _ in range(100):
+        if (await (await c.get("/models/status")).json())["queues"].get("tiny-tools"):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
+    assert not waiting.done() and tiny.state.value == "loaded", "a busy model was swapped out"
+    tiny.release()  # drained: now it goes, and the waiting request is answered
+    status, body = await asyncio.wait_for(waiting, 30)
+    assert status == 200, body
+    assert tiny.state.value == "unloaded" and c.orch.models["tiny-tools"].state.value == "loaded"
 
 
 async def test_the_load_priority_override_ends_with_its_process(capped):

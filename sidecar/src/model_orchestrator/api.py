@@ -59,7 +59,8 @@ class Route:
     events: bool = False  # the answer is only a text/event-stream of `response` objects (GET /models/events)
     callback: type[BaseModel] | None = None  # what the route may POST to the request's callback_url later
     description: str = ""
-    query: tuple[dict, ...] = ()  # OpenAPI query parameters
+    query: tuple[dict, ...] = ()  # OpenAPI parameters beyond the path's (in: query or header)
+    response_headers: tuple[tuple[str, str], ...] = ()  # headers of the success answer, with what they say
     statuses: tuple[tuple[int, str], ...] = ()  # answers beyond the common errors (openapi._ERRORS)
 
 
@@ -178,7 +179,7 @@ async def models_load(request: web.Request) -> web.Response:
                                 "port": server.port if server else None, "gpu": model.gpu,
                                 "estimate_mb": round(model.estimate.total_mb, 1) if model.estimate else None,
                                 "evicted": outcome.evicted, "download": orch.downloads.view(model.id)},
-                 status=202 if outcome.result in (LoadResult.LOADING, LoadResult.DOWNLOADING) else 200)
+                 status=202 if outcome.result in (LoadResult.LOADING, LoadResult.DOWNLOADING, LoadResult.QUEUED) else 200)
 
 
 async def models_unload(request: web.Request) -> web.Response:
@@ -339,10 +340,19 @@ async def openapi_json(request: web.Request) -> web.Response:
     return web.json_response(request.app[OPENAPI])
 
 
-_PROXY_STATUSES = ((429, "overloaded: too many requests waiting for this model (MODEL_ORCHESTRATOR_MAX_QUEUE); "
-                           "retry after Retry-After seconds"),
+_PROXY_STATUSES = ((503, "queue_full (MODEL_ORCHESTRATOR_MAX_QUEUE requests already wait for this model) or "
+                        "queue_timeout (it waited longer than X-Queue-Timeout-S or MODEL_ORCHESTRATOR_QUEUE_TIMEOUT_S: "
+                        "`waited_s`, `waiting_for`); retry after Retry-After seconds. Also a failed load or shutdown"),
                    (502, "llama-server crashed or the connection to it broke during the request"),
                    (504, "upstream_timeout: llama-server sent nothing for MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S"))
+
+# the proxied routes: every request waits in its model's queue (dispatcher.py), bounded per request by a header
+_QUEUE_PARAMS = ({"name": proxy.QUEUE_TIMEOUT_HEADER, "in": "header", "required": False,
+                  "description": "how long this request may wait in its model's queue (its load, its turn) before 503 "
+                  "queue_timeout; default MODEL_ORCHESTRATOR_QUEUE_TIMEOUT_S",
+                  "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": proxy.MAX_QUEUE_TIMEOUT_S}},)
+_QUEUE_HEADERS = ((proxy.QUEUE_WAIT_HEADER, "milliseconds the request waited in its model's queue before it was sent "
+                   "to llama-server (0: at once)"),)
 
 ROUTES: list[Route] = [
     Route("GET", "/health", health, "Liveness of the orchestrator", response=HealthResponse, auth=False, tag="service"),
@@ -411,12 +421,16 @@ ROUTES: list[Route] = [
     Route("GET", "/v1/models", v1_models, "OpenAI: list models", response=OpenAIModelList, tag="openai"),
     Route("POST", "/v1/chat/completions", chat_completions, "OpenAI: chat (images, tools, streaming passed through)",
           request=ChatCompletionRequest, response=OpenAIResponse, tag="openai", statuses=_PROXY_STATUSES, stream=True,
-          description="Routed by `model` to its llama-server, which is loaded on demand when the registry allows; "
-          "requests that arrive during a load wait for it."),
+          query=_QUEUE_PARAMS, response_headers=_QUEUE_HEADERS,
+          description="Routed by `model` to its llama-server, which is loaded on demand when the registry allows. A "
+          "request whose model is not ready (loading, not loaded, its room held by busy models, its turn not come) "
+          "waits in the model's queue and is answered when the model runs."),
     Route("POST", "/v1/completions", completions, "OpenAI: text completion", request=CompletionRequest,
-          response=OpenAIResponse, tag="openai", statuses=_PROXY_STATUSES, stream=True),
+          response=OpenAIResponse, tag="openai", statuses=_PROXY_STATUSES, stream=True, query=_QUEUE_PARAMS,
+          response_headers=_QUEUE_HEADERS),
     Route("POST", "/v1/embeddings", embeddings, "OpenAI: embeddings (the model needs --embeddings in extra_args)",
-          request=EmbeddingRequest, response=OpenAIResponse, tag="openai", statuses=_PROXY_STATUSES),
+          request=EmbeddingRequest, response=OpenAIResponse, tag="openai", statuses=_PROXY_STATUSES,
+          query=_QUEUE_PARAMS, response_headers=_QUEUE_HEADERS),
     Route("GET", "/openapi.json", openapi_json, "This API's OpenAPI document", auth=False, tag="service"),
 ]
 

@@ -41,7 +41,9 @@ class Code(str, enum.Enum):
     MODEL_FILES_MISSING = "model_files_missing"
     MODEL_NOT_LOADED = "model_not_loaded"
     LOAD_CANCELLED = "load_cancelled"
-    OVERLOADED = "overloaded"
+    # the queue in front of a model (dispatcher.py)
+    QUEUE_FULL = "queue_full"
+    QUEUE_TIMEOUT = "queue_timeout"
     # the Hugging Face Hub could not give a model's files or header (hub.py)
     HUB_ACCESS_DENIED = "hub_access_denied"
     HUB_BAD_FILE = "hub_bad_file"
@@ -63,8 +65,6 @@ class Code(str, enum.Enum):
     PROCESS_EXITED = "process_exited"
     LOAD_TIMEOUT = "load_timeout"
     MODEL_UNLOADED = "model_unloaded"
-    MODEL_UNLOADING = "model_unloading"
-    MODEL_DRAINING = "model_draining"
     SHUTTING_DOWN = "shutting_down"
     HEALTH_TIMEOUT = "health_timeout"
     MODEL_CRASHED = "model_crashed"

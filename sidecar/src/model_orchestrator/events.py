@@ -41,6 +41,10 @@ EVENT_TYPES: dict[str, str] = {
     "download_cancelled": "an unload stopped a download (what arrived is kept; the next load resumes it)",
     "lora": "a loaded model's LoRA adapter scales were changed (`scales`: adapter name -> scale)",
     "callback": "a load callback was delivered or given up (`url`, `delivered`, `attempts`, `status`)",
+    "queued": "a request (or an explicit load) waits in its model's queue (`waiting`: how many wait now, `state`: "
+              "the model's)",
+    "granted": "a queued request goes to its model's llama-server (`waited_s`)",
+    "expired": "a queued request waited its bound and was refused with 503 queue_timeout (`waited_s`, `waiting_for`)",
 }
 
 # an overflowed subscriber gets this as its last event

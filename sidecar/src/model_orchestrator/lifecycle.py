@@ -76,6 +76,7 @@ class LoadResult(str, enum.Enum):
     JOINED = "joined"  # a load was under way; this call waited for it
     ALREADY_LOADED = "already_loaded"
     LOADING = "loading"  # wait=false: started (or joined) in the background
+    QUEUED = "queued"  # wait=false: waiting in the model's queue (its room is held by busy models); loads when due
     DOWNLOADING = "downloading"  # wait=false: its files are being downloaded; the load follows in the background
     RESERVED = "reserved"  # another service's model: its memory is reserved
 
@@ -401,6 +402,8 @@ class LlamaServer:
 
 
 StateListener = Callable[["ManagedModel", State, State], None]
+# what makes a model's server: LlamaServer, or a stand-in with the same surface (tests/support/fake_server.py)
+ServerFactory = Callable[..., LlamaServer]
 
 
 class ManagedModel:
@@ -409,8 +412,10 @@ class ManagedModel:
     Loads are started only by the orchestrator's `ensure_loaded`, under its admission lock (`begin_load`); everyone
     else joins the load under way (`join_load`) or waits for an unload to finish (`wait_unloaded`)."""
 
-    def __init__(self, spec: ModelSpec, on_transition: StateListener | None = None):
+    def __init__(self, spec: ModelSpec, on_transition: StateListener | None = None,
+                 server_factory: "ServerFactory | None" = None):
         self.spec = spec
+        self.server_factory: ServerFactory = server_factory or LlamaServer  # tests plug a fake (tests/support)
         self.state = State.UNLOADED
         self.server: LlamaServer | None = None
         self.service = "llama-cpp"
@@ -428,7 +433,7 @@ class ManagedModel:
         self.lora_scales: dict[str, float] = {a.name: a.scale for a in spec.lora}
         self.lora_version = 0
         self.in_flight = 0
-        self.draining = False
+        self.draining = False  # no new request enters (an unload drains it, or admission evicts it); reset on leaving LOADED
         self._idle = asyncio.Event()
         self._idle.set()
         self._load_task: asyncio.Task | None = None
@@ -454,25 +459,34 @@ class ManagedModel:
         if new not in TRANSITIONS[self.state]:
             raise IllegalTransition(f"{self.id}: {self.state.value} -> {new.value} is not a legal transition")
         old, self.state = self.state, new
+        if new != State.LOADED:
+            self.draining = False
         if new in (State.UNLOADED, State.FAILED):
             self.priority_override = None  # the override belonged to the process that is gone
         if self._on_transition:
             self._on_transition(self, old, new)
 
     # ---- requests in flight -------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def request(self):
-        """Count a proxied request; an unload without force waits until the count is zero."""
+    def acquire(self) -> None:
+        """Count a request in flight (the dispatcher's grant); an unload without force waits until none is."""
         self.in_flight += 1
         self._idle.clear()
         self._touch()
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._touch()
+        if self.in_flight == 0:
+            self._idle.set()
+
+    @contextlib.contextmanager
+    def request(self):
+        """A request in flight for the length of a `with` block (acquire ... release)."""
+        self.acquire()
         try:
             yield
         finally:
-            self.in_flight -= 1
-            self._touch()
-            if self.in_flight == 0:
-                self._idle.set()
+            self.release()
 
     def _touch(self) -> None:
         self.last_used = _utcnow()
@@ -530,7 +544,7 @@ class ManagedModel:
         try:
             plan = await launch()
             planned = time.perf_counter()
-            self.server = LlamaServer(self.id, plan, log_lines=log_lines, on_exit=self._on_server_exit)
+            self.server = self.server_factory(self.id, plan, log_lines=log_lines, on_exit=self._on_server_exit)
             await self.server.start(http, timeout)
             if on_ready is not None:  # ready, not yet serving: e.g. restore saved conversations (never raises)
                 try:

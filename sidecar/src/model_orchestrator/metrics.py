@@ -18,6 +18,7 @@ from .gpu import MIB, GpuSnapshot
 from .lifecycle import State
 
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
+QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -34,7 +35,12 @@ class Metrics:
         self.load_duration = Histogram("model_orchestrator_load_duration_seconds", "Load request to llama-server ready", ["model"], buckets=LOAD_BUCKETS, registry=r)
         self.in_flight = Gauge("model_orchestrator_requests_in_flight", "Proxied requests in flight", ["model"], registry=r)
         self.admission_refusals = Counter("model_orchestrator_admission_refusals", "Loads or reservations refused for lack of GPU memory (or the cap)", ["model"], registry=r)
-        self.waiting = Gauge("model_orchestrator_requests_waiting_for_load", "Requests waiting for their model to load", ["model"], registry=r)
+        # the queue in front of every model (dispatcher.py)
+        self.queue_depth = Gauge("model_orchestrator_queue_depth", "Requests and loads waiting in the model's queue", ["model"], registry=r)
+        self.queue_wait = Histogram("model_orchestrator_queue_wait_seconds", "How long a proxied request waited before it was sent to llama-server (0: at once)", ["model"], buckets=QUEUE_BUCKETS, registry=r)
+        self.queue_refusals = Counter("model_orchestrator_queue_refusals", "Requests that left the queue unserved, by code (queue_full, queue_timeout, a refusal of their load)", ["model", "code"], registry=r)
+        self.swaps = Counter("model_orchestrator_swaps", "Loads the scheduler started for waiting requests", ["model"], registry=r)
+        self.swap_seconds = Histogram("model_orchestrator_swap_duration_seconds", "From the scheduler's decision to load a model (evictions included) to the model ready", ["model"], buckets=LOAD_BUCKETS, registry=r)
         self.http_requests = Counter("model_orchestrator_http_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r)
         self.background_errors = Counter("model_orchestrator_background_errors", "Exceptions caught in a background loop (logged; the loop goes on)", ["loop"], registry=r)
         self.health_misses = Counter("model_orchestrator_health_misses", "Health checks of a loaded llama-server that failed or timed out", ["model"], registry=r)
@@ -63,7 +69,10 @@ class Metrics:
             self.tokens_generated.labels(m)
             self.prompt_tokens.labels(m)
             self.in_flight.labels(m)
-            self.waiting.labels(m)
+            self.queue_depth.labels(m)
+            self.swaps.labels(m)
+            for code in ("queue_full", "queue_timeout"):
+                self.queue_refusals.labels(m, code)
 
     def set_state(self, model: str, state: State) -> None:
         for s in State:

@@ -19,7 +19,7 @@ _PATH_PARAMS = {"model": {"type": "string", "pattern": MODEL_ID_PATTERN},
 
 _ERRORS = {"400": "invalid request (bad JSON, wrong types, unknown fields)", "401": "missing or wrong API key",
            "404": "unknown model or route", "409": "conflict with the model's state (busy, cancelled, files missing)",
-           "413": "body too large", "503": "model not ready (loading failed, being unloaded)",
+           "413": "body too large", "503": "not now: a load failed, the queue is full or timed out, shutting down",
            "403": "without an API key: refused for a web page's Origin or a Host name that is not allowed"}
 _BODY_ERRORS = {"408": "the request body did not arrive in time (MODEL_ORCHESTRATOR_IDLE_TIMEOUT_S)",
                 "415": "the body's declared charset is not UTF-8"}
@@ -57,6 +57,9 @@ def build_openapi(routes, *, version: str, title: str = "model-orchestrator") ->
                     "responses": {str(r.status): _content(r.response, r.stream, getattr(r, "events", False))}}
         if r.description:
             op["description"] = r.description
+        if getattr(r, "response_headers", ()):
+            op["responses"][str(r.status)]["headers"] = {name: {"description": text, "schema": {"type": "integer"}}
+                                                         for name, text in r.response_headers}
         params = [{"name": name, "in": "path", "required": True, "schema": _PATH_PARAMS[name]}
                   for name in re.findall(r"{(\w+)}", r.path)] + list(r.query)
         if params:

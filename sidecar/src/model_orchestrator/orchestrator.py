@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import AsyncIterator, Callable
 import logging
 import os
 import socket
@@ -24,10 +25,11 @@ from .errors import Code, Refused
 from .estimate import Estimate, estimate_headers
 from .events import EventBus
 from .gpu import GpuSnapshot, GpuView, NoGpuView
-from .lifecycle import (MODEL_ENV, LaunchPlan, LoadResult, ManagedModel, State, UnloadResult, owner_env,
-                        placement_env, reap_leftovers, upstream_session)
+from .lifecycle import (MODEL_ENV, LaunchPlan, LoadResult, ManagedModel, ServerFactory, State, UnloadResult,
+                        owner_env, placement_env, reap_leftovers, upstream_session)
 from .llama_args import build_argv, parallel_slots
 from .metrics import Metrics
+from .dispatcher import Dispatcher, Lease
 from .downloads import Downloads
 from .hub import HubError
 from .model_files import ModelFilesMissing, can_download, plan_pull, pull, read_headers, resolve
@@ -82,12 +84,14 @@ class UnloadOutcome:
 
 
 class Orchestrator:
-    def __init__(self, settings: Settings, registry: Registry, gpu_view: GpuView | NoGpuView, llama_server_bin: Path):
+    def __init__(self, settings: Settings, registry: Registry, gpu_view: GpuView | NoGpuView, llama_server_bin: Path,
+                 server_factory: ServerFactory | None = None):
         self.settings = settings
         self.registry = registry
         self.gpu_view = gpu_view
         self.llama_server_bin = llama_server_bin
-        self.models: dict[str, ManagedModel] = {s.id: ManagedModel(s, self._on_transition) for s in registry.models}
+        self.models: dict[str, ManagedModel] = {s.id: ManagedModel(s, self._on_transition, server_factory)
+                                                for s in registry.models}
         self.reservations = ReservationBook()
         self.events = EventBus()  # what happened, for GET /models/events and load callbacks (events.py)
         self.metrics = Metrics(gpu_view.latest, self.owned_pids, self.reservations.active,
@@ -104,6 +108,7 @@ class Orchestrator:
         self._admission = asyncio.Lock()  # one decision at a time: two loads never both take the same free memory
         self._closing = False  # terminal: once close() began, no load starts
         self._memory_low: set[int] = set()  # GPUs whose free memory is below the margin (memory_low sent once)
+        self.dispatcher = Dispatcher(self)  # the queue in front of every model and the scheduler's effects
 
     # ---- start and stop -----------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -117,6 +122,7 @@ class Orchestrator:
     async def close(self) -> None:
         """Shut down: refuse new loads from now on, stop background work and wait for it, stop every model."""
         self._closing = True
+        self.dispatcher.close()
         await self.downloads.close(self.models)
         self.events.close()
         tasks = list(self._background)
@@ -136,6 +142,10 @@ class Orchestrator:
         return task
 
     @property
+    def closing(self) -> bool:
+        return self._closing
+
+    @property
     def owner(self) -> str:
         return str(self.settings.state_dir.resolve())
 
@@ -147,17 +157,10 @@ class Orchestrator:
             raise Refused(Code.MODEL_NOT_FOUND, f"unknown model {name!r}; known models: {known} (GET /models)")
         return self.models[spec.id]
 
-    def queue_limit(self, model: ManagedModel) -> int:
-        """The most proxied requests one model may hold at once (waiting for a load, queued or running in
-        llama-server): MODEL_ORCHESTRATOR_MAX_QUEUE on top of llama-server's parallel slots; 0 means no cap."""
-        if not self.settings.max_queue:
-            return 0
-        return self.settings.max_queue + parallel_slots(model.spec.extra_args)
-
     def owned_pids(self) -> dict[int, str]:
         return {m.server.pid: m.id for m in self.models.values() if m.server and m.server.pid}
 
-    def _allow_eviction(self, spec: ModelSpec, requested: bool | None) -> bool:
+    def allow_eviction(self, spec: ModelSpec, requested: bool | None) -> bool:
         """May a load of `spec` evict idle models of equal priority? The request says, else the model, else the
         global setting (swap on demand, on by default as in every peer)."""
         if requested is not None:
@@ -168,59 +171,71 @@ class Orchestrator:
     async def ensure_loaded(self, name: str, *, priority: int | None = None, service: str = "llama-cpp",
                             timeout_s: float | None = None, allow_eviction: bool | None = None,
                             force: bool = False, wait: bool = True) -> LoadOutcome:
-        """Make the model loaded: download its missing files first (_ensure_files), join a load under way, wait for
-        an unload under way, or admit and start one. With wait=False, answer once the load is admitted and started
-        (result `loading`), or once its download began (`downloading`, the load follows in the background): a
-        refusal still comes back as an error, the outcome shows in status, metrics, events and callbacks."""
+        """An explicit load (POST /models/load): download the model's missing files first (_ensure_files), join a
+        load under way, or wait in the model's queue like every request (dispatcher.py) until the scheduler starts
+        it. `force` skips the queue: admission may kill busy models at once. With wait=False, answer once the load is
+        started (`loading`), queued (`queued`) or its download began (`downloading`); a refusal still comes back as
+        an error, the outcome shows in status, metrics, events and callbacks."""
         model = self.model(name)
         if service != "llama-cpp":
             raise Refused(Code.UNKNOWN_SERVICE, f"service {service!r} is not run by this orchestrator; use "
                           "'llama-cpp', or pass vram_mb to reserve memory for it (POST /reservations)")
-        timeout = timeout_s or self.settings.load_timeout_s  # llama-server's start only: a download is not counted
         if model.state != State.LOADED and await self._ensure_files(model, priority, allow_eviction, force, wait):
             # wait=false and a download under way: the load follows it in the background (status, events, callback)
             pending = self.run_in_background(self.ensure_loaded(
                 name, priority=priority, timeout_s=timeout_s, allow_eviction=allow_eviction, force=force))
             pending.add_done_callback(lambda t: t.cancelled() or t.exception())  # shown in status and events
             return LoadOutcome(model, LoadResult.DOWNLOADING, pending=pending)
-        while True:
-            self._refuse_if_closing()
-            await model.wait_unloaded()
-            if model.state == State.LOADED:
-                return LoadOutcome(model, LoadResult.ALREADY_LOADED)
-            if model.state == State.LOADING:
-                if not wait:
-                    return LoadOutcome(model, LoadResult.LOADING)
+        self._refuse_if_closing()
+        if model.state == State.LOADED:
+            return LoadOutcome(model, LoadResult.ALREADY_LOADED)
+        if model.state == State.LOADING:
+            if wait:
                 await model.join_load()
-                return LoadOutcome(model, LoadResult.JOINED)
-            if model.state == State.DOWNLOADING:  # its files went missing again: another load fetches them
-                await self._ensure_files(model, priority, allow_eviction, force, wait=True)
-                continue
-            try:
-                async with self._admission:
-                    # only code holding this lock starts a load, so a model found UNLOADED or FAILED here stays out
-                    # of LOADING until we start it (an unload may only move FAILED to UNLOADED meanwhile)
-                    self._refuse_if_closing()
-                    if model.state not in (State.UNLOADED, State.FAILED):
-                        continue  # someone else's load or unload got there first: look again
-                    est = await self._estimate_for_admission(model.spec)
-                    decision = await self._admit(model.id, est.total_mb if est else 0.0,
-                                                 model.spec.priority if priority is None else priority,
-                                                 self._allow_eviction(model.spec, allow_eviction), force,
-                                                 model.spec.split)
-                    self._refuse_if_closing()
-                    model.estimate, model.gpu, model.split = est, decision.gpu, decision.split
-                    self.events.publish("load_progress", model=model.id, phase="admitted", gpu=decision.gpu,
-                                        estimate_mb=round(est.total_mb, 1) if est else None, evicted=decision.evict)
-                    model.begin_load(lambda: self._launch_plan(model), self.http, timeout=timeout,
-                                     log_lines=self.settings.log_lines, priority=priority,
-                                     on_ready=lambda server: self._restore_slots(model, server))
-            except ModelFilesMissing as exc:  # outside the admission lock: the estimate may ask the Hub
-                raise await self._missing_with_estimate(model.spec, exc) from None
-            if not wait:
-                return LoadOutcome(model, LoadResult.LOADING, evicted=decision.evict)
-            await model.join_load()
-            return LoadOutcome(model, LoadResult.LOADED, evicted=decision.evict)
+            return LoadOutcome(model, LoadResult.JOINED if wait else LoadResult.LOADING)
+        if force:
+            await model.wait_unloaded()
+            evicted = await self.start_load(model, priority=priority, allow_eviction=True, timeout_s=timeout_s,
+                                            force=True) or []
+            if wait:
+                await model.join_load()
+            return LoadOutcome(model, LoadResult.LOADED if wait else LoadResult.LOADING, evicted=evicted)
+        flag, evicted = await self.dispatcher.load(model, priority=priority, timeout_s=timeout_s, wait=wait,
+                                                   allow_eviction=self.allow_eviction(model.spec, allow_eviction))
+        if wait:  # flag: joined a load that something else made the scheduler start
+            return LoadOutcome(model, LoadResult.JOINED if flag else LoadResult.LOADED, evicted=evicted)
+        return LoadOutcome(model, LoadResult.QUEUED if flag else LoadResult.LOADING)
+
+    async def start_load(self, model: ManagedModel, *, priority: int | None, allow_eviction: bool,
+                         timeout_s: float | None, force: bool = False, report_refusal: bool = True) -> list[str] | None:
+        """Admit and start a load (the scheduler's effect, or a forced load): under the admission lock, with fresh
+        GPU readings, evict what admission chose and begin the load. Returns the evicted models, or None when the
+        model was no longer unloaded (another load got there first). Raises the admission's refusal (counted and
+        published unless report_refusal is False: the scheduler tries again and refuses for good itself)."""
+        timeout = timeout_s or self.settings.load_timeout_s  # llama-server's start only: a download is not counted
+        try:
+            async with self._admission:
+                # only code holding this lock starts a load, so a model found UNLOADED or FAILED here stays out
+                # of LOADING until we start it (an unload may only move FAILED to UNLOADED meanwhile)
+                self._refuse_if_closing()
+                if model.state not in (State.UNLOADED, State.FAILED):
+                    return None
+                est = await self._estimate_for_admission(model.spec)
+                decision = await self._admit(model.id, est.total_mb if est else 0.0,
+                                             model.spec.priority if priority is None else priority,
+                                             allow_eviction, force, model.spec.split, report=report_refusal)
+                self._refuse_if_closing()
+                if model.state not in (State.UNLOADED, State.FAILED):
+                    return None
+                model.estimate, model.gpu, model.split = est, decision.gpu, decision.split
+                self.events.publish("load_progress", model=model.id, phase="admitted", gpu=decision.gpu,
+                                    estimate_mb=round(est.total_mb, 1) if est else None, evicted=decision.evict)
+                model.begin_load(lambda: self._launch_plan(model), self.http, timeout=timeout,
+                                 log_lines=self.settings.log_lines, priority=priority,
+                                 on_ready=lambda server: self._restore_slots(model, server))
+                return decision.evict
+        except ModelFilesMissing as exc:  # outside the admission lock: the estimate may ask the Hub
+            raise await self._missing_with_estimate(model.spec, exc) from None
 
     # ---- download on load ---------------------------------------------------------------------------------
     def _download_on_load(self, spec: ModelSpec) -> bool:
@@ -287,7 +302,7 @@ class Orchestrator:
             raise Refused(Code.SHUTTING_DOWN, "the orchestrator is shutting down", retry_after=5)
 
     async def _admit(self, who: str, need_mb: float, priority: int, allow_eviction: bool, force: bool,
-                     split: bool = False, is_model: bool = True) -> Decision:
+                     split: bool = False, is_model: bool = True, report: bool = True) -> Decision:
         """Ask the policy (scheduler.decide), evict what it chose, or refuse with what is missing. Models that are
         still stopping count until their process has exited; a refusal they cause waits for them first. Call under
         the admission lock."""
@@ -305,16 +320,9 @@ class Orchestrator:
                                timeout=max(0.0, deadline - loop.time()))
             await self._wait_for_memory(decision.gpu, need_mb, timeout_s=max(0.0, deadline - loop.time()))
         if not decision.admit:
-            self.metrics.admission_refusals.labels(who).inc()
-            if (decision.refusal or Code.INSUFFICIENT_VRAM) == Code.INSUFFICIENT_VRAM:
-                self.events.publish("memory_low", model=who, need_mb=round(need_mb, 1), gpu=decision.gpu,
-                                    missing_mb=decision.missing_mb, evictable=decision.evictable)
-            raise Refused(decision.refusal or Code.INSUFFICIENT_VRAM, f"{who} does not fit: {decision.reason}; "
-                          + (f"{decision.missing_mb:.0f} MB missing. " if decision.missing_mb else "")
-                          + (f"Could be evicted: {', '.join(decision.evictable)} (pass allow_eviction=true)."
-                             if decision.evictable else "Nothing may be evicted for it."),
-                          model=who, missing_mb=decision.missing_mb, need_mb=round(need_mb, 1), gpu=decision.gpu,
-                          evictable=decision.evictable)
+            raise self.refusal(who, decision, need_mb, report=report)
+        for victim in decision.evict:  # no request enters them from now on (no await since `decide`)
+            self.models[victim].draining = True
         for victim in decision.evict:
             log.info("evicting %s to make room for %s (%s)", victim, who, decision.reason)
             self.events.publish("evicted", model=victim, by=who, reason=decision.reason)
@@ -324,6 +332,23 @@ class Orchestrator:
         if decision.evict and decision.gpu is not None:
             await self._wait_for_memory(decision.gpu, need_mb)
         return decision
+
+    def refusal(self, who: str, decision: Decision, need_mb: float | None = None, report: bool = True) -> Refused:
+        """Admission's refusal as an error (counted; `memory_low` published when memory is what is missing)."""
+        if need_mb is None:
+            model = self.models.get(who)
+            need_mb = model.estimate.total_mb if model is not None and model.estimate else 0.0
+        if report:
+            self.metrics.admission_refusals.labels(who).inc()
+        if report and (decision.refusal or Code.INSUFFICIENT_VRAM) == Code.INSUFFICIENT_VRAM:
+            self.events.publish("memory_low", model=who, need_mb=round(need_mb, 1), gpu=decision.gpu,
+                                missing_mb=decision.missing_mb, evictable=decision.evictable)
+        return Refused(decision.refusal or Code.INSUFFICIENT_VRAM, f"{who} does not fit: {decision.reason}; "
+                       + (f"{decision.missing_mb:.0f} MB missing. " if decision.missing_mb else "")
+                       + (f"Could be evicted: {', '.join(decision.evictable)} (pass allow_eviction=true)."
+                          if decision.evictable else "Nothing may be evicted for it."),
+                       model=who, missing_mb=decision.missing_mb, need_mb=round(need_mb, 1), gpu=decision.gpu,
+                       evictable=decision.evictable)
 
     async def _wait_for_memory(self, gpu: int | None, need_mb: float, timeout_s: float = 5.0) -> None:
         """After an eviction the driver may take a moment to return the memory (a dying process shows as foreign):
@@ -341,9 +366,9 @@ class Orchestrator:
         log.warning("GPU %d: memory not yet returned %g s after eviction; loading anyway", gpu, timeout_s)
 
     async def _placement_view(self) -> tuple[list[Device], list[Resident]]:
-        return self._placement_from(await self.snapshot(fresh=True))
+        return self.placement_from(await self.snapshot(fresh=True))
 
-    def _placement_from(self, snap: GpuSnapshot) -> tuple[list[Device], list[Resident]]:
+    def placement_from(self, snap: GpuSnapshot) -> tuple[list[Device], list[Resident]]:
         owned = self.owned_pids()
         devices = [Device(d.index, d.total_mb,
                           foreign_mb=sum(p.used_mb or 0 for p in d.processes if p.pid not in owned),
@@ -441,7 +466,7 @@ class Orchestrator:
         model = self.models[spec.id]
         devices, residents = await self._placement_view()
         d = decide(Request(spec.id, est.total_mb, model.priority if priority is None else priority,
-                           self._allow_eviction(spec, allow_eviction), split=spec.split),
+                           self.allow_eviction(spec, allow_eviction), split=spec.split),
                    devices, residents, margin_mb=self.settings.vram_margin_mb, max_loaded=self.settings.max_loaded)
         return {"fits": d.admit and not d.evict if devices else None, "fits_after_eviction": d.admit,
                 "gpu": d.gpu, "evict": d.evict, "missing_mb": d.missing_mb, "evictable": d.evictable,
@@ -665,28 +690,22 @@ class Orchestrator:
             self.events.publish("slots_restored", model=model.id, slots=restored.slots, tokens=restored.tokens)
 
     # ---- requests -----------------------------------------------------------------------------------------
-    async def ready_server(self, model: ManagedModel):
-        """The running llama-server for a proxied request: loads on demand, waits for a load under way."""
-        if model.state == State.LOADED and model.server is not None:
-            if model.draining:
-                raise Refused(Code.MODEL_DRAINING, f"{model.id} is being unloaded; retry in a moment", retry_after=1,
-                              model=model.id)
-            return model.server
-        if model.state == State.UNLOADING:
-            raise Refused(Code.MODEL_UNLOADING, f"{model.id} is being unloaded; retry in a moment", retry_after=1,
-                          model=model.id)
-        if model.state != State.LOADING and not model.spec.load_on_demand:
-            raise Refused(Code.MODEL_NOT_LOADED, f"{model.id} is not loaded and loads only on request: "
-                          "POST /models/load first", model=model.id)
-        self.metrics.waiting.labels(model.id).inc()
-        try:
-            await self.ensure_loaded(model.id)
-        finally:
-            self.metrics.waiting.labels(model.id).dec()
-        if model.server is None:  # unloaded again between the load and now
-            raise Refused(Code.MODEL_UNLOADING, f"{model.id} was unloaded while the request waited", retry_after=1,
-                          model=model.id)
-        return model.server
+    @contextlib.asynccontextmanager
+    async def lease(self, model: ManagedModel, *, timeout_s: float | None = None,
+                    gone: Callable[[], bool] | None = None) -> AsyncIterator[Lease]:
+        """The one call a proxied request makes: its model's llama-server, ready, counted in flight for the block.
+        Downloads missing files first; waits in the model's queue (its load, its turn) as the scheduler decides;
+        raises Refused (never fits, queue full or timed out, a failed load) or dispatcher.CallerGone."""
+        if model.state != State.LOADED:
+            if model.state != State.LOADING and not model.spec.load_on_demand:
+                raise Refused(Code.MODEL_NOT_LOADED, f"{model.id} is not loaded and loads only on request: "
+                              "POST /models/load first", model=model.id)
+            await self._ensure_files(model, None, None, False, wait=True)
+        async with self.dispatcher.lease(model, timeout_s=timeout_s, gone=gone) as lease:
+            yield lease
+
+    def resolve_files(self, spec: ModelSpec):
+        return resolve(spec, self.settings.state_dir / "models")
 
     # ---- state changes ------------------------------------------------------------------------------------
     def _on_transition(self, model: ManagedModel, old: State, new: State) -> None:
@@ -708,6 +727,7 @@ class Orchestrator:
             self.metrics.loads.labels(model.id, "cancelled").inc()
         log.info("%s: %s -> %s", model.id, old.value, new.value)
         self._publish_transition(model, old, new)
+        self.dispatcher.on_transition(model, old, new)
 
     def _publish_transition(self, model: ManagedModel, old: State, new: State) -> None:
         error = model.last_error if new == State.FAILED else None
@@ -742,12 +762,13 @@ class Orchestrator:
             "gpu": model.gpu, "error": model.last_error, "download": self.downloads.view(model.id),
             "estimate_check": self.estimate_checks[model.id].to_dict() if model.id in self.estimate_checks else None,
             "lora": [{k: a[k] for k in ("name", "id", "scale")} for a in self.lora_view(model)],
+            "queue": self.dispatcher.queue_view(model.id),
         }
 
     def status_view(self, snap: GpuSnapshot) -> dict:
         """GET /models/status from a given GPU snapshot (the sampler's: no NVML call on the request's path)."""
         owned = self.owned_pids()
-        devices, residents = self._placement_from(snap)
+        devices, residents = self.placement_from(snap)
         room = {d.index: round(available(d, residents, self.settings.vram_margin_mb), 1) for d in devices}
         gpus = []
         for d in snap.devices:
@@ -758,9 +779,10 @@ class Orchestrator:
                          "processes": procs})
         loaded = {m.id: self.model_status(m, snap) for m in self.models.values() if m.state != State.UNLOADED}
         reservations = [r.to_dict() for r in self.reservations.active()]
+        queues = {m: q for m in self.models if (q := self.dispatcher.queue_view(m))["length"]}
         if not snap.available:
             return {"mode": "cpu", "total_mb": None, "used_mb": None, "free_mb": None, "utilization_percent": None,
-                    "loaded_models": loaded, "gpus": [], "reservations": reservations, "driver_version": None,
+                    "loaded_models": loaded, "gpus": [], "reservations": reservations, "queues": queues, "driver_version": None,
                     "note": f"CPU mode: {snap.error}. Models run on the CPU; no GPU memory is reported."}
         utils = [d.utilization_percent for d in snap.devices if d.utilization_percent is not None]
         return {
@@ -769,7 +791,8 @@ class Orchestrator:
             "used_mb": sum(d.used_mb for d in snap.devices),
             "free_mb": sum(d.free_mb for d in snap.devices),
             "utilization_percent": round(sum(utils) / len(utils), 1) if utils else None,
-            "loaded_models": loaded, "gpus": gpus, "reservations": reservations, "driver_version": snap.driver_version,
+            "loaded_models": loaded, "gpus": gpus, "reservations": reservations, "queues": queues,
+            "driver_version": snap.driver_version,
             "note": None,
         }
 
@@ -787,9 +810,10 @@ class Orchestrator:
                 "context_size": spec.context_size, "n_gpu_layers": spec.n_gpu_layers, "cache_type": spec.cache_type,
                 "priority": model.priority, "idle_ttl_s": spec.idle_ttl_s, "load_on_demand": spec.load_on_demand,
                 "vision": spec.vision, "default": spec.id == self.registry.default.id,
-                "swap_on_demand": self._allow_eviction(spec, None),
+                "swap_on_demand": self.allow_eviction(spec, None),
                 "lora": [{"name": a.name, "scale": a.scale, "source": a.source.model_dump(mode="json")}
                          for a in spec.lora],
+                "queue": self.dispatcher.queue_view(spec.id),
             })
         return {"default_model": self.registry.default.id, "models": out}
 

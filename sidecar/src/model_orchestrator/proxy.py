@@ -26,6 +26,7 @@ import yarl
 from aiohttp import web
 from pydantic import ValidationError
 
+from .dispatcher import CallerGone
 from .errors import Code, Refused
 from .http_errors import STATUS, refusal_body
 from .lifecycle import LlamaServer, ManagedModel
@@ -188,17 +189,13 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
             # llama-server would answer 501 after a load on demand: say what to change instead
             raise Refused(Code.EMBEDDINGS_NOT_ENABLED, f"{slot.id} does not serve embeddings: add \"--embeddings\" "
                           "to its extra_args in the model registry", model=slot.id)
-        limit = orch.queue_limit(slot)
-        if limit and slot.in_flight >= limit:  # bounded: a burst cannot pile up unbounded work behind one model
-            raise Refused(Code.OVERLOADED, f"{slot.id} already has {slot.in_flight} requests waiting or in flight "
-                          f"(limit {limit}: MODEL_ORCHESTRATOR_MAX_QUEUE plus llama-server's slots); retry later",
-                          retry_after=1, model=slot.id, in_flight=slot.in_flight, limit=limit)
-        with slot.request():
-            server = await orch.ready_server(slot)
+        async with orch.lease(slot, timeout_s=_queue_timeout(request), gone=lambda: _client_gone(request)) as lease:
+            server = lease.server
             if lora is not None:
                 body["lora"] = orch.lora_request(slot, lora)
                 raw = orjson.dumps(body)
             headers = _STREAM_HEADERS if stream else _JSON_HEADERS
+            waited = {QUEUE_WAIT_HEADER: str(round(lease.waited_s * 1000))}
             if "Accept" in request.headers:
                 headers = {**headers, "Accept": request.headers["Accept"]}
             try:
@@ -209,7 +206,7 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
                     status = up.status
                     if stream and up.content_type == "text/event-stream":
                         deadline.reschedule(None)
-                        status = await _pass_stream(request, up, slot, server, orch)
+                        status = await _pass_stream(request, up, slot, server, orch, waited)
                         if status == CLIENT_GONE:
                             raise ClientGone()
                         return request[PROXIED_STREAM]
@@ -223,7 +220,7 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
                         # an image for a model without projector) with a 500 while staying up: a client error
                         raise _rejected(slot.id, data)
                     return web.Response(body=data, status=status, headers={
-                        k: v for k, v in up.headers.items() if k.lower() not in _HOP_HEADERS})
+                        **{k: v for k, v in up.headers.items() if k.lower() not in _HOP_HEADERS}, **waited})
             except (aiohttp.ServerTimeoutError, TimeoutError):
                 raise _timed_out(orch, slot.id) from None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
@@ -233,7 +230,7 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
     except Refused as err:
         status = STATUS[err.code]
         raise
-    except (ClientGone, asyncio.CancelledError):  # cancelled: the server stops a handler whose client left
+    except (ClientGone, CallerGone, asyncio.CancelledError):  # cancelled: the server stops a handler whose client left
         status = CLIENT_GONE
         raise
     finally:
@@ -243,6 +240,23 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
 
 
 CLIENT_GONE = 499  # nginx's code for "the client closed the connection": counted, never answered
+QUEUE_WAIT_HEADER = "X-Queue-Wait-Ms"  # on every proxied answer: how long it waited in its model's queue
+QUEUE_TIMEOUT_HEADER = "X-Queue-Timeout-S"  # a request's own bound on that wait
+MAX_QUEUE_TIMEOUT_S = 86400.0
+
+
+def _queue_timeout(request: web.Request) -> float | None:
+    raw = request.headers.get(QUEUE_TIMEOUT_HEADER)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value <= MAX_QUEUE_TIMEOUT_S:  # also NaN
+        raise Refused(Code.INVALID_REQUEST, f"{QUEUE_TIMEOUT_HEADER}: seconds, more than 0 and at most "
+                      f"{MAX_QUEUE_TIMEOUT_S:g}, are expected (got {raw[:40]!r})")
+    return value
 
 
 PROXIED_STREAM = web.RequestKey("proxied_stream", web.StreamResponse)  # a stream's response, once prepared
@@ -292,11 +306,11 @@ async def _send(orch: Orchestrator, url: str, raw: bytes, headers: dict, server:
                 raise
 
 
-async def _pass_stream(request, up, slot, server, orch) -> int:
+async def _pass_stream(request, up, slot, server, orch, waited: dict) -> int:
     """Pass an SSE stream through chunk by chunk; the response goes into request[PROXIED_STREAM]. Returns the
     status to count: 200, CLIENT_GONE when the client hung up, or the error's when llama-server failed mid-stream."""
     resp = web.StreamResponse(status=up.status, headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no", **waited})
     request[PROXIED_STREAM] = resp
     await resp.prepare(request)
     scanner = UsageScanner()

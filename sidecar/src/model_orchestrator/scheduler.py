@@ -176,3 +176,170 @@ def _split(need_mb: float, free: dict[int, float]) -> dict[int, float]:
     room = {i: max(0.0, f) for i, f in free.items()}
     total = sum(room.values())
     return {i: round(need_mb * f / total, 1) for i, f in room.items() if f > 0}
+
+
+# ---- the queue policy: which waiting request goes next, when a model's turn ends, what loads ---------------------
+# Every proxied request and every explicit load waits as a Ticket until its model runs. `plan` is a pure function of
+# (tickets, models, devices, residents, clock) -> Plan; dispatcher.py owns the tickets and performs the Plan.
+#
+#   * Grant: a loaded model that is not closing serves its tickets in arrival order, as many at once as llama-server
+#     has parallel slots (the rest wait here, where a caller that hangs up leaves without costing llama-server).
+#   * Head of line: among models that wait and are not loaded, the next one is chosen by priority (higher first),
+#     then starvation (a model whose oldest ticket waited starve_after_s goes first, oldest first), then value: the
+#     waiting time its tickets have piled up per second of its swap (learned from past loads).
+#   * The head loads as soon as `decide` admits it with idle victims only. If it fits only after models with requests
+#     in flight are gone, those models' turns end (after turn_requests grants or turn_seconds since they were loaded;
+#     at once when the head has a higher priority): they close (grant nothing more), drain, and are evicted by the
+#     next plan. A victim that falls idle before its turn ends is evicted at once (nothing is lost). Meanwhile the
+#     head's model file is read into the page cache.
+#   * Refused only when the head can never fit: not even with every model it may evict gone (409, decide's reason).
+#   * Expired: a ticket past its deadline (503 queue_timeout, by the dispatcher).
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A request, or an explicit load (`load_only`), waiting for its model."""
+
+    id: int
+    model: str
+    arrived: float  # clock seconds
+    deadline: float
+    priority: int
+    load_only: bool = False
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """One registry model as the queue policy sees it."""
+
+    id: str
+    state: str  # lifecycle.State's value; "starting" while the dispatcher is starting its load
+    priority: int
+    need_mb: float = 0.0  # the estimate (0 before one is known, and in CPU mode)
+    allow_eviction: bool = True  # swap on demand: may its load evict idle models of equal priority?
+    split: bool = False
+    in_flight: int = 0
+    swap_cost_s: float = 1.0
+    loaded_at: float | None = None  # clock; a turn starts when its model is loaded
+    turn_grants: int = 0  # requests granted since it was loaded
+    draining: bool = False  # an unload drains it: nothing is granted (the unload's decision, not the policy's)
+    load_on_demand: bool = True  # False: only an explicit load (a load-only ticket) loads it
+    slots: int = 0  # llama-server's parallel slots: at most this many requests in flight (0: no bound)
+
+
+@dataclass(frozen=True)
+class Limits:
+    margin_mb: float = 0.0
+    max_loaded: int = 0
+    turn_requests: int = 32
+    turn_seconds: float = 10.0
+
+    @property
+    def starve_after_s(self) -> float:
+        return 3 * self.turn_seconds
+
+
+@dataclass
+class Plan:
+    grant: list[int] = field(default_factory=list)  # ticket ids, in order
+    expire: list[int] = field(default_factory=list)
+    refuse: dict[str, Decision] = field(default_factory=dict)  # model -> why it can never fit
+    load: list[tuple[str, Decision]] = field(default_factory=list)  # start these loads (victims are idle)
+    close: set[str] = field(default_factory=set)  # loaded models whose turn is over: grant nothing, drain
+    prefetch: str | None = None  # read this model's file into the page cache while its victims drain
+    wake_at: float | None = None  # plan again by then (a deadline, a turn's end) even if nothing happens
+
+
+_CANDIDATE_STATES = ("unloaded", "failed")
+
+
+def plan(tickets: list[Ticket], models: dict[str, ModelView], devices: list[Device], residents: list[Resident],
+         now: float, limits: Limits) -> Plan:
+    out = Plan()
+    waiting: dict[str, list[Ticket]] = {}
+    for t in sorted(tickets, key=lambda t: (t.arrived, t.id)):
+        if t.deadline <= now:
+            out.expire.append(t.id)
+        else:
+            waiting.setdefault(t.model, []).append(t)
+            out.wake_at = min(out.wake_at or t.deadline, t.deadline)
+    residents = list(residents)
+    contended: dict[str, float] = {}  # loaded model -> the head's priority that needs it gone
+    heads = sorted((m for m in waiting if models[m].state in _CANDIDATE_STATES
+                    and (models[m].load_on_demand or any(t.load_only for t in waiting[m]))),
+                   key=lambda m: _head_order(m, waiting[m], models[m], now, limits))
+    for head in heads:
+        view, prio = models[head], max(t.priority for t in waiting[head])
+        req = Request(head, view.need_mb, prio, view.allow_eviction, split=view.split)
+        admitted = decide(req, devices, residents, margin_mb=limits.margin_mb, max_loaded=limits.max_loaded)
+        if admitted.admit:
+            out.load.append((head, admitted))
+            residents = [_leaving(r) if r.id in admitted.evict else r for r in residents]
+            residents.append(Resident(head, admitted.gpu, view.need_mb, prio, 0, now, loading=True,
+                                      held_mb_by_gpu=dict(admitted.split) or (
+                                          {admitted.gpu: view.need_mb} if admitted.gpu is not None else {})))
+            continue
+        permanent = [r for r in residents if not r.leaving and not _may_evict(r, req)]
+        never = decide(req, devices, permanent, margin_mb=limits.margin_mb, max_loaded=limits.max_loaded)
+        if not never.admit:
+            out.refuse[head] = never
+            continue
+        drained = decide(Request(head, view.need_mb, prio, view.allow_eviction, force=True, split=view.split),
+                         devices, residents, margin_mb=limits.margin_mb, max_loaded=limits.max_loaded)
+        for victim in drained.evict if drained.admit else ():
+            contended[victim] = max(contended.get(victim, prio), prio)
+        out.prefetch = head
+        break  # head of line: nobody overtakes the model that waits for room
+    for model_id, ts in waiting.items():
+        view = models[model_id]
+        if view.state != "loaded" or view.draining:
+            continue
+        budget = None
+        free = view.slots - view.in_flight if view.slots else None  # a request beyond the slots waits here
+        if model_id in contended:
+            budget = _turn_budget(view, contended[model_id], now, limits)
+            if budget is not None and budget > 0:
+                out.wake_at = min(out.wake_at or view.loaded_at + limits.turn_seconds,
+                                  view.loaded_at + limits.turn_seconds)
+        for t in ts:
+            if t.load_only:
+                out.grant.append(t.id)
+            elif (budget is None or budget > 0) and (free is None or free > 0):
+                out.grant.append(t.id)
+                budget = None if budget is None else budget - 1
+                free = None if free is None else free - 1
+        if budget is not None and budget <= 0 and any(not t.load_only for t in ts):
+            out.close.add(model_id)
+    for model_id, prio in contended.items():  # a victim with requests in flight and none queued: its turn may end
+        view = models[model_id]
+        if _turn_budget(view, prio, now, limits) == 0:
+            out.close.add(model_id)
+        elif view.loaded_at is not None:
+            out.wake_at = min(out.wake_at or view.loaded_at + limits.turn_seconds, view.loaded_at + limits.turn_seconds)
+    return out
+
+
+def _head_order(model: str, tickets: list[Ticket], view: ModelView, now: float, limits: Limits) -> tuple:
+    oldest = tickets[0].arrived
+    priority = max(t.priority for t in tickets)
+    if now - oldest >= limits.starve_after_s:
+        return (-priority, 0, oldest)
+    piled_up = sum(now - t.arrived for t in tickets) + 1e-3 * len(tickets)
+    return (-priority, 1, -piled_up / (1.0 + view.swap_cost_s))
+
+
+def _turn_budget(view: ModelView, head_priority: float, now: float, limits: Limits) -> int:
+    """How many more requests a contended loaded model may be granted in its turn (0: the turn is over)."""
+    if head_priority > view.priority or view.loaded_at is None:
+        return 0
+    if now - view.loaded_at >= limits.turn_seconds:
+        return 0
+    return max(0, limits.turn_requests - view.turn_grants)
+
+
+def _may_evict(r: Resident, req: Request) -> bool:
+    return r.priority < req.priority or (r.priority == req.priority and req.allow_eviction)
+
+
+def _leaving(r: Resident) -> Resident:
+    return Resident(r.id, r.gpu, r.held_mb, r.priority, r.in_flight, r.last_used, r.loading, True, r.held_mb_by_gpu)

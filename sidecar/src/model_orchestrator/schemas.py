@@ -150,6 +150,11 @@ class LoraScaleOut(BaseModel):
     scale: float = Field(description="applied now (0: loaded, not applied)")
 
 
+class QueueStatus(BaseModel):
+    length: int = Field(description="requests (and explicit loads) waiting for this model: its load, or its turn")
+    oldest_wait_s: float | None = Field(description="how long the oldest of them has waited")
+
+
 class ModelStatus(BaseModel):
     model: str
     service: str
@@ -172,6 +177,7 @@ class ModelStatus(BaseModel):
     error: dict[str, Any] | None = None
     download: DownloadStatus | None = Field(None, description="while `downloading`: bytes done/total per file")
     lora: list[LoraScaleOut] = Field([], description="its LoRA adapters with the scales its llama-server applies now")
+    queue: QueueStatus
 
 
 class StatusResponse(BaseModel):
@@ -183,6 +189,7 @@ class StatusResponse(BaseModel):
     loaded_models: dict[str, ModelStatus] = Field(description="models not in state unloaded, by id")
     gpus: list[GpuOut]
     reservations: list[ReservationOut] = []
+    queues: dict[str, QueueStatus] = Field({}, description="models with requests waiting (loaded or not), by id")
     driver_version: str | None = None
     note: str | None = None
 
@@ -315,6 +322,7 @@ class ModelInfo(BaseModel):
     download_on_load: bool = Field(description="a load downloads its files when they are missing")
     download: DownloadStatus | None = Field(None, description="while `downloading`: bytes done/total per file")
     lora: list[AdapterInfo] = Field([], description="its LoRA adapters (registry `lora`) with their default scales")
+    queue: QueueStatus
 
 
 class ModelsResponse(BaseModel):

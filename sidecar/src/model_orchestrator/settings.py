@@ -86,8 +86,15 @@ class Settings(BaseModel):
     callback_hosts: str | None = setting(None, "MODEL_ORCHESTRATOR_CALLBACK_HOSTS", "hosts (host or host:port, "
                                          "comma-separated) that load callbacks may be POSTed to; unset: no "
                                          "callbacks (the sidecar is no open relay)")
-    max_queue: int = setting(64, "MODEL_ORCHESTRATOR_MAX_QUEUE", "per model: requests waiting beyond llama-server's "
-                             "--parallel slots before `429 overloaded` (0: no cap)", ge=0)
+    max_queue: int = setting(64, "MODEL_ORCHESTRATOR_MAX_QUEUE", "per model: requests waiting in its queue (for "
+                             "its load or its turn) before `503 queue_full` (0: no cap)", ge=0)
+    queue_timeout_s: float = setting(600, "MODEL_ORCHESTRATOR_QUEUE_TIMEOUT_S", "how long a request may wait in its "
+                                     "model's queue before `503 queue_timeout` (per request: header "
+                                     "X-Queue-Timeout-S)", gt=0)
+    turn_requests: int = setting(32, "MODEL_ORCHESTRATOR_TURN_REQUESTS", "while other models wait for its room, a "
+                                 "loaded model's turn ends after this many requests ...", ge=1)
+    turn_seconds: float = setting(10, "MODEL_ORCHESTRATOR_TURN_SECONDS", "... or this many seconds after it was "
+                                  "loaded; then it drains and is swapped out", gt=0)
     gpu_sample_s: float = setting(0.25, "MODEL_ORCHESTRATOR_GPU_SAMPLE_S", "GPU readings are sampled this often by "
                                   "one background task; no status answer is older", gt=0, le=60)
     upstream_connect_timeout_s: float = setting(10, "MODEL_ORCHESTRATOR_UPSTREAM_CONNECT_TIMEOUT_S", "connecting to "

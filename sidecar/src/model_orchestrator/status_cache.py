@@ -28,7 +28,7 @@ class StatusCache:
 
     def state_key(self) -> tuple:
         o = self.orch
-        return (o.gpu_view.latest().taken_at, o.reservations.version,
+        return (o.gpu_view.latest().taken_at, o.reservations.version, o.dispatcher.version,
                 tuple((s.state, s.server, s.in_flight, s.draining, s.priority, s.last_used_mono, id(s.last_error),
                        s.gpu, s.load_seconds, s.lora_version) for s in o.models.values()),
                 tuple((m, d.bytes_done) for m, d in o.downloads.active.items()))
