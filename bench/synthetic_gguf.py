@@ -15,6 +15,9 @@ from pathlib import Path
 import numpy as np
 
 SHAPES = {
+    # Qwen3-0.6B: the smallest current dense model (QK norms, tied embeddings)
+    "qwen3-0.6b": dict(arch="qwen3", n_layer=28, n_embd=1024, n_head=16, n_head_kv=8, head_dim=128, n_ff=3072,
+                       n_vocab=151936, tied=True),
     # Llama-3.2-1B: small dense, tied embeddings
     "llama-1b": dict(arch="llama", n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, head_dim=64, n_ff=8192,
                      n_vocab=128256, tied=True),
@@ -41,10 +44,11 @@ def _tensors(s: dict) -> list[tuple[str, tuple[int, ...], bool]]:
         out += [(b + "attn_norm.weight", (e,), False), (b + "attn_q.weight", (e, q), True),
                 (b + "attn_k.weight", (e, kv), True), (b + "attn_v.weight", (e, kv), True),
                 (b + "attn_output.weight", (q, e), True), (b + "ffn_norm.weight", (e,), False)]
+        if s["arch"] in ("qwen3", "qwen3moe"):
+            out += [(b + "attn_q_norm.weight", (hd,), False), (b + "attn_k_norm.weight", (hd,), False)]
         if s["arch"] == "qwen3moe":
             x, f = s["n_expert"], s["n_ff_exp"]
-            out += [(b + "attn_q_norm.weight", (hd,), False), (b + "attn_k_norm.weight", (hd,), False),
-                    (b + "ffn_gate_inp.weight", (e, x), False), (b + "ffn_gate_exps.weight", (e, f, x), True),
+            out += [(b + "ffn_gate_inp.weight", (e, x), False), (b + "ffn_gate_exps.weight", (e, f, x), True),
                     (b + "ffn_up_exps.weight", (e, f, x), True), (b + "ffn_down_exps.weight", (f, e, x), True)]
         else:
             f = s["n_ff"]

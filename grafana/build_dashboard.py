@@ -300,11 +300,35 @@ def build() -> dm.Dashboard:
     d = d.with_panel(ts("Prompt tokens/s", "Prompt tokens processed per second, from the responses' usage", "tokens/s",
                         q(f"sum by (model) (rate(llamacpp_prompt_tokens_total{{{M}}}[{RI}]))", "{{model}}"),
                         w=8, calcs=("mean", "max")))
-    d = d.with_panel(ts("In flight / waiting for load", "Requests being answered, and requests waiting for their "
-                        "model to finish loading", "short",
+    d = d.with_panel(ts("In flight / queued", "Requests being answered, and requests waiting in their model's "
+                        "queue (for its load or its turn)", "short",
                         q(f"sum by (model) (model_orchestrator_requests_in_flight{{{M}}})", "{{model}} in flight"),
-                        q(f"sum by (model) (model_orchestrator_requests_waiting_for_load{{{M}}})", "{{model}} waiting"),
+                        q(f"sum by (model) (model_orchestrator_queue_depth{{{M}}})", "{{model}} queued"),
                         w=8))
+
+    # ---- the queue and the scheduler (dispatcher.py, scheduler.plan) ---------------------------------------------
+    d = d.with_row(db.Row("Queue and scheduler"))
+    d = d.with_panel(ts("Queue depth", "Requests (and explicit loads) waiting in each model's queue: for its load, "
+                        "for its turn while other models are served, or for a free slot", "short",
+                        q(f"sum by (model) (model_orchestrator_queue_depth{{{M}}})", "{{model}}"),
+                        w=8, stack=True, calcs=("mean", "max")))
+    d = d.with_panel(ts("Queue wait p50 / p99", "How long proxied requests waited before they were sent to "
+                        "llama-server (0 when they went at once)", "s",
+                        q(f"histogram_quantile(0.5, sum by (le, model) (rate(model_orchestrator_queue_wait_seconds_bucket{{{M}}}[{RI}])))",
+                          "{{model}} p50"),
+                        q(f"histogram_quantile(0.99, sum by (le, model) (rate(model_orchestrator_queue_wait_seconds_bucket{{{M}}}[{RI}])))",
+                          "{{model}} p99"), w=8, calcs=("mean", "max")))
+    d = d.with_panel(ts("Swaps and their time", "Loads the scheduler started for waiting requests (bars, per "
+                        "interval) and how long they took from its decision to the model ready (mean, s)", "short",
+                        q(f"sum by (model) ({events(f'model_orchestrator_swaps_total{{{M}}}')})", "{{model}} swaps"),
+                        q(f"sum by (model) (rate(model_orchestrator_swap_duration_seconds_sum{{{M}}}[{RI}])) / "
+                          f"sum by (model) (rate(model_orchestrator_swap_duration_seconds_count{{{M}}}[{RI}]))",
+                          "{{model}} swap s", ref="B"), w=8, calcs=("sum", "max")))
+    d = d.with_panel(ts("Left the queue unserved", "Requests refused from the queue, by code: queue_full "
+                        "(MODEL_ORCHESTRATOR_MAX_QUEUE), queue_timeout (waited their bound), or their load's refusal",
+                        "short", q(f"sum by (model, code) ({events(f'model_orchestrator_queue_refusals_total{{{M}}}')})",
+                                   "{{model}} {{code}}"), bars=True, w=24, h=6, calcs=("sum",),
+                        thresholds=steps((None, "green"), (1, "red"))))
 
     # ---- the sidecar's own API ------------------------------------------------------------------------------
     d = d.with_row(db.Row("Sidecar HTTP API"))

@@ -68,8 +68,9 @@ def prometheus_bins() -> tuple[str, str]:
 
 
 # ---- HTTP helpers -----------------------------------------------------------------------------------------------
-def http(method: str, url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, bytes]:
-    req = urllib.request.Request(url, method=method, headers={"Content-Type": "application/json"},
+def http(method: str, url: str, body: dict | None = None, timeout: float = 60,
+         headers: dict | None = None) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, method=method, headers={"Content-Type": "application/json", **(headers or {})},
                                  data=json.dumps(body).encode() if body is not None else None)
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
@@ -134,9 +135,10 @@ class FakeGpuSidecar(SidecarProcess):
 
 
 # ---- the scenario -----------------------------------------------------------------------------------------------
-def chat(sc: FakeGpuSidecar, model: str, *, stream: bool = False, **extra) -> int:
+def chat(sc: FakeGpuSidecar, model: str, *, stream: bool = False, headers: dict | None = None, **extra) -> int:
     status, body = http("POST", sc.url + "/v1/chat/completions",
-                        {"model": model, "stream": stream, "messages": [{"role": "user", "content": "Hi"}], **extra})
+                        {"model": model, "stream": stream, "messages": [{"role": "user", "content": "Hi"}], **extra},
+                        headers=headers)
     if status == 200 and stream:
         assert b"data: [DONE]" in body, body[-500:]
     return status
@@ -160,6 +162,10 @@ def run_scenario(sc: FakeGpuSidecar, slow_start: Path) -> None:
         t.start()
     for t in waiting:
         t.join()
+    # a request that may wait 0.3 s for a model that takes 1.5 s to load: it leaves the queue unserved (503)
+    assert sc.call("POST", "/models/unload", {"model": MODEL})[0] == 200
+    assert chat(sc, MODEL, headers={"X-Queue-Timeout-S": "0.3"}) == 503
+    sc.call("POST", "/models/unload", {"model": MODEL})  # cancels the load it started
     slow_start.unlink()
     # traffic for a few scrapes, plain and streamed, two requests at a time (in flight, tokens/s, latency)
     until = time.monotonic() + 3.0
@@ -301,7 +307,8 @@ def test_panels_have_units_descriptions_and_use_the_datasource_variable():
     titles = {p["title"] for p in ps}
     for needed in ("VRAM by holder", "GPU utilisation", "GPU temperature", "GPU power", "Model state",
                    "Load duration", "Requests/s per model", "Failed chat requests", "Latency p50 / p95", "Generated tokens/s",
-                   "Prompt tokens/s", "In flight / waiting for load", "Unloads by reason", "Model failures by code",
+                   "Prompt tokens/s", "In flight / queued", "Queue depth", "Queue wait p50 / p99",
+                   "Swaps and their time", "Unloads by reason", "Model failures by code",
                    "HTTP errors by route"):
         assert needed in titles
 

@@ -70,7 +70,9 @@ class Metrics:
             self.prompt_tokens.labels(m)
             self.in_flight.labels(m)
             self.queue_depth.labels(m)
+            self.queue_wait.labels(m)
             self.swaps.labels(m)
+            self.swap_seconds.labels(m)
             for code in ("queue_full", "queue_timeout"):
                 self.queue_refusals.labels(m, code)
 

@@ -188,10 +188,10 @@ def _split(need_mb: float, free: dict[int, float]) -> dict[int, float]:
 #     then starvation (a model whose oldest ticket waited starve_after_s goes first, oldest first), then value: the
 #     waiting time its tickets have piled up per second of its swap (learned from past loads).
 #   * The head loads as soon as `decide` admits it with idle victims only. If it fits only after models with requests
-#     in flight are gone, those models' turns end (after turn_requests grants or turn_seconds since they were loaded;
-#     at once when the head has a higher priority): they close (grant nothing more), drain, and are evicted by the
-#     next plan. A victim that falls idle before its turn ends is evicted at once (nothing is lost). Meanwhile the
-#     head's model file is read into the page cache.
+#     in flight are gone, those models' turns end (after turn_requests grants, or Limits.turn_length since they were
+#     loaded: 4x the head's swap cost, 1 s to turn_seconds; at once when the head has a higher priority): they close
+#     (grant nothing more), drain, and are evicted by the next plan. A victim that falls idle before its turn ends is
+#     evicted at once (nothing is lost). Meanwhile the head's model file is read into the page cache.
 #   * Refused only when the head can never fit: not even with every model it may evict gone (409, decide's reason).
 #   * Expired: a ticket past its deadline (503 queue_timeout, by the dispatcher).
 
@@ -238,6 +238,12 @@ class Limits:
     def starve_after_s(self) -> float:
         return 3 * self.turn_seconds
 
+    def turn_length(self, head_swap_s: float) -> float:
+        """How long a loaded model's turn lasts while another waits for its room: long enough that the swap costs
+        at most a fifth of the time (TURN_PER_SWAP times the waiting model's swap), at least MIN_TURN_S, at most
+        turn_seconds: cheap swaps switch often (short waits), expensive ones group more requests."""
+        return min(self.turn_seconds, max(MIN_TURN_S, TURN_PER_SWAP * head_swap_s))
+
 
 @dataclass
 class Plan:
@@ -251,6 +257,8 @@ class Plan:
 
 
 _CANDIDATE_STATES = ("unloaded", "failed")
+TURN_PER_SWAP = 4.0
+MIN_TURN_S = 1.0
 
 
 def plan(tickets: list[Ticket], models: dict[str, ModelView], devices: list[Device], residents: list[Resident],
@@ -264,7 +272,7 @@ def plan(tickets: list[Ticket], models: dict[str, ModelView], devices: list[Devi
             waiting.setdefault(t.model, []).append(t)
             out.wake_at = min(out.wake_at or t.deadline, t.deadline)
     residents = list(residents)
-    contended: dict[str, float] = {}  # loaded model -> the head's priority that needs it gone
+    contended: dict[str, tuple[int, float]] = {}  # loaded model -> (priority, swap cost) of the head that needs it
     heads = sorted((m for m in waiting if models[m].state in _CANDIDATE_STATES
                     and (models[m].load_on_demand or any(t.load_only for t in waiting[m]))),
                    key=lambda m: _head_order(m, waiting[m], models[m], now, limits))
@@ -287,7 +295,7 @@ def plan(tickets: list[Ticket], models: dict[str, ModelView], devices: list[Devi
         drained = decide(Request(head, view.need_mb, prio, view.allow_eviction, force=True, split=view.split),
                          devices, residents, margin_mb=limits.margin_mb, max_loaded=limits.max_loaded)
         for victim in drained.evict if drained.admit else ():
-            contended[victim] = max(contended.get(victim, prio), prio)
+            contended[victim] = (prio, view.swap_cost_s)
         out.prefetch = head
         break  # head of line: nobody overtakes the model that waits for room
     for model_id, ts in waiting.items():
@@ -297,10 +305,7 @@ def plan(tickets: list[Ticket], models: dict[str, ModelView], devices: list[Devi
         budget = None
         free = view.slots - view.in_flight if view.slots else None  # a request beyond the slots waits here
         if model_id in contended:
-            budget = _turn_budget(view, contended[model_id], now, limits)
-            if budget is not None and budget > 0:
-                out.wake_at = min(out.wake_at or view.loaded_at + limits.turn_seconds,
-                                  view.loaded_at + limits.turn_seconds)
+            budget = _turn_budget(view, *contended[model_id], now, limits)
         for t in ts:
             if t.load_only:
                 out.grant.append(t.id)
@@ -310,12 +315,13 @@ def plan(tickets: list[Ticket], models: dict[str, ModelView], devices: list[Devi
                 free = None if free is None else free - 1
         if budget is not None and budget <= 0 and any(not t.load_only for t in ts):
             out.close.add(model_id)
-    for model_id, prio in contended.items():  # a victim with requests in flight and none queued: its turn may end
+    for model_id, (prio, cost) in contended.items():  # a victim whose turn is over closes; else plan at its end
         view = models[model_id]
-        if _turn_budget(view, prio, now, limits) == 0:
+        if _turn_budget(view, prio, cost, now, limits) == 0:
             out.close.add(model_id)
         elif view.loaded_at is not None:
-            out.wake_at = min(out.wake_at or view.loaded_at + limits.turn_seconds, view.loaded_at + limits.turn_seconds)
+            end = view.loaded_at + limits.turn_length(cost)
+            out.wake_at = min(out.wake_at or end, end)
     return out
 
 
@@ -328,11 +334,11 @@ def _head_order(model: str, tickets: list[Ticket], view: ModelView, now: float, 
     return (-priority, 1, -piled_up / (1.0 + view.swap_cost_s))
 
 
-def _turn_budget(view: ModelView, head_priority: float, now: float, limits: Limits) -> int:
+def _turn_budget(view: ModelView, head_priority: float, head_swap_s: float, now: float, limits: Limits) -> int:
     """How many more requests a contended loaded model may be granted in its turn (0: the turn is over)."""
     if head_priority > view.priority or view.loaded_at is None:
         return 0
-    if now - view.loaded_at >= limits.turn_seconds:
+    if now - view.loaded_at >= limits.turn_length(head_swap_s):
         return 0
     return max(0, limits.turn_requests - view.turn_grants)
 
