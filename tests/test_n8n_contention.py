@@ -1,0 +1,133 @@
+"""Many executions, more models than fit, in a real n8n (2.40.7, `n8n start`): one workflow with three Chat nodes on
+three models, started 4 times at once by its webhook, against a sidecar that may hold one model at a time
+(MODEL_ORCHESTRATOR_MAX_LOADED=1). Every execution must end green: the sidecar's queue makes each request wait for
+its model's turn instead of refusing it, and no n8n node needs a retry loop."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from support.helpers import ChildSampler, SidecarProcess, free_port, registry_text, wait_until
+from support.n8n import CREDENTIAL_NAME, N8n, build_package, install_package, install_toolchain
+
+pytestmark = [
+    pytest.mark.external,
+    pytest.mark.timeout(1800),  # the first run installs n8n; n8n start takes a while on a busy host
+    pytest.mark.skipif(os.environ.get("MODEL_ORCHESTRATOR_SKIP_N8N") == "1", reason="MODEL_ORCHESTRATOR_SKIP_N8N=1"),
+]
+
+PKG = "n8n-nodes-model-orchestrator."
+MODELS = ("tiny", "tiny-tools", "tiny-generated")
+EXECUTIONS = 4
+
+
+def _three_models_workflow() -> dict:
+    nodes = [{"parameters": {"httpMethod": "POST", "path": "three-models", "responseMode": "lastNode",
+                             "options": {}},
+              "id": "contention-start", "webhookId": "contention-start", "name": "Start",
+              "type": "n8n-nodes-base.webhook", "typeVersion": 2, "position": [0, 300]}]
+    connections, previous = {}, "Start"
+    for i, model in enumerate(MODELS):
+        name = f"Chat {model}"
+        nodes.append({"parameters": {"model": model, "messageMode": "simple", "userMessage": f"Hello {i}",
+                                     "options": {"maxTokens": 8}},
+                      "id": f"contention-chat-{i}", "name": name, "type": PKG + "modelOrchestratorChat",
+                      "typeVersion": 1, "position": [220 * (i + 1), 300],
+                      "credentials": {"modelOrchestratorApi": {"id": None, "name": CREDENTIAL_NAME}}})
+        connections[previous] = {"main": [[{"node": name, "type": "main", "index": 0}]]}
+        previous = name
+    nodes.append({"parameters": {"jsCode": "return [{ json: { answers: " + json.dumps([f"Chat {m}" for m in MODELS])
+                                 + ".map(n => $(n).first().json.content) } }];"},
+                  "id": "contention-collect", "name": "Collect", "type": "n8n-nodes-base.code", "typeVersion": 2,
+                  "position": [220 * (len(MODELS) + 1), 300]})
+    connections[previous] = {"main": [[{"node": "Collect", "type": "main", "index": 0}]]}
+    return {"id": "tThreeModels01", "name": "Three models, cap one", "active": False,
+            "settings": {"executionOrder": "v1"}, "nodes": nodes, "connections": connections}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, model_dir, llama_server_bin):
+    paths = install_toolchain()
+    build_package(paths["NODE24"])
+    base = tmp_path_factory.mktemp("n8n-contention")
+    registry = base / "models.toml"
+    registry.write_text(registry_text(model_dir))
+    sidecar = SidecarProcess(registry, base / "state", llama_server_bin,
+                             env={"MODEL_ORCHESTRATOR_MAX_LOADED": "1"}).start()
+    user = base / "user"
+    user.mkdir()
+    install_package(paths["NODE24"], user, base / "pack")
+    n8n = N8n.create(paths["NODE24"], paths["N8N_BIN"], user)
+    port = free_port()
+    n8n.env.update({"N8N_PORT": str(port), "N8N_LISTEN_ADDRESS": "127.0.0.1", "N8N_SECURE_COOKIE": "false",
+                    "WEBHOOK_URL": f"http://127.0.0.1:{port}/", "EXECUTIONS_DATA_SAVE_ON_SUCCESS": "all"})
+    n8n.import_credentials([{"id": "moCredContend01", "name": CREDENTIAL_NAME, "type": "modelOrchestratorApi",
+                             "data": {"baseUrl": sidecar.url}}], base / "credentials.json")
+    wf = _three_models_workflow()
+    n8n.import_workflows([wf], base / "workflows")
+    proc = n8n.cli("publish:workflow", f"--id={wf['id']}", timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = base / "n8n.log"
+    server = subprocess.Popen([n8n.node24, n8n.n8n_bin, "start"], env=n8n.env, cwd=user, stdout=open(log, "wb"),
+                              stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready():
+        assert server.poll() is None, log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(url + "/healthz/readiness", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    try:
+        assert wait_until(ready, 240, 0.5) is not None, log.read_text()[-3000:]
+        # the published workflow's webhook listens once n8n has indexed it (a moment after readiness)
+        assert wait_until(lambda: "published workflows" in log.read_text(errors="replace"), 120, 0.5) is not None
+        time.sleep(1)
+        yield {"sidecar": sidecar, "url": url, "log": log}
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
+        sidecar.stop()
+
+
+def _execute(url: str) -> tuple[int, dict | str]:
+    req = urllib.request.Request(f"{url}/webhook/three-models", method="POST", data=b"{}",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
+
+def test_four_parallel_executions_of_three_models_with_a_cap_of_one_all_green(setup):
+    sidecar = setup["sidecar"]
+    with ChildSampler(sidecar.proc.pid) as sampler, ThreadPoolExecutor(EXECUTIONS) as pool:
+        t0 = time.monotonic()
+        results = list(pool.map(lambda _: _execute(setup["url"]), range(EXECUTIONS)))
+        took = time.monotonic() - t0
+    for status, body in results:
+        assert status == 200, (body, setup["log"].read_text()[-3000:])
+        answers = body["answers"] if isinstance(body, dict) else None
+        assert answers and all(a for a in answers), body
+        assert answers[0] == "Hello from a tiny model!", answers
+    assert sampler.max_alive == 1, "two llama-servers were alive at once"
+    with urllib.request.urlopen(sidecar.url + "/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    refused = [line for line in metrics.splitlines() if line.startswith("llamacpp_requests_total")
+               and 'status="200"' not in line and not line.endswith(" 0.0")]
+    assert not refused, refused  # no chat was refused on the way (no 409/503 that a retry hid)
+    print(f"{EXECUTIONS} executions x {len(MODELS)} models in {took:.1f} s, {len(sampler.seen_pids)} loads")
