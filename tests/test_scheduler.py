@@ -109,3 +109,100 @@ def test_a_refusal_says_whether_memory_or_the_cap_is_the_reason(devices):
 def test_cpu_mode_a_reservation_never_evicts_for_the_cap():
     d = decide(Request("reservation:x", 1, 50, is_model=False), [], [res("a", 0)], margin_mb=0, max_loaded=1)
     assert d.admit and d.evict == []
+
+
+# ---- the queue policy (scheduler.plan): one row per situation, the plan it must give --------------------------------
+from model_orchestrator.scheduler import Limits, ModelView, Ticket, plan  # noqa: E402
+
+NOW = 1000.0
+LIMITS = Limits(margin_mb=512, max_loaded=1, turn_requests=4, turn_seconds=10)
+
+
+def t(id, model, age=1.0, prio=0, load_only=False, bound=600.0):
+    return Ticket(id, model, NOW - age, NOW - age + bound, prio, load_only)
+
+
+def view(id, state="unloaded", prio=0, busy=0, loaded_for=None, grants=0, swap=1.0, need=0.0, slots=4, **kw):
+    return ModelView(id, state, prio, need_mb=need, in_flight=busy, swap_cost_s=swap,
+                     loaded_at=None if loaded_for is None else NOW - loaded_for, turn_grants=grants, slots=slots, **kw)
+
+
+def resident(v: ModelView) -> Resident:
+    return Resident(v.id, None, v.need_mb, v.priority, v.in_flight, NOW - 5, loading=v.state == "loading",
+                    leaving=v.state == "unloading")
+
+
+PLAN_CASES = [
+    # name, tickets, models, limits -> grant, load, close, refuse, expire, prefetch
+    ("a loaded model serves its queue, as many at once as its slots",
+     [t(1, "a"), t(2, "a"), t(3, "a")], [view("a", "loaded", loaded_for=1, slots=2)], LIMITS,
+     [1, 2], [], set(), [], [], None),
+    ("an unloaded model that fits loads", [t(1, "a")], [view("a")], LIMITS, [], ["a"], set(), [], [], None),
+    ("an idle model makes room at once (the turn does not hold an idle model)",
+     [t(1, "b")], [view("a", "loaded", loaded_for=1), view("b")], LIMITS, [], ["b"], set(), [], [], None),
+    ("a busy model keeps its turn: its queue is served within the turn's budget, the next model waits (prefetched)",
+     [t(1, "b", age=2), t(2, "a"), t(3, "a"), t(4, "a")], [view("a", "loaded", busy=1, loaded_for=1, grants=2),
+                                                          view("b")], LIMITS,
+     [2, 3], [], {"a"}, [], [], "b"),
+    ("a busy model whose turn is over (turn_length: 4 x the waiting model's swap) closes and drains",
+     [t(1, "b"), t(2, "a")], [view("a", "loaded", busy=1, loaded_for=5), view("b", swap=1.0)], LIMITS,
+     [], [], {"a"}, [], [], "b"),
+    ("an expensive swap makes the turn longer: still open after 5 s",
+     [t(1, "b"), t(2, "a")], [view("a", "loaded", busy=1, loaded_for=5), view("b", swap=2.0)], LIMITS,
+     [2], [], set(), [], [], "b"),
+    ("a higher-priority model ends the turn at once",
+     [t(1, "b", prio=9), t(2, "a")], [view("a", "loaded", busy=1, loaded_for=0.1), view("b", prio=9)], LIMITS,
+     [], [], {"a"}, [], [], "b"),
+    ("a model that can never fit (a higher priority holds the only place) is refused, not queued",
+     [t(1, "b")], [view("a", "loaded", prio=9, loaded_for=1), view("b")], LIMITS, [], [], set(), ["b"], [], None),
+    ("without swap on demand an equal priority is never evicted: refused",
+     [t(1, "b")], [view("a", "loaded", loaded_for=1), view("b", allow_eviction=False)], LIMITS,
+     [], [], set(), ["b"], [], None),
+    ("a ticket past its deadline expires", [t(1, "a", age=700)], [view("a", "loading")], LIMITS,
+     [], [], set(), [], [1], None),
+    ("more waiting time piled up per second of swap goes first",
+     [t(1, "b", age=3), t(2, "c", age=2), t(3, "c", age=2), t(4, "c", age=2)],
+     [view("a", "loaded", busy=1, loaded_for=20), view("b"), view("c")], LIMITS, [], [], {"a"}, [], [], "c"),
+    ("a cheaper swap wins an equal queue",
+     [t(1, "b", age=2), t(2, "c", age=2)], [view("a", "loaded", busy=1, loaded_for=20), view("b", swap=30),
+                                            view("c", swap=1)], LIMITS, [], [], {"a"}, [], [], "c"),
+    ("starving beats value: the oldest ticket's model goes first once it waited 3 x turn_seconds",
+     [t(1, "b", age=31), t(2, "c", age=29), t(3, "c", age=29), t(4, "c", age=29)],
+     [view("a", "loaded", busy=1, loaded_for=20), view("b"), view("c")], LIMITS, [], [], {"a"}, [], [], "b"),
+    ("priority beats starving", [t(1, "b", age=100), t(2, "c", prio=5)],
+     [view("a", "loaded", busy=1, loaded_for=20), view("b"), view("c", prio=5)], LIMITS, [], [], {"a"}, [], [], "c"),
+    ("a model that loads only on request is not loaded for requests", [t(1, "m")],
+     [view("m", load_on_demand=False)], LIMITS, [], [], set(), [], [], None),
+    ("... but an explicit load loads it", [t(1, "m", load_only=True)], [view("m", load_on_demand=False)], LIMITS,
+     [], ["m"], set(), [], [], None),
+    ("a model being unloaded (draining) grants nothing", [t(1, "a")], [view("a", "loaded", loaded_for=1,
+                                                                           draining=True)], LIMITS,
+     [], [], set(), [], [], None),
+    ("an explicit load of a loaded model is granted even beyond its slots",
+     [t(1, "a", load_only=True)], [view("a", "loaded", busy=4, loaded_for=1)], LIMITS, [1], [], set(), [], [], None),
+    ("a model still loading: its tickets wait, nothing else happens", [t(1, "a")], [view("a", "loading")], LIMITS,
+     [], [], set(), [], [], None),
+    ("with room for two, both waiting models load in one plan", [t(1, "a"), t(2, "b")], [view("a"), view("b")],
+     Limits(margin_mb=512, max_loaded=2), [], ["a", "b"], set(), [], [], None),
+]
+
+
+@pytest.mark.parametrize("name,tickets,models,limits,grant,load,close,refuse,expire,prefetch", PLAN_CASES,
+                         ids=[c[0] for c in PLAN_CASES])
+def test_plan(name, tickets, models, limits, grant, load, close, refuse, expire, prefetch):
+    views = {v.id: v for v in models}
+    residents = [resident(v) for v in models if v.state in ("loading", "loaded", "unloading")]
+    p = plan(tickets, views, [], residents, NOW, limits)
+    assert p.grant == grant
+    assert [m for m, _ in p.load] == load
+    assert p.close == close
+    assert sorted(p.refuse) == refuse
+    assert p.expire == expire
+    assert p.prefetch == prefetch
+
+
+def test_plan_wakes_at_the_next_deadline_or_turn_end():
+    p = plan([t(1, "b", bound=30), t(2, "a")], {"a": view("a", "loaded", busy=1, loaded_for=1),
+                                               "b": view("b", swap=1.0)},
+             [], [resident(view("a", "loaded", busy=1))], NOW, LIMITS)
+    assert p.wake_at == pytest.approx(NOW + 3.0)  # a's turn ends 4 s after its load (4 x b's 1 s swap)

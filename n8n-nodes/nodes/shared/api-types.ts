@@ -198,7 +198,7 @@ export interface paths {
         };
         /**
          * Server-sent events: state changes, load progress, evictions, reservations, crashes
-         * @description A `text/event-stream` that stays open (a `: keepalive` comment every 15 s). Each event has `id:` (send it back as `Last-Event-ID` when reconnecting to replay what was missed), `event:` (its type) and `data:` (JSON). Types: `state`: a model changed state (`from`, `to`; `error` when it failed); `load_progress`: a load moved on: `phase` admitted (with gpu, estimate_mb, evicted), restoring (saved conversations, `slots`), ready (load_seconds); `loaded`: a load finished: the model serves requests (`load_seconds`, `pid`, `gpu`); `load_failed`: a load failed (`code`, `message`, last log lines in `logs`); `evicted`: a model was unloaded to make room (`by`: the load or reservation that needed it, `reason`); `unloaded`: a model was unloaded (`reason`: request, force, idle, evicted); `crashed`: llama-server exited while serving (`message`, last log lines in `logs`); `memory_low`: a load or reservation was refused for lack of GPU memory (`model`: who asked, `missing_mb`, `need_mb`, `gpu`), or a GPU's free memory fell below the margin (`gpu`, `free_mb`, `reason`); `reservation`: a reservation was created, renewed, released or expired (`action`, `reservation`); `estimate_checked`: after a load on a GPU: the estimate against NVML's measurement (`estimate_mb`, `measured_mb`, `error_mb`, `learned_overhead_mb`); `slots_saved`: an unload saved the model's conversations to disk (`slots`, `tokens`, `bytes`); `slots_restored`: a load restored saved conversations (`slots`, `tokens`): their prefixes are cached again; `download_started`: a load found the model's files missing and began downloading them (`bytes_total`, `files`: each file's bytes_done/bytes_total, `resumed_from` what an interrupted one left); `download_progress`: a download moved on (every second while it runs: `bytes_done`, `bytes_total`, `percent`, `bytes_per_second`, `eta_s`, `files`); `download_finished`: a download ended with the files in the cache; the load follows (`bytes_done`, `seconds`); `download_failed`: a download failed (`error`: code and message, e.g. insufficient_disk, hub_unreachable); `download_cancelled`: an unload stopped a download (what arrived is kept; the next load resumes it); `lora`: a loaded model's LoRA adapter scales were changed (`scales`: adapter name -> scale); `callback`: a load callback was delivered or given up (`url`, `delivered`, `attempts`, `status`). A client that falls behind gets an `overflow` event and the stream ends (reconnect with Last-Event-ID).
+         * @description A `text/event-stream` that stays open (a `: keepalive` comment every 15 s). Each event has `id:` (send it back as `Last-Event-ID` when reconnecting to replay what was missed), `event:` (its type) and `data:` (JSON). Types: `state`: a model changed state (`from`, `to`; `error` when it failed); `load_progress`: a load moved on: `phase` admitted (with gpu, estimate_mb, evicted), restoring (saved conversations, `slots`), ready (load_seconds); `loaded`: a load finished: the model serves requests (`load_seconds`, `pid`, `gpu`); `load_failed`: a load failed (`code`, `message`, last log lines in `logs`); `evicted`: a model was unloaded to make room (`by`: the load or reservation that needed it, `reason`); `unloaded`: a model was unloaded (`reason`: request, force, idle, evicted); `crashed`: llama-server exited while serving (`message`, last log lines in `logs`); `memory_low`: a load or reservation was refused for lack of GPU memory (`model`: who asked, `missing_mb`, `need_mb`, `gpu`), or a GPU's free memory fell below the margin (`gpu`, `free_mb`, `reason`); `reservation`: a reservation was created, renewed, released or expired (`action`, `reservation`); `estimate_checked`: after a load on a GPU: the estimate against NVML's measurement (`estimate_mb`, `measured_mb`, `error_mb`, `learned_overhead_mb`); `slots_saved`: an unload saved the model's conversations to disk (`slots`, `tokens`, `bytes`); `slots_restored`: a load restored saved conversations (`slots`, `tokens`): their prefixes are cached again; `download_started`: a load found the model's files missing and began downloading them (`bytes_total`, `files`: each file's bytes_done/bytes_total, `resumed_from` what an interrupted one left); `download_progress`: a download moved on (every second while it runs: `bytes_done`, `bytes_total`, `percent`, `bytes_per_second`, `eta_s`, `files`); `download_finished`: a download ended with the files in the cache; the load follows (`bytes_done`, `seconds`); `download_failed`: a download failed (`error`: code and message, e.g. insufficient_disk, hub_unreachable); `download_cancelled`: an unload stopped a download (what arrived is kept; the next load resumes it); `lora`: a loaded model's LoRA adapter scales were changed (`scales`: adapter name -> scale); `callback`: a load callback was delivered or given up (`url`, `delivered`, `attempts`, `status`); `queued`: a request (or an explicit load) waits in its model's queue (`waiting`: how many wait now, `state`: the model's); `granted`: a queued request goes to its model's llama-server (`waited_s`); `expired`: a queued request waited its bound and was refused with 503 queue_timeout (`waited_s`, `waiting_for`). A client that falls behind gets an `overflow` event and the stream ends (reconnect with Last-Event-ID).
          */
         get: operations["models_events"];
         put?: never;
@@ -278,7 +278,7 @@ export interface paths {
         put?: never;
         /**
          * OpenAI: chat (images, tools, streaming passed through)
-         * @description Routed by `model` to its llama-server, which is loaded on demand when the registry allows; requests that arrive during a load wait for it.
+         * @description Routed by `model` to its llama-server, which is loaded on demand when the registry allows. A request whose model is not ready (loading, not loaded, its room held by busy models, its turn not come) waits in the model's queue and is answered when the model runs.
          */
         post: operations["chat_completions"];
         delete?: never;
@@ -874,7 +874,7 @@ export interface components {
          * @description What a load did (POST /models/load's `result`).
          * @enum {string}
          */
-        LoadResult: "loaded" | "joined" | "already_loaded" | "loading" | "downloading" | "reserved";
+        LoadResult: "loaded" | "joined" | "already_loaded" | "loading" | "queued" | "downloading" | "reserved";
         /** LogsResponse */
         LogsResponse: {
             /** Model */
@@ -1044,6 +1044,7 @@ export interface components {
              * @default []
              */
             lora?: components["schemas"]["AdapterInfo"][];
+            queue: components["schemas"]["QueueStatus"];
         };
         /** ModelStatus */
         ModelStatus: {
@@ -1119,6 +1120,7 @@ export interface components {
              * @default []
              */
             lora?: components["schemas"]["LoraScaleOut"][];
+            queue: components["schemas"]["QueueStatus"];
         };
         /** ModelsResponse */
         ModelsResponse: {
@@ -1160,6 +1162,19 @@ export interface components {
          */
         OpenAIResponse: {
             [key: string]: unknown;
+        };
+        /** QueueStatus */
+        QueueStatus: {
+            /**
+             * Length
+             * @description requests (and explicit loads) waiting for this model: its load, or its turn
+             */
+            length: number;
+            /**
+             * Oldest Wait S
+             * @description how long the oldest of them has waited
+             */
+            oldest_wait_s: number | null;
         };
         /** RenewRequest */
         RenewRequest: {
@@ -1272,6 +1287,14 @@ export interface components {
              * @default []
              */
             reservations?: components["schemas"]["ReservationOut"][];
+            /**
+             * Queues
+             * @description models with requests waiting (loaded or not), by id
+             * @default {}
+             */
+            queues?: {
+                [key: string]: components["schemas"]["QueueStatus"];
+            };
             /**
              * Driver Version
              * @default null
@@ -1405,7 +1428,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1479,7 +1502,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1562,7 +1585,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1645,7 +1668,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1759,7 +1782,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1873,7 +1896,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -1987,7 +2010,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2070,7 +2093,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2175,7 +2198,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2282,7 +2305,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2367,7 +2390,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2462,7 +2485,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2550,7 +2573,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2635,7 +2658,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2751,7 +2774,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2834,7 +2857,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2848,7 +2871,10 @@ export interface operations {
     chat_completions: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description how long this request may wait in its model's queue (its load, its turn) before 503 queue_timeout; default MODEL_ORCHESTRATOR_QUEUE_TIMEOUT_S */
+                "X-Queue-Timeout-S"?: number;
+            };
             path?: never;
             cookie?: never;
         };
@@ -2861,6 +2887,8 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    /** @description milliseconds the request waited in its model's queue before it was sent to llama-server (0: at once) */
+                    "X-Queue-Wait-Ms"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -2945,15 +2973,6 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description overloaded: too many requests waiting for this model (MODEL_ORCHESTRATOR_MAX_QUEUE); retry after Retry-After seconds */
-            429: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
             /** @description llama-server crashed or the connection to it broke during the request */
             502: {
                 headers: {
@@ -2963,7 +2982,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description queue_full (MODEL_ORCHESTRATOR_MAX_QUEUE requests already wait for this model) or queue_timeout (it waited longer than X-Queue-Timeout-S or MODEL_ORCHESTRATOR_QUEUE_TIMEOUT_S: `waited_s`, `waiting_for`); retry after Retry-After seconds. Also a failed load or shutdown */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -2986,7 +3005,10 @@ export interface operations {
     completions: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description how long this request may wait in its model's queue (its load, its turn) before 503 queue_timeout; default MODEL_ORCHESTRATOR_QUEUE_TIMEOUT_S */
+                "X-Queue-Timeout-S"?: number;
+            };
             path?: never;
             cookie?: never;
         };
@@ -2999,6 +3021,8 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    /** @description milliseconds the request waited in its model's queue before it was sent to llama-server (0: at once) */
+                    "X-Queue-Wait-Ms"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -3083,15 +3107,6 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description overloaded: too many requests waiting for this model (MODEL_ORCHESTRATOR_MAX_QUEUE); retry after Retry-After seconds */
-            429: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
             /** @description llama-server crashed or the connection to it broke during the request */
             502: {
                 headers: {
@@ -3101,7 +3116,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description queue_full (MODEL_ORCHESTRATOR_MAX_QUEUE requests already wait for this model) or queue_timeout (it waited longer than X-Queue-Timeout-S or MODEL_ORCHESTRATOR_QUEUE_TIMEOUT_S: `waited_s`, `waiting_for`); retry after Retry-After seconds. Also a failed load or shutdown */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -3124,7 +3139,10 @@ export interface operations {
     embeddings: {
         parameters: {
             query?: never;
-            header?: never;
+            header?: {
+                /** @description how long this request may wait in its model's queue (its load, its turn) before 503 queue_timeout; default MODEL_ORCHESTRATOR_QUEUE_TIMEOUT_S */
+                "X-Queue-Timeout-S"?: number;
+            };
             path?: never;
             cookie?: never;
         };
@@ -3137,6 +3155,8 @@ export interface operations {
             /** @description OK */
             200: {
                 headers: {
+                    /** @description milliseconds the request waited in its model's queue before it was sent to llama-server (0: at once) */
+                    "X-Queue-Wait-Ms"?: number;
                     [name: string]: unknown;
                 };
                 content: {
@@ -3215,15 +3235,6 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description overloaded: too many requests waiting for this model (MODEL_ORCHESTRATOR_MAX_QUEUE); retry after Retry-After seconds */
-            429: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["ErrorResponse"];
-                };
-            };
             /** @description llama-server crashed or the connection to it broke during the request */
             502: {
                 headers: {
@@ -3233,7 +3244,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description queue_full (MODEL_ORCHESTRATOR_MAX_QUEUE requests already wait for this model) or queue_timeout (it waited longer than X-Queue-Timeout-S or MODEL_ORCHESTRATOR_QUEUE_TIMEOUT_S: `waited_s`, `waiting_for`); retry after Retry-After seconds. Also a failed load or shutdown */
             503: {
                 headers: {
                     [name: string]: unknown;
@@ -3316,7 +3327,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorResponse"];
                 };
             };
-            /** @description model not ready (loading failed, being unloaded) */
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
             503: {
                 headers: {
                     [name: string]: unknown;
