@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install deps llama-server chromium n8n run test bench bench-peers load-test openapi docs screenshots n8n-nodes clean
+.PHONY: install deps llama-server chromium n8n run test bench bench-peers bench-contention load-test openapi docs screenshots n8n-nodes clean
 
 install: deps llama-server
 
@@ -35,6 +35,11 @@ bench: install
 # bare llama-server vs the sidecar vs llama.cpp's router, same binary and flags (add ARGS=--gpu on a GPU machine)
 bench-peers: install
 	$(BIN)/python bench/peers.py $(ARGS)
+
+# many callers, more models than fit: the sidecar and llama.cpp's router in one run (ARGS="--gpu --cap 2 --clients 12
+# --seconds 90" on a GPU machine)
+bench-contention: install
+	$(BIN)/python bench/contention.py $(ARGS)
 
 # the full load test (make test runs a short variant): 200 clients for a minute
 load-test: install

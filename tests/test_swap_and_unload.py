@@ -96,6 +96,11 @@ async def test_higher_priority_stays_protected_and_a_busy_model_drains_before_it
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.3)
     assert not waiting.done() and tiny.state.value == "loaded", "a busy model was swapped out"
+    models = {m["id"]: m for m in (await (await c.get("/models")).json())["models"]}
+    queue = models["tiny-tools"]["queue"]
+    assert queue["length"] == 1 and queue["oldest_wait_s"] >= 0.3, queue
+    status = await (await c.get("/models/status")).json()
+    assert status["loaded_models"]["tiny"]["queue"] == {"length": 0, "oldest_wait_s": None}
     tiny.release()  # drained: now it goes, and the waiting request is answered
     status, body = await asyncio.wait_for(waiting, 30)
     assert status == 200, body

@@ -116,7 +116,8 @@ async def _build_status(orch: Orchestrator) -> bytes:
 
 
 async def _build_models(orch: Orchestrator) -> bytes:
-    return _serialised(ModelsResponse, await asyncio.to_thread(orch.registry_view))  # checks the HF cache on disk
+    queues = orch.dispatcher.queue_views()  # on the loop, which changes them
+    return _serialised(ModelsResponse, await asyncio.to_thread(orch.registry_view, queues))  # checks the HF cache
 
 
 CACHED: dict[str, tuple[str, Callable[[Orchestrator], Awaitable[bytes]]]] = {

@@ -102,10 +102,14 @@ class Dispatcher:
                 break
             model.release()  # unloaded or crashed between the grant and now: wait for its next load
         waited = loop.time() - t0
-        self.orch.metrics.child(self.orch.metrics.queue_wait, model.id).observe(waited)
+        metrics = self.orch.metrics
+        metrics.child(metrics.queue_wait, model.id).observe(waited)
+        in_flight = metrics.child(metrics.in_flight, model.id)
+        in_flight.inc()
         try:
             yield Lease(server, waited)
         finally:
+            in_flight.dec()
             model.release()
             if self._queues[model.id] or (model.in_flight == 0 and (self._waiting or model.id in self._closed)):
                 self.wake()
@@ -132,6 +136,9 @@ class Dispatcher:
             self._drop(waiter)
             raise
         return waiter.joined, list(waiter.evicted)
+
+    def queue_views(self) -> dict[str, dict]:
+        return {m: self.queue_view(m) for m in self._queues}
 
     def queue_view(self, model_id: str) -> dict:
         """Its queue for status: length and how long the oldest has waited."""
@@ -282,7 +289,9 @@ class Dispatcher:
     def plan_now(self) -> None:
         """Run the policy over the queues now and carry out what it says (synchronous: no await between reading the
         state and acting on it)."""
-        self._planning = None
+        if self._planning is not None:
+            self._planning.cancel()
+            self._planning = None
         if self.orch.closing:
             return
         loop = asyncio.get_running_loop()

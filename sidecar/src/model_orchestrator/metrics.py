@@ -33,7 +33,7 @@ class Metrics:
         self.unloads = Counter("model_orchestrator_model_unloads", "Unloads by reason (request, force, idle, evicted)", ["model", "reason"], registry=r)
         self.failures = Counter("model_orchestrator_model_failures", "Models that went to failed, by code", ["model", "code"], registry=r)
         self.load_duration = Histogram("model_orchestrator_load_duration_seconds", "Load request to llama-server ready", ["model"], buckets=LOAD_BUCKETS, registry=r)
-        self.in_flight = Gauge("model_orchestrator_requests_in_flight", "Proxied requests in flight", ["model"], registry=r)
+        self.in_flight = Gauge("model_orchestrator_requests_in_flight", "Proxied requests sent to llama-server and not yet answered (queued ones: queue_depth)", ["model"], registry=r)
         self.admission_refusals = Counter("model_orchestrator_admission_refusals", "Loads or reservations refused for lack of GPU memory (or the cap)", ["model"], registry=r)
         # the queue in front of every model (dispatcher.py)
         self.queue_depth = Gauge("model_orchestrator_queue_depth", "Requests and loads waiting in the model's queue", ["model"], registry=r)

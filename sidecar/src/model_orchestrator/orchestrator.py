@@ -796,8 +796,9 @@ class Orchestrator:
             "note": None,
         }
 
-    def registry_view(self) -> dict:
-        """GET /models: the registry with each model's state."""
+    def registry_view(self, queues: dict[str, dict]) -> dict:
+        """GET /models: the registry with each model's state (`queues`: Dispatcher.queue_views, taken on the loop;
+        this runs in a worker thread, it looks for files)."""
         out = []
         for spec in self.registry.models:
             model = self.models[spec.id]
@@ -813,7 +814,7 @@ class Orchestrator:
                 "swap_on_demand": self.allow_eviction(spec, None),
                 "lora": [{"name": a.name, "scale": a.scale, "source": a.source.model_dump(mode="json")}
                          for a in spec.lora],
-                "queue": self.dispatcher.queue_view(spec.id),
+                "queue": queues[spec.id],
             })
         return {"default_model": self.registry.default.id, "models": out}
 

@@ -172,8 +172,6 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
     t0 = time.perf_counter()
     status = 500
     m = orch.metrics
-    in_flight = m.child(m.in_flight, slot.id)
-    in_flight.inc()
     try:  # from here on every answer is counted for the model, refusals included
         _validate(endpoint, body)
         if endpoint == "chat_completions" and b'"image_url"' in raw and not slot.spec.vision and _has_image(body):
@@ -234,7 +232,6 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
         status = CLIENT_GONE
         raise
     finally:
-        in_flight.dec()
         m.child(m.requests, slot.id, endpoint, str(status)).inc()
         m.child(m.request_duration, slot.id, endpoint).observe(time.perf_counter() - t0)
 
