@@ -1,9 +1,12 @@
-"""Adversarial run (issue 14, round two): hostile web pages, malformed input, auth, storms, kills, a frozen
-llama-server, a second sidecar on the same state dir, SIGTERM while requests hang, and schemathesis with every check
-(positive data acceptance included), each against `model-orchestrator serve` as a real process serving tiny
+"""Adversarial run (issue 14, round two; issue 20, round three): hostile web pages, malformed input, auth, storms,
+kills, a frozen llama-server, a second sidecar on the same state dir, SIGTERM while requests hang, schemathesis with
+every check (positive data acceptance included), and round three's rows: the llama-server children as a local
+process and a web page would attack them, media URLs under every key and route, hostile GGUF headers, the
+remaining 500s, an unusable state dir. Each against `model-orchestrator serve` as a real process serving tiny
 generated models with a real llama-server.
 
-    .venv/bin/python bench/adversarial.py --out results/adversarial-2
+    .venv/bin/python bench/adversarial.py --out results/adversarial-4
+    .venv/bin/python bench/adversarial.py --only children,media,lows3,state_dir --out /tmp/adv   # round three only
 
 Prints one row per attack (what was done, what came back, whether that is what the README promises) and writes
 adversarial.json and adversarial.md; exits 1 when a row failed.
@@ -114,10 +117,13 @@ def row(attack: str, expected: str, observed: str, ok: bool) -> None:
 
 def write_models(d: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from support.tiny_models import write_tiny_model  # the tests' fixtures
+    from support.hostile_gguf import hostile_registry
+    from support.tiny_models import write_tiny_mmproj, write_tiny_model  # the tests' fixtures
 
     d.mkdir(parents=True, exist_ok=True)
     write_tiny_model(d / "hello.gguf", behaviour="hello", arch="qwen3")
+    write_tiny_mmproj(d / "mmproj.gguf")
+    hostile = (d / "hostile").mkdir(exist_ok=True) or hostile_registry(d / "hostile").read_text()
     write_tiny_model(d / "random.gguf", behaviour="random", arch="llama")
     if not (d / "fifo.gguf").exists():
         os.mkfifo(d / "fifo.gguf")
@@ -135,7 +141,12 @@ context_size = 2048
 id = "fifo"
 source = {{ type = "path", path = "{d / 'fifo.gguf'}" }}
 context_size = 512
-""")
+[[models]]
+id = "eyes"
+source = {{ type = "path", path = "{d / 'hello.gguf'}", mmproj = "{d / 'mmproj.gguf'}" }}
+context_size = 512
+extra_args = ["--embeddings", "--pooling", "mean"]
+""" + hostile.split("\n", 1)[1].replace('id = "good"', 'id = "hostile-good"'))
     return reg
 
 
@@ -367,11 +378,180 @@ def schemathesis(sc: Sidecar, work: Path) -> None:
         r.returncode == 0)
 
 
+# ---- round three (issue 20) ---------------------------------------------------------------------------------------
+def children_attacks(sc: Sidecar) -> None:
+    """Finding 1: the llama-server children as a local process and a web page would look for them."""
+    from support.helpers import child_call, child_endpoint, tcp_listening
+
+    s, b = sc.call("POST", "/models/load", {"model": "tiny"})
+    pid = b.get("pid")
+    ports = tcp_listening(pid)
+    row("R3-1 a llama-server child's TCP listeners (what a page's port scan finds)", "none; `port` null",
+        f"{ports}; port {b.get('port')!r}", s == 200 and ports == [] and b.get("port") is None)
+    sock, key = child_endpoint(pid)
+    mode = oct(os.stat(os.path.dirname(sock)).st_mode & 0o777)
+    in_argv = key.encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    row("R3-1 where it listens, its key", "a socket in a 0700 dir; the key not in argv",
+        f"{sock} in a {mode} dir; key in argv: {in_argv}", mode == "0o700" and not in_argv)
+    outs = {}
+    for method, path, body in (("GET", "/v1/models", None), ("POST", "/v1/chat/completions", CHAT),
+                               ("GET", "/slots", None), ("POST", "/slots/0?action=save", {"filename": "x.bin"})):
+        for name, headers in (("no key", {}), ("wrong key", {"Authorization": "Bearer nope"})):
+            outs[f"{method} {path} {name}"] = child_call(pid, method, path, body, key=False, headers=headers)[0]
+    row("R3-1 the child's socket without its key (a local process of the same user that skips the key)",
+        "401 everywhere", json.dumps(outs), all(v == 401 for v in outs.values()))
+    grants = {}
+    for origin in ("https://evil.example", "null", "http://localhost"):
+        status, _, h = child_call(pid, "OPTIONS", "/v1/chat/completions", headers={
+            "Origin": origin, "Access-Control-Request-Method": "POST"})
+        grants[origin] = f"{h.get('Access-Control-Allow-Origin')}/{h.get('Access-Control-Allow-Credentials')}"
+    row("R3-1 CORS preflight from foreign origins (with the key)", "no grant: Allow-Origin never the origin, no "
+        "credentials", json.dumps(grants), all(not g.startswith((o, "*")) and not g.endswith("true")
+                                               for o, g in grants.items()))
+    sc.call("POST", "/v1/chat/completions", {**CHAT, "model": "tiny"})
+    escaped = {}
+    for name in ("../written-by-a-web-page.bin", "../../written-by-a-web-page.bin", "/tmp/written-by-a-web-page.bin",
+                 "..", "a/b.bin"):
+        escaped[name] = child_call(pid, "POST", "/slots/0?action=save", {"filename": name})[0]
+    outside = [p for p in Path(sc.env["MODEL_ORCHESTRATOR_STATE"]).rglob("written-by-a-web-page.bin")
+               if p.parent.parent.name != "slots"] + list(Path("/tmp").glob("written-by-a-web-page.bin"))
+    row("R3-1 /slots save with crafted file names (with the key)", "400 each; nothing written outside the slot dir",
+        f"{json.dumps(escaped)}; outside: {outside}", all(v == 400 for v in escaped.values()) and not outside)
+    child_call(pid, "POST", "/slots/0?action=save", {"filename": "written-by-a-web-page.bin"})
+    metric = _metric(sc, "model_orchestrator_kv_cache_disk_bytes")
+    page = next(Path(sc.env["MODEL_ORCHESTRATOR_STATE"]).rglob("written-by-a-web-page.bin"), None)
+    size = page.stat().st_size if page else 0
+    row("R3-1 a slot file under another name counts against the slot cache's cap", "in "
+        "model_orchestrator_kv_cache_disk_bytes", f"file {size} B; metric {metric:g} B", size and metric >= size)
+    s, b = sc.call("POST", "/v1/chat/completions", {**CHAT, "model": "tiny"})
+    row("R3-1 the sidecar itself still reaches the child", "200", str(s), s == 200)
+
+
+def _metric(sc: Sidecar, name: str) -> float:
+    req = urllib.request.Request(sc.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    text = urllib.request.urlopen(req, timeout=10).read().decode()
+    return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " ")
+               or line.startswith(name + "{"))
+
+
+def media_attacks(sc: Sidecar) -> None:
+    """Finding 3: media URLs under every key llama-server reads one from, on every proxied route."""
+    import http.server
+
+    hits: list[str] = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(f"{self.path} {self.headers.get('User-Agent', '')}")
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            self.wfile.write(b"\x89PNG\r\n\x1a\n")
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/probe.png"
+    try:
+        sc.call("POST", "/models/load", {"model": "eyes"})
+
+        def chat(part):
+            return {"model": "eyes", "max_tokens": 2, "messages": [{"role": "user", "content": [part]}]}
+
+        cases = {
+            "chat image_url.url": ("/v1/chat/completions", chat({"type": "image_url", "image_url": {"url": url}})),
+            "chat input_video.data": ("/v1/chat/completions", chat({"type": "input_video", "input_video": {"data": url}})),
+            "chat video_url.data": ("/v1/chat/completions", chat({"type": "video_url", "video_url": {"data": url}})),
+            "chat input_audio.data": ("/v1/chat/completions", chat({"type": "input_audio", "input_audio": {"data": url}})),
+            "chat input_audio.url": ("/v1/chat/completions", chat({"type": "input_audio", "input_audio": {"url": url}})),
+            "embeddings input image_url": ("/v1/embeddings", {"model": "eyes", "input": [{"content": [
+                {"type": "image_url", "image_url": {"url": url}}]}]}),
+            "completions prompt image_url": ("/v1/completions", {"model": "eyes", "max_tokens": 2, "prompt": [
+                {"content": [{"type": "image_url", "image_url": {"url": url}}]}]}),
+        }
+        answers = {}
+        for name, (path, body) in cases.items():
+            s, b = sc.call("POST", path, body)
+            answers[name] = f"{s} {code(b)}"
+        raw = json.dumps(cases["chat image_url.url"][1]).replace('"image_url"', '"\\u0069mage_url"').encode()
+        s, b = sc.call("POST", "/v1/chat/completions", raw=raw)
+        answers["chat, key written as \\u0069mage_url"] = f"{s} {code(b)}"
+        time.sleep(1)
+        row("R3-3 remote media URLs under every key and route (no host allowed)", "400 image_url_not_allowed each; "
+            "the target never fetched", f"{json.dumps(answers)}; fetches: {hits}",
+            all(a == "400 image_url_not_allowed" for a in answers.values()) and not hits)
+    finally:
+        server.shutdown()
+
+
+def lows_round3(sc: Sidecar) -> None:
+    """Findings 7 and 11: the remaining 500s."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support.hostile_gguf import HOSTILE_HEADERS
+
+    outs = {}
+    for i, name in enumerate(HOSTILE_HEADERS):
+        s, b = sc.call("POST", "/models/estimate", {"model": f"hostile-{i}"})
+        outs[name] = f"{s} {code(b)}"
+    row(f"R3-7 /models/estimate of {len(outs)} hostile GGUF header shapes", "422 unreadable_model each (was 500)",
+        json.dumps(outs), all(v == "422 unreadable_model" for v in outs.values()))
+    outs = {}
+    for value in ("²", "1" * 5000):
+        s, b = sc.call("GET", "/models/events", headers={"Last-Event-ID": value}, timeout=10)
+        outs[f"Last-Event-ID {value[:8]}{'...' if len(value) > 8 else ''}"] = f"{s} {code(b)}"
+    for url in ("http://127.0.0.1:99999/hook", "http://127.0.0.1:port/hook"):
+        s, b = sc.call("POST", "/models/load", {"model": "tiny", "wait": False, "callback_url": url})
+        outs[f"callback_url {url}"] = f"{s} {code(b)}"
+    for name in (["terse"], {"a": 1}):
+        s, b = sc.call("POST", "/v1/chat/completions", {**CHAT, "model": "tiny", "lora": [{"name": name, "scale": 1}]})
+        outs[f"lora name {json.dumps(name)}"] = f"{s} {code(b)}"
+    row("R3-11 Last-Event-ID ² and 5000 digits; callback_url with a malformed port; a LoRA name that is a list or an "
+        "object", "400 invalid_request each (was 500)", json.dumps(outs),
+        all(v == "400 invalid_request" for v in outs.values()))
+
+
+def state_dir_attacks(work: Path, registry: Path) -> None:
+    """Finding 13: a state dir `serve` cannot use."""
+    (work / "a-file").write_text("x")
+    shared = Path(tempfile.mkdtemp(prefix="adv-ro-"))
+    shared.chmod(0o755)
+    (shared / "ro").mkdir()
+    (shared / "ro").chmod(0o555)
+    reg = shared / "models.toml"
+    reg.write_text(registry.read_text())
+    reg.chmod(0o644)
+    outs = {}
+    for name, state in (("a file", work / "a-file"), ("under a file", work / "a-file" / "state"),
+                        ("read-only", shared / "ro")):
+        cmd = [sys.executable, "-m", "model_orchestrator", "serve"]
+        if name == "read-only" and os.geteuid() == 0:  # root writes anywhere: as nobody, the directory is read-only
+            cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("MODEL_ORCHESTRATOR_")},
+               "MODEL_ORCHESTRATOR_MODELS": str(reg), "MODEL_ORCHESTRATOR_STATE": str(state),
+               "MODEL_ORCHESTRATOR_PORT": str(free_port())}
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+        outs[name] = (r.returncode, r.stderr.strip())
+    import shutil
+    shutil.rmtree(shared, ignore_errors=True)
+    row("R3-13 serve with a state dir that is a file, under a file, read-only", "exit 2 with one line each (was a "
+        "traceback)", json.dumps({k: f"exit {c}: {e[-160:]}" for k, (c, e) in outs.items()}),
+        all(c == 2 and len(e.splitlines()) == 1 and "Traceback" not in e for c, e in outs.values()))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "adversarial-2")
     ap.add_argument("--skip-schemathesis", action="store_true")
+    ap.add_argument("--only", help="comma-separated groups: rounds two (browser, malformed, storm, kills, "
+                    "second_serve, sigterm, auth, schemathesis) and three (children, media, lows3, state_dir)")
     args = ap.parse_args()
+    only = set(args.only.split(",")) if args.only else None
+
+    def wanted(group: str) -> bool:
+        return only is None or group in only
+
     args.out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="adversarial-"))
     registry = write_models(work / "models")
@@ -380,21 +560,27 @@ def main() -> int:
             "MODEL_ORCHESTRATOR_SHUTDOWN_TIMEOUT_S": "5", "MODEL_ORCHESTRATOR_STOP_TIMEOUT_S": "2"}
     open_sc = Sidecar(work, registry, work / "state-open", **fast).start()
     try:
-        browser_attacks(open_sc)
-        malformed(open_sc)
-        storm(open_sc)
-        kills(open_sc)
-        second_serve(work, registry, work / "state-open", open_sc)
-        sigterm_frozen(open_sc)
+        for group, attack in (("browser", browser_attacks), ("malformed", malformed), ("storm", storm),
+                              ("kills", kills), ("lows3", lows_round3)):
+            if wanted(group):
+                attack(open_sc)
+        if wanted("second_serve"):
+            second_serve(work, registry, work / "state-open", open_sc)
+        if wanted("sigterm"):
+            sigterm_frozen(open_sc)
     finally:
         open_sc.stop()
     keyed = Sidecar(work, registry, work / "state-keyed", MODEL_ORCHESTRATOR_API_KEY=KEY, **fast).start()
     try:
-        auth_attacks(keyed)
-        if not args.skip_schemathesis:
+        for group, attack in (("auth", auth_attacks), ("children", children_attacks), ("media", media_attacks)):
+            if wanted(group):
+                attack(keyed)
+        if wanted("schemathesis") and not args.skip_schemathesis:
             schemathesis(keyed, work)
     finally:
         keyed.stop()
+    if wanted("state_dir"):
+        state_dir_attacks(work, registry)
     (args.out / "adversarial.json").write_text(json.dumps(ROWS, indent=2))
     md = ["| attack | expected | observed | ok |", "|---|---|---|---|"]
     md += [f"| {r['attack']} | {r['expected']} | {r['observed'].replace('|', '/')} | {'yes' if r['ok'] else '**no**'} |"

@@ -37,7 +37,8 @@ def call(base: str, method: str, path: str, body: dict | None = None) -> tuple[i
 
 def bare_start_ms(binary: Path, spec, model: Path) -> float:
     port = free_port()
-    argv = build_argv(binary, spec, model, None, port)
+    argv = build_argv(binary, spec, model, None, Path("unused.sock"))
+    argv[argv.index("--host") + 1:argv.index("--host") + 2] = ["127.0.0.1", "--port", str(port)]  # bare: on TCP
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

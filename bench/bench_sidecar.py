@@ -4,6 +4,8 @@
   1. exec -> ready of a bare llama-server vs POST /models/load -> answer through the sidecar (overhead, ms)
   2. non-streamed chat latency, direct to llama-server vs through the sidecar's proxy (p50/p99, added p50)
   3. streamed generation speed, direct vs proxied (tokens/s and their ratio)
+"Direct" is the sidecar's own llama-server, over its private Unix socket with its key (support.helpers.child_session,
+as a process of the same user can); the bare load starts the same argv on a TCP port.
 
 Targets (issue 2): load overhead <= 50 ms, proxied/direct tokens/s >= 0.98, added latency p50 <= 1 ms.
 Usage: bench/bench_sidecar.py [--runs N] [--requests N] [--tokens N] [--ngl N] [--json OUT]
@@ -31,6 +33,7 @@ from model_orchestrator.install import find_llama_server
 from model_orchestrator.proxy import UsageScanner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.helpers import child_session  # noqa: E402
 from support.tiny_models import write_tiny_model  # noqa: E402  the tests' fixtures
 
 CHAT = {"messages": [{"role": "user", "content": "hi"}]}
@@ -136,8 +139,8 @@ n_gpu_layers = {args.ngl}
             async with http.post(base + "/models/load", json={"model": "hello"}) as r:
                 first = await r.json()
             argv = Path(f"/proc/{first['pid']}/cmdline").read_bytes().decode().split("\0")[:-1]
-            i = argv.index("--port")
-            argv = argv[:i] + argv[i + 2:]
+            i = argv.index("--host")
+            argv = argv[:i] + ["--host", "127.0.0.1"] + argv[i + 2:]  # bare_ready_ms adds --port
             async with http.post(base + "/models/unload", json={"model": "hello"}) as r:
                 await r.read()
             bare, via = [], []
@@ -156,27 +159,30 @@ n_gpu_layers = {args.ngl}
 
             # 2. chat latency, interleaved so both see the same machine
             async with http.post(base + "/models/load", json={"model": "hello"}) as r:
-                direct = f"http://127.0.0.1:{(await r.json())['port']}/v1/chat/completions"
+                child = child_session((await r.json())["pid"])
+            direct = "http://llama-server/v1/chat/completions"
             proxied = base + "/v1/chat/completions"
             lat = {"direct": [], "proxied": []}
             for i in range(args.requests + 10):
-                for kind, url in (("direct", direct), ("proxied", proxied)):
+                for kind, client, url in (("direct", child, direct), ("proxied", http, proxied)):
                     t0 = time.perf_counter()
-                    async with http.post(url, json={**CHAT, "model": "hello"}) as r:
+                    async with client.post(url, json={**CHAT, "model": "hello"}) as r:
                         await r.read()
                     if i >= 10:  # warm-up
                         lat[kind].append((time.perf_counter() - t0) * 1000)
+            await child.close()
             results["chat_latency_ms"] = {k: {"p50": pct(v, 50), "p99": pct(v, 99)} for k, v in lat.items()}
             results["chat_latency_ms"]["added_p50"] = pct(lat["proxied"], 50) - pct(lat["direct"], 50)
 
             # 3. streamed tokens/s
             async with http.post(base + "/models/load", json={"model": "random"}) as r:
-                direct = f"http://127.0.0.1:{(await r.json())['port']}/v1/chat/completions"
+                child = child_session((await r.json())["pid"])
             tps = {"direct": [], "proxied": []}
-            await stream_tokens_per_s(http, direct, "random", 50)  # warm-up
+            await stream_tokens_per_s(child, direct, "random", 50)  # warm-up
             for _ in range(args.streams):
-                for kind, url in (("direct", direct), ("proxied", proxied)):
-                    tps[kind].append(await stream_tokens_per_s(http, url, "random", args.tokens))
+                for kind, client, url in (("direct", child, direct), ("proxied", http, proxied)):
+                    tps[kind].append(await stream_tokens_per_s(client, url, "random", args.tokens))
+            await child.close()
             results["stream_tokens_per_s"] = {k: statistics.median(v) for k, v in tps.items()}
             st = results["stream_tokens_per_s"]
             st["ratio"] = st["proxied"] / st["direct"]

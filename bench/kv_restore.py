@@ -31,7 +31,8 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_sidecar import free_port  # noqa: E402
+from bench_sidecar import free_port  # noqa: E402  (and the tests' support/ on sys.path)
+from support.helpers import child_call  # noqa: E402
 
 from model_orchestrator.install import find_llama_server  # noqa: E402
 
@@ -48,8 +49,9 @@ def call(base: str, method: str, path: str, body: dict | None = None, timeout: f
         return e.code, json.loads(e.read() or b"{}")
 
 
-def tokenize_count(base_llama: str, text: str) -> int:
-    return len(call(base_llama, "POST", "/tokenize", {"content": text})[1]["tokens"])
+def tokenize_count(pid: int, text: str) -> int:
+    """llama-server's own count, asked over its private socket (support.helpers.child_call)."""
+    return len(child_call(pid, "POST", "/tokenize", {"content": text})[1]["tokens"])
 
 
 def make_prefix(n_tokens: int, words_per_token: float = 0.7) -> str:
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
                 time.sleep(0.1)
         code, body = call(base, "POST", "/models/load", {"model": MODEL})
         assert code == 200, body
-        llama = f"http://127.0.0.1:{body['port']}"
+        llama = body["pid"]
         prefix = make_prefix(args.prefix_tokens)
         n = tokenize_count(llama, prefix)
         prefix = prefix[: int(len(prefix) * args.prefix_tokens / n)]  # trim to the wanted size

@@ -357,9 +357,9 @@ async def run(args) -> dict:
     for mid, spec in specs.items():
         # the sidecar's own argument list, its slot-save directory included (slot_cache.py: on by default)
         (work / "slots" / mid).mkdir(parents=True, exist_ok=True)
-        argv = build_argv(binary, spec, spec.source.path, None, 0, None, work / "slots" / mid)
-        i = argv.index("--port")
-        argvs[mid] = argv[:i] + argv[i + 2:]
+        argv = build_argv(binary, spec, spec.source.path, None, Path("unused.sock"), None, work / "slots" / mid)
+        i = argv.index("--host")  # the sidecar's children listen on a private socket; the peers on TCP (--port added)
+        argvs[mid] = argv[:i] + ["--host", "127.0.0.1"] + argv[i + 2:]
     bare, sidecar, router = Bare(argvs), Sidecar(work / "models.toml", work, binary), Router(argvs, work, binary)
     peers = (bare, sidecar, router)
     res: dict = {"machine": machine(), "llama_server": str(binary), "binary_version": version(binary),

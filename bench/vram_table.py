@@ -54,7 +54,8 @@ def measure(binary: Path, model: Path, ctx: int, cache: str, nvml, fit_projectio
     spec = parse_registry(f'default_model = "m"\n[[models]]\nid = "m"\nsource = {{ type = "path", path = "{model}" }}\n'
                           f'context_size = {ctx}\nn_gpu_layers = 99\ncache_type = "{cache}"\nflash_attn = "on"\n').models[0]
     port = free_port()
-    argv = build_argv(binary, spec, model, None, port) + ["-lv", "4"]
+    argv = build_argv(binary, spec, model, None, Path("unused.sock")) + ["-lv", "4"]
+    argv[argv.index("--host") + 1:argv.index("--host") + 2] = ["127.0.0.1", "--port", str(port)]  # bare: on TCP
     if fit_projection:  # let llama.cpp print its own projection (our -c and -ngl are explicit, so it changes nothing)
         argv[argv.index("--fit") + 1] = "on"
     t0 = time.perf_counter()

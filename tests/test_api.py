@@ -43,6 +43,7 @@ async def test_load_chat_status_unload(client):
     status, body = await load(client, "tiny", priority=7)
     assert status == 200 and body["result"] == "loaded" and body["status"] == "loaded", body
     pid, port = body["pid"], body["port"]
+    assert port is None  # llama-server has no TCP port (a private Unix socket)
     assert pid_alive(pid)
 
     st = await (await client.get("/models/status")).json()

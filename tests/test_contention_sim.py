@@ -91,7 +91,7 @@ def _orchestrator(tmp_path, world: World, fleet: FakeFleet) -> Orchestrator:
         return SimpleNamespace(total_mb=world.models[spec.id].need_mb, overhead_mb=0.0, layers_on_gpu=1)
 
     async def launch(model):
-        return LaunchPlan([], {}, 0)
+        return LaunchPlan([], {}, None, "sim-key")
 
     async def snapshot(fresh=False):
         return gpu.snapshot()

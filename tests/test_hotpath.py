@@ -15,7 +15,7 @@ import pytest
 from aiohttp import web
 
 from model_orchestrator.gpu import GpuView
-from model_orchestrator.lifecycle import READY_FALLBACK_POLL_S
+from model_orchestrator.lifecycle import READY_FALLBACK_POLL_S, LlamaServer
 from support.nvml import FakeNvml, proc
 
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
@@ -229,18 +229,20 @@ async def test_remote_image_urls_are_refused_unless_allowed_and_never_fetched_by
 
 async def test_readiness_comes_from_llama_servers_log_with_one_health_check(client):
     """Readiness by push: no /health poll loop while the model loads."""
-    orch = client.orch
     await client.get("/health")
     calls = []
-    real_get = orch.http.get
+    real_request = LlamaServer.request
 
-    def counting_get(url, *a, **kw):
-        if str(url).endswith("/health"):
-            calls.append(url)
-        return real_get(url, *a, **kw)
+    def counting_request(self, method, path, *a, **kw):
+        if path == "/health":
+            calls.append(path)
+        return real_request(self, method, path, *a, **kw)
 
-    orch.http.get = counting_get
-    r = await client.post("/models/load", json={"model": "tiny"})
+    LlamaServer.request = counting_request
+    try:
+        r = await client.post("/models/load", json={"model": "tiny"})
+    finally:
+        LlamaServer.request = real_request
     assert r.status == 200
     took = (await r.json())["load_seconds"]
     # the hint's one check, plus the slow safety-net polls a load this long allows (a 10 ms poll made ~100 per s)

@@ -108,7 +108,7 @@ async def test_a_lora_changes_the_answer_per_request_and_at_run_time(client):
     assert await chat(client, "tiny-lora", lora=[{"name": "terse", "scale": 0}]) == HELLO_TEXT  # a request overrides
     assert await chat(client, "tiny-lora", lora=[]) == LORA_TEXT  # names nothing: the model's scales stay
     server = client.orch.models["tiny-lora"].server
-    async with client.orch.http.get(f"{server.base_url}/lora-adapters") as r:  # what llama-server itself says
+    async with server.request("GET", "/lora-adapters") as r:  # what llama-server itself says
         assert [(a["id"], a["scale"]) for a in await r.json()] == [(0, 1.0)]
 
     # each load starts from the registry's scales

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from support.helpers import CHAT, bench_module, pid_alive, read_sse, registry_text
+from support.helpers import CHAT, bench_module, pid_alive, read_sse, registry_text, tcp_listening
 from model_orchestrator.gpu import GpuView
 from model_orchestrator.tiny_gguf import HELLO_TEXT
 from support.nvml import FakeNvml
@@ -211,31 +211,10 @@ async def test_api_key_is_compared_in_constant_time(aiohttp_client, make_orchest
     assert 0.5 < t["first"] / t["last"] < 2.0, t
 
 
-def _listening(pid: int) -> list[tuple[str, int]]:
-    """(address, port) of the TCP sockets `pid` listens on, from /proc/net/tcp{,6} and its fds."""
-    inodes = set()
-    for fd in Path(f"/proc/{pid}/fd").iterdir():
-        try:
-            target = os.readlink(fd)
-        except OSError:
-            continue
-        if target.startswith("socket:["):
-            inodes.add(target[8:-1])
-    out = []
-    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
-        for line in Path(table).read_text().splitlines()[1:]:
-            f = line.split()
-            if f[3] == "0A" and f[9] in inodes:  # LISTEN
-                addr, port = f[1].split(":")
-                if width == 8:
-                    ip = ".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0))
-                else:
-                    ip = "v6:" + addr
-                out.append((ip, int(port, 16)))
-    return out
-
-
-def test_llama_servers_listen_on_loopback_only_and_no_secret_leaks(sidecar_process, tmp_path):
+def test_llama_servers_listen_on_a_private_socket_only_and_no_secret_leaks(sidecar_process, tmp_path):
+    """No TCP port at all (issue 20: a web page found a child's loopback port and used it): each llama-server
+    listens on a Unix socket in a directory only this user may enter, and asks a key of its own, given in its
+    environment (never argv, never an answer, never the log)."""
     key, token = "key-ZQ8fW2vLr0", "hf_SECRETtokenXYZ123"
     sc = sidecar_process(env={"MODEL_ORCHESTRATOR_API_KEY": key, "HF_TOKEN": token,
                               "MODEL_ORCHESTRATOR_LOAD_TIMEOUT_S": "1.5", "MODEL_ORCHESTRATOR_LOG_LEVEL": "DEBUG"})
@@ -281,19 +260,26 @@ def test_llama_servers_listen_on_loopback_only_and_no_secret_leaks(sidecar_proce
         status, data = call("GET", path)
         assert status == 200, path
         answers.append(data)
+    child_keys = []
     for pid in pids:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        assert cmdline[cmdline.index(b"--host") + 1] == b"127.0.0.1"
-        listening = _listening(pid)
-        assert listening and all(ip == "127.0.0.1" for ip, _ in listening), listening
+        sock = Path(cmdline[cmdline.index(b"--host") + 1].decode())
+        assert sock.suffix == ".sock" and sock.is_socket() and b"--port" not in cmdline, cmdline
+        assert sock.parent == tmp_path / "state" / "sockets" and (sock.parent.stat().st_mode & 0o777) == 0o700
+        assert tcp_listening(pid) == []
         environ = Path(f"/proc/{pid}/environ").read_bytes()
         assert key.encode() not in environ and token.encode() not in environ
         assert b"HF_TOKEN=" not in environ and b"MODEL_ORCHESTRATOR_API_KEY=" not in environ
-    listening = {pid: _listening(pid) for pid in pids}
+        child_key = next(v for v in environ.split(b"\0") if v.startswith(b"LLAMA_API_KEY="))[14:]
+        assert len(child_key) >= 32 and child_key not in b"\0".join(cmdline)
+        child_keys.append(child_key)
+    assert child_keys[0] != child_keys[1]  # one key per child
+    listening = {pid: tcp_listening(pid) for pid in pids}
     sc.stop()
     log = sc.log.read_bytes()
     assert b"hangs" in log  # the log was written (the failed load is in it)
     for blob in (*answers, log):
         assert key.encode() not in blob and token.encode() not in blob
-    print(f"llama-servers listen on {listening} only; load timeout from the environment after {took:.2f} s; "
-          f"{len(answers)} answers and {len(log)} bytes of sidecar log free of both secrets")
+        assert not any(k in blob for k in child_keys)
+    print(f"llama-servers' TCP listeners: {listening}; load timeout from the environment after {took:.2f} s; "
+          f"{len(answers)} answers and {len(log)} bytes of sidecar log free of both secrets and the children's keys")

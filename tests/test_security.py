@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from support.helpers import CHAT, SidecarProcess, free_port, metric_value, pid_alive, wait_until
+from support.hostile_gguf import HOSTILE_HEADERS, hostile_registry
 from model_orchestrator.lifecycle import MODEL_ENV, OWNER_ENV, OWNER_PID_ENV, find_leftovers
 
 EVIL = "https://evil.example"
@@ -437,3 +438,89 @@ time.sleep(60)  # a shutdown that never finishes
         if child.poll() is None:
             child.kill()
         child.wait()
+
+
+# ---- issue 20: the remaining 500s (findings 7, 11, 13) -----------------------------------------------------------
+async def test_every_hostile_header_shape_is_422_unreadable_model(aiohttp_client, tmp_path, llama_server_bin):
+    """The finding: ten header shapes gave 500 internal_error on /models/estimate (only ValueError and OSError were
+    caught); the same estimate refuses a Hub model's load before its download in GPU mode."""
+    from model_orchestrator.api import create_app
+    from model_orchestrator.gpu import NoGpuView
+    from model_orchestrator.orchestrator import Orchestrator
+    from model_orchestrator.registry import load_registry
+    from model_orchestrator.settings import Settings
+
+    orch = Orchestrator(Settings(state_dir=tmp_path / "state"), load_registry(hostile_registry(tmp_path)),
+                        NoGpuView("tests run without a GPU"), llama_server_bin)
+    c = await aiohttp_client(create_app(orch))
+    r = await c.post("/models/estimate", json={"model": "good"})
+    assert r.status == 200, await r.text()  # the base header is fine: each variant breaks one thing
+    for i, name in enumerate(HOSTILE_HEADERS):
+        r = await c.post("/models/estimate", json={"model": f"hostile-{i}"})
+        body = await r.json()
+        assert r.status == 422, (name, body)
+        assert body["error"]["code"] == "unreadable_model" and "GGUF header" in body["error"]["message"], (name, body)
+    metrics = await (await c.get("/metrics")).text()
+    assert 'status="500"' not in metrics
+
+
+async def test_last_event_id_that_is_no_event_number_is_400(client):
+    """The finding: `Last-Event-ID: ²` (a digit to str.isdigit, not to int) and 5 000 digits gave 500."""
+    for value in ("²", "٣", "1" * 5000, "12a", "-1"):
+        r = await client.get("/models/events", headers={"Last-Event-ID": value})
+        assert r.status == 400, (value[:20], await r.text())
+        assert "Last-Event-ID" in _error(await r.json(), "invalid_request")["message"]
+        r = await client.get("/models/events", params={"last_event_id": value})
+        assert r.status == 400, value[:20]
+
+
+async def test_a_callback_url_with_a_malformed_port_is_400(aiohttp_client, make_orchestrator):
+    c = await _app_client(aiohttp_client, make_orchestrator, callback_hosts="127.0.0.1")
+    for url in ("http://127.0.0.1:99999/hook", "http://127.0.0.1:port/hook", "http://127.0.0.1:-1/hook",
+                "http://[::1/hook"):
+        r = await c.post("/models/load", json={"model": "tiny", "wait": False, "callback_url": url})
+        assert r.status == 400, (url, await r.text())
+        _error(await r.json(), "invalid_request")
+    assert c.orch.models["tiny"].state.value == "unloaded"  # refused before anything started
+
+
+async def test_a_lora_name_that_is_a_list_or_an_object_is_400(client):
+    for name in (["terse"], {"a": 1}, 3, None):
+        r = await client.post("/v1/chat/completions", json={**CHAT, "model": "tiny", "lora": [{"name": name,
+                                                                                               "scale": 1}]})
+        assert r.status == 400, (name, await r.text())
+        assert "lora.0" in _error(await r.json(), "invalid_request")["message"]
+    assert client.orch.models["tiny"].state.value == "unloaded"
+
+
+@pytest.mark.parametrize("kind", ["a file", "under a file", "read-only"])
+def test_a_state_dir_that_cannot_be_used_is_a_one_line_error(tmp_path, registry_file, kind):
+    """The finding: a read-only or non-directory state dir crashed `serve` with a traceback."""
+    env = {**os.environ, "MODEL_ORCHESTRATOR_MODELS": str(registry_file), "MODEL_ORCHESTRATOR_PORT": str(free_port())}
+    cmd = [sys.executable, "-m", "model_orchestrator", "serve"]
+    (tmp_path / "afile").write_text("x")
+    state = {"a file": tmp_path / "afile", "under a file": tmp_path / "afile" / "state",
+             "read-only": tmp_path / "ro"}[kind]
+    shared = None
+    if kind == "read-only" and os.geteuid() == 0:  # root writes anywhere: run as nobody, for whom it is read-only
+        import shutil
+        import tempfile
+
+        shared = Path(tempfile.mkdtemp(prefix="ro-state-"))  # pytest's own tmp dirs are closed to other users
+        shared.chmod(0o755)
+        env["MODEL_ORCHESTRATOR_MODELS"] = str(shutil.copy(registry_file, shared / "models.toml"))
+        state = shared / "ro"
+        cmd = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *cmd]
+    if kind == "read-only":
+        state.mkdir()
+        state.chmod(0o555)
+    env["MODEL_ORCHESTRATOR_STATE"] = str(state)
+    try:
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    finally:
+        if shared is not None:
+            shutil.rmtree(shared)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert str(state) in lines[0] and "MODEL_ORCHESTRATOR_STATE" in lines[0], lines[0]

@@ -50,7 +50,7 @@ async def test_a_waiter_of_a_load_cancelled_before_it_ran_gets_load_cancelled():
     async def launch():  # never reached
         raise AssertionError("the load ran")
 
-    slot.begin_load(launch, None, timeout=1, log_lines=10)
+    slot.begin_load(launch, timeout=1, log_lines=10)
     slot._load_task.cancel()
     with pytest.raises(LoadCancelled):
         await slot.join_load()

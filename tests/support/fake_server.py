@@ -69,7 +69,7 @@ class FakeServer:
     def __init__(self, fleet: "FakeFleet", model_id: str, plan: LaunchPlan, *, log_lines: int = 400,
                  on_exit: Callable[["FakeServer"], None] | None = None):
         self.fleet, self.model_id, self.plan = fleet, model_id, plan
-        self.port, self.pid, self.base_url = plan.port, None, "fake://"
+        self.socket, self.pid = plan.socket, None
         self.on_exit = on_exit
         self.exit: ExitInfo | None = None
         self.stopping = False
@@ -81,7 +81,7 @@ class FakeServer:
     def last_logs(self, n: int = 30) -> list[str]:
         return [f"fake llama-server for {self.model_id}"]
 
-    async def start(self, http, timeout: float) -> None:
+    async def start(self, timeout: float) -> None:
         b = self.fleet.behaviour(self.model_id)
         self.fleet.spawned(self)
         rng = self.fleet.rng
@@ -124,7 +124,7 @@ class FakeServer:
     async def wait_exit(self, timeout: float) -> ExitInfo | None:
         return self.exit
 
-    async def check_health(self, http, timeout: float) -> str | None:
+    async def check_health(self, timeout: float) -> str | None:
         return None if self.exit is None else "exited"
 
     async def serve(self, seconds: float) -> None:

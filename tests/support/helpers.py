@@ -85,6 +85,77 @@ def free_port() -> int:
 from model_orchestrator.lifecycle import process_alive as pid_alive  # noqa: E402  the product's own check
 
 
+def tcp_listening(pid: int) -> list[tuple[str, int]]:
+    """(address, port) of the TCP sockets `pid` listens on, from /proc/net/tcp{,6} and its fds."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = []
+    for table, width in (("/proc/net/tcp", 8), ("/proc/net/tcp6", 32)):
+        for line in Path(table).read_text().splitlines()[1:]:
+            f = line.split()
+            if f[3] == "0A" and f[9] in inodes:  # LISTEN
+                addr, port = f[1].split(":")
+                if width == 8:
+                    ip = ".".join(str(int(addr[i:i + 2], 16)) for i in (6, 4, 2, 0))
+                else:
+                    ip = "v6:" + addr
+                out.append((ip, int(port, 16)))
+    return out
+
+
+def child_endpoint(pid: int) -> tuple[str, str]:
+    """A sidecar's llama-server as a process of the same user can reach it (tests, benchmarks): the Unix socket of
+    its argv (--host) and the key of its environment (LLAMA_API_KEY). Another user can read neither."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    key = next(v for v in environ if v.startswith(b"LLAMA_API_KEY="))
+    return argv[argv.index(b"--host") + 1].decode(), key.split(b"=", 1)[1].decode()
+
+
+def child_session(pid: int, key: bool = True):
+    """An aiohttp session to a sidecar's llama-server (child_endpoint), with its key unless key=False; URLs are
+    `http://llama-server/<path>`."""
+    import aiohttp
+
+    sock, api_key = child_endpoint(pid)
+    return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=sock, limit=0, keepalive_timeout=4),
+                                 headers={"Authorization": f"Bearer {api_key}"} if key else None)
+
+
+def child_call(pid: int, method: str, path: str, body: dict | None = None, key: bool = True,
+               headers: dict | None = None, timeout: float = 900) -> tuple[int, dict, dict]:
+    """One blocking request to a sidecar's llama-server (child_endpoint): (status, JSON body, response headers)."""
+    import http.client
+
+    sock, api_key = child_endpoint(pid)
+
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(timeout)
+            self.sock.connect(sock)
+
+    conn = UnixConnection("llama-server", timeout=timeout)
+    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if key else {}), **(headers or {})}
+    try:
+        conn.request(method, path, body=json.dumps(body).encode() if body is not None else None, headers=h)
+        r = conn.getresponse()
+        raw = r.read()
+        try:
+            data = json.loads(raw) if raw else {}
+        except ValueError:
+            data = {"raw": raw.decode(errors="replace")}
+        return r.status, data, dict(r.getheaders())
+    finally:
+        conn.close()
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.01) -> float | None:
     """Seconds until predicate() was true, or None on timeout."""
     t0 = time.monotonic()

@@ -735,9 +735,10 @@ export interface components {
             pid?: number | null;
             /**
              * Port
+             * @description always null: llama-server has no TCP port; it listens on a private Unix socket that only the sidecar can reach
              * @default null
              */
-            port?: number | null;
+            port?: null;
             /**
              * Gpu
              * @default null
@@ -848,9 +849,10 @@ export interface components {
             pid?: number | null;
             /**
              * Port
+             * @description always null: llama-server has no TCP port; it listens on a private Unix socket that only the sidecar can reach
              * @default null
              */
-            port?: number | null;
+            port?: null;
             /**
              * Gpu
              * @default null
@@ -1062,9 +1064,10 @@ export interface components {
             pid?: number | null;
             /**
              * Port
+             * @description always null: llama-server has no TCP port; it listens on a private Unix socket that only the sidecar can reach
              * @default null
              */
-            port?: number | null;
+            port?: null;
             /** Priority */
             priority: number;
             /** Context Size */

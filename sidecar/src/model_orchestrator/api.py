@@ -177,7 +177,7 @@ async def models_load(request: web.Request) -> web.Response:
     model, server = outcome.model, outcome.model.server
     return _json(LoadResponse, {"model": model.id, "status": model.state, "result": outcome.result,
                                 "load_seconds": model.load_seconds, "pid": server.pid if server else None,
-                                "port": server.port if server else None, "gpu": model.gpu,
+                                "gpu": model.gpu,
                                 "estimate_mb": round(model.estimate.total_mb, 1) if model.estimate else None,
                                 "evicted": outcome.evicted, "download": orch.downloads.view(model.id)},
                  status=202 if outcome.result in (LoadResult.LOADING, LoadResult.DOWNLOADING, LoadResult.QUEUED) else 200)
@@ -297,7 +297,7 @@ async def models_events(request: web.Request) -> web.StreamResponse:
                       f"{', '.join(EVENT_TYPES)}")
     models = _csv_query(request, "model")
     last = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
-    if last is not None and not last.isdigit():
+    if last is not None and not (last.isascii() and last.isdigit() and len(last) <= 18):  # "²" is a digit to isdigit
         raise Refused(Code.INVALID_REQUEST, "Last-Event-ID must be the number of an event")
     sub = orch.events.subscribe(types=types, models=models, last_event_id=int(last) if last else None)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",

@@ -50,13 +50,17 @@ def parse_allowed(hosts: str | None) -> list[tuple[str, int | None]]:
 
 def check_url(url: str, allowed_hosts: str | None) -> str:
     """The URL if callbacks may go there, else Refused(callback_not_allowed) saying what to configure."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        port = parts.port or _default_port(parts.scheme)  # ValueError for "h:99999", "h:x"
+    except ValueError:  # also an unclosed "[::1"
+        raise Refused(Code.INVALID_REQUEST, f"callback_url is not a valid URL (host, port): {url!r}") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise Refused(Code.INVALID_REQUEST, f"callback_url must be an http(s) URL, not {url!r}")
     if parts.username or parts.password:
         raise Refused(Code.INVALID_REQUEST, "callback_url must not carry credentials")
     allowed = parse_allowed(allowed_hosts)
-    host, port = parts.hostname.lower(), parts.port or _default_port(parts.scheme)
+    host = parts.hostname.lower()
     if not any(h == host and (p is None or p == port) for h, p in allowed):
         hint = ("no callback hosts are allowed: set MODEL_ORCHESTRATOR_CALLBACK_HOSTS (e.g. n8n:5678)" if not allowed
                 else f"allowed: {', '.join(h if p is None else f'{h}:{p}' for h, p in allowed)} "
@@ -109,7 +113,7 @@ async def after_load(orch, outcome, url: str) -> dict:
     payload = LoadCallback.model_validate({
         "model": model.id, "result": result, "status": model.state.value,
         "load_seconds": model.load_seconds if result == "loaded" else None,
-        "pid": server.pid if server else None, "port": server.port if server else None, "gpu": model.gpu,
+        "pid": server.pid if server else None, "gpu": model.gpu,
         "estimate_mb": round(model.estimate.total_mb, 1) if model.estimate else None,
         "evicted": outcome.evicted, "error": error}).model_dump(mode="json")
     delivered, attempts, status = await deliver(orch.http, url, payload)

@@ -77,6 +77,10 @@ def cmd_serve(args) -> int:
     except StateDirBusy as exc:
         print(f"refusing to start: {exc}", file=sys.stderr)
         return 3
+    except OSError as exc:  # not a directory, read-only, no permission, disk full
+        print(f"cannot use the state directory {settings.state_dir} (MODEL_ORCHESTRATOR_STATE): "
+              f"{exc.strerror or exc}; give a writable directory", file=sys.stderr)
+        return 2
     try:
         llama_bin = find_llama_server(settings.llama_server_bin)
     except FileNotFoundError as exc:
@@ -188,13 +192,13 @@ def format_status(status: dict, models: dict) -> str:
         util = "-" if g["utilization_percent"] is None else f"{g['utilization_percent']:.0f}%"
         lines.append(f"GPU {g['index']} {g['name']}: {g['used_mb']}/{g['total_mb']} MB used, {g['free_mb']} MB free, "
                      f"util {util}, others hold {g['foreign_mb']} MB")
-    header = ("MODEL", "STATE", "PID", "PORT", "VRAM MB", "IN FLIGHT", "PRIO", "LOADED AT")
+    header = ("MODEL", "STATE", "PID", "VRAM MB", "IN FLIGHT", "PRIO", "LOADED AT")
     rows = [header]
     loaded = status["loaded_models"]
     for m in models["models"]:
         s = loaded.get(m["id"], {})
         rows.append((m["id"] + (" *" if m["default"] else ""), m["status"], str(s.get("pid") or "-"),
-                     str(s.get("port") or "-"), str(s.get("vram_mb") if s.get("vram_mb") is not None else "-"),
+                     str(s.get("vram_mb") if s.get("vram_mb") is not None else "-"),
                      str(s.get("in_flight", 0)), str(m["priority"]), s.get("loaded_at") or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines.append("")

@@ -1,10 +1,12 @@
 """Where a model is loaded and unloaded: the llama-server process and the per-model state machine.
 
-`LlamaServer` owns one child process: spawned from an argument list (never a shell) on its own loopback port,
-ready when its log says "model loaded" and one /health confirms it (push, not a poll loop), logs in a bounded
-buffer, stopped with SIGTERM then SIGKILL, its exit noticed at once (a pidfd on the loop) with the reason kept. It
-dies with the sidecar (PR_SET_PDEATHSIG, set by util-linux's `setpriv` so the spawn is a cheap vfork+exec: `_spawn`)
-and carries a marker in its environment so a restarted sidecar can find and reap leftovers.
+`LlamaServer` owns one child process: spawned from an argument list (never a shell), listening on a Unix socket in
+a private directory (`ChildSockets`: no TCP port) and asking a secret key of its own, made at every launch;
+`LlamaServer.request` is the one way anything talks to it (proxy, readiness, watchdog, slots, adapters). Ready when
+its log says "model loaded" and one /health confirms it (push, not a poll loop), logs in a bounded buffer, stopped
+with SIGTERM then SIGKILL, its exit noticed at once (a pidfd on the loop) with the reason kept. It dies with the
+sidecar (PR_SET_PDEATHSIG, set by util-linux's `setpriv` so the spawn is a cheap vfork+exec: `_spawn`) and carries
+a marker in its environment so a restarted sidecar can find and reap leftovers.
 
 `ManagedModel` is one model's state machine. Every state change goes through `_transition`, checked against
 TRANSITIONS, the single table of legal moves. A second load joins the load in progress; an unload during a load
@@ -22,9 +24,11 @@ import enum
 import errno
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -119,15 +123,55 @@ class ModelBusy(Refused):
 @dataclass
 class LaunchPlan:
     argv: list[str]
-    env: dict[str, str]
-    port: int
+    env: dict[str, str] = field(repr=False)  # holds the key
+    socket: Path  # where it listens (llama_args.build_argv's --host)
+    api_key: str = field(repr=False)  # its secret, given in env (llama_args.API_KEY_ENV), sent by LlamaServer.request
 
 
-def upstream_session() -> aiohttp.ClientSession:
-    """The one HTTP client to the llama-servers (readiness, health, slots, the proxy). No connection cap: concurrency
-    is bounded per model by llama-server's slots, not by our pool; keep-alive below llama-server's own 5 s, so a
-    pooled connection is rarely one it is closing."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4), auto_decompress=False)
+def outbound_session() -> aiohttp.ClientSession:
+    """The sidecar's client to the outside (load callbacks, allowed media URLs); never to a child (that is
+    LlamaServer.request)."""
+    return aiohttp.ClientSession()
+
+
+def new_api_key() -> str:
+    return secrets.token_urlsafe(32)
+
+
+_SUN_PATH_MAX = 107  # a Unix socket's path, in bytes (sockaddr_un.sun_path holds 108 with the NUL)
+_SOCKET_NAME_LEN = len(secrets.token_hex(6) + ".sock")
+
+
+class ChildSockets:
+    """Where the llama-servers listen: a Unix socket each, in one directory only this user may enter (0700), under
+    the state dir; a state dir whose path is too long for a socket address gets a private temporary directory
+    instead. `open` clears sockets a previous run left (the state lock guarantees no other sidecar uses them)."""
+
+    def __init__(self, state_dir: Path):
+        self._wanted = state_dir / "sockets"
+        self.dir: Path | None = None
+        self._temporary = False
+
+    def open(self) -> Path:
+        if self.dir is not None:
+            return self.dir
+        d = self._wanted.absolute()
+        if len(os.fsencode(d)) + 1 + _SOCKET_NAME_LEN > _SUN_PATH_MAX:
+            d, self._temporary = Path(tempfile.mkdtemp(prefix="model-orchestrator-")), True  # mkdtemp: mode 0700
+        else:
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)  # one made by hand, or by an older version
+            for stale in d.glob("*.sock"):
+                stale.unlink(missing_ok=True)
+        self.dir = d
+        return d
+
+    def new_path(self) -> Path:
+        return self.open() / f"{secrets.token_hex(6)}.sock"
+
+    def close(self) -> None:
+        if self._temporary and self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def placement_env(devices: list[int]) -> dict[str, str]:
@@ -229,6 +273,9 @@ async def _spawn(argv: list[str], env: dict[str, str]) -> _Child:
     return _Child(popen, reader)
 
 
+CHILD_URL = "http://llama-server"  # only a name in the Host header: the connection goes to the child's socket
+
+
 class LlamaServer:
     """One llama-server child process."""
 
@@ -236,7 +283,8 @@ class LlamaServer:
                  on_exit: Callable[["LlamaServer"], None] | None = None):
         self.model_id = model_id
         self.plan = plan
-        self.port = plan.port
+        self.socket = plan.socket
+        self._session: aiohttp.ClientSession | None = None  # to its socket with its key; from spawn to exit
         self.logs: collections.deque[str] = collections.deque(maxlen=log_lines)
         self.on_exit = on_exit
         self.proc: _Child | None = None
@@ -258,14 +306,31 @@ class LlamaServer:
         """The orchestrator asked it to stop (an unload), whether or not it has exited yet."""
         return self._stopping
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    def request(self, method: str, path: str, **kwargs):
+        """Every HTTP call to this llama-server goes through here: over its Unix socket, with its key. Use as
+        aiohttp's session.request (`async with`, or `await`). No connection cap: concurrency is bounded by
+        llama-server's slots; keep-alive below llama-server's own 5 s, so a pooled connection is rarely one it is
+        closing. Raises aiohttp.ClientConnectionError once the process has exited."""
+        session = self._session
+        if session is None or session.closed:
+            raise aiohttp.ClientConnectionError(f"llama-server for {self.model_id} is not running")
+        return session.request(method, CHILD_URL + path, **kwargs)
+
+    def _connect(self) -> None:
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.UnixConnector(path=str(self.socket), limit=0, keepalive_timeout=4),
+            headers={"Authorization": f"Bearer {self.plan.api_key}"}, auto_decompress=False)
+
+    async def _disconnect(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.socket)
 
     def last_logs(self, n: int = 30) -> list[str]:
         return list(self.logs)[-n:]
 
-    async def start(self, http: aiohttp.ClientSession, timeout: float) -> None:
+    async def start(self, timeout: float) -> None:
         """Spawn and wait until /health answers 200. Raises LoadFailed (process stopped) on any failure."""
         # The spawn is shielded: an unload that cancels us mid-spawn must not leave a child that nobody waits for.
         spawn = asyncio.ensure_future(_spawn(self.plan.argv, self.plan.env))
@@ -274,6 +339,7 @@ class LlamaServer:
             try:
                 self.proc = await asyncio.shield(spawn)
                 self.marks["spawned"] = time.perf_counter()
+                self._connect()  # closed by _watch_exit
                 break
             except asyncio.CancelledError:
                 cancelled = True  # wait for the spawn to finish, then stop what it started
@@ -284,7 +350,7 @@ class LlamaServer:
             await self.stop(0)
             raise asyncio.CancelledError
         try:
-            await asyncio.wait_for(self._wait_healthy(http), timeout)
+            await asyncio.wait_for(self._wait_healthy(), timeout)
         except TimeoutError:
             await self.stop(5)
             raise LoadFailed(f"llama-server for {self.model_id} was not ready after {timeout:g} s",
@@ -296,11 +362,10 @@ class LlamaServer:
             await self.stop(5)
             raise
 
-    async def _wait_healthy(self, http: aiohttp.ClientSession) -> None:
+    async def _wait_healthy(self) -> None:
         """Readiness by push: llama-server prints "model loaded" the moment its /health turns 200 (READY_LOG_HINTS);
         that line (or the process's exit) wakes us and one /health confirms it. A slow poll stays as a safety net
         should a future llama-server word its log differently."""
-        url = f"{self.base_url}/health"
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), READY_FALLBACK_POLL_S)
@@ -309,21 +374,21 @@ class LlamaServer:
                 raise LoadFailed(f"llama-server for {self.model_id} {self.exit.reason} during start-up",
                                  self.exit.last_logs, code=Code.PROCESS_EXITED)
             try:
-                async with http.get(url, timeout=aiohttp.ClientTimeout(total=2)) as resp:
+                async with self.request("GET", "/health", timeout=aiohttp.ClientTimeout(total=2)) as resp:
                     if resp.status == 200:
                         self.marks["healthy"] = time.perf_counter()
                         return
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 pass
 
-    async def check_health(self, http: aiohttp.ClientSession, timeout: float) -> str | None:
+    async def check_health(self, timeout: float) -> str | None:
         """Ask /health once; None when it is alive, else what went wrong, counted in health_misses (the watchdog
         acts on them: a frozen or deadlocked llama-server keeps its process but stops answering). A slow answer from
         a process that is using CPU is not a miss: under a storm of requests its HTTP threads can all be busy, and
         /health waits in line behind them; a stopped or deadlocked process uses none."""
         cpu_before = self._cpu_ticks
         try:
-            async with http.get(f"{self.base_url}/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
+            async with self.request("GET", "/health", timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 problem = None if resp.status == 200 else f"/health answered {resp.status}"
         except (asyncio.TimeoutError, TimeoutError):
             problem = f"/health did not answer within {timeout:g} s"
@@ -336,11 +401,10 @@ class LlamaServer:
         self.health_misses = self.health_misses + 1 if problem else 0
         return problem
 
-    async def set_lora_adapters(self, http: aiohttp.ClientSession, body: list[dict]) -> None:
+    async def set_lora_adapters(self, body: list[dict]) -> None:
         """llama-server's POST /lora-adapters (every adapter's id and scale: one left out would be set to 0)."""
         try:
-            async with http.post(f"{self.base_url}/lora-adapters", json=body,
-                                 timeout=aiohttp.ClientTimeout(total=30)) as r:
+            async with self.request("POST", "/lora-adapters", json=body, timeout=aiohttp.ClientTimeout(total=30)) as r:
                 if r.status != 200:
                     raise Refused(Code.UPSTREAM_ERROR, f"llama-server for {self.model_id} refused the adapter "
                                   f"scales: {r.status} {(await r.text())[:300]}", model=self.model_id)
@@ -370,6 +434,7 @@ class LlamaServer:
         with contextlib.suppress(TimeoutError):  # let the reader take the last lines
             await asyncio.wait_for(asyncio.shield(self._tasks[0]), 0.5)
         self.exit = ExitInfo(rc, describe_returncode(rc), self._stopping, _utcnow(), self.last_logs())
+        await self._disconnect()
         self._exited.set()
         self._wake.set()
         if self.on_exit:
@@ -514,14 +579,14 @@ class ManagedModel:
             self._transition(State.FAILED)
 
     # ---- load ---------------------------------------------------------------------------------------------
-    def begin_load(self, launch: Callable[[], Awaitable[LaunchPlan]], http: aiohttp.ClientSession, *,
+    def begin_load(self, launch: Callable[[], Awaitable[LaunchPlan]], *,
                    timeout: float, log_lines: int, priority: int | None = None,
                    on_ready: Callable[[LlamaServer], Awaitable[None]] | None = None) -> None:
         """Enter LOADING and start the load task. Only the orchestrator's ensure_loaded calls this, holding the
         admission lock, with the model UNLOADED or FAILED."""
         self._transition(State.LOADING)
         self.priority_override = priority
-        self._load_task = asyncio.create_task(self._run_load(launch, http, timeout, log_lines, on_ready))
+        self._load_task = asyncio.create_task(self._run_load(launch, timeout, log_lines, on_ready))
         # nobody may await it (a load with wait=false): its outcome is kept in the state and last_error
         self._load_task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
@@ -539,13 +604,13 @@ class ManagedModel:
                 raise LoadCancelled(f"load of {self.id} was cancelled by an unload", model=self.id) from None
             raise
 
-    async def _run_load(self, launch, http, timeout: float, log_lines: int, on_ready=None) -> None:
+    async def _run_load(self, launch, timeout: float, log_lines: int, on_ready=None) -> None:
         t0 = time.perf_counter()
         try:
             plan = await launch()
             planned = time.perf_counter()
             self.server = self.server_factory(self.id, plan, log_lines=log_lines, on_exit=self._on_server_exit)
-            await self.server.start(http, timeout)
+            await self.server.start(timeout)
             if on_ready is not None:  # ready, not yet serving: e.g. restore saved conversations (never raises)
                 try:
                     await on_ready(self.server)

@@ -1,6 +1,7 @@
-"""Everything this project knows about llama-server's command line, in one place: the argv built for a model, the
-flags the orchestrator reserves for itself, the KV cache types, the LoRA adapters' flags, and what a model's
-`extra_args` say (parallel slots, embeddings, tensors kept on the host).
+"""Everything this project knows about llama-server's command line, in one place: the argv built for a model (on a
+private Unix socket, its key in the environment, no CORS grant), the flags the orchestrator reserves for itself and
+why, the KV cache types, the LoRA adapters' flags, and what a model's `extra_args` say (parallel slots, embeddings,
+tensors kept on the host).
 """
 
 from __future__ import annotations
@@ -15,25 +16,46 @@ if TYPE_CHECKING:
 # The KV cache types llama-server accepts for -ctk/-ctv (estimate.CACHE_BYTES has a size for each).
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
-# Flags the orchestrator sets itself; letting extra_args set them would break routing, placement or readiness, or
-# expose llama-server.
-RESERVED_FLAGS = frozenset({
-    "-m", "--model", "--host", "--port", "-a", "--alias", "--mmproj", "-mm", "-c", "--ctx-size",
-    "-ngl", "--gpu-layers", "--n-gpu-layers", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v",
-    "--models-dir", "--models-preset", "--api-key", "--api-key-file", "--path", "-fit", "--fit",
-    "--api-prefix", "--ssl-key-file", "--ssl-cert-file",  # /health and the proxy talk plain HTTP at the root
-    "-dev", "--device", "-ts", "--tensor-split",  # placement is admission's (set split = true to allow splitting)
-    "--slot-save-path",  # the slot cache's directory (slot_cache.py; per model: save_slots)
-    "--lora", "--lora-scaled", "--lora-init-without-apply",  # the registry's `lora` (ids follow its order)
-})
+# Flags the orchestrator sets itself, each with why (registry.py names it when extra_args carries one): letting
+# extra_args set them would break routing, placement or readiness, or open llama-server to others.
+_OWN_FIELD = "use the model's own field in the registry instead"
+_PRIVATE = ("each llama-server listens only on a private Unix socket of the sidecar, with a secret key of its own "
+            "made at every launch; nothing else can reach it, so protect the sidecar instead "
+            "(MODEL_ORCHESTRATOR_API_KEY)")
+RESERVED_FLAGS: dict[str, str] = {
+    **dict.fromkeys(("-m", "--model", "-a", "--alias", "--mmproj", "-mm", "-c", "--ctx-size", "-ngl", "--gpu-layers",
+                     "--n-gpu-layers", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v", "-fit", "--fit"), _OWN_FIELD),
+    **dict.fromkeys(("--host", "--port", "--api-key", "--api-key-file", "--cors-origins", "--cors-credentials",
+                     "--no-cors-credentials"), _PRIVATE),
+    **dict.fromkeys(("--models-dir", "--models-preset"), "the sidecar runs one model per llama-server (router mode "
+                    "would bypass admission)"),
+    **dict.fromkeys(("--path", "--api-prefix", "--ssl-key-file", "--ssl-cert-file"), "readiness and the proxy talk "
+                    "plain HTTP to llama-server's own routes at the root"),
+    **dict.fromkeys(("-dev", "--device", "-ts", "--tensor-split"), "placement is admission's (set split = true in the "
+                    "registry to allow splitting a model over GPUs)"),
+    "--slot-save-path": "the slot cache's directory (slot_cache.py; per model: save_slots)",
+    **dict.fromkeys(("--lora", "--lora-scaled", "--lora-init-without-apply"), "use the registry's `lora` (ids follow "
+                    "its order)"),
+}
+
+# How the sidecar reaches a child, and nobody else does (lifecycle.LlamaServer.request is the one caller):
+API_KEY_ENV = "LLAMA_API_KEY"  # llama-server reads --api-key from it: the key never shows in argv (`ps` shows argv)
+NO_CORS_ORIGIN = "none"  # llama-server sends it as Access-Control-Allow-Origin: no page's origin serialises to it
 
 DEFAULT_PARALLEL_SLOTS = 4  # llama-server's -np default (auto)
 
 
 def reserved_flag(arg: str) -> str | None:
-    """The reserved flag `arg` sets (`--port` or `--port=1`), or None."""
+    """The reserved flag `arg` sets (`--port` or `--port=1`), or None (RESERVED_FLAGS[flag] says why)."""
     flag = arg.split("=", 1)[0]
     return flag if flag in RESERVED_FLAGS else None
+
+
+def _csv_value(value: str) -> str:
+    """A value as llama-server's CSV-reading flags (--host, --lora-scaled) take it: quoted if it holds a comma."""
+    if "," in value or value.startswith('"'):
+        return '"' + value.replace('"', '""') + '"'
+    return value
 
 
 def lora_args(adapters: list[tuple[Path, float]]) -> list[str]:
@@ -45,21 +67,21 @@ def lora_args(adapters: list[tuple[Path, float]]) -> list[str]:
         p = str(path)
         if ":" in p:
             raise ValueError(f"LoRA adapter path {p!r} contains ':', which llama-server's --lora-scaled cannot take")
-        if "," in p or p.startswith('"'):
-            p = '"' + p.replace('"', '""') + '"'
-        out += ["--lora-scaled", f"{p}:{scale:g}"]
+        out += ["--lora-scaled", f"{_csv_value(p)}:{scale:g}"]
     return out
 
 
-def build_argv(binary: Path, spec: "ModelSpec", model: Path, mmproj: Path | None, port: int,
+def build_argv(binary: Path, spec: "ModelSpec", model: Path, mmproj: Path | None, socket: Path,
                tensor_split: list[float] | None = None, slot_save_path: Path | None = None,
                lora: list[tuple[Path, float]] = ()) -> list[str]:
-    """The command line for one model: loopback only, its own port, exactly the context and layers the estimate
-    assumed (`--fit off`: llama-server's own fitting would silently change them). Which GPUs it sees is set by
-    CUDA_VISIBLE_DEVICES (lifecycle.placement_env); a split over several gets their shares here. `lora`: the
-    adapters' files with the scales to start with."""
+    """The command line for one model: listening only on `socket` (a Unix socket path ending in .sock: no TCP port),
+    granting no web page cross-origin access, exactly the context and layers the estimate assumed (`--fit off`:
+    llama-server's own fitting would silently change them). Its key comes from the environment (API_KEY_ENV). Which
+    GPUs it sees is set by CUDA_VISIBLE_DEVICES (lifecycle.placement_env); a split over several gets their shares
+    here. `lora`: the adapters' files with the scales to start with."""
     argv = [
-        str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--alias", spec.id,
+        str(binary), "-m", str(model), "--host", _csv_value(str(socket)), "--cors-origins", NO_CORS_ORIGIN,
+        "--no-cors-credentials", "--alias", spec.id,
         "-c", str(spec.context_size), "-ngl", str(spec.n_gpu_layers), "-ctk", spec.cache_type, "-ctv", spec.cache_type,
         "-fa", spec.flash_attn, "--fit", "off", "--metrics", "--jinja",
     ]

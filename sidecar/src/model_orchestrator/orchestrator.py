@@ -13,7 +13,6 @@ import contextlib
 from typing import AsyncIterator, Callable
 import logging
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,9 +24,9 @@ from .errors import Code, Refused
 from .estimate import Estimate, estimate_headers
 from .events import EventBus
 from .gpu import GpuSnapshot, GpuView, NoGpuView
-from .lifecycle import (MODEL_ENV, LaunchPlan, LoadResult, ManagedModel, ServerFactory, State, UnloadResult,
-                        owner_env, placement_env, reap_leftovers, upstream_session)
-from .llama_args import build_argv, parallel_slots
+from .lifecycle import (MODEL_ENV, ChildSockets, LaunchPlan, LoadResult, ManagedModel, ServerFactory, State,
+                        UnloadResult, new_api_key, outbound_session, owner_env, placement_env, reap_leftovers)
+from .llama_args import API_KEY_ENV, build_argv, parallel_slots
 from .metrics import Metrics
 from .dispatcher import Dispatcher, Lease
 from .downloads import Downloads
@@ -44,16 +43,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("model_orchestrator")
 
-# Never handed to llama-server: our secrets, and LLAMA_ARG_* which would override the flags we set.
+# Never handed to llama-server: our secrets, and LLAMA_ARG_* which would override the flags we set (its own key,
+# LLAMA_API_KEY, is set per launch).
 _CHILD_ENV_DROP_PREFIXES = ("LLAMA_ARG_", "MODEL_ORCHESTRATOR_API_KEY", "HF_TOKEN")
 # How long admission waits for models that are stopping to exit and return their memory before refusing.
 _LEAVING_WAIT_S = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -103,7 +97,8 @@ class Orchestrator:
         self.slot_cache = SlotCache(settings.state_dir / "slots", settings.slot_cache_mb, self.metrics.registry)
         for model in self.models.values():
             self.metrics.set_state(model.id, model.state)
-        self.http: ClientSession | None = None  # to the llama-servers (lifecycle.upstream_session)
+        self.http: ClientSession | None = None  # outbound calls: load callbacks, allowed media URLs (never a child)
+        self.sockets = ChildSockets(settings.state_dir)  # where the children listen (LlamaServer.request reaches them)
         self._background: set[asyncio.Task] = set()
         self._admission = asyncio.Lock()  # one decision at a time: two loads never both take the same free memory
         self._closing = False  # terminal: once close() began, no load starts
@@ -115,7 +110,8 @@ class Orchestrator:
         reaped = await asyncio.to_thread(reap_leftovers, self.owner)
         if reaped:
             log.warning("reaped %d llama-server process(es) left by a previous run: %s", len(reaped), reaped)
-        self.http = upstream_session()
+        await asyncio.to_thread(self.sockets.open)
+        self.http = outbound_session()
         self.run_in_background(self._forever("idle", 1.0, self._unload_idle_step))
         self.run_in_background(self._forever("health", self.settings.health_interval_s, self._check_health))
 
@@ -133,6 +129,7 @@ class Orchestrator:
                                for m in self.models.values()), return_exceptions=True)
         if self.http:
             await self.http.close()
+        self.sockets.close()
 
     def run_in_background(self, coro) -> asyncio.Task:
         """A task the orchestrator owns: kept until it ends, cancelled and awaited by close()."""
@@ -230,7 +227,7 @@ class Orchestrator:
                 model.estimate, model.gpu, model.split = est, decision.gpu, decision.split
                 self.events.publish("load_progress", model=model.id, phase="admitted", gpu=decision.gpu,
                                     estimate_mb=round(est.total_mb, 1) if est else None, evicted=decision.evict)
-                model.begin_load(lambda: self._launch_plan(model), self.http, timeout=timeout,
+                model.begin_load(lambda: self._launch_plan(model), timeout=timeout,
                                  log_lines=self.settings.log_lines, priority=priority,
                                  on_ready=lambda server: self._restore_slots(model, server))
                 return decision.evict
@@ -391,16 +388,23 @@ class Orchestrator:
     async def estimate(self, spec: ModelSpec, *, context_size: int | None = None, cache_type: str | None = None,
                        n_gpu_layers: int | None = None) -> Estimate:
         """GPU memory of `spec`'s llama-server, from its GGUF headers: on disk, or read from the Hub with range
-        requests when the files are not downloaded yet (model_files.read_headers)."""
+        requests when the files are not downloaded yet (model_files.read_headers). Raises ValueError for a header it
+        cannot use, whatever is wrong with it (callers answer 422 unreadable_model or go on without an estimate),
+        OSError, and ModelFilesMissing (hub.HubError) as read_headers does."""
         overhead = self._cuda_overhead_mb()
 
         def read_and_estimate() -> Estimate:  # one worker-thread hop: each costs the load ~0.3 ms on a busy loop
-            headers = read_headers(spec, self.settings.state_dir / "models", self.settings.hub_header_dir)
-            return estimate_headers(
-                headers, n_ctx=context_size or spec.context_size,
-                n_gpu_layers=spec.n_gpu_layers if n_gpu_layers is None else n_gpu_layers,
-                cache_type=cache_type or spec.cache_type, flash_attn=spec.flash_attn != "off",
-                extra_args=spec.extra_args, overhead_mib=overhead)
+            try:
+                headers = read_headers(spec, self.settings.state_dir / "models", self.settings.hub_header_dir)
+                return estimate_headers(
+                    headers, n_ctx=context_size or spec.context_size,
+                    n_gpu_layers=spec.n_gpu_layers if n_gpu_layers is None else n_gpu_layers,
+                    cache_type=cache_type or spec.cache_type, flash_attn=spec.flash_attn != "off",
+                    extra_args=spec.extra_args, overhead_mib=overhead)
+            except (ValueError, OSError, Refused):  # Refused: ModelFilesMissing, hub.HubError
+                raise
+            except Exception as exc:  # a hostile header: a key of the wrong type, lists of the wrong length...
+                raise ValueError(f"malformed GGUF header ({exc.__class__.__name__}: {exc})") from None
 
         return await asyncio.to_thread(read_and_estimate)
 
@@ -487,11 +491,7 @@ class Orchestrator:
     async def _launch_plan(self, model: ManagedModel) -> LaunchPlan:
         spec = model.spec
         files = await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")
-        # the OS may hand out a port that a starting instance has not bound yet: skip ports our servers hold
-        taken = {m.server.port for m in self.models.values() if m.server}
-        port = _free_port()
-        while port in taken:
-            port = _free_port()
+        socket = self.sockets.new_path()
         devices, split = [], None
         if self.gpu_view.available and len(self.gpu_view.snapshot().devices) > 1:  # one GPU: nothing to choose
             if model.split:
@@ -502,14 +502,15 @@ class Orchestrator:
                                            self.llama_server_bin)
         model.lora_scales = {a.name: a.scale for a in spec.lora}  # each process starts from the registry's scales
         model.lora_version += 1
-        argv = build_argv(self.llama_server_bin, spec, files.model, files.mmproj, port, split, slot_dir,
+        argv = build_argv(self.llama_server_bin, spec, files.model, files.mmproj, socket, split, slot_dir,
                           lora=[(path, a.scale) for path, a in zip(files.lora, spec.lora)])
         env = {k: v for k, v in os.environ.items() if not k.startswith(_CHILD_ENV_DROP_PREFIXES)}
         env.update(owner_env(self.owner))
         env[MODEL_ENV] = spec.id
+        env[API_KEY_ENV] = key = new_api_key()
         if devices:
             env.update(placement_env(devices))
-        return LaunchPlan(argv, env, port)
+        return LaunchPlan(argv, env, socket, key)
 
     # ---- LoRA adapters (the registry's `lora`; llama-server numbers them in that order) ----------------------
     def lora_view(self, model: ManagedModel) -> list[dict]:
@@ -540,6 +541,8 @@ class Orchestrator:
                 raise Refused(Code.INVALID_REQUEST, f"lora.{n}.scale: a number from 0 (not applied) to "
                               f"{MAX_LORA_SCALE:g} is expected")
             if "name" in e:
+                if type(e["name"]) is not str:
+                    raise Refused(Code.INVALID_REQUEST, f"lora.{n}.name: an adapter's name (a string) is expected")
                 if e["name"] not in ids:
                     raise self._unknown_adapter(model, repr(e["name"]))
                 out[ids[e["name"]]] = float(scale)
@@ -568,7 +571,7 @@ class Orchestrator:
                           "and a chat may carry its own in `lora`)", model=model.id)
         merged = {**model.lora_scales, **scales}
         body = [{"id": i, "scale": merged[a.name]} for i, a in enumerate(model.spec.lora)]
-        await server.set_lora_adapters(self.http, body)
+        await server.set_lora_adapters(body)
         if model.server is server:  # still the same process
             model.lora_scales = merged
             model.lora_version += 1
@@ -642,7 +645,7 @@ class Orchestrator:
         deadlocked: its process is alive but answers nothing) is marked failed and killed, so its requests end with
         an error, its memory returns and the next request loads it again."""
         servers = [(m, m.server) for m in self.models.values() if m.state == State.LOADED and m.server is not None]
-        problems = await asyncio.gather(*(server.check_health(self.http, self.settings.health_timeout_s)
+        problems = await asyncio.gather(*(server.check_health(self.settings.health_timeout_s)
                                           for _, server in servers))
         for (model, server), problem in zip(servers, problems):
             if problem is None:
@@ -675,7 +678,7 @@ class Orchestrator:
         server = model.server
         if model.state != State.LOADED or server is None or model.in_flight or not self.slot_cache.enabled(model.spec):
             return
-        saved = await self.slot_cache.save(self.http, model.id, server.base_url)
+        saved = await self.slot_cache.save(server, model.id)
         if saved.slots:
             self.events.publish("slots_saved", model=model.id, slots=saved.slots, tokens=saved.tokens,
                                 bytes=saved.bytes)
@@ -685,7 +688,7 @@ class Orchestrator:
             return
         self.events.publish("load_progress", model=model.id, phase="restoring",
                             slots=len(self.slot_cache.files(model.id)))
-        restored = await self.slot_cache.restore(self.http, model.id, server.base_url)
+        restored = await self.slot_cache.restore(server, model.id)
         if restored.slots:
             self.events.publish("slots_restored", model=model.id, slots=restored.slots, tokens=restored.tokens)
 
@@ -754,7 +757,7 @@ class Orchestrator:
         return {
             "model": model.id, "service": model.service,
             "loaded_at": model.loaded_at.isoformat(timespec="seconds") if model.loaded_at else None,
-            "status": model.state, "pid": server.pid if server else None, "port": server.port if server else None,
+            "status": model.state, "pid": server.pid if server else None,
             "priority": model.priority, "context_size": model.spec.context_size, "in_flight": model.in_flight,
             "draining": model.draining, "last_used": model.last_used.isoformat(timespec="seconds") if model.last_used else None,
             "load_seconds": round(model.load_seconds, 4) if model.load_seconds is not None else None,

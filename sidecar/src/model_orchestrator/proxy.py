@@ -7,7 +7,8 @@ The hot path is thin: the body is parsed once (orjson) for `model` and `stream`;
 request model requires replaces pydantic, which runs only to name the field when that check fails; non-streamed
 requests reuse pooled keep-alive connections. A request's LoRA scales (`lora`, by adapter name or id) become
 llama-server's full list of ids and scales (Orchestrator.lora_request); a body without `lora` is not re-encoded.
-Remote image URLs never reach llama-server (see `_local_images`).
+Remote media URLs never reach llama-server (media_urls.localize). llama-server is reached only through
+LlamaServer.request (its private socket and key).
 Upstream timeouts bound connecting and the silence between reads, never the whole generation (504). A client that
 hangs up is counted as 499; llama-server's 500 for a request it cannot take becomes a 400 with our own code.
 """
@@ -15,17 +16,16 @@ hangs up is counted as 499; llama-server's 500 for a request it cannot take beco
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import time
 
 import aiohttp
 import orjson
-import yarl
 from aiohttp import web
 from pydantic import ValidationError
 
+from . import media_urls
 from .dispatcher import CallerGone
 from .errors import Code, Refused
 from .http_errors import STATUS, refusal_body
@@ -109,53 +109,6 @@ def _looks_valid(endpoint: str, body: dict) -> bool:
     return ("prompt" if endpoint == "completions" else "input") in body
 
 
-async def _local_images(orch: Orchestrator, body: dict) -> bool:
-    """llama-server downloads any media URL that starts with "http" itself, from wherever it points (a blind SSRF).
-    Here such URLs are refused unless their host is on MODEL_ORCHESTRATOR_IMAGE_URL_HOSTS; allowed ones are fetched
-    by the sidecar (no redirects, time- and size-bounded) and passed on as data URLs. True when the body changed."""
-    changed = False
-    for message in body.get("messages") or ():
-        content = message.get("content") if isinstance(message, dict) else None
-        if not isinstance(content, list):
-            continue
-        for part in content:
-            if not isinstance(part, dict):
-                continue
-            for value in part.values():
-                url = value.get("url") if isinstance(value, dict) else None
-                if isinstance(url, str) and url[:4].lower() == "http":
-                    value["url"] = await _fetch_image(orch, url)
-                    changed = True
-    return changed
-
-
-async def _fetch_image(orch: Orchestrator, url: str) -> str:
-    settings = orch.settings
-    allowed = {h.strip().lower() for h in settings.image_url_hosts.split(",") if h.strip()}
-    host = (yarl.URL(url).host or "").lower() if url.lower().startswith(("http://", "https://")) else ""
-    if not host or host not in allowed:
-        raise Refused(Code.IMAGE_URL_NOT_ALLOWED, f"remote image URLs are not fetched from {host or url[:40]!r}: send "
-                       "the image as a data URL (data:image/png;base64,...), or add the host to "
-                       "MODEL_ORCHESTRATOR_IMAGE_URL_HOSTS", host=host or None)
-    limit = int(settings.image_url_max_mb * 1024 * 1024)
-    try:
-        async with orch.http.get(url, allow_redirects=False, timeout=aiohttp.ClientTimeout(total=10)) as r:
-            if r.status != 200:
-                raise Refused(Code.IMAGE_FETCH_FAILED, f"fetching {url} answered {r.status}", url=url)
-            if r.content_length is not None and r.content_length > limit:
-                raise Refused(Code.IMAGE_TOO_LARGE, f"{url} is larger than {settings.image_url_max_mb:g} MB "
-                               "(MODEL_ORCHESTRATOR_IMAGE_URL_MAX_MB)", url=url)
-            data = await r.content.read(limit + 1)
-            if len(data) > limit:
-                raise Refused(Code.IMAGE_TOO_LARGE, f"{url} is larger than {settings.image_url_max_mb:g} MB "
-                               "(MODEL_ORCHESTRATOR_IMAGE_URL_MAX_MB)", url=url)
-            ctype = r.content_type if r.content_type.startswith(("image/", "video/", "audio/")) else "image/png"
-    except (aiohttp.ClientError, TimeoutError) as exc:
-        raise Refused(Code.IMAGE_FETCH_FAILED, f"could not fetch {url}: {exc.__class__.__name__} {exc}",
-                       url=url) from None
-    return f"data:{ctype};base64,{base64.b64encode(data).decode()}"
-
-
 async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> web.StreamResponse:
     raw = await request.read()
     try:
@@ -179,8 +132,7 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
             raise Refused(Code.VISION_NOT_SUPPORTED, f"{slot.id} has no vision projector, so it cannot read images: "
                           "send the image to a model with an mmproj (GET /models: vision=true), or add `mmproj` to "
                           f"{slot.id}'s source in the model registry", model=slot.id)
-        if endpoint == "chat_completions" and await _local_images(orch, body):
-            raw = orjson.dumps(body)
+        raw = await media_urls.localize(orch, raw, body)  # before a load on demand: refusing costs nothing
         # the request's LoRA scales, checked now (before a load on demand), completed once the process is known
         lora = orch.lora_overrides(slot, body["lora"]) if "lora" in body and endpoint != "embeddings" else None
         if endpoint == "embeddings" and not serves_embeddings(slot.spec.extra_args):
@@ -200,7 +152,7 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
                 # the idle timeout: until the answer's headers (a non-streamed answer's come when it is complete),
                 # then per chunk of a stream (in _pass_stream). aiohttp's own sock_read stalled long streams.
                 async with asyncio.timeout(orch.settings.upstream_idle_timeout_s) as deadline, \
-                        await _send(orch, f"{server.base_url}{request.path}", raw, headers, server) as up:
+                        await _send(orch, request.path, raw, headers, server) as up:
                     status = up.status
                     if stream and up.content_type == "text/event-stream":
                         deadline.reschedule(None)
@@ -289,7 +241,7 @@ _JSON_HEADERS = {"Content-Type": "application/json"}
 _STREAM_HEADERS = {"Content-Type": "application/json", "Connection": "close"}
 
 
-async def _send(orch: Orchestrator, url: str, raw: bytes, headers: dict, server: LlamaServer):
+async def _send(orch: Orchestrator, path: str, raw: bytes, headers: dict, server: LlamaServer):
     """POST upstream. A pooled keep-alive connection that llama-server has just closed (it keeps idle ones 5 s and
     serves 100 requests on one) fails before any byte of answer: that attempt is retried once, on a new connection.
     Connecting is bounded here; the silence between two reads is bounded by the caller (never the total)."""
@@ -297,7 +249,7 @@ async def _send(orch: Orchestrator, url: str, raw: bytes, headers: dict, server:
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=s.upstream_connect_timeout_s)
     for attempt in (1, 2):
         try:
-            return await orch.http.post(url, data=raw, headers=headers, timeout=timeout)
+            return await server.request("POST", path, data=raw, headers=headers, timeout=timeout)
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
             if attempt == 2 or server.exit is not None:
                 raise

@@ -13,7 +13,7 @@ from typing import Annotated, Literal, Union, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .llama_args import CACHE_TYPES, reserved_flag
+from .llama_args import CACHE_TYPES, RESERVED_FLAGS, reserved_flag
 
 # Model ids become metric labels, URL parts and file names: keep them to a safe alphabet (no path traversal).
 MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
@@ -204,7 +204,7 @@ class ModelSpec(_Strict):
         for arg in args:
             flag = reserved_flag(arg)
             if flag:
-                raise ValueError(f"{flag} is set by the orchestrator; use the model's own field instead")
+                raise ValueError(f"{flag} is set by the orchestrator: {RESERVED_FLAGS[flag]}")
         return args
 
     @field_validator("lora")

@@ -19,6 +19,11 @@ def _whole(v: Any) -> Any:
 # JSON Schema's integer: 3 and 3.0, never "3" or true
 JsonInt = Annotated[int, BeforeValidator(_whole)]
 
+# llama-server listens on a private Unix socket (lifecycle.ChildSockets), not on a TCP port: the field stays, null, so
+# clients that read it keep working
+NO_PORT = Field(None, description="always null: llama-server has no TCP port; it listens on a private Unix socket "
+                "that only the sidecar can reach")
+
 
 class _Request(BaseModel):
     # a misspelt field is an error, not silently ignored; types are the documented ones (strict: "3" is not an
@@ -63,7 +68,7 @@ class LoadCallback(BaseModel):
     status: State
     load_seconds: float | None = None
     pid: int | None = None
-    port: int | None = None
+    port: None = NO_PORT
     gpu: int | None = None
     estimate_mb: float | None = None
     evicted: list[str] = []
@@ -161,7 +166,7 @@ class ModelStatus(BaseModel):
     loaded_at: str | None
     status: State
     pid: int | None = None
-    port: int | None = None
+    port: None = NO_PORT
     priority: int
     context_size: int
     in_flight: int
@@ -201,7 +206,7 @@ class LoadResponse(BaseModel):
     result: LoadResult
     load_seconds: float | None = None
     pid: int | None = None
-    port: int | None = None
+    port: None = NO_PORT
     gpu: int | None = None
     estimate_mb: float | None = None
     evicted: list[str] = []

@@ -102,10 +102,11 @@ class Settings(BaseModel):
     upstream_idle_timeout_s: float = setting(600, "MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S", "no byte from "
                                              "llama-server for this long ends a proxied request (`504`)", gt=0)
     image_url_hosts: str = setting("", "MODEL_ORCHESTRATOR_IMAGE_URL_HOSTS", "hosts (comma-separated) whose http(s) "
-                                   "image URLs the sidecar fetches and passes on as data URLs; any other remote image "
-                                   "URL is refused with `400 image_url_not_allowed` (llama-server never fetches URLs)")
-    image_url_max_mb: float = setting(20, "MODEL_ORCHESTRATOR_IMAGE_URL_MAX_MB", "the most an allowed remote image "
-                                      "may weigh", gt=0)
+                                   "media URLs (image, audio, video) the sidecar fetches and passes on as data URLs; "
+                                   "any other remote media URL is refused with `400 image_url_not_allowed` "
+                                   "(llama-server never fetches URLs)")
+    image_url_max_mb: float = setting(20, "MODEL_ORCHESTRATOR_IMAGE_URL_MAX_MB", "the most an allowed remote media "
+                                      "file may weigh", gt=0)
 
     # without an API key, what a browser may reach (api.browser_guard): origins besides the sidecar's own, and
     # host names besides loopback, the bind address and IP literals (DNS rebinding sends a foreign name)

@@ -9,7 +9,8 @@ rules around it:
   (they describe one swap-out); a model that crashed or failed keeps nothing;
 - validity: a saved cache is only valid for the same model file, context, cache type, slot count and llama-server
   build; a fingerprint beside the files is checked before every start and the files are removed when it changed;
-- disk: all models' files together stay under the cap, the oldest removed first.
+- disk: all models' files together stay under the cap, the oldest removed first; every file in the slot directories
+  counts (whatever its name: llama-server writes any name it is asked to), and goes when its model's slots go.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter
@@ -28,6 +30,9 @@ from prometheus_client.core import GaugeMetricFamily
 
 from .llama_args import parallel_slots
 from .registry import ModelSpec
+
+if TYPE_CHECKING:
+    from .lifecycle import LlamaServer
 
 log = logging.getLogger("model_orchestrator.slot_cache")
 
@@ -84,16 +89,25 @@ class SlotCache:
                 log.info("%s: settings changed since its conversations were saved; removing them", spec.id)
             self.drop(spec.id, "settings_changed")
             manifest.write_text(json.dumps(fp, indent=1))
+        self.enforce_cap()
         return d
 
     def files(self, model_id: str) -> list[Path]:
         d = self.dir_for(model_id)
         return sorted(d.glob("slot-*.bin")) if d.is_dir() else []
 
+    def stored(self, model_id: str | None = None) -> list[Path]:
+        """Every file in a model's slot directory (every model's: None) but the fingerprint."""
+        pattern = f"{model_id}/*" if model_id else "*/*"
+        if not self.root.is_dir():
+            return []
+        return [f for f in self.root.glob(pattern) if f.name != MANIFEST and f.is_file() and not f.is_symlink()]
+
     def drop(self, model_id: str, reason: str) -> int:
-        """Remove a model's saved slots (a crash, a failed load, changed settings)."""
+        """Remove a model's saved slots, and anything else in its slot directory (a crash, a failed load, changed
+        settings)."""
         gone = 0
-        for f in self.files(model_id):
+        for f in self.stored(model_id):
             f.unlink(missing_ok=True)
             gone += 1
         if gone:
@@ -101,11 +115,11 @@ class SlotCache:
         return gone
 
     def disk_bytes(self) -> int:
-        return sum(f.stat().st_size for f in self.root.glob("*/slot-*.bin")) if self.root.is_dir() else 0
+        return sum(f.stat().st_size for f in self.stored())
 
     def enforce_cap(self) -> None:
         """All models' files together stay under the cap: the oldest go first."""
-        files = sorted(self.root.glob("*/slot-*.bin"), key=lambda f: f.stat().st_mtime_ns) if self.root.is_dir() else []
+        files = sorted(self.stored(), key=lambda f: f.stat().st_mtime_ns)
         total = sum(f.stat().st_size for f in files)
         while files and total > self.cap_bytes:
             f = files.pop(0)
@@ -115,18 +129,18 @@ class SlotCache:
             log.info("slot cache over %d MB: removed %s", self.cap_bytes // (1024 * 1024), f)
 
     # ---- save and restore -----------------------------------------------------------------------------------
-    async def save(self, http: aiohttp.ClientSession, model_id: str, base_url: str) -> SlotSaveResult:
+    async def save(self, server: "LlamaServer", model_id: str) -> SlotSaveResult:
         """Save every slot that holds a conversation. Never raises: a failed save is logged, the unload goes on."""
         out = SlotSaveResult()
         if not self.dir_for(model_id).is_dir():
             return out
         try:
-            async with http.get(f"{base_url}/slots", timeout=aiohttp.ClientTimeout(total=10)) as resp:
+            async with server.request("GET", "/slots", timeout=aiohttp.ClientTimeout(total=10)) as resp:
                 slots = await resp.json() if resp.status == 200 else []
             for slot in slots:  # every slot: a restored slot that was not used since does not say it holds one
                 name = SLOT_FILE.format(id=slot["id"])
-                async with http.post(f"{base_url}/slots/{slot['id']}?action=save", json={"filename": name},
-                                     timeout=aiohttp.ClientTimeout(total=SAVE_TIMEOUT_S)) as resp:
+                async with server.request("POST", f"/slots/{slot['id']}?action=save", json={"filename": name},
+                                          timeout=aiohttp.ClientTimeout(total=SAVE_TIMEOUT_S)) as resp:
                     body = await resp.json()
                 path = self.dir_for(model_id) / name
                 if resp.status != 200 or not body.get("n_saved"):
@@ -144,14 +158,14 @@ class SlotCache:
             log.warning("%s: could not save its conversation slots: %s", model_id, exc)
         return out
 
-    async def restore(self, http: aiohttp.ClientSession, model_id: str, base_url: str) -> SlotSaveResult:
+    async def restore(self, server: "LlamaServer", model_id: str) -> SlotSaveResult:
         """Restore the saved slots into the fresh llama-server, then remove the files. Never raises."""
         out = SlotSaveResult()
         for path in self.files(model_id):
             slot_id = path.stem.removeprefix("slot-")
             try:
-                async with http.post(f"{base_url}/slots/{slot_id}?action=restore", json={"filename": path.name},
-                                     timeout=aiohttp.ClientTimeout(total=SAVE_TIMEOUT_S)) as resp:
+                async with server.request("POST", f"/slots/{slot_id}?action=restore", json={"filename": path.name},
+                                          timeout=aiohttp.ClientTimeout(total=SAVE_TIMEOUT_S)) as resp:
                     body = await resp.json()
                 if resp.status == 200 and body.get("n_restored"):
                     out.slots += 1

@@ -8,9 +8,11 @@ second `serve` prints when it refuses. The descriptor is close-on-exec: llama-se
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -39,7 +41,10 @@ class StateLock:
 
 
 def acquire(state_dir: Path, address: str) -> StateLock:
-    """Take the state directory for this process, or raise StateDirBusy naming the sidecar that holds it."""
+    """Take the state directory for this process, or raise StateDirBusy naming the sidecar that holds it; OSError
+    when it cannot be used (not a directory, not writable: a read-only file system, another user's)."""
+    if state_dir.exists() and not state_dir.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "it is not a directory", str(state_dir))
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -52,7 +57,14 @@ def acquire(state_dir: Path, address: str) -> StateLock:
             holder = {}
         os.close(fd)
         raise StateDirBusy(state_dir, holder if isinstance(holder, dict) else {}) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"pid": os.getpid(), "address": address,
-                              "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "address": address,
+                                  "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}).encode(), 0)
+        probe, probe_path = tempfile.mkstemp(dir=state_dir, prefix=".write-check-")  # can we create files here?
+        os.close(probe)
+        os.unlink(probe_path)
+    except OSError:
+        os.close(fd)
+        raise
     return StateLock(fd, path)
