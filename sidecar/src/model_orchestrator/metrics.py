@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from .gpu import MIB, GpuSnapshot
 from .lifecycle import State
 
+RESERVATION_LABEL = "(reservation)"  # admission_refusals' `model` for every reservation, whatever its service
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
@@ -33,7 +34,7 @@ class Metrics:
         self.failures = Counter("model_orchestrator_model_failures", "Models that went to failed, by code", ["model", "code"], registry=r)
         self.load_duration = Histogram("model_orchestrator_load_duration_seconds", "Load request to llama-server ready", ["model"], buckets=LOAD_BUCKETS, registry=r)
         self.in_flight = Gauge("model_orchestrator_requests_in_flight", "Proxied requests in flight", ["model"], registry=r)
-        self.admission_refusals = Counter("model_orchestrator_admission_refusals", "Loads or reservations refused for lack of GPU memory (or the cap)", ["model"], registry=r)
+        self.admission_refusals = Counter("model_orchestrator_admission_refusals", "Loads or reservations (model=\"(reservation)\") refused for lack of GPU memory (or the cap)", ["model"], registry=r)
         self.waiting = Gauge("model_orchestrator_requests_waiting_for_load", "Requests waiting for their model to load", ["model"], registry=r)
         self.http_requests = Counter("model_orchestrator_http_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r)
         self.background_errors = Counter("model_orchestrator_background_errors", "Exceptions caught in a background loop (logged; the loop goes on)", ["loop"], registry=r)
@@ -64,6 +65,7 @@ class Metrics:
             self.prompt_tokens.labels(m)
             self.in_flight.labels(m)
             self.waiting.labels(m)
+        self.admission_refusals.labels(RESERVATION_LABEL)
 
     def set_state(self, model: str, state: State) -> None:
         for s in State:

@@ -27,10 +27,11 @@ from .gpu import GpuSnapshot, GpuView, NoGpuView
 from .lifecycle import (MODEL_ENV, LaunchPlan, LoadResult, ManagedModel, State, UnloadResult, owner_env,
                         placement_env, reap_leftovers, upstream_session)
 from .llama_args import build_argv, parallel_slots
-from .metrics import Metrics
+from .metrics import RESERVATION_LABEL, Metrics
+from .outbound import Outbound
 from .downloads import Downloads
 from .hub import HubError
-from .model_files import ModelFilesMissing, can_download, plan_pull, pull, read_headers, resolve
+from .model_files import HeaderOnHub, ModelFilesMissing, can_download, plan_pull, pull, read_headers, resolve
 from .registry import MAX_LORA_SCALE, GeneratedSource, HfSource, ModelSpec, PathSource, Registry
 from .reservations import Reservation, ReservationBook
 from .scheduler import Decision, Device, Request, Resident, available, decide
@@ -95,7 +96,9 @@ class Orchestrator:
         self.metrics.preset([s.id for s in registry.models])
         self.calibration = Calibration(settings.state_dir, self.metrics.registry)
         self.estimate_checks: dict[str, EstimateCheck] = {}  # model -> its current load's estimate vs NVML
-        self.downloads = Downloads(self.events, lambda model, result: self.metrics.downloads.labels(model, result).inc())
+        self.outbound = Outbound(settings.hub_deadline_s)  # the Hub's calls: threads of their own, deadlines
+        self.downloads = Downloads(self.events, lambda model, result: self.metrics.downloads.labels(model, result)
+                                   .inc(), self.outbound)
         self.slot_cache = SlotCache(settings.state_dir / "slots", settings.slot_cache_mb, self.metrics.registry)
         for model in self.models.values():
             self.metrics.set_state(model.id, model.state)
@@ -118,6 +121,7 @@ class Orchestrator:
         """Shut down: refuse new loads from now on, stop background work and wait for it, stop every model."""
         self._closing = True
         await self.downloads.close(self.models)
+        self.outbound.close()  # Hub calls under way stop at their next socket wait
         self.events.close()
         tasks = list(self._background)
         for task in tasks:
@@ -197,13 +201,13 @@ class Orchestrator:
                 await self._ensure_files(model, priority, allow_eviction, force, wait=True)
                 continue
             try:
+                est = await self._estimate_for_admission(model.spec)  # before the lock: no header read holds it
                 async with self._admission:
                     # only code holding this lock starts a load, so a model found UNLOADED or FAILED here stays out
                     # of LOADING until we start it (an unload may only move FAILED to UNLOADED meanwhile)
                     self._refuse_if_closing()
                     if model.state not in (State.UNLOADED, State.FAILED):
                         continue  # someone else's load or unload got there first: look again
-                    est = await self._estimate_for_admission(model.spec)
                     decision = await self._admit(model.id, est.total_mb if est else 0.0,
                                                  model.spec.priority if priority is None else priority,
                                                  self._allow_eviction(model.spec, allow_eviction), force,
@@ -248,7 +252,7 @@ class Orchestrator:
                     raise await self._missing_with_estimate(spec, exc) from None
             if not force:
                 await self._refuse_unless_it_could_fit(model, priority, allow_eviction)
-            plan = await asyncio.to_thread(plan_pull, spec)
+            plan = await self.outbound.call(plan_pull, spec)  # HEADs to the Hub, under its deadline
             self._refuse_if_closing()
             if model.state not in (State.UNLOADED, State.FAILED):
                 continue  # another load began the download (or finished it) meanwhile: look again
@@ -304,8 +308,8 @@ class Orchestrator:
             await asyncio.wait([asyncio.ensure_future(m.wait_unloaded()) for m in leaving],
                                timeout=max(0.0, deadline - loop.time()))
             await self._wait_for_memory(decision.gpu, need_mb, timeout_s=max(0.0, deadline - loop.time()))
-        if not decision.admit:
-            self.metrics.admission_refusals.labels(who).inc()
+        if not decision.admit:  # labelled by model id; every reservation under one label (services are unbounded)
+            self.metrics.admission_refusals.labels(who if is_model else RESERVATION_LABEL).inc()
             if (decision.refusal or Code.INSUFFICIENT_VRAM) == Code.INSUFFICIENT_VRAM:
                 self.events.publish("memory_low", model=who, need_mb=round(need_mb, 1), gpu=decision.gpu,
                                     missing_mb=decision.missing_mb, evictable=decision.evictable)
@@ -369,15 +373,18 @@ class Orchestrator:
         requests when the files are not downloaded yet (model_files.read_headers)."""
         overhead = self._cuda_overhead_mb()
 
-        def read_and_estimate() -> Estimate:  # one worker-thread hop: each costs the load ~0.3 ms on a busy loop
-            headers = read_headers(spec, self.settings.state_dir / "models", self.settings.hub_header_dir)
+        def read_and_estimate(hub: bool) -> Estimate:  # one thread hop: each costs the load ~0.3 ms on a busy loop
+            headers = read_headers(spec, self.settings.state_dir / "models", self.settings.hub_header_dir, hub=hub)
             return estimate_headers(
                 headers, n_ctx=context_size or spec.context_size,
                 n_gpu_layers=spec.n_gpu_layers if n_gpu_layers is None else n_gpu_layers,
                 cache_type=cache_type or spec.cache_type, flash_attn=spec.flash_attn != "off",
                 extra_args=spec.extra_args, overhead_mib=overhead)
 
-        return await asyncio.to_thread(read_and_estimate)
+        try:
+            return await asyncio.to_thread(read_and_estimate, False)  # headers on disk
+        except HeaderOnHub:  # the Hub's calls never take a thread of the default pool (outbound.py)
+            return await self.outbound.call(read_and_estimate, True)
 
     def _cuda_overhead_mb(self) -> float | None:
         """The per-process CUDA overhead an estimate assumes: the setting, else what loads on this card taught
@@ -453,6 +460,11 @@ class Orchestrator:
                       force: bool = False) -> Reservation:
         async with self._admission:
             self._refuse_if_closing()
+            live = len(self.reservations.active())
+            if live >= self.settings.max_reservations:
+                raise Refused(Code.TOO_MANY_RESERVATIONS, f"{live} reservations are live, the most there may be "
+                              "(MODEL_ORCHESTRATOR_MAX_RESERVATIONS): release or let expire the ones no longer "
+                              "needed (GET /reservations lists them)", limit=self.settings.max_reservations)
             await self._admit(f"reservation:{service}", vram_mb, priority, allow_eviction, force, is_model=False)
             r = self.reservations.add(service, vram_mb, ttl_s=ttl_s or self.settings.reservation_ttl_s, gpu=gpu,
                                       model=model)
