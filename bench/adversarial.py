@@ -2,11 +2,13 @@
 kills, a frozen llama-server, a second sidecar on the same state dir, SIGTERM while requests hang, schemathesis with
 every check (positive data acceptance included), and round three's rows: the llama-server children as a local
 process and a web page would attack them, media URLs under every key and route, hostile GGUF headers, the
-remaining 500s, an unusable state dir. Each against `model-orchestrator serve` as a real process serving tiny
+remaining 500s, an unusable state dir, and memory, time and threads bounded whatever clients, model files or the
+Hub send. Each against `model-orchestrator serve` as a real process serving tiny
 generated models with a real llama-server.
 
     .venv/bin/python bench/adversarial.py --out results/adversarial-4
-    .venv/bin/python bench/adversarial.py --only children,media,lows3,state_dir --out /tmp/adv   # round three only
+    .venv/bin/python bench/adversarial.py --only children,media,lows3,state_dir,bounds --out /tmp/adv  # round three
+    .venv/bin/python bench/adversarial.py --only-bounds --out /tmp/bounds   # the memory/time/thread rows (~2 min)
 
 Prints one row per attack (what was done, what came back, whether that is what the README promises) and writes
 adversarial.json and adversarial.md; exits 1 when a row failed.
@@ -22,6 +24,7 @@ import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -538,14 +541,383 @@ def state_dir_attacks(work: Path, registry: Path) -> None:
     row("R3-13 serve with a state dir that is a file, under a file, read-only", "exit 2 with one line each (was a "
         "traceback)", json.dumps({k: f"exit {c}: {e[-160:]}" for k, (c, e) in outs.items()}),
         all(c == 2 and len(e.splitlines()) == 1 and "Traceback" not in e for c, e in outs.values()))
+# ---- issue 20: memory, time and threads bounded whatever clients, model files or the Hub send --------------------
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.M)[1]) / 1024
+
+
+def pipelined(port: int, requests: list[bytes], batch: int = 200) -> list[int]:
+    """`requests` on one connection, `batch` at a time without waiting; the statuses of the answers."""
+    statuses = []
+    with socket.create_connection(("127.0.0.1", port)) as s, s.makefile("rb") as f:
+        for i in range(0, len(requests), batch):
+            s.sendall(b"".join(requests[i:i + batch]))
+            for _ in requests[i:i + batch]:
+                statuses.append(int(f.readline().split()[1]))
+                length = 0
+                while (line := f.readline()) not in (b"\r\n", b""):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                f.read(length)
+    return statuses
+
+
+def _get(path: str, host: str = "127.0.0.1") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+
+
+def query_strings(sc: Sidecar) -> None:
+    pipelined(sc.port, [_get(f"/health?warm={i}") for i in range(2000)])
+    before = rss_mb(sc.proc.pid)
+    t0 = time.monotonic()
+    statuses = pipelined(sc.port, [_get(f"/health?{i}-{os.urandom(8).hex()}") for i in range(40_000)])
+    grown = rss_mb(sc.proc.pid) - before
+    row("2 40 000 GET /health?<unique> (no key needed; a page's <img> tags)", "RSS flat (was +380 MB)",
+        f"{len(statuses)} answers {sorted(set(statuses))} in {time.monotonic() - t0:.1f} s; RSS {grown:+.1f} MB",
+        set(statuses) == {200} and grown < 20)
+
+
+def pipelining_without_reading(sc: Sidecar) -> None:
+    for i in range(40):
+        sc.call("POST", "/reservations", {"service": f"pad{i}", "vram_mb": 1})
+    before = rss_mb(sc.proc.pid)
+    socks = []
+    for _ in range(20):
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.connect(("127.0.0.1", sc.port))
+        s.setblocking(False)
+        socks.append(s)
+    flood, sent, closed = _get("/models/status") * 1000, 0, {}
+    idle = float(sc.env.get("MODEL_ORCHESTRATOR_IDLE_TIMEOUT_S", 60))
+    t0 = time.monotonic()
+    grown = None
+    while time.monotonic() - t0 < idle + 10 and len(closed) < len(socks):
+        if grown is None and time.monotonic() - t0 > idle * 0.8:  # before the idle timer ends them
+            grown = rss_mb(sc.proc.pid) - before
+            t1 = time.monotonic()
+            s_health = sc.call("GET", "/health", timeout=10)[0]
+            took = (time.monotonic() - t1) * 1000
+        for i, s in enumerate(socks):
+            if i in closed:
+                continue
+            try:
+                sent += s.send(flood)
+            except BlockingIOError:
+                pass
+            except OSError:  # reset: the sidecar closed it
+                closed[i] = time.monotonic() - t0
+        time.sleep(0.01)
+    for s in socks:
+        s.close()
+    for r in sc.call("GET", "/reservations")[1].get("reservations", []):
+        sc.call("DELETE", f"/reservations/{r['id']}")
+    row(f"6 20 clients pipeline GET /models/status and never read (idle timeout {idle:g} s)", "RSS bounded (was "
+        "+340 MB); the connections closed after the idle timeout", f"{sent / 1e6:.1f} MB of requests taken; RSS "
+        f"{grown:+.1f} MB; /health {s_health} in {took:.0f} ms meanwhile; {len(closed)}/20 closed, the last after "
+        f"{max(closed.values(), default=0):.1f} s", grown < 40 and s_health == 200 and len(closed) == len(socks))
+
+
+def _gguf_value_at(data: bytes, key: str) -> int:
+    raw = key.encode()
+    at = data.index(struct.pack("<Q", len(raw)) + raw) + 8 + len(raw)
+    return at + 4 + (4 if struct.unpack_from("<I", data, at)[0] == 9 else 0)
+
+
+def hostile_gguf(work: Path, models: Path, env: dict) -> None:
+    data = bytearray((models / "hello.gguf").read_bytes())
+    struct.pack_into("<I", data, _gguf_value_at(data, "qwen3.block_count"), 100_000_000)
+    (models / "hostile.gguf").write_bytes(data)
+    reg = models / "hostile.toml"
+    reg.write_text(f'default_model = "tiny"\n[[models]]\nid = "tiny"\nsource = {{ type = "path", path = '
+                   f'"{models / "hello.gguf"}" }}\n[[models]]\nid = "hostile"\nsource = {{ type = "path", path = '
+                   f'"{models / "hostile.gguf"}" }}\n')
+    sc = Sidecar(work, reg, work / "state-hostile", **env).start()
+    try:
+        before = rss_mb(sc.proc.pid, "VmHWM")
+        result = {}
+
+        def estimate():
+            t = time.monotonic()
+            result["estimate"] = sc.call("POST", "/models/estimate", {"model": "hostile"}, timeout=120)
+            result["estimate_s"] = time.monotonic() - t
+
+        def load():
+            t = time.monotonic()
+            result["load"] = sc.call("POST", "/models/load", {"model": "hostile", "wait": False}, timeout=120)
+            result["load_s"] = time.monotonic() - t
+
+        threads = [threading.Thread(target=f) for f in (estimate, load)]
+        for t in threads:
+            t.start()
+        t0 = time.monotonic()
+        s_res = sc.call("POST", "/reservations", {"service": "concurrent", "vram_mb": 1}, timeout=120)[0]
+        reserve_s = time.monotonic() - t0
+        for t in threads:
+            t.join()
+        peak = rss_mb(sc.proc.pid, "VmHWM") - before
+        status, body = result["estimate"]
+        row("4 /models/estimate and a load of a GGUF whose block_count is 1e8, a reservation meanwhile",
+            "422 unreadable_model at once; peak RSS small; the reservation never waits (was 2.4 GB, 8-14 s, 7.65 s)",
+            f"estimate {status} {code(body)} in {result['estimate_s']:.2f} s; load {result['load'][0]} in "
+            f"{result['load_s']:.2f} s; reservation {s_res} in {reserve_s * 1000:.0f} ms; peak RSS {peak:+.0f} MB",
+            status == 422 and peak < 100 and s_res == 201 and reserve_s < 1)
+    finally:
+        sc.stop()
+
+
+def _hub_registry(models: Path, name: str) -> Path:
+    reg = models / name
+    reg.write_text(f'default_model = "local"\n[[models]]\nid = "local"\nsource = {{ type = "path", path = '
+                   f'"{models / "hello.gguf"}" }}\n[[models]]\nid = "hub"\nsource = {{ type = "hf", repo = '
+                   '"test-org/Tiny-GGUF", file = "tiny-Q8_0.gguf" }\n')
+    return reg
+
+
+def trickling_hub(work: Path, models: Path, env: dict) -> None:
+    from support.hf_mirror import HfMirror
+
+    mirror = HfMirror({"test-org/Tiny-GGUF": {"tiny-Q8_0.gguf": (models / "hello.gguf").read_bytes()}},
+                      trickle_s=0.5).start()
+    hub_env = {k: v for k, v in mirror.client_env(work / "hf-trickle").items() if k.startswith("HF_")}
+    sc = Sidecar(work, _hub_registry(models, "trickle.toml"), work / "state-trickle", **env, **hub_env,
+                 MODEL_ORCHESTRATOR_HUB_DEADLINE_S="5").start()
+    try:
+        def abandoned(_):
+            try:
+                sc.call("POST", "/models/estimate", {"model": "hub"}, timeout=0.3)
+            except OSError:
+                pass
+
+        with concurrent.futures.ThreadPoolExecutor(32) as ex:
+            list(ex.map(abandoned, range(32)))
+        took = {}
+        for path in ("/models", "/metrics", "/models/status"):
+            t0 = time.monotonic()
+            try:
+                took[path] = f"{sc.call('GET', path, timeout=10)[0]} in {(time.monotonic() - t0) * 1000:.0f} ms"
+            except OSError as exc:
+                took[path] = f"{type(exc).__name__} after {time.monotonic() - t0:.1f} s"
+        t0 = time.monotonic()
+        s_local = sc.call("POST", "/models/estimate", {"model": "local"}, timeout=10)[0]
+        local_ms = (time.monotonic() - t0) * 1000
+        t0 = time.monotonic()
+        status, body = sc.call("POST", "/models/estimate", {"model": "hub"}, timeout=60)
+        hub_s = time.monotonic() - t0
+        threading.Thread(target=abandoned, args=(0,), daemon=True).start()
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        sc.proc.terminate()
+        try:
+            sc.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            pass
+        term_s = time.monotonic() - t0
+        ok_routes = all(" in " in v and v.startswith("200") for v in took.values())
+        row("5 a Hub trickling its answers a byte every 0.5 s: 32 abandoned /models/estimate (deadline 5 s), then "
+            "status routes, a local estimate, a Hub estimate, SIGTERM with a Hub call under way",
+            "nothing waits on the Hub; 504 hub_timeout at the deadline; SIGTERM exits at once (was: all hung, 45 s)",
+            f"{json.dumps(took)}; local estimate {s_local} in {local_ms:.0f} ms; hub estimate {status} {code(body)} "
+            f"in {hub_s:.1f} s; exit {sc.proc.returncode} {term_s:.1f} s after SIGTERM",
+            ok_routes and s_local == 200 and status == 504 and hub_s < 5 + 3 and sc.proc.returncode == 0
+            and term_s < 10)
+    finally:
+        sc.stop()
+        mirror.stop()
+
+
+def hostile_etag(work: Path, models: Path) -> None:
+    from support.hf_mirror import HfMirror
+
+    outs = []
+    for hostile, command in (("etag", "estimate"), ("commit", "pull")):
+        mirror = HfMirror({"test-org/Tiny-GGUF": {"tiny-Q8_0.gguf": (models / "hello.gguf").read_bytes()}})
+        if hostile == "etag":
+            mirror.etags["tiny-Q8_0.gguf"] = "../../../escaped-etag"
+        else:
+            mirror.commit = "../../../../escaped-commit"
+        mirror.start()
+        base = work / f"etag-{hostile}"
+        env = mirror.client_env(base / "hf-home", MODEL_ORCHESTRATOR_MODELS=str(_hub_registry(models, "etag.toml")),
+                                MODEL_ORCHESTRATOR_STATE=str(base / "state"),
+                                MODEL_ORCHESTRATOR_URL="http://127.0.0.1:9")
+        r = subprocess.run([sys.executable, "-m", "model_orchestrator", command, "hub"], env=env, capture_output=True,
+                           text=True, timeout=60)
+        mirror.stop()
+        escaped = [str(p.relative_to(base)) for p in base.rglob("*escaped*")]
+        outs.append((hostile, r.returncode, escaped, r.stderr.strip().splitlines()[-1:] if r.stderr else []))
+    row("10 a Hub endpoint whose ETag (estimate) or X-Repo-Commit (pull) is a relative path", "refused "
+        "(hub_bad_response), nothing written outside the caches", "; ".join(f"{h}: exit {rc}, escaped {e}, {m}"
+                                                                         for h, rc, e, m in outs),
+        all(rc != 0 and not e for _, rc, e, _ in outs))
+
+
+def reservations_bounded(sc: Sidecar) -> None:
+    t0 = time.monotonic()
+    statuses: dict[int, int] = {}
+    for i in range(3000):
+        s = sc.call("POST", "/reservations", {"service": f"svc-{i}-{os.urandom(4).hex()}", "vram_mb": 1})[0]
+        statuses[s] = statuses.get(s, 0) + 1
+    took = time.monotonic() - t0
+    with urllib.request.urlopen(sc.url + "/metrics", timeout=10) as r:
+        metrics = r.read()
+    t1 = time.monotonic()
+    with urllib.request.urlopen(sc.url + "/models/status", timeout=10) as r:
+        status_body = r.read()
+    status_ms = (time.monotonic() - t1) * 1000
+    live = len(sc.call("GET", "/reservations")[1]["reservations"])
+    refusal_series = metrics.count(b"model_orchestrator_admission_refusals_total{")
+    row("8 9 3000 reservations of new services", "live ones capped (409 too_many_reservations beyond "
+        "MODEL_ORCHESTRATOR_MAX_RESERVATIONS), /metrics and /models/status stay small (were 1.47 MB, 581 KB / 97 ms)",
+        f"{json.dumps(statuses)} in {took:.1f} s; live {live}; /metrics {len(metrics) / 1024:.0f} KB "
+        f"({refusal_series} refusal series); /models/status {len(status_body) / 1024:.0f} KB in {status_ms:.0f} ms",
+        live <= 64 and len(metrics) < 200_000 and len(status_body) < 100_000)
+    for r in sc.call("GET", "/reservations")[1]["reservations"]:
+        sc.call("DELETE", f"/reservations/{r['id']}")
+
+
+def callback_flood(sc_env: dict, work: Path, registry: Path) -> None:
+    import http.server
+
+    sent = threading.Event()
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", str(300 << 20))
+            self.end_headers()
+            try:
+                for _ in range(300):
+                    self.wfile.write(b"x" * (1 << 20))
+            except OSError:
+                pass
+            sent.set()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    sc = Sidecar(work, registry, work / "state-callback", **sc_env,
+                 MODEL_ORCHESTRATOR_CALLBACK_HOSTS=f"127.0.0.1:{port}").start()
+    try:
+        before = rss_mb(sc.proc.pid, "VmHWM")
+        s, b = sc.call("POST", "/models/load", {"model": "tiny", "wait": False,
+                                                 "callback_url": f"http://127.0.0.1:{port}/hook"})
+        arrived = sent.wait(60)
+        time.sleep(0.5)
+        peak = rss_mb(sc.proc.pid, "VmHWM") - before
+        row("12 a load callback whose receiver answers 300 MB", "the answer body is not read: peak RSS flat "
+            "(was 76 -> 387 MB)", f"load {s}; callback answered: {arrived}; peak RSS {peak:+.0f} MB",
+            s == 202 and arrived and peak < 50)
+    finally:
+        sc.stop()
+        server.shutdown()
+
+
+def _holds_connection(pid: int, port: int, peer_port: int) -> bool:
+    """Does process `pid` hold the socket of its connection port <-> peer_port (an orphan the kernel still drains
+    after the process closed it is not held)?"""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            link = os.readlink(fd)
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    with open(f"/proc/{pid}/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if int(local.split(":")[1], 16) == port and int(remote.split(":")[1], 16) == peer_port:
+                return inode in inodes
+    return False
+
+
+def sse_stalled(sc: Sidecar) -> None:
+    def post(path: str, body: dict) -> bytes:
+        raw = json.dumps(body).encode()
+        return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(raw)}\r\n\r\n").encode() + raw
+
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", sc.port))
+    sock.sendall(_get("/models/events?types=reservation"))
+    time.sleep(0.2)
+    mine = sock.getsockname()[1]
+    held = _holds_connection(sc.proc.pid, sc.port, mine)
+    name = "e" * 60
+    pair = [post("/reservations", {"service": name, "vram_mb": 1, "model": "m" * 64}),
+            post("/models/unload", {"model": name})]  # created, then released: two events, nothing stays
+    t0 = time.monotonic()
+    for _ in range(300):  # ~13 MB of events in small bursts, more than the sockets' buffers hold
+        pipelined(sc.port, pair * 50, batch=100)
+    idle = float(sc.env.get("MODEL_ORCHESTRATOR_IDLE_TIMEOUT_S", 60))
+    while time.monotonic() - t0 < 60 and _holds_connection(sc.proc.pid, sc.port, mine):
+        time.sleep(0.1)
+    took = time.monotonic() - t0
+    still = _holds_connection(sc.proc.pid, sc.port, mine)
+    state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0]  # 7: reset by the sidecar
+    sock.close()
+    row(f"14 an events client that never reads while 30 000 events come (idle timeout {idle:g} s)",
+        "disconnected (was: held forever)", f"the sidecar held the connection: {held}; {took:.1f} s after the events "
+        f"began: {still}; the client's TCP state {state} (7: reset)", held and not still)
+
+
+def malformed_log(sc: Sidecar) -> None:
+    before = sc.log.read_text(errors="replace")
+    statuses = {}
+    for i in range(1000):
+        with socket.create_connection(("127.0.0.1", sc.port)) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nBad Header " + str(i).encode() + b": x\r\n\r\n")
+            line = s.recv(64).split(b"\r\n")[0].decode(errors="replace")
+            statuses[line] = statuses.get(line, 0) + 1
+    time.sleep(0.2)
+    added = sc.log.read_text(errors="replace")[len(before):]
+    row("14 1000 malformed requests (a header name with a space)", "400 each; the log gets one line, no traceback "
+        "(was one ERROR with a traceback each)", f"{json.dumps(statuses)}; log +{len(added.splitlines())} lines, "
+        f"{added.count('Traceback')} tracebacks", added.count("Traceback") == 0 and len(added.splitlines()) <= 3)
+
+
+def load_202(sc: Sidecar) -> None:
+    sc.call("POST", "/models/load", {"model": "tiny"})
+    sc.call("POST", "/models/unload", {"model": "tiny", "force": True})
+    s, b = sc.call("POST", "/models/load", {"model": "tiny", "wait": False})
+    row("14 the 202 of a new wait:false load", "load_seconds null (was the previous load's)",
+        f"{s} status {b.get('status')} load_seconds {b.get('load_seconds')}", s == 202 and b.get("load_seconds") is None)
+
+
+def bounds(work: Path, registry: Path, fast: dict) -> None:
+    """Issue 20's rows: each against a sidecar of its own where it changes what the sidecar is started with."""
+    models = registry.parent
+    sc = Sidecar(work, registry, work / "state-bounds", **fast).start()
+    try:
+        query_strings(sc)
+        pipelining_without_reading(sc)
+        reservations_bounded(sc)
+        malformed_log(sc)
+        sse_stalled(sc)
+        load_202(sc)
+    finally:
+        sc.stop()
+    hostile_gguf(work, models, fast)
+    trickling_hub(work, models, fast)
+    hostile_etag(work, models)
+    callback_flood(fast, work, registry)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", type=Path, default=ROOT / "results" / "adversarial-2")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "adversarial-4")
     ap.add_argument("--skip-schemathesis", action="store_true")
     ap.add_argument("--only", help="comma-separated groups: rounds two (browser, malformed, storm, kills, "
-                    "second_serve, sigterm, auth, schemathesis) and three (children, media, lows3, state_dir)")
+                    "second_serve, sigterm, auth, schemathesis) and three (children, media, lows3, state_dir, bounds)")
+    ap.add_argument("--only-bounds", action="store_true", help="only issue 20's rows (memory, time, threads)")
     args = ap.parse_args()
     only = set(args.only.split(",")) if args.only else None
 
@@ -558,6 +930,10 @@ def main() -> int:
     fast = {"MODEL_ORCHESTRATOR_HEALTH_INTERVAL_S": "1", "MODEL_ORCHESTRATOR_HEALTH_TIMEOUT_S": "1",
             "MODEL_ORCHESTRATOR_HEALTH_MISSES": "2", "MODEL_ORCHESTRATOR_IDLE_TIMEOUT_S": "3",
             "MODEL_ORCHESTRATOR_SHUTDOWN_TIMEOUT_S": "5", "MODEL_ORCHESTRATOR_STOP_TIMEOUT_S": "2"}
+    if wanted("bounds") or args.only_bounds:
+        bounds(work, registry, fast)
+    if args.only_bounds:
+        return report(args.out, work)
     open_sc = Sidecar(work, registry, work / "state-open", **fast).start()
     try:
         for group, attack in (("browser", browser_attacks), ("malformed", malformed), ("storm", storm),
@@ -581,14 +957,18 @@ def main() -> int:
         keyed.stop()
     if wanted("state_dir"):
         state_dir_attacks(work, registry)
-    (args.out / "adversarial.json").write_text(json.dumps(ROWS, indent=2))
+    return report(args.out, work)
+
+
+def report(out: Path, work: Path) -> int:
+    (out / "adversarial.json").write_text(json.dumps(ROWS, indent=2))
     md = ["| attack | expected | observed | ok |", "|---|---|---|---|"]
     md += [f"| {r['attack']} | {r['expected']} | {r['observed'].replace('|', '/')} | {'yes' if r['ok'] else '**no**'} |"
            for r in ROWS]
-    (args.out / "adversarial.md").write_text("\n".join(md) + "\n")
+    (out / "adversarial.md").write_text("\n".join(md) + "\n")
     if (work / "schemathesis.log").exists():
-        (args.out / "schemathesis.log").write_text((work / "schemathesis.log").read_text()[-20000:])
-    print(f"{sum(r['ok'] for r in ROWS)}/{len(ROWS)} rows as expected; written to {args.out}")
+        (out / "schemathesis.log").write_text((work / "schemathesis.log").read_text()[-20000:])
+    print(f"{sum(r['ok'] for r in ROWS)}/{len(ROWS)} rows as expected; written to {out}")
     return 0 if all(r["ok"] for r in ROWS) else 1
 
 

@@ -14,7 +14,8 @@ Every request is recorded (method, path, Range header, body bytes sent) so tests
 Fault injection: `cut_once[filename] = n` makes the next GET of that file announce the whole length, send only
 n bytes and drop the connection (an interrupted download); `gated = {repo}` answers 401 GatedRepo unless the
 request carries `Authorization: Bearer <one of tokens>`; `corrupt = {filename}` sends other bytes than the ETag
-announces (a bad checksum); `rate[filename] = bytes/s` sends it slowly (a download one can watch and cancel).
+announces (a bad checksum); `rate[filename] = bytes/s` sends it slowly (a download one can watch and cancel);
+`trickle_s = t` sends the head of every file answer one byte every t seconds (a Hub that never quite times out).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class HfMirror:
     corrupt: set[str] = field(default_factory=set)
     etags: dict[str, str] = field(default_factory=dict)
     rate: dict[str, float] = field(default_factory=dict)  # filename -> bytes per second (a slow download)
+    trickle_s: float = 0.0  # > 0: a file answer's head goes out one byte every trickle_s seconds
 
     def _etag(self, filename: str, data) -> str:
         if filename in self.etags:
@@ -79,6 +81,19 @@ class HfMirror:
 
             def do_HEAD(self):
                 self._serve(body=False)
+
+            def end_headers(self):
+                if not (mirror.trickle_s and "/resolve/" in self.path):
+                    return super().end_headers()
+                self._headers_buffer.append(b"\r\n")
+                head, self._headers_buffer = b"".join(self._headers_buffer), []
+                try:
+                    for i in range(len(head)):  # until the client gives up (the write then fails)
+                        self.wfile.write(head[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(mirror.trickle_s)
+                except OSError:
+                    self.close_connection = True
 
             def do_GET(self):
                 self._serve(body=True)

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import codecs
+import contextlib
 import hmac
 import ipaddress
 import json
 import logging
+import socket
+import struct
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -125,10 +128,19 @@ CACHED: dict[str, tuple[str, Callable[[Orchestrator], Awaitable[bytes]]]] = {
 
 
 async def _cached(request: web.Request) -> web.Response:
-    name, build = CACHED[request.path]
-    key = f"{name}?{request.query_string}" if request.query_string else name
+    name, build = CACHED[request.path]  # one answer per route: these routes read no query, so none is part of the key
     orch = request.app[ORCH]
-    return web.Response(body=await request.app[STATUS].get(key, lambda: build(orch)), content_type="application/json")
+    return web.Response(body=await request.app[STATUS].get(name, lambda: build(orch)), content_type="application/json")
+
+
+def reset_connection(transport) -> None:
+    """Drop a connection at once with what is buffered for it (a client that reads nothing would hold it: close()
+    waits for the buffer to drain, and the kernel goes on offering its send queue to a closed window)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, not a FIN
+    transport.abort()
 
 
 # ---- handlers ---------------------------------------------------------------------------------------------------
@@ -302,20 +314,32 @@ async def models_events(request: web.Request) -> web.StreamResponse:
     sub = orch.events.subscribe(types=types, models=models, last_event_id=int(last) if last else None)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                        "X-Accel-Buffering": "no"})
+    stalled_s = orch.settings.idle_timeout_s
+
+    async def send(data: bytes | None) -> None:  # None: the end of the stream
+        # a client that stopped reading is cut off: its socket and our buffer stay full, nothing else would end it
+        try:
+            await asyncio.wait_for(resp.write(data) if data is not None else resp.write_eof(), stalled_s)
+        except TimeoutError:
+            if request.transport is not None:
+                reset_connection(request.transport)
+            raise ConnectionResetError("the client read nothing for MODEL_ORCHESTRATOR_IDLE_TIMEOUT_S") from None
+
     try:
         await resp.prepare(request)
-        await resp.write(b": model-orchestrator events\nretry: 2000\n\n")
+        await send(b": model-orchestrator events\nretry: 2000\n\n")
         while True:
             try:
                 event = await sub.next(EVENTS_KEEPALIVE_S)
             except TimeoutError:
-                await resp.write(b": keepalive\n\n")
+                await send(b": keepalive\n\n")
                 continue
             if event is None:  # shutdown, or this client fell behind (its last event said so)
                 break
-            await resp.write(f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(event.to_dict())}\n\n".encode())
+            await send(f"id: {event.id}\nevent: {event.type}\ndata: {json.dumps(event.to_dict())}\n\n".encode())
+        await send(None)
     except (ConnectionResetError, ConnectionError):
-        pass  # the client went away
+        pass  # the client went away, or stopped reading
     finally:
         sub.close()
     return resp
@@ -388,7 +412,8 @@ ROUTES: list[Route] = [
     Route("POST", "/reservations", reservations_create, "Reserve GPU memory for another service (WhisperX, ComfyUI...)",
           request=ReservationRequest, response=ReservationOut, status=201, tag="reservations",
           description="Counts in admission at once; may evict models of lower priority (or equal, with allow_eviction) "
-                      "to make room; refused with 409 insufficient_vram otherwise. Expires after ttl_s unless renewed."),
+                      "to make room; refused with 409 insufficient_vram otherwise, and with 409 too_many_reservations "
+                      "beyond MODEL_ORCHESTRATOR_MAX_RESERVATIONS live ones. Expires after ttl_s unless renewed."),
     Route("POST", "/reservations/{id}/renew", reservations_renew, "Extend a reservation's lifetime", request=RenewRequest,
           response=ReservationOut, tag="reservations"),
     Route("DELETE", "/reservations/{id}", reservations_release, "Release a reservation", response=ReservationOut,
@@ -398,7 +423,8 @@ ROUTES: list[Route] = [
           description="A `text/event-stream` that stays open (a `: keepalive` comment every 15 s). Each event has "
           "`id:` (send it back as `Last-Event-ID` when reconnecting to replay what was missed), `event:` (its type) "
           "and `data:` (JSON). Types: " + "; ".join(f"`{k}`: {v}" for k, v in EVENT_TYPES.items()) + ". A client "
-          "that falls behind gets an `overflow` event and the stream ends (reconnect with Last-Event-ID).",
+          "that falls behind gets an `overflow` event and the stream ends (reconnect with Last-Event-ID); one that "
+          "reads nothing for MODEL_ORCHESTRATOR_IDLE_TIMEOUT_S while events wait for it is disconnected.",
           query=({"name": "types", "in": "query", "required": False, "description": "comma-separated event types "
                   "(default: all)", "schema": {"type": "string", "pattern": _EVENT_TYPES_CSV}},
                  {"name": "model", "in": "query", "required": False, "description": "comma-separated model ids "
@@ -480,9 +506,14 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         count_request(request.app[ORCH], _route_label(request), request.method, status, time.perf_counter() - t0)
 
 
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
 def count_request(orch: Orchestrator, route: str, method: str, status: int, seconds: float) -> None:
-    """The request metrics of one answer (errors_and_metrics, and fast_lane for the answers it sends itself)."""
+    """The request metrics of one answer (errors_and_metrics, and fast_lane for the answers it sends itself). Label
+    values are bounded: a method aiohttp parsed but nobody uses (any token is one) counts as `other`."""
     m = orch.metrics
+    method = method if method in _METHODS else "other"
     m.child(m.http_requests, route, method, str(status)).inc()
     m.child(m.http_duration, route, method).observe(seconds)
 
@@ -598,10 +629,11 @@ def create_app(orch: Orchestrator) -> web.Application:
 
     app.cleanup_ctx.append(lifecycle)
 
-    async def end_event_streams(app: web.Application):  # before the server waits for open handlers to finish
+    async def end_long_waits(app: web.Application):  # before the server waits for open handlers to finish
         orch.events.close()
+        orch.outbound.close()  # Hub calls under way end now, not at their deadline
 
-    app.on_shutdown.append(end_event_streams)
+    app.on_shutdown.append(end_long_waits)
     return app
 
 

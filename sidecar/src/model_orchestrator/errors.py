@@ -37,6 +37,7 @@ class Code(str, enum.Enum):
     # the request is fine but the state says no
     INSUFFICIENT_VRAM = "insufficient_vram"
     TOO_MANY_MODELS = "too_many_models"
+    TOO_MANY_RESERVATIONS = "too_many_reservations"
     MODEL_BUSY = "model_busy"
     MODEL_FILES_MISSING = "model_files_missing"
     MODEL_NOT_LOADED = "model_not_loaded"
@@ -56,6 +57,7 @@ class Code(str, enum.Enum):
     HUB_REVISION_NOT_FOUND = "hub_revision_not_found"
     HUB_UNAVAILABLE = "hub_unavailable"
     HUB_UNREACHABLE = "hub_unreachable"
+    HUB_TIMEOUT = "hub_timeout"
     INSUFFICIENT_DISK = "insufficient_disk"
     DOWNLOAD_CANCELLED = "download_cancelled"
     DOWNLOAD_FAILED = "download_failed"

@@ -109,6 +109,8 @@ def shape_from_header(h: "GgufHeader", file_bytes: int) -> ModelShape:
     arch = h.fields.get("general.architecture")
     g = lambda key, default=None: h.fields.get(f"{arch}.{key}", default)  # noqa: E731
     n_layer = int(g("block_count"))
+    if not 0 <= n_layer <= len(h.tensors):  # every block has tensors: lists of n_layer are built below
+        raise ValueError(f"{arch}.block_count is {n_layer}, more than the file's {len(h.tensors)} tensors")
     n_embd = int(g("embedding_length"))
     n_head = g("attention.head_count")
     n_head = int(n_head if not isinstance(n_head, list) else max(n_head))

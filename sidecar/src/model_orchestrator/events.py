@@ -96,6 +96,7 @@ class Subscription:
             self.queue.put_nowait(Event(event.id, OVERFLOW, {"message": "this client fell behind; reconnect with "
                                                                        "Last-Event-ID to replay what it missed"}))
             self.queue.put_nowait(None)
+            self.close()  # nothing more is offered to it; its stream ends after the overflow notice
 
     def end(self) -> None:
         self._drain()

@@ -16,12 +16,19 @@ for the same state (tests/test_fast_lane.py compares them byte for byte): the st
 Content-Length, Date, Server, then the cached body. A connection idle for keepalive_timeout is closed, as aiohttp
 closes its own; idle fast-lane connections are closed at shutdown, as aiohttp closes its idle ones.
 
+Back-pressure, as aiohttp applies it: no request is answered while the transport's writing is paused (a client that
+pipelines without reading gets nothing more until it reads), and at most READ_LIMIT unanswered bytes are buffered
+(reading pauses beyond it, as aiohttp's read_bufsize), kept in one bytearray consumed by offset (no copy per
+request). "Idle" is time without progress: no request taken up, no answer written, no write drained; waiting for an
+answer to be built or for the client to read counts as idle too, so a connection stuck either way is closed.
+
 `Runner` is aiohttp's AppRunner whose sites accept into the fast lane; `run_app` is `web.run_app` with that runner.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from typing import Any, Callable
@@ -29,13 +36,16 @@ from typing import Any, Callable
 from aiohttp import web
 from aiohttp.helpers import rfc822_formatted_time  # the Date value aiohttp's own answers carry
 from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.tcp_helpers import tcp_keepalive, tcp_nodelay
 
-from .api import CACHED, GUARD, ORCH, STATUS, count_request
+from .api import CACHED, GUARD, ORCH, STATUS, count_request, reset_connection
 
 # Heads beyond these go to aiohttp, whose limits decide (its defaults: 8190-byte lines and fields, 128 headers)
 MAX_HEAD = 8190
 MAX_LINES = 64
+READ_LIMIT = 1 << 16  # unanswered bytes buffered per connection before reading pauses (aiohttp's read_bufsize)
+ANSWER_BATCH = 1 << 16  # answers to pipelined requests are written in batches of about this many bytes
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110 token)
 _VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")  # a header value without control characters
 _JUDGED = {b"host": 0, b"origin": 1, b"authorization": 2}  # what the guard reads
@@ -112,17 +122,19 @@ class Lane:
 
     def close(self) -> None:
         for conn in list(self.live):
-            conn.transport.close()
+            conn.close()
 
 
 class _Connection(asyncio.Protocol):
     def __init__(self, lane: Lane):
         self.lane = lane
         self.transport: Any = None
-        self.buf = b""
+        self.buf = bytearray()  # bytes received and not answered yet start at `pos`
+        self.pos = 0
         self.building: asyncio.Future | None = None  # the build of an answer this connection waits for
         self.write_paused = False
-        self.last = 0.0  # loop time of the connection or of its last answer
+        self.read_paused = False  # by us: READ_LIMIT unanswered bytes are buffered
+        self.last = 0.0  # loop time of the last progress (connection, request taken up, answer written, drained)
         self.timer: asyncio.TimerHandle | None = None
 
     # ---- asyncio.Protocol ------------------------------------------------------------------------------------
@@ -136,8 +148,10 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buf += data
-        if self.building is None:
+        if self.building is None and not self.write_paused:
             self._serve()
+        else:
+            self._limit_reading()
 
     def connection_lost(self, exc) -> None:
         self.lane.live.discard(self)
@@ -145,28 +159,31 @@ class _Connection(asyncio.Protocol):
         if self.timer is not None:
             self.timer.cancel()
 
-    def pause_writing(self) -> None:  # a client that pipelines without reading: stop reading it
+    def pause_writing(self) -> None:  # the client does not read our answers: answer nothing more until it does
         self.write_paused = True
-        self.transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
-        self.transport.resume_reading()
+        self.last = asyncio.get_running_loop().time()
+        if self.building is None and self.transport is not None:
+            self._serve()
 
     # ---- the lane ----------------------------------------------------------------------------------------------
     def _serve(self, built: bytes | None = None) -> None:
-        """Answer the complete requests at the start of the buffer; hand over at the first one not for us."""
-        lane, buf, out = self.lane, self.buf, []
+        """Answer the complete requests at the start of the buffer while the transport takes writes; hand over at
+        the first one not for us."""
+        lane, buf, pos, out, size = self.lane, self.buf, self.pos, [], 0
         t0 = time.perf_counter()
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buf) > MAX_HEAD or buf.count(b"\n") != buf.count(b"\r\n"):  # too long, or bare LF endings
-                    return self._hand_over(out, buf)
+        while not self.write_paused:
+            end = buf.find(b"\r\n\r\n", pos)
+            if end < 0:  # too long, or bare LF endings
+                if len(buf) - pos > MAX_HEAD or buf.count(b"\n", pos) != buf.count(b"\r\n", pos):
+                    return self._hand_over(out, pos)
                 break
-            request = parse(buf[:end], lane.paths) if end <= MAX_HEAD else None
+            request = parse(bytes(buf[pos:end]), lane.paths) if end - pos <= MAX_HEAD else None
             if request is None or lane.guard(*request) is not None:
-                return self._hand_over(out, buf)
+                return self._hand_over(out, pos)
+            self.last = asyncio.get_running_loop().time()  # a request taken up
             path = request[0]
             body = built if built is not None else lane.cache.peek(CACHED[path][0])
             built = None
@@ -174,14 +191,34 @@ class _Connection(asyncio.Protocol):
                 self.building = lane.build(path)
                 self.building.add_done_callback(self._built)
                 break
-            out.append(lane.answer(path, body))
-            buf = buf[end + 4:]
+            answer = lane.answer(path, body)
+            out.append(answer)
+            size += len(answer)
+            pos = end + 4
             lane.answered += 1
             count_request(lane.orch, path, "GET", 200, time.perf_counter() - t0)
-        self.buf = buf
+            if size >= ANSWER_BATCH:  # may pause writing: the loop then stops answering
+                self._write(out)
+                out, size = [], 0
+        if pos:
+            del buf[:pos]  # one move per turn, not one per request
+            self.pos = 0
         if out:
-            self.transport.write(b"".join(out))
-            self.last = asyncio.get_running_loop().time()
+            self._write(out)
+        self._limit_reading()
+
+    def _write(self, out: list[bytes]) -> None:
+        self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        self.last = asyncio.get_running_loop().time()
+
+    def _limit_reading(self) -> None:
+        """Pause reading while READ_LIMIT unanswered bytes wait (a build, a client that does not read), resume below."""
+        if self.transport is None:
+            return
+        over = len(self.buf) - self.pos >= READ_LIMIT
+        if over != self.read_paused:
+            self.read_paused = over
+            (self.transport.pause_reading if over else self.transport.resume_reading)()
 
     def _built(self, fut: asyncio.Future) -> None:
         self.building = None
@@ -189,23 +226,25 @@ class _Connection(asyncio.Protocol):
         if self.transport is None:  # the client left meanwhile
             return
         if failed:  # aiohttp answers the request (and maps the error)
-            return self._hand_over([], self.buf)
+            return self._hand_over([], self.pos)
         self._serve(fut.result())
 
-    def _hand_over(self, out: list[bytes], rest: bytes) -> None:
+    def _hand_over(self, out: list[bytes], pos: int) -> None:
         """From now on aiohttp's RequestHandler owns the connection; it gets every byte not yet answered."""
         transport, lane = self.transport, self.lane
         if out:
             transport.write(b"".join(out))
+        rest = bytes(self.buf[pos:])
         lane.live.discard(self)
         if self.timer is not None:
             self.timer.cancel()
-        self.transport, self.buf = None, b""
+        self.transport, self.buf, self.pos = None, bytearray(), 0
         handler = lane.server()
         transport.set_protocol(handler)
         handler.connection_made(transport)
-        if self.write_paused:  # our pause of reading was for our own writes: the handler waits on drain instead
+        if self.read_paused:  # aiohttp applies its own limits to what it is given
             transport.resume_reading()
+        if self.write_paused:  # the handler waits on drain until the transport resumes writing
             handler.pause_writing()
         if rest:
             handler.data_received(rest)
@@ -218,19 +257,57 @@ class _Connection(asyncio.Protocol):
         self.timer = None
         if self.transport is None:
             return
-        now = asyncio.get_running_loop().time()
-        if self.building is not None:  # waiting for our own build is not idleness
-            self.last = now
-        if now < self.last + self.lane.keepalive_timeout:
+        if asyncio.get_running_loop().time() < self.last + self.lane.keepalive_timeout:
             return self._arm()
-        self.transport.close()
+        self.close()
+
+    def close(self) -> None:
+        if self.write_paused or self.transport.get_write_buffer_size():
+            reset_connection(self.transport)  # close() would wait for a client that does not read
+        else:
+            self.transport.close()
+
+
+class MalformedRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse at ERROR with a traceback (RequestHandler.handle_error), so any
+    local client could flood the log. Those (an HttpProcessingError: answered 400 already) become one WARNING line
+    per `every_s` saying how many there were and the last one's reason; every other record passes unchanged."""
+
+    def __init__(self, every_s: float = 60.0):
+        super().__init__()
+        self.every_s = every_s
+        self.count = 0
+        self.next_at = 0.0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        self.count += 1
+        now = time.monotonic()
+        if now < self.next_at:
+            return False
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.msg = "%d malformed HTTP request(s) answered %d since the last such line; the last from %s: %s"
+        reason = " ".join(str(exc.message or type(exc).__name__).split())[:200]  # aiohttp's spans lines
+        record.args = (self.count, exc.code or 400, remote, reason)
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
+        self.count, self.next_at = 0, now + self.every_s
+        return True
+
+
+SERVER_LOG = logging.getLogger("model_orchestrator.http")  # what aiohttp's request handlers log to
+SERVER_LOG.addFilter(MalformedRequests())
 
 
 class Runner(web.AppRunner):
     """aiohttp's AppRunner whose sites accept connections into the fast lane (`lane`); `aiohttp_server` is the
-    plain aiohttp server behind it (tests serve it on a second socket to compare answers)."""
+    plain aiohttp server behind it (tests serve it on a second socket to compare answers). Its request handlers log
+    to SERVER_LOG (malformed requests rate-limited, without tracebacks)."""
 
     def __init__(self, app: web.Application, **kwargs: Any):
+        kwargs.setdefault("logger", SERVER_LOG)
         super().__init__(app, **kwargs)
         self._keepalive_timeout = kwargs.get("keepalive_timeout", 3630.0)  # RequestHandler's default when unset
         self.lane: Lane | None = None

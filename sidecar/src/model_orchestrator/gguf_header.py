@@ -3,6 +3,10 @@
 gguf-py's GGUFReader materialises every array element as a numpy object; for a real model's 150 000-token
 vocabulary that takes seconds (6.5 s for a Qwen3 header on the dev VM), which admission cannot afford on every
 load. This walks the same format with struct over an mmap and skips string arrays by length.
+
+A header is input we do not control (any file a registry names, any Hub endpoint): every count in it is checked
+against the bytes it would take in the file before anything is built or looped over, and a header may not run past
+MAX_HEADER; what parses is a header whose lists are no longer than the file allows.
 """
 
 from __future__ import annotations
@@ -19,6 +23,12 @@ from pathlib import Path
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _KEEP_ARRAY_MAX = 4096  # numeric arrays up to this length are kept (per-layer head counts); longer ones only counted
+MAX_HEADER = 256 << 20  # a header longer than this is not a model header (real ones: a few MB)
+MAX_DIMS = 4  # GGML_MAX_DIMS
+# the fewest bytes each item takes in the file: a KV (key length, type, a 1-byte value), a tensor info (name length,
+# n_dims, type, offset), an array's string (its length)
+_MIN_KV, _MIN_TENSOR, _MIN_STRING = 8 + 4 + 1, 8 + 4 + 4 + 8, 8
+_U64 = struct.Struct("<Q").unpack_from
 
 
 @dataclass
@@ -80,15 +90,26 @@ def read_header(path: Path) -> GgufHeader:
             raise ValueError(f"{path}: truncated GGUF header") from None
 
 
-def parse_header(buf, name: str = "GGUF") -> GgufHeader:
-    """Parse the header at the start of `buf` (bytes, mmap: any buffer). Raises NeedMoreBytes when `buf` holds only
-    the beginning of the header (a remote reader fetches more and calls again), ValueError when it is no GGUF."""
+def parse_header(buf, name: str = "GGUF", file_size: int | None = None) -> GgufHeader:
+    """Parse the header at the start of `buf` (bytes, mmap: any buffer) of a file of `file_size` bytes (default:
+    `buf` is the whole file). Raises NeedMoreBytes when `buf` holds only the beginning of the header (a remote reader
+    fetches more and calls again), ValueError when it is no GGUF or a count in it cannot fit in the file."""
     m = buf  # slices of bytes and mmap are bytes; a memoryview would pin the mmap open
     end = len(m)
+    limit = min(end if file_size is None else file_size, MAX_HEADER)  # where the header must end
 
     def need(at: int, n: int) -> None:
+        if at + n > limit:
+            raise ValueError(f"{name}: the GGUF header runs past "
+                             + (f"the end of the file ({limit} bytes)" if limit < MAX_HEADER else
+                                f"{MAX_HEADER >> 20} MiB: not a model header"))
         if at + n > end:
             raise NeedMoreBytes(at + n)
+
+    def fits(count: int, each: int, at: int, what: str) -> None:
+        """A count is checked against the bytes its items would take before they are looped over or built."""
+        if count * each > limit - at:
+            raise ValueError(f"{name}: {what} {count} cannot fit in the {limit - at} bytes left of the file")
 
     def unpack(fmt: str, at: int):
         need(at, struct.calcsize(fmt))
@@ -101,6 +122,8 @@ def parse_header(buf, name: str = "GGUF") -> GgufHeader:
     if version < 2:
         raise ValueError(f"{name}: GGUF version {version} is too old")
     pos = 24
+    fits(n_kv, _MIN_KV, pos, "a metadata count of")
+    fits(n_tensors, _MIN_TENSOR, pos + n_kv * _MIN_KV, "a tensor count of")
 
     def string(at: int) -> tuple[str, int]:
         (n,) = unpack("<Q", at)
@@ -117,13 +140,18 @@ def parse_header(buf, name: str = "GGUF") -> GgufHeader:
             etype, count = unpack("<IQ", at)
             at += 12
             if etype == _STRING:
+                fits(count, _MIN_STRING, at, "an array of strings of length")
+                need(at, _MIN_STRING * count)
                 for _ in range(count):  # skip by length; only the count matters to us
-                    (n,) = unpack("<Q", at)
+                    if at + 8 > end:
+                        need(at, 8)
+                    (n,) = _U64(m, at)
                     at += 8 + n
                 need(at, 0)
                 return {"len": count}, at
             if etype in _SCALARS:
                 size = struct.calcsize(_SCALARS[etype])
+                fits(count, size, at, "an array length of")
                 need(at, size * count)
                 if count <= _KEEP_ARRAY_MAX:
                     items = list(struct.unpack_from("<" + _SCALARS[etype][1] * count, m, at))
@@ -142,6 +170,8 @@ def parse_header(buf, name: str = "GGUF") -> GgufHeader:
     for _ in range(n_tensors):
         name_, pos = string(pos)
         (n_dims,) = unpack("<I", pos)
+        if n_dims > MAX_DIMS:
+            raise ValueError(f"{name}: tensor {name_} has {n_dims} dimensions (at most {MAX_DIMS})")
         shape = unpack(f"<{n_dims}Q", pos + 4)
         ggml_type, _offset = unpack("<IQ", pos + 4 + 8 * n_dims)
         pos += 4 + 8 * n_dims + 12

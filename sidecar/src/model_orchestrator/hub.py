@@ -19,19 +19,23 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .gguf_header import GgufHeader, NeedMoreBytes, parse_header
+from . import outbound
+from .gguf_header import MAX_HEADER, GgufHeader, NeedMoreBytes, parse_header
 from .errors import Code
 from .model_files import ModelFilesMissing
 
 log = logging.getLogger(__name__)
 
+# What an ETag or a commit may be: they become names of files and folders here (the header cache, blobs, snapshots),
+# so a hostile endpoint must not choose a path (the Hub's are hex digests: SHA-256 of LFS files, git hashes)
+_PLAIN_NAME = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]{0,127}")
 FIRST_READ = 1 << 20  # bytes asked for first; a small model's whole header
-MAX_HEADER = 256 << 20  # a header longer than this is not a model header
 
 
 class HubError(ModelFilesMissing):
@@ -51,6 +55,19 @@ def _timeout() -> float:
     from huggingface_hub import constants
 
     return float(constants.HF_HUB_ETAG_TIMEOUT)  # HF_HUB_ETAG_TIMEOUT: seconds per request (default 10)
+
+
+def deadline_message(seconds: float) -> str:
+    return (f"the Hub at {_endpoint()} did not finish answering within {seconds:g} s "
+            "(MODEL_ORCHESTRATOR_HUB_DEADLINE_S): it is slow or stuck; try again later, or check HF_ENDPOINT")
+
+
+def _session():
+    """huggingface_hub's shared HTTP client, reading under the calling thread's deadline (outbound.py)."""
+    from huggingface_hub.utils import get_session
+
+    outbound.install()
+    return get_session()
 
 
 def _gb(n: float) -> str:
@@ -92,6 +109,8 @@ def hub_errors(repo: str, file: str | None, revision: str):
         raise HubError(Code.HUB_UNAVAILABLE, f"{_endpoint()} answered HTTP {status} for {where}; try again later, or "
                        "check HF_ENDPOINT") from None
     except (httpx2.TransportError, errors.LocalEntryNotFoundError, ConnectionError, TimeoutError) as exc:
+        if (seconds := outbound.over_deadline()) is not None:
+            raise HubError(Code.HUB_TIMEOUT, deadline_message(seconds)) from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise HubError(Code.HUB_UNREACHABLE, f"cannot reach the Hugging Face Hub at {_endpoint()} ({reason[:160]}): "
                        "check the network, or HF_ENDPOINT if you use a mirror (HF_HUB_OFFLINE=1 uses only what "
@@ -122,11 +141,16 @@ def file_metadata(repo: str, file: str, revision: str) -> FileMeta:
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
     url = hf_hub_url(repo, file, revision=revision, endpoint=_endpoint())
+    outbound.install()
     with hub_errors(repo, file, revision):
         meta = get_hf_file_metadata(url, timeout=_timeout(), retry_on_errors=False)
     if not meta.etag or meta.size is None:
         raise HubError(Code.HUB_BAD_RESPONSE, f"{_endpoint()} gave no ETag or size for {repo}/{file}: is HF_ENDPOINT "
                        "a Hugging Face Hub (or mirror)?")
+    for what, value in (("ETag", meta.etag), ("X-Repo-Commit", meta.commit_hash)):
+        if value is not None and not _PLAIN_NAME.fullmatch(value):  # both name files and folders on this disk
+            raise HubError(Code.HUB_BAD_RESPONSE, f"{_endpoint()} gave {repo}/{file} the {what} {value[:80]!r}, "
+                           "which is not a content hash: is HF_ENDPOINT a Hugging Face Hub (or mirror)?")
     return FileMeta(meta.etag, int(meta.size), meta.commit_hash, url)
 
 
@@ -141,14 +165,14 @@ class RemoteHeader:
 def _range(url: str, start: int, end: int, repo: str, file: str, revision: str) -> bytes:
     """Bytes start..end (inclusive) of the file, streamed and cut at what was asked, so a server ignoring Range
     costs no more than a server honouring it."""
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
     headers = build_hf_headers()
     headers["Range"] = f"bytes={start}-{end}"
     headers["Accept-Encoding"] = "identity"
     want = end - start + 1
     with hub_errors(repo, file, revision):
-        with get_session().stream("GET", url, headers=headers, follow_redirects=True, timeout=_timeout()) as resp:
+        with _session().stream("GET", url, headers=headers, follow_redirects=True, timeout=_timeout()) as resp:
             hf_raise_for_status(resp)
             skip = start if resp.status_code == 200 else 0  # Range ignored: the body starts at byte 0
             out = bytearray()
@@ -182,7 +206,8 @@ def _from_cache(cache_root: Path, repo: str, file: str, etag: str) -> RemoteHead
     data_path, meta_path = _cache_paths(cache_root, repo, file, etag)
     try:
         meta = json.loads(meta_path.read_text())
-        return RemoteHeader(parse_header(data_path.read_bytes(), f"{repo}/{file}"), int(meta["size"]), 0)
+        size = int(meta["size"])
+        return RemoteHeader(parse_header(data_path.read_bytes(), f"{repo}/{file}", file_size=size), size, 0)
     except (OSError, ValueError, KeyError):
         return None
 
@@ -210,7 +235,7 @@ def read_remote_header(repo: str, file: str, revision: str, cache_root: Path) ->
             more = _range(meta.url, len(buf), want - 1, repo, file, revision)
             buf += more
             try:
-                header = parse_header(buf, f"{repo}/{file}")
+                header = parse_header(buf, f"{repo}/{file}", file_size=meta.size)
                 break
             except NeedMoreBytes as exc:
                 if not more or len(buf) >= meta.size or exc.needed > MAX_HEADER:
@@ -349,7 +374,7 @@ def _fetch(plan: DownloadPlan, file: str, tracker: DownloadProgress, progress: b
     """One file into the cache, appended to its partial file with range requests (resumed after a dropped
     connection, a cancel or a restart), checked against the Hub's SHA-256, then moved where huggingface_hub
     looks: blobs/<etag>, snapshots/<commit>/<file>, refs/<revision>."""
-    from huggingface_hub.utils import build_hf_headers, get_session, hf_raise_for_status
+    from huggingface_hub.utils import build_hf_headers, hf_raise_for_status
 
     repo, meta = plan.repo, plan.missing[file]
     partial = _partial_path(repo, meta)
@@ -373,8 +398,8 @@ def _fetch(plan: DownloadPlan, file: str, tracker: DownloadProgress, progress: b
                     if have:
                         headers["Range"] = f"bytes={have}-"
                     try:
-                        with get_session().stream("GET", meta.url, headers=headers, follow_redirects=True,
-                                                  timeout=_timeout()) as resp:
+                        with _session().stream("GET", meta.url, headers=headers, follow_redirects=True,
+                                               timeout=_timeout()) as resp:
                             hf_raise_for_status(resp)
                             if have and resp.status_code != 206:  # the server ignored Range: start over
                                 out.truncate(0)
@@ -391,6 +416,8 @@ def _fetch(plan: DownloadPlan, file: str, tracker: DownloadProgress, progress: b
                     except Exception as exc:  # a dropped connection mid-body: resume from the last byte
                         import httpx2
 
+                        if tracker.cancelled:  # an unload or a shutdown stopped the read itself (outbound.py)
+                            raise DownloadCancelled(f"{repo}/{file}") from None
                         tries += 1
                         if not isinstance(exc, httpx2.TransportError) or tries > _RESUME_TRIES:
                             raise

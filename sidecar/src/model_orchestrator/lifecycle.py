@@ -584,6 +584,7 @@ class ManagedModel:
                    on_ready: Callable[[LlamaServer], Awaitable[None]] | None = None) -> None:
         """Enter LOADING and start the load task. Only the orchestrator's ensure_loaded calls this, holding the
         admission lock, with the model UNLOADED or FAILED."""
+        self.load_seconds = None  # the previous process's; this load's once it is ready
         self._transition(State.LOADING)
         self.priority_override = priority
         self._load_task = asyncio.create_task(self._run_load(launch, timeout, log_lines, on_ready))

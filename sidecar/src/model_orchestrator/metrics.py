@@ -17,6 +17,7 @@ from prometheus_client.core import GaugeMetricFamily
 from .gpu import MIB, GpuSnapshot
 from .lifecycle import State
 
+RESERVATION_LABEL = "(reservation)"  # admission_refusals' `model` for every reservation, whatever its service
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 QUEUE_BUCKETS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -34,7 +35,7 @@ class Metrics:
         self.failures = Counter("model_orchestrator_model_failures", "Models that went to failed, by code", ["model", "code"], registry=r)
         self.load_duration = Histogram("model_orchestrator_load_duration_seconds", "Load request to llama-server ready", ["model"], buckets=LOAD_BUCKETS, registry=r)
         self.in_flight = Gauge("model_orchestrator_requests_in_flight", "Proxied requests sent to llama-server and not yet answered (queued ones: queue_depth)", ["model"], registry=r)
-        self.admission_refusals = Counter("model_orchestrator_admission_refusals", "Loads or reservations refused for lack of GPU memory (or the cap)", ["model"], registry=r)
+        self.admission_refusals = Counter("model_orchestrator_admission_refusals", "Loads or reservations (model=\"(reservation)\") refused for lack of GPU memory (or the cap)", ["model"], registry=r)
         # the queue in front of every model (dispatcher.py)
         self.queue_depth = Gauge("model_orchestrator_queue_depth", "Requests and loads waiting in the model's queue", ["model"], registry=r)
         self.queue_wait = Histogram("model_orchestrator_queue_wait_seconds", "How long a proxied request waited before it was sent to llama-server (0: at once)", ["model"], buckets=QUEUE_BUCKETS, registry=r)
@@ -75,6 +76,7 @@ class Metrics:
             self.swap_seconds.labels(m)
             for code in ("queue_full", "queue_timeout"):
                 self.queue_refusals.labels(m, code)
+        self.admission_refusals.labels(RESERVATION_LABEL)
 
     def set_state(self, model: str, state: State) -> None:
         for s in State:

@@ -223,10 +223,14 @@ class ModelHeaders:
     lora: list[GgufHeader] = field(default_factory=list)  # the LoRA adapters' headers, in the registry's order
 
 
-def read_headers(spec: ModelSpec, generated_dir: Path, header_cache: Path) -> ModelHeaders:
+class HeaderOnHub(Exception):
+    """read_headers(hub=False) found a header that only the Hub can give."""
+
+
+def read_headers(spec: ModelSpec, generated_dir: Path, header_cache: Path, *, hub: bool = True) -> ModelHeaders:
     """The headers of `spec`'s files (its LoRA adapters' too): from disk when they are there, else (Hub files) read
     from the Hub with range requests and cached in `header_cache`, so a model can be estimated before it is
-    downloaded."""
+    downloaded. With hub=False, raises HeaderOnHub instead of asking the Hub."""
     from .gguf_header import read_header_cached
 
     src = spec.source
@@ -237,6 +241,8 @@ def read_headers(spec: ModelSpec, generated_dir: Path, header_cache: Path) -> Mo
         local = _cached(repo_src, f)
         if local is not None:
             return read_header_cached(local), local.stat().st_size
+        if not hub:
+            raise HeaderOnHub(f"{repo_src.repo}/{f}")
         from .hub import read_remote_header
 
         r = read_remote_header(repo_src.repo, f, repo_src.revision, header_cache)

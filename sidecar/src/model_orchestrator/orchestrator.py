@@ -27,11 +27,12 @@ from .gpu import GpuSnapshot, GpuView, NoGpuView
 from .lifecycle import (MODEL_ENV, ChildSockets, LaunchPlan, LoadResult, ManagedModel, ServerFactory, State,
                         UnloadResult, new_api_key, outbound_session, owner_env, placement_env, reap_leftovers)
 from .llama_args import API_KEY_ENV, build_argv, parallel_slots
-from .metrics import Metrics
+from .metrics import RESERVATION_LABEL, Metrics
 from .dispatcher import Dispatcher, Lease
+from .outbound import Outbound
 from .downloads import Downloads
 from .hub import HubError
-from .model_files import ModelFilesMissing, can_download, plan_pull, pull, read_headers, resolve
+from .model_files import HeaderOnHub, ModelFilesMissing, can_download, plan_pull, pull, read_headers, resolve
 from .registry import MAX_LORA_SCALE, GeneratedSource, HfSource, ModelSpec, PathSource, Registry
 from .reservations import Reservation, ReservationBook
 from .scheduler import Decision, Device, Request, Resident, available, decide
@@ -93,7 +94,9 @@ class Orchestrator:
         self.metrics.preset([s.id for s in registry.models])
         self.calibration = Calibration(settings.state_dir, self.metrics.registry)
         self.estimate_checks: dict[str, EstimateCheck] = {}  # model -> its current load's estimate vs NVML
-        self.downloads = Downloads(self.events, lambda model, result: self.metrics.downloads.labels(model, result).inc())
+        self.outbound = Outbound(settings.hub_deadline_s)  # the Hub's calls: threads of their own, deadlines
+        self.downloads = Downloads(self.events, lambda model, result: self.metrics.downloads.labels(model, result)
+                                   .inc(), self.outbound)
         self.slot_cache = SlotCache(settings.state_dir / "slots", settings.slot_cache_mb, self.metrics.registry)
         for model in self.models.values():
             self.metrics.set_state(model.id, model.state)
@@ -120,6 +123,7 @@ class Orchestrator:
         self._closing = True
         self.dispatcher.close()
         await self.downloads.close(self.models)
+        self.outbound.close()  # Hub calls under way stop at their next socket wait
         self.events.close()
         tasks = list(self._background)
         for task in tasks:
@@ -211,13 +215,13 @@ class Orchestrator:
         published unless report_refusal is False: the scheduler tries again and refuses for good itself)."""
         timeout = timeout_s or self.settings.load_timeout_s  # llama-server's start only: a download is not counted
         try:
+            est = await self._estimate_for_admission(model.spec)  # before the lock: no header read holds it
             async with self._admission:
                 # only code holding this lock starts a load, so a model found UNLOADED or FAILED here stays out
                 # of LOADING until we start it (an unload may only move FAILED to UNLOADED meanwhile)
                 self._refuse_if_closing()
                 if model.state not in (State.UNLOADED, State.FAILED):
                     return None
-                est = await self._estimate_for_admission(model.spec)
                 decision = await self._admit(model.id, est.total_mb if est else 0.0,
                                              model.spec.priority if priority is None else priority,
                                              allow_eviction, force, model.spec.split, report=report_refusal)
@@ -260,7 +264,7 @@ class Orchestrator:
                     raise await self._missing_with_estimate(spec, exc) from None
             if not force:
                 await self._refuse_unless_it_could_fit(model, priority, allow_eviction)
-            plan = await asyncio.to_thread(plan_pull, spec)
+            plan = await self.outbound.call(plan_pull, spec)  # HEADs to the Hub, under its deadline
             self._refuse_if_closing()
             if model.state not in (State.UNLOADED, State.FAILED):
                 continue  # another load began the download (or finished it) meanwhile: look again
@@ -317,7 +321,7 @@ class Orchestrator:
                                timeout=max(0.0, deadline - loop.time()))
             await self._wait_for_memory(decision.gpu, need_mb, timeout_s=max(0.0, deadline - loop.time()))
         if not decision.admit:
-            raise self.refusal(who, decision, need_mb, report=report)
+            raise self.refusal(who, decision, need_mb, report=report, is_model=is_model)
         for victim in decision.evict:  # no request enters them from now on (no await since `decide`)
             self.models[victim].draining = True
         for victim in decision.evict:
@@ -330,13 +334,14 @@ class Orchestrator:
             await self._wait_for_memory(decision.gpu, need_mb)
         return decision
 
-    def refusal(self, who: str, decision: Decision, need_mb: float | None = None, report: bool = True) -> Refused:
+    def refusal(self, who: str, decision: Decision, need_mb: float | None = None, report: bool = True,
+                is_model: bool = True) -> Refused:
         """Admission's refusal as an error (counted; `memory_low` published when memory is what is missing)."""
         if need_mb is None:
             model = self.models.get(who)
             need_mb = model.estimate.total_mb if model is not None and model.estimate else 0.0
-        if report:
-            self.metrics.admission_refusals.labels(who).inc()
+        if report:  # labelled by model id; every reservation under one label (services are unbounded)
+            self.metrics.admission_refusals.labels(who if is_model else RESERVATION_LABEL).inc()
         if report and (decision.refusal or Code.INSUFFICIENT_VRAM) == Code.INSUFFICIENT_VRAM:
             self.events.publish("memory_low", model=who, need_mb=round(need_mb, 1), gpu=decision.gpu,
                                 missing_mb=decision.missing_mb, evictable=decision.evictable)
@@ -393,20 +398,24 @@ class Orchestrator:
         OSError, and ModelFilesMissing (hub.HubError) as read_headers does."""
         overhead = self._cuda_overhead_mb()
 
-        def read_and_estimate() -> Estimate:  # one worker-thread hop: each costs the load ~0.3 ms on a busy loop
+        def read_and_estimate(hub: bool) -> Estimate:  # one thread hop: each costs the load ~0.3 ms on a busy loop
             try:
-                headers = read_headers(spec, self.settings.state_dir / "models", self.settings.hub_header_dir)
+                headers = read_headers(spec, self.settings.state_dir / "models", self.settings.hub_header_dir,
+                                       hub=hub)
                 return estimate_headers(
                     headers, n_ctx=context_size or spec.context_size,
                     n_gpu_layers=spec.n_gpu_layers if n_gpu_layers is None else n_gpu_layers,
                     cache_type=cache_type or spec.cache_type, flash_attn=spec.flash_attn != "off",
                     extra_args=spec.extra_args, overhead_mib=overhead)
-            except (ValueError, OSError, Refused):  # Refused: ModelFilesMissing, hub.HubError
+            except (ValueError, OSError, Refused, HeaderOnHub):  # Refused: ModelFilesMissing, hub.HubError
                 raise
             except Exception as exc:  # a hostile header: a key of the wrong type, lists of the wrong length...
                 raise ValueError(f"malformed GGUF header ({exc.__class__.__name__}: {exc})") from None
 
-        return await asyncio.to_thread(read_and_estimate)
+        try:
+            return await asyncio.to_thread(read_and_estimate, False)  # headers on disk
+        except HeaderOnHub:  # the Hub's calls never take a thread of the default pool (outbound.py)
+            return await self.outbound.call(read_and_estimate, True)
 
     def _cuda_overhead_mb(self) -> float | None:
         """The per-process CUDA overhead an estimate assumes: the setting, else what loads on this card taught
@@ -482,6 +491,11 @@ class Orchestrator:
                       force: bool = False) -> Reservation:
         async with self._admission:
             self._refuse_if_closing()
+            live = len(self.reservations.active())
+            if live >= self.settings.max_reservations:
+                raise Refused(Code.TOO_MANY_RESERVATIONS, f"{live} reservations are live, the most there may be "
+                              "(MODEL_ORCHESTRATOR_MAX_RESERVATIONS): release or let expire the ones no longer "
+                              "needed (GET /reservations lists them)", limit=self.settings.max_reservations)
             await self._admit(f"reservation:{service}", vram_mb, priority, allow_eviction, force, is_model=False)
             r = self.reservations.add(service, vram_mb, ttl_s=ttl_s or self.settings.reservation_ttl_s, gpu=gpu,
                                       model=model)

@@ -80,6 +80,8 @@ class Settings(BaseModel):
                                              "card and driver, kept in the state dir; before it, an H200's)", ge=0)
     reservation_ttl_s: float = setting(600, "MODEL_ORCHESTRATOR_RESERVATION_TTL_S", "default lifetime of a "
                                        "reservation", gt=0)
+    max_reservations: int = setting(64, "MODEL_ORCHESTRATOR_MAX_RESERVATIONS", "live reservations at once; one "
+                                    "more is refused with `409 too_many_reservations`", ge=1)
     slot_cache_mb: float = setting(4096, "MODEL_ORCHESTRATOR_SLOT_CACHE_MB", "disk for conversations saved when an "
                                    "idle model is unloaded and restored at its next load (all models together, the "
                                    "oldest removed first; 0: off; per model: save_slots in the registry)", ge=0)
@@ -101,6 +103,9 @@ class Settings(BaseModel):
                                                 "a llama-server", gt=0)
     upstream_idle_timeout_s: float = setting(600, "MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S", "no byte from "
                                              "llama-server for this long ends a proxied request (`504`)", gt=0)
+    hub_deadline_s: float = setting(60, "MODEL_ORCHESTRATOR_HUB_DEADLINE_S", "the most one call to the Hub (a file's "
+                                    "metadata, a header read) may take, however it trickles; then `504 hub_timeout` "
+                                    "(a download's reads time out after HF_HUB_ETAG_TIMEOUT)", gt=0)
     image_url_hosts: str = setting("", "MODEL_ORCHESTRATOR_IMAGE_URL_HOSTS", "hosts (comma-separated) whose http(s) "
                                    "media URLs (image, audio, video) the sidecar fetches and passes on as data URLs; "
                                    "any other remote media URL is refused with `400 image_url_not_allowed` "

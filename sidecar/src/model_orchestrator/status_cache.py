@@ -2,10 +2,12 @@
 bytes until something they show changes.
 
 What an answer shows can change through: a model's state, process, requests in flight, priority, last use, error or
-LoRA scales (`state_key`); a running download's bytes; the reservation book (its `version`); the GPU readings (a new snapshot from the sampler,
-gpu.GpuSampler, told apart by the time it was taken). The cache key is all of these plus the route and query, compared on every request (a few
-microseconds), so a change is visible at once. An answer is also rebuilt after `max_age_s` (the sampling period):
-values derived from the clock (a reservation's expires_in_s) are never older than one period.
+LoRA scales (`state_key`); a running download's bytes; the reservation book (its `version`); the GPU readings (a new
+snapshot from the sampler, gpu.GpuSampler, told apart by the time it was taken). One answer is kept per route (its
+name; never per query string, which the routes do not read: memory stays bounded whatever clients send), with the
+key of all of these, compared on every request (a few microseconds), so a change is visible at once. An answer is
+also rebuilt after `max_age_s` (the sampling period): values derived from the clock (a reservation's expires_in_s)
+are never older than one period.
 Concurrent requests for an answer being built wait for that one build instead of building it again.
 """
 
