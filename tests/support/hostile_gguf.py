@@ -8,17 +8,19 @@ from pathlib import Path
 
 
 def _gguf(path: Path, fields: dict, n_dims: int = 2) -> Path:
-    """A GGUF header with `fields` (key -> (value type, payload bytes)) and one small f32 tensor."""
+    """A GGUF header with `fields` (key -> (value type, payload bytes)) and a small f32 tensor per layer (4: a header
+    may not claim more layers than it has tensors)."""
 
     def s(text: str) -> bytes:
         return struct.pack("<Q", len(text.encode())) + text.encode()
 
-    out = b"GGUF" + struct.pack("<IQQ", 3, 1, len(fields))
+    out = b"GGUF" + struct.pack("<IQQ", 3, 4, len(fields))
     for key, (vtype, payload) in fields.items():
         out += s(key) + struct.pack("<I", vtype) + payload
-    out += s("blk.0.attn_q.weight") + struct.pack("<I", n_dims) + struct.pack(f"<{n_dims}Q", *[8] * n_dims)
-    out += struct.pack("<IQ", 0, 0)
-    path.write_bytes(out + b"\0" * 512)
+    for i in range(4):
+        out += s(f"blk.{i}.attn_q.weight") + struct.pack("<I", n_dims) + struct.pack(f"<{n_dims}Q", *[8] * n_dims)
+        out += struct.pack("<IQ", 0, 256 * i)
+    path.write_bytes(out + b"\0" * 2048)
     return path
 
 
