@@ -759,11 +759,13 @@ class Orchestrator:
         loaded = {m.id: self.model_status(m, snap) for m in self.models.values() if m.state != State.UNLOADED}
         reservations = [r.to_dict() for r in self.reservations.active()]
         if not snap.available:
-            return {"mode": "cpu", "total_mb": None, "used_mb": None, "free_mb": None, "utilization_percent": None,
+            return {"node": self.settings.node_name, "mode": "cpu", "total_mb": None, "used_mb": None,
+                    "free_mb": None, "utilization_percent": None,
                     "loaded_models": loaded, "gpus": [], "reservations": reservations, "driver_version": None,
                     "note": f"CPU mode: {snap.error}. Models run on the CPU; no GPU memory is reported."}
         utils = [d.utilization_percent for d in snap.devices if d.utilization_percent is not None]
         return {
+            "node": self.settings.node_name,
             "mode": "gpu",
             "total_mb": sum(d.total_mb for d in snap.devices),
             "used_mb": sum(d.used_mb for d in snap.devices),
@@ -794,7 +796,8 @@ class Orchestrator:
         return {"default_model": self.registry.default.id, "models": out}
 
     def health(self) -> dict:
-        return {"status": "ok", "version": __version__, "mode": "gpu" if self.gpu_view.available else "cpu",
+        return {"status": "ok", "node": self.settings.node_name, "version": __version__,
+                "mode": "gpu" if self.gpu_view.available else "cpu",
                 "llama_server": str(self.llama_server_bin),
                 "models_loaded": sum(1 for m in self.models.values() if m.state == State.LOADED)}
 
