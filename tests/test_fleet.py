@@ -19,7 +19,7 @@ from support.helpers import SidecarProcess, free_port
 
 async def test_health_and_status_name_the_node(aiohttp_client, make_orchestrator):
     c = await aiohttp_client(create_app(make_orchestrator(node_name="gpu-box-7")))
-    for path in ("/health", "/models/status"):
+    for path in ("/health", "/models/status", "/models"):
         r = await c.get(path)
         assert r.status == 200 and (await r.json())["node"] == "gpu-box-7", path
 

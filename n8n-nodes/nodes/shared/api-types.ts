@@ -1170,6 +1170,11 @@ export interface components {
         };
         /** ModelsResponse */
         ModelsResponse: {
+            /**
+             * Node
+             * @description this sidecar's machine (MODEL_ORCHESTRATOR_NODE_NAME)
+             */
+            node: string;
             /** Default Model */
             default_model: string;
             /** Models */

@@ -793,7 +793,7 @@ class Orchestrator:
                 "lora": [{"name": a.name, "scale": a.scale, "source": a.source.model_dump(mode="json")}
                          for a in spec.lora],
             })
-        return {"default_model": self.registry.default.id, "models": out}
+        return {"node": self.settings.node_name, "default_model": self.registry.default.id, "models": out}
 
     def health(self) -> dict:
         return {"status": "ok", "node": self.settings.node_name, "version": __version__,

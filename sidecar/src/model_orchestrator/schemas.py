@@ -319,6 +319,7 @@ class ModelInfo(BaseModel):
 
 
 class ModelsResponse(BaseModel):
+    node: str = Field(description="this sidecar's machine (MODEL_ORCHESTRATOR_NODE_NAME)")
     default_model: str
     models: list[ModelInfo]
 
