@@ -106,3 +106,17 @@ def test_status_of_one_url_shows_the_fleet_its_sidecar_lists(two_sidecars):
     # a sidecar without a fleet: today's one-node table, unchanged
     proc = _status("--url", b.url)
     assert proc.returncode == 0 and proc.stdout.startswith("GPU: none") and "NODE" not in proc.stdout, proc.stdout
+
+
+def test_drain_unloads_every_model_without_force(two_sidecars):
+    """Kubernetes' preStop: every loaded model unloaded, each after its requests in flight."""
+    a, _ = two_sidecars
+    for model in ("tiny", "tiny-tools"):
+        code, body = a.call("POST", "/models/load", {"model": model})
+        assert code == 200, body
+    env = {k: v for k, v in os.environ.items() if k != "MODEL_ORCHESTRATOR_URL"}
+    proc = subprocess.run([sys.executable, "-m", "model_orchestrator", "drain", "--url", a.url], capture_output=True,
+                          text=True, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(proc.stdout.split("\n")[:2]) == ["tiny-tools: unloaded", "tiny: unloaded"], proc.stdout
+    assert a.call("GET", "/models/status")[1]["loaded_models"] == {}

@@ -293,6 +293,24 @@ def cmd_status(args) -> int:
     return 0 if all("status" in v for v in views) else 1
 
 
+def cmd_drain(args) -> int:
+    """Unload every model without force, before a stop: each waits for its requests in flight (up to
+    --drain-timeout) and saves its conversations (the slot cache) for the next start. Kubernetes' preStop runs it."""
+    status = _call(args, "GET", "/models/status")
+    failed = 0
+    for model, entry in status["loaded_models"].items():
+        if entry["status"] in ("unloaded", "unloading", "failed"):
+            continue
+        try:
+            answer = _call(args, "POST", "/models/unload", {"model": model, "force": False,
+                                                            "drain_timeout_s": args.drain_timeout})
+            print(f"{model}: {answer['result']}")
+        except SystemExit as exc:  # one model still busy: the others are drained all the same
+            print(f"{model}: {exc}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
+
+
 def cmd_models(args) -> int:
     print(json.dumps(_call(args, "GET", "/models"), indent=2))
     return 0
@@ -572,6 +590,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_status)
     client("models", "the registry with states (JSON)").set_defaults(func=cmd_models)
+    sp = client("drain", "unload every model without force (waits for requests in flight; before a stop)")
+    sp.add_argument("--drain-timeout", type=float, default=30, help="seconds each model's requests may take")
+    sp.set_defaults(func=cmd_drain)
     sp = client("load", "load a model and wait until it is ready")
     sp.add_argument("model")
     sp.add_argument("--priority", type=int)
