@@ -759,6 +759,23 @@ test('Chat Model sub-node: the tracer that writes its output gets the node and q
 	});
 	assert.deepEqual(logged.generations[0][0].generationInfo, { node: 'gpu-b', queue_wait_s: 1.2 });
 	chatModel.showNodeInOutput({}); // any other shape: nothing happens
+	// an agent binds its tools: the new model's tracer too
+	let boundLogged;
+	const adapter = {
+		callbacks: [],
+		bindTools: () => ({ callbacks: [{ handleLLMEnd: async (output) => (boundLogged = output) }] }),
+	};
+	chatModel.showNodeInOutput(adapter);
+	const bound = adapter.bindTools([]);
+	await bound.callbacks[0].handleLLMEnd({
+		generations: [
+			[{ text: 'hi', message: { response_metadata: { node: 'gpu-c', queue_wait_s: 0 } } }],
+		],
+	});
+	assert.deepEqual(boundLogged.generations[0][0].generationInfo, {
+		node: 'gpu-c',
+		queue_wait_s: 0,
+	});
 });
 
 test('one model field: the same resource locator and picker in every node; version 1 keeps its plain field', () => {

@@ -205,7 +205,17 @@ export class FleetChatModel extends BaseChatModel {
  * waited. Harmless when the tracer is shaped otherwise (nothing is changed then).
  */
 export function showNodeInOutput(model: unknown): void {
-	const callbacks = (model as { callbacks?: unknown }).callbacks;
+	const m = model as { callbacks?: unknown; bindTools?: (...args: unknown[]) => unknown };
+	const bindTools = m?.bindTools;
+	if (typeof bindTools === 'function') {
+		// an agent binds its tools first: a new model, with a tracer of its own
+		m.bindTools = function (this: unknown, ...args: unknown[]) {
+			const bound = bindTools.apply(this, args);
+			showNodeInOutput(bound);
+			return bound;
+		};
+	}
+	const callbacks = m?.callbacks;
 	if (!Array.isArray(callbacks)) return;
 	for (const tracer of callbacks as Array<{ handleLLMEnd?: (...args: unknown[]) => unknown }>) {
 		const end = tracer?.handleLLMEnd;
