@@ -215,6 +215,7 @@ test('placement: held first (loaded before a load under way), then fits now (mos
 	});
 	const ranked = placement.rank([
 		c('refused', 'refused'),
+		c('unknown', 'unknown'),
 		c('evicts2', 'evicts', { evict: ['x', 'y'] }),
 		c('evicts1', 'evicts', { evict: ['x'] }),
 		c('fitsSmall', 'fits', { freeMb: 1000 }),
@@ -235,6 +236,7 @@ test('placement: held first (loaded before a load under way), then fits now (mos
 			'fitsCpuBusy',
 			'evicts1',
 			'evicts2',
+			'unknown',
 			'refused',
 		],
 	);
@@ -306,6 +308,55 @@ test('Load Model: no node can take it: one error saying why for each node, and w
 		return true;
 	});
 	assert.ok(!ctx.requests.some((r) => r.path === '/models/load'));
+});
+
+test('Load Model: a sidecar that cannot estimate the model (unreadable file) still gets the load: its own answer', async () => {
+	const ctx = fleetContext({
+		sidecars: {
+			[A]: { node: 'gpu-a', models: [{ id: 'other' }] },
+			[B]: {
+				node: 'gpu-b',
+				models: [{ id: 'broken' }],
+				load: () => ({ model: 'broken', status: 'loading', result: 'loading' }),
+			},
+		},
+		params: {
+			model: 'broken',
+			wait: false,
+			timeoutS: 60,
+			options: { callbackUrl: 'http://n8n/hook' },
+		},
+	});
+	const estimate = ctx.helpers.httpRequestWithAuthentication;
+	ctx.helpers.httpRequestWithAuthentication = async function (type, o) {
+		if (o.url.endsWith('/models/estimate')) {
+			ctx.requests.push({ ...o, sidecar: 'gpu-b', path: '/models/estimate' });
+			throw httpError(422, 'unreadable_model', 'cannot read the GGUF header of broken');
+		}
+		return await estimate.call(this, type, o);
+	};
+	const [out] = await new ModelOrchestratorLoadModel().execute.call(ctx);
+	assert.deepEqual([out[0].json.node, out[0].json.result], ['gpu-b', 'loading']);
+	assert.match(
+		out[0].json.placement,
+		/broken goes to gpu-b, which could not estimate it: gpu-b: cannot read/,
+	);
+	// Check VRAM has no verdict to give: the sidecar's own error
+	const check = fleetContext({
+		sidecars: { [B]: { node: 'gpu-b', models: [{ id: 'broken' }] } },
+		params: { check: 'model', model: 'broken' },
+	});
+	const inner = check.helpers.httpRequestWithAuthentication;
+	check.helpers.httpRequestWithAuthentication = async function (type, o) {
+		if (o.url.endsWith('/models/estimate'))
+			throw httpError(422, 'unreadable_model', 'cannot read the GGUF header');
+		return await inner.call(this, type, o);
+	};
+	await assert.rejects(new ModelOrchestratorCheckVram().execute.call(check), (e) => {
+		assert.equal(e.message, 'gpu-b: cannot read the GGUF header');
+		assert.equal(e.httpCode, '422');
+		return true;
+	});
 });
 
 test('Load Model: the room was taken since the estimate (409 there): the next candidate', async () => {

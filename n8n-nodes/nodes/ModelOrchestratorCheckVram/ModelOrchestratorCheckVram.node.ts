@@ -9,6 +9,7 @@ import { NodeConnectionTypes } from 'n8n-workflow';
 
 import type { StatusResponse } from '../shared/api';
 import { runPerItem, type ItemResult } from '../shared/execute';
+import { asNodeError } from '../shared/transport';
 import { Fleet } from '../shared/fleet';
 import { modelLocator, modelOptionsV1, modelParameter, modelPickers } from '../shared/model-field';
 import { readmeUrl } from '../shared/docs';
@@ -143,7 +144,6 @@ type Check = 'none' | 'requiredMb' | 'model';
 const ENOUGH = 0;
 const NOT_ENOUGH = 1;
 
-
 async function checkItem(this: IExecuteFunctions, fleet: Fleet, i: number): Promise<ItemResult> {
 	const check = this.getNodeParameter('check', 0) as Check;
 	const answers = await fleet.survey<StatusResponse>('/models/status', i);
@@ -154,11 +154,21 @@ async function checkItem(this: IExecuteFunctions, fleet: Fleet, i: number): Prom
 		decision = decideForMbFleet(answers, requiredMb, whenNoGpu);
 	} else if (check === 'model') {
 		const whenEviction = this.getNodeParameter('whenEviction', i, 'notEnough') as WhenEviction;
-		decision = await decideOnTheFleet.call(this, fleet, answers, modelParameter.call(this, i), whenEviction, i);
+		decision = await decideOnTheFleet.call(
+			this,
+			fleet,
+			answers,
+			modelParameter.call(this, i),
+			whenEviction,
+			i,
+		);
 	}
 	const status = fleetStatus(answers, fleet.skipped as unknown as IDataObject[]);
 	if (check === 'none') return { json: status };
-	return { json: { ...status, vram_check: decision! }, output: decision!.enough ? ENOUGH : NOT_ENOUGH };
+	return {
+		json: { ...status, vram_check: decision! },
+		output: decision!.enough ? ENOUGH : NOT_ENOUGH,
+	};
 }
 
 /**
@@ -174,9 +184,17 @@ async function decideOnTheFleet(
 	i: number,
 ): Promise<VramDecision> {
 	const assessment = await fleet.assess(model, i);
-	const nodes = assessment.candidates.map((c) => ({ node: c.node, verdict: c.verdict, reason: c.reason }));
+	const nodes = assessment.candidates.map((c) => ({
+		node: c.node,
+		verdict: c.verdict,
+		reason: c.reason,
+	}));
 	const best = assessment.candidates.find((c) => c.verdict === 'held' || c.estimate);
-	if (!best) throw fleet.refusal(assessment, i);
+	if (!best) {
+		// no verdict anywhere: the sidecar's own error to the estimate (an unreadable file, the Hub offline)
+		const unknown = assessment.candidates.find((c) => c.verdict === 'unknown' && c.error);
+		throw unknown ? asNodeError(this.getNode(), unknown.error, i) : fleet.refusal(assessment, i);
+	}
 	if (best.verdict === 'held') {
 		const where = fleet.urls.length > 1 ? ` on ${best.node}` : '';
 		const own = answers.find((a) => a.url === best.url)?.body;

@@ -379,12 +379,15 @@ export class Fleet {
 			};
 		} catch (error) {
 			const e = error as NodeApiError;
+			// a node that did not answer is refused; one that answered the estimate with an error is a last resort,
+			// where a load says what happens (the sidecar's own error, its logs, a callback)
 			return {
 				...base,
 				model: id,
-				verdict: 'refused',
+				verdict: this.isGone(a.url) ? 'refused' : 'unknown',
 				reason: e.message,
 				code: (e.context?.code as string) ?? null,
+				error: e,
 			};
 		}
 	}

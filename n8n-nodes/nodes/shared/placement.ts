@@ -5,11 +5,13 @@
  *
  * Order: a node that holds the model (loaded, then loading or downloading: a load under way is joined); else a
  * node where it fits now (most free GPU memory first, then fewest models loaded); else one where it fits after
- * evicting (fewest evictions first); ties keep the credential's order. Nodes where it does not fit are refused.
+ * evicting (fewest evictions first); else one whose sidecar could not estimate it (an unreadable file, the Hub
+ * offline: a load there answers with the sidecar's own error); ties keep the credential's order. Nodes where it
+ * does not fit, that do not have it, or that did not answer are refused.
  */
 import type { EstimateResponse } from './api';
 
-export type Verdict = 'held' | 'fits' | 'evicts' | 'refused';
+export type Verdict = 'held' | 'fits' | 'evicts' | 'unknown' | 'refused';
 
 export interface Candidate {
 	url: string;
@@ -30,6 +32,8 @@ export interface Candidate {
 	/** refused: the error code a load would be refused with (insufficient_vram, too_many_models, ...) */
 	code?: string | null;
 	estimate?: EstimateResponse;
+	/** unknown: the sidecar's error to its estimate */
+	error?: Error;
 }
 
 const HOLDING = ['loaded', 'loading', 'downloading'];
@@ -39,14 +43,14 @@ export function holds(state: string | undefined): boolean {
 }
 
 /** One sidecar's fit verdict as a candidate's verdict. `fits` is null in CPU mode: the cap still decides. */
-export function verdictOf(fit: EstimateResponse['fit']): Exclude<Verdict, 'held'> {
+export function verdictOf(fit: EstimateResponse['fit']): 'fits' | 'evicts' | 'refused' {
 	const evict = fit.evict ?? [];
 	if (fit.fits === true || (fit.fits === null && fit.fits_after_eviction && !evict.length))
 		return 'fits';
 	return fit.fits_after_eviction ? 'evicts' : 'refused';
 }
 
-const ORDER: Record<Verdict, number> = { held: 0, fits: 1, evicts: 2, refused: 3 };
+const ORDER: Record<Verdict, number> = { held: 0, fits: 1, evicts: 2, unknown: 3, refused: 4 };
 
 /** Candidates best first (stable: equal ones keep their order); refused ones last. */
 export function rank(candidates: Candidate[]): Candidate[] {
@@ -70,5 +74,7 @@ export function rank(candidates: Candidate[]): Candidate[] {
 export function placementReason(c: Candidate): string {
 	if (c.verdict === 'held') return `${c.model} is ${c.state} on ${c.node}`;
 	if (c.verdict === 'fits') return `${c.model} fits on ${c.node} now: ${c.reason}`;
+	if (c.verdict === 'unknown')
+		return `${c.model} goes to ${c.node}, which could not estimate it: ${c.reason}`;
 	return `${c.model} fits on ${c.node} after evicting ${c.evict.join(', ')}: ${c.reason}`;
 }

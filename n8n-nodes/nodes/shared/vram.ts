@@ -96,7 +96,10 @@ export interface NodeAnswer<T> {
  * nodes appears twice, the second as `id@node`), `gpus` and `reservations` with their node, each node's own status
  * in `nodes`, and who did not answer in `skipped`. With one node the top is that node's status.
  */
-export function fleetStatus(answers: Array<NodeAnswer<StatusResponse>>, skipped: IDataObject[]): IDataObject {
+export function fleetStatus(
+	answers: Array<NodeAnswer<StatusResponse>>,
+	skipped: IDataObject[],
+): IDataObject {
 	const withGpu = answers.filter((a) => a.body.mode === 'gpu');
 	const sum = (key: 'total_mb' | 'used_mb' | 'free_mb') =>
 		withGpu.length ? withGpu.reduce((n, a) => n + (a.body[key] ?? 0), 0) : null;
@@ -123,14 +126,20 @@ export function fleetStatus(answers: Array<NodeAnswer<StatusResponse>>, skipped:
 			: null,
 		loaded_models: loaded,
 		gpus: answers.flatMap((a) => (a.body.gpus ?? []).map((g) => ({ ...g, node: a.node }))),
-		reservations: answers.flatMap((a) => (a.body.reservations ?? []).map((r) => ({ ...r, node: a.node }))),
+		reservations: answers.flatMap((a) =>
+			(a.body.reservations ?? []).map((r) => ({ ...r, node: a.node })),
+		),
 		...(one
 			? {}
 			: {
 					driver_version: null,
 					note: cpu.length ? `CPU mode on ${cpu.join(', ')}: no GPU memory reported there` : null,
 				}),
-		nodes: answers.map((a) => ({ node: a.node, url: a.url, ...(a.body as unknown as IDataObject) })),
+		nodes: answers.map((a) => ({
+			node: a.node,
+			url: a.url,
+			...(a.body as unknown as IDataObject),
+		})),
 		skipped,
 	};
 }
@@ -144,12 +153,18 @@ export function decideForMbFleet(
 	const each = answers.map((a) => ({ a, d: decideForMb(a.body, requiredMb, whenNoGpu) }));
 	const best =
 		[...each].sort(
-			(x, y) => Number(y.d.enough) - Number(x.d.enough) || (y.d.free_mb ?? -1) - (x.d.free_mb ?? -1),
+			(x, y) =>
+				Number(y.d.enough) - Number(x.d.enough) || (y.d.free_mb ?? -1) - (x.d.free_mb ?? -1),
 		)[0] ?? each[0];
 	return {
 		...best.d,
 		node: best.a.node,
 		reason: answers.length > 1 ? `${best.a.node}: ${best.d.reason}` : best.d.reason,
-		nodes: each.map(({ a, d }) => ({ node: a.node, enough: d.enough, free_mb: d.free_mb, reason: d.reason })),
+		nodes: each.map(({ a, d }) => ({
+			node: a.node,
+			enough: d.enough,
+			free_mb: d.free_mb,
+			reason: d.reason,
+		})),
 	};
 }
