@@ -285,8 +285,10 @@ test("Load Model: the node that holds it; else where it fits now, by each sideca
 	({ json } = await load(sidecars(), 'm1', { node: 'gpu-c' }));
 	assert.deepEqual([json.node, json.result], ['gpu-c', 'loaded']);
 	// m3 only in gpu-b's registry
-	({ json } = await load(sidecars(), 'm3'));
-	assert.equal(json.node, 'gpu-b');
+	// m3 only in gpu-b's registry: nothing to choose, its own load decides (no estimate asked)
+	({ ctx, json } = await load(sidecars(), 'm3'));
+	assert.deepEqual([json.node, json.placement], ['gpu-b', 'm3 is in the registry of gpu-b alone']);
+	assert.ok(!ctx.requests.some((r) => r.path === '/models/estimate'));
 });
 
 test('Load Model: no node can take it: one error saying why for each node, and who did not answer', async () => {
@@ -295,6 +297,7 @@ test('Load Model: no node can take it: one error saying why for each node, and w
 			[A]: { node: 'gpu-a', models: [{ id: 'm2' }], fit: { m2: NO } },
 			[B]: { node: 'gpu-b', models: [{ id: 'other' }] },
 			[C]: { node: 'gpu-c', down: true },
+			'http://d:8000': { node: 'gpu-d', models: [{ id: 'm2' }], fit: { m2: NO } },
 		},
 		params: { model: 'm2', wait: true, timeoutS: 60, options: {} },
 	});
@@ -303,7 +306,7 @@ test('Load Model: no node can take it: one error saying why for each node, and w
 		assert.equal(e.httpCode, '409');
 		assert.match(
 			e.message,
-			/^m2 fits on no node now \(gpu-a: at most 1 model, none may be evicted; gpu-b: not in its registry \(known: other\); c:8000 \(http:\/\/c:8000\) did not answer: connect ECONNREFUSED/,
+			/^m2 fits on no node now \(gpu-a: at most 1 model, none may be evicted; gpu-b: not in its registry \(known: other\); gpu-d: at most 1 model, none may be evicted; c:8000 \(http:\/\/c:8000\) did not answer: connect ECONNREFUSED/,
 		);
 		return true;
 	});
@@ -313,7 +316,7 @@ test('Load Model: no node can take it: one error saying why for each node, and w
 test('Load Model: a sidecar that cannot estimate the model (unreadable file) still gets the load: its own answer', async () => {
 	const ctx = fleetContext({
 		sidecars: {
-			[A]: { node: 'gpu-a', models: [{ id: 'other' }] },
+			[A]: { node: 'gpu-a', models: [{ id: 'broken' }], fit: { broken: NO } },
 			[B]: {
 				node: 'gpu-b',
 				models: [{ id: 'broken' }],
@@ -329,7 +332,7 @@ test('Load Model: a sidecar that cannot estimate the model (unreadable file) sti
 	});
 	const estimate = ctx.helpers.httpRequestWithAuthentication;
 	ctx.helpers.httpRequestWithAuthentication = async function (type, o) {
-		if (o.url.endsWith('/models/estimate')) {
+		if (o.url === `${B}/models/estimate`) {
 			ctx.requests.push({ ...o, sidecar: 'gpu-b', path: '/models/estimate' });
 			throw httpError(422, 'unreadable_model', 'cannot read the GGUF header of broken');
 		}

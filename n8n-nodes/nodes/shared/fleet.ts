@@ -279,9 +279,15 @@ export class Fleet {
 
 	/**
 	 * Every sidecar's view of `model`: who holds it (GET /models, which knows the aliases), else each one's own fit
-	 * verdict (POST /models/estimate). `node` restricts the answer to the node of that name.
+	 * verdict (POST /models/estimate). `node` restricts the answer to the node of that name. `verdicts: false`: when
+	 * one node alone has the model there is nothing to choose, and its own load or chat decides (no estimate asked).
 	 */
-	async assess(model: string, itemIndex?: number, node?: string): Promise<Assessment> {
+	async assess(
+		model: string,
+		itemIndex?: number,
+		node?: string,
+		verdicts = true,
+	): Promise<Assessment> {
 		let answers = await this.survey<ModelsResponse>('/models', itemIndex);
 		if (node) {
 			answers = answers.filter((a) => a.node === node || hostOf(a.url) === node);
@@ -327,7 +333,15 @@ export class Fleet {
 				pending.push({ a, id: info.id });
 			}
 		}
-		if (!candidates.some((c) => c.verdict === 'held')) {
+		if (!verdicts && pending.length === 1 && !candidates.some((c) => c.verdict === 'held')) {
+			const { a, id } = pending[0];
+			candidates.push({
+				...base(a),
+				model: id,
+				verdict: 'sole',
+				reason: 'the only node with it in its registry',
+			});
+		} else if (!candidates.some((c) => c.verdict === 'held')) {
 			candidates.push(
 				...(await Promise.all(
 					pending.map(async (p) => await this.estimate(p.a, p.id, base(p.a), itemIndex)),
@@ -398,7 +412,7 @@ export class Fleet {
 		itemIndex?: number,
 		node?: string,
 	): Promise<{ chosen: Candidate; assessment: Assessment }> {
-		const assessment = await this.assess(model, itemIndex, node);
+		const assessment = await this.assess(model, itemIndex, node, false);
 		const chosen = assessment.candidates.find((c) => c.verdict !== 'refused');
 		if (chosen) return { chosen, assessment };
 		throw this.refusal(assessment, itemIndex);

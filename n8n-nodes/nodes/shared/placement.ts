@@ -7,11 +7,12 @@
  * node where it fits now (most free GPU memory first, then fewest models loaded); else one where it fits after
  * evicting (fewest evictions first); else one whose sidecar could not estimate it (an unreadable file, the Hub
  * offline: a load there answers with the sidecar's own error); ties keep the credential's order. Nodes where it
- * does not fit, that do not have it, or that did not answer are refused.
+ * does not fit, that do not have it, or that did not answer are refused. A node that alone has the model (`sole`)
+ * gets it without an estimate: its own load decides, as with one machine.
  */
 import type { EstimateResponse } from './api';
 
-export type Verdict = 'held' | 'fits' | 'evicts' | 'unknown' | 'refused';
+export type Verdict = 'held' | 'sole' | 'fits' | 'evicts' | 'unknown' | 'refused';
 
 export interface Candidate {
 	url: string;
@@ -50,7 +51,14 @@ export function verdictOf(fit: EstimateResponse['fit']): 'fits' | 'evicts' | 're
 	return fit.fits_after_eviction ? 'evicts' : 'refused';
 }
 
-const ORDER: Record<Verdict, number> = { held: 0, fits: 1, evicts: 2, unknown: 3, refused: 4 };
+const ORDER: Record<Verdict, number> = {
+	held: 0,
+	sole: 1,
+	fits: 2,
+	evicts: 3,
+	unknown: 4,
+	refused: 5,
+};
 
 /** Candidates best first (stable: equal ones keep their order); refused ones last. */
 export function rank(candidates: Candidate[]): Candidate[] {
@@ -73,6 +81,7 @@ export function rank(candidates: Candidate[]): Candidate[] {
 /** Why the chosen node was chosen, for the output's `placement`. */
 export function placementReason(c: Candidate): string {
 	if (c.verdict === 'held') return `${c.model} is ${c.state} on ${c.node}`;
+	if (c.verdict === 'sole') return `${c.model} is in the registry of ${c.node} alone`;
 	if (c.verdict === 'fits') return `${c.model} fits on ${c.node} now: ${c.reason}`;
 	if (c.verdict === 'unknown')
 		return `${c.model} goes to ${c.node}, which could not estimate it: ${c.reason}`;
