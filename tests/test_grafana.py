@@ -37,6 +37,8 @@ FAKE_GPU_SIDECAR = Path(__file__).resolve().parent / "grafana_scenario" / "fake_
 JOB = "model-orchestrator"
 RATE_INTERVAL = "5s"  # what Grafana makes of $__rate_interval with a 1 s scrape interval (>= 4 scrapes)
 MODEL, GPU = "tiny", "0"  # the real values the template variables are set to
+# the shipped scrape config's node label (Prometheus gives it to every series of the sidecar)
+NODE = yaml.safe_load((GRAFANA / "prometheus.yml").read_text())["scrape_configs"][0]["static_configs"][0]["labels"]["node"]
 PROMETHEUS_SYNTHETIC = {"up"}  # series Prometheus itself writes for each target
 
 
@@ -86,7 +88,7 @@ class Prometheus:
         self.config = workdir / "prometheus.yml"
         self.config.write_text(yaml.safe_dump({
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [target]}]}]}))
+            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [target], "labels": {"node": NODE}}]}]}))
         self.log = workdir / "prometheus.log"
         self.proc = subprocess.Popen(
             [binary, f"--config.file={self.config}", f"--storage.tsdb.path={workdir / 'data'}",
@@ -294,7 +296,7 @@ def test_committed_dashboard_is_what_the_script_builds():
 def test_panels_have_units_descriptions_and_use_the_datasource_variable():
     d = dashboard()
     assert d["uid"] == "model-orchestrator"
-    assert set(query_variables(d)) == {"gpu", "model"}
+    assert set(query_variables(d)) == {"gpu", "model", "node"}
     ps = panels(d)
     assert len(ps) >= 25
     assert len({p["id"] for p in d["panels"]}) == len(d["panels"])
@@ -348,7 +350,7 @@ def test_template_variables_offer_real_values(live):
     prom = live["prom"]
     for var, (metric, label) in query_variables(dashboard()).items():
         values = prom.api(f"label/{label}/values", **{"match[]": metric})
-        assert {"gpu": GPU, "model": MODEL}[var] in values, f"${var}: {values}"
+        assert {"gpu": GPU, "model": MODEL, "node": NODE}[var] in values, f"${var}: {values}"
 
 
 def _substitute(expr: str, values: dict[str, str], range_s: int) -> str:
@@ -374,10 +376,10 @@ def _shows_something(result: list[dict]) -> bool:
 @pytest.mark.parametrize("selection", ["one", "all"])
 def test_every_panel_shows_data_from_prometheus_scraping_the_sidecar(live, selection):
     """Every target of every panel, evaluated as Grafana would: range queries over the scenario, instant ones at
-    its end; with $model/$gpu set to one real value, or to All (Grafana's `(a|b|...)` of every value)."""
+    its end; with $model/$gpu/$node set to one real value, or to All (Grafana's `(a|b|...)` of every value)."""
     prom, d = live["prom"], dashboard()
     if selection == "one":
-        values = {"model": MODEL, "gpu": GPU}
+        values = {"model": MODEL, "gpu": GPU, "node": NODE}
     else:
         values = {var: "(" + "|".join(_grafana_regex_escape(v) for v in prom.api(f"label/{label}/values", **{"match[]": metric})) + ")"
                   for var, (metric, label) in query_variables(d).items()}

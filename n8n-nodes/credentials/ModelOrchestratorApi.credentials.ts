@@ -29,8 +29,8 @@ export class ModelOrchestratorApi implements ICredentialType {
 			default: 'http://127.0.0.1:8000',
 			placeholder: 'http://127.0.0.1:8000',
 			description:
-				'Where the model-orchestrator sidecar listens, without /v1. The default is where `make run` serves it.',
-			hint: 'In the compose stack the sidecar is http://llama-cpp:8000 (compose fills this in)',
+				"Where the model-orchestrator sidecar listens, without /v1. The default is where `make run` serves it. More than one machine: several URLs separated by commas, or one URL whose sidecar lists the others (its MODEL_ORCHESTRATOR_FLEET, e.g. the Kubernetes headless Service's name, which resolves to every sidecar).",
+			hint: 'In the compose stack the sidecar is http://llama-cpp:8000 (compose fills this in); in Kubernetes http://model-orchestrator.<namespace>.svc:8000',
 			required: true,
 		},
 		{
@@ -55,7 +55,9 @@ export class ModelOrchestratorApi implements ICredentialType {
 
 	test: ICredentialTestRequest = {
 		request: {
-			baseURL: '={{$credentials.baseUrl.replace(/\\/+$/, "").replace(/\\/v1$/, "")}}',
+			// the first URL (a fleet's others are asked by the nodes, each skipped with a message when it does not answer)
+			baseURL:
+				'={{$credentials.baseUrl.split(/[\\s,;]+/).filter(Boolean)[0].replace(/\\/+$/, "").replace(/\\/v1$/, "")}}',
 			url: '/models/status',
 		},
 	};

@@ -19,7 +19,35 @@ const {
 } = require('../dist/nodes/ModelOrchestratorUnloadModel/ModelOrchestratorUnloadModel.node.js');
 const { NodeApiError, NodeOperationError } = require('n8n-workflow');
 
-function fakeContext({ items, params, respond, continueOnFail = false, credentials }) {
+/** The sidecar's 404 for a route it does not have (an older sidecar without GET /fleet). */
+function notFoundRoute() {
+	const e = new Error('Request failed with status code 404');
+	e.response = { status: 404, data: { error: { code: 'not_found', message: 'no such route', type: 'x' } } };
+	throw e;
+}
+
+/** GET /models of a sidecar named gpu-a: the registry with each model's state. */
+const registry = (models) => ({
+	node: 'gpu-a',
+	default_model: models[0]?.id ?? 'tiny',
+	models: models.map((m) => ({ aliases: [], status: 'unloaded', ...m })),
+});
+const isGet = (o, path) => o.method === 'GET' && o.url.endsWith(path);
+
+/**
+ * A fake n8n context in front of one sidecar (http://sidecar:8000). GET /fleet answers 404 (an older sidecar: the
+ * credential's one URL is the fleet) and is not recorded; `models` answers GET /models (every model loaded unless
+ * said otherwise); answers to a request with returnFullResponse come with X-Queue-Wait-Ms: `queueWaitMs`.
+ */
+function fakeContext({
+	items,
+	params,
+	respond,
+	continueOnFail = false,
+	credentials,
+	models = [{ id: 'tiny', status: 'loaded' }, { id: 'tiny-vision', status: 'loaded' }, { id: 'tiny-lora', status: 'loaded' }],
+	queueWaitMs = '1500',
+}) {
 	const requests = [];
 	const ctx = {
 		requests,
@@ -32,8 +60,9 @@ function fakeContext({ items, params, respond, continueOnFail = false, credentia
 			position: [0, 0],
 			parameters: {},
 		}),
-		getNodeParameter: (name, i, fallback) => {
-			const v = typeof params === 'function' ? params(name, i) : params[name];
+		getNodeParameter: (name, i, fallback, options) => {
+			let v = typeof params === 'function' ? params(name, i) : params[name];
+			if (options?.extractValue && v && typeof v === 'object' && '__rl' in v) v = v.value;
 			return v === undefined ? fallback : v;
 		},
 		getCredentials: async () => credentials ?? { baseUrl: 'http://sidecar:8000/', apiKey: '' },
@@ -41,8 +70,15 @@ function fakeContext({ items, params, respond, continueOnFail = false, credentia
 		helpers: {
 			httpRequestWithAuthentication: async function (credentialType, options) {
 				assert.equal(credentialType, 'modelOrchestratorApi');
+				if (options.url.endsWith('/fleet')) return notFoundRoute();
 				requests.push(options);
-				return respond(options);
+				if (isGet(options, '/models') && models) {
+					return registry(typeof models === 'function' ? models() : models);
+				}
+				const body = await respond(options);
+				return options.returnFullResponse
+					? { body, headers: { 'x-queue-wait-ms': queueWaitMs }, statusCode: 200 }
+					: body;
 			},
 			getBinaryDataBuffer: async (i, name) => Buffer.from(items[i].binary[name].data, 'base64'),
 		},
@@ -83,10 +119,19 @@ test('Chat: binary image of the item goes out as a data URL; output has content,
 		respond: () => HELLO,
 	});
 	const [out] = await new ModelOrchestratorChat().execute.call(ctx);
-	assert.equal(ctx.requests.length, 1);
-	const req = ctx.requests[0];
-	assert.equal(req.url, 'http://sidecar:8000/v1/chat/completions');
-	assert.equal(req.method, 'POST');
+	// which node holds the model (GET /models), then the chat to it
+	assert.deepEqual(
+		ctx.requests.map((r) => [r.method, r.url]),
+		[
+			['GET', 'http://sidecar:8000/models'],
+			['POST', 'http://sidecar:8000/v1/chat/completions'],
+		],
+	);
+	const req = ctx.requests[1];
+	// the Timeout (default 600 s) goes to the sidecar's queue; the node waits 5 s longer for its answer
+	assert.equal(req.headers['X-Queue-Timeout-S'], '600');
+	assert.equal(req.timeout, 605_000);
+	assert.equal(req.returnFullResponse, true);
 	assert.equal(req.body.temperature, 0.2);
 	assert.deepEqual(req.body.messages, [
 		{
@@ -103,6 +148,9 @@ test('Chat: binary image of the item goes out as a data URL; output has content,
 	assert.equal(out[0].json.images_sent, 1);
 	assert.deepEqual(out[0].json.usage, HELLO.usage);
 	assert.deepEqual(out[0].pairedItem, { item: 0 });
+	// where it ran and how long it waited in the sidecar's queue (X-Queue-Wait-Ms)
+	assert.equal(out[0].json.node, 'gpu-a');
+	assert.equal(out[0].json.queue_wait_s, 1.5);
 });
 
 const notFound = () => {
@@ -120,11 +168,11 @@ const notFound = () => {
 	throw e;
 };
 
-test('Chat: a sidecar error is a NodeApiError with the sidecar message', async () => {
+test('Chat: a sidecar error is a NodeApiError with the sidecar message and its node', async () => {
 	const ctx = fakeContext({
 		items: [{ json: {} }],
 		params: {
-			model: 'nope',
+			model: 'tiny',
 			messageMode: 'simple',
 			userMessage: 'Hi',
 			images: 'auto',
@@ -135,14 +183,26 @@ test('Chat: a sidecar error is a NodeApiError with the sidecar message', async (
 	});
 	await assert.rejects(new ModelOrchestratorChat().execute.call(ctx), (e) => {
 		assert.ok(e instanceof NodeApiError);
-		assert.equal(e.message, "unknown model 'nope'");
+		assert.equal(e.message, "gpu-a: unknown model 'nope'");
+		assert.equal(e.httpCode, '404');
+		assert.match(e.description, /code: model_not_found, HTTP 404, node: gpu-a \(http:\/\/sidecar:8000\)/);
+		return true;
+	});
+	// a model no sidecar has in its registry: refused before any chat request, naming what each node has
+	const unknown = fakeContext({
+		items: [{ json: {} }],
+		params: { model: 'nope', messageMode: 'simple', userMessage: 'Hi', images: 'auto', options: {} },
+		respond: () => assert.fail('no chat request expected'),
+	});
+	await assert.rejects(new ModelOrchestratorChat().execute.call(unknown), (e) => {
+		assert.ok(e instanceof NodeApiError);
+		assert.match(e.message, /^unknown model 'nope': no sidecar has it in its registry \(gpu-a: not in its registry/);
 		assert.equal(e.httpCode, '404');
 		return true;
 	});
 });
 
 test('Chat: continue on fail gives an error item per failed item and goes on', async () => {
-	let n = 0;
 	const ctx = fakeContext({
 		items: [{ json: {} }, { json: {} }],
 		params: (name, i) =>
@@ -154,14 +214,16 @@ test('Chat: continue on fail gives an error item per failed item and goes on', a
 				tools: '',
 				options: {},
 			})[name],
-		respond: () => (n++ === 0 ? notFound() : HELLO),
+		respond: () => HELLO,
 		continueOnFail: true,
 	});
 	const [out] = await new ModelOrchestratorChat().execute.call(ctx);
 	assert.equal(out.length, 2);
-	assert.equal(out[0].json.error, "unknown model 'nope'");
+	assert.match(out[0].json.error, /^unknown model 'nope'/);
 	assert.equal(out[0].json.code, 'model_not_found');
+	assert.equal(out[0].json.node, null); // no node has it: the fleet as a whole refused
 	assert.equal(out[1].json.content, 'Hello from a tiny model!');
+	assert.equal(out[1].json.node, 'gpu-a');
 });
 
 test('Chat: invalid tools JSON is a NodeOperationError before any request', async () => {
@@ -227,7 +289,7 @@ test('Check VRAM: two outputs; CPU mode treated as configured, with gpu: false i
 
 test("Check VRAM: enough for a model follows the sidecar's fit verdict from POST /models/estimate", async () => {
 	const status = { mode: 'gpu', free_mb: 90000, loaded_models: {} };
-	const models = { models: [{ id: 'qwen3-vl-30b', aliases: ['qwen3-vl'], status: 'unloaded' }] };
+	const models = [{ id: 'qwen3-vl-30b', aliases: ['qwen3-vl'], status: 'unloaded' }];
 	const answer = (fit) => ({
 		model: 'qwen3-vl-30b',
 		context_size: 8192,
@@ -239,12 +301,8 @@ test("Check VRAM: enough for a model follows the sidecar's fit verdict from POST
 		const ctx = fakeContext({
 			items: [{ json: {} }],
 			params: { check: 'model', model: 'qwen3-vl', ...params },
-			respond: (o) =>
-				o.url.endsWith('/models/estimate')
-					? answer(fit)
-					: o.url.endsWith('/models')
-						? models
-						: status,
+			models,
+			respond: (o) => (o.url.endsWith('/models/estimate') ? answer(fit) : status),
 		});
 		const outputs = await new ModelOrchestratorCheckVram().execute.call(ctx);
 		return { ctx, outputs };
@@ -256,10 +314,12 @@ test("Check VRAM: enough for a model follows the sidecar's fit verdict from POST
 			'http://sidecar:8000/models/status',
 			'http://sidecar:8000/models',
 			'http://sidecar:8000/models/estimate',
+			'http://sidecar:8000/models/status',
 		],
 	);
-	assert.deepEqual(ctx.requests[2].body, { model: 'qwen3-vl' });
+	assert.deepEqual(ctx.requests[2].body, { model: 'qwen3-vl-30b' }); // the alias's id, from GET /models
 	assert.equal(outputs[0][0].json.vram_check.required_mb, 19501);
+	assert.equal(outputs[0][0].json.vram_check.node, 'gpu-a');
 	// 90 GB free, but the sidecar says it does not fit (reservations, margin...): Not Enough
 	const refused = await run({ fits: false, fits_after_eviction: false, missing_mb: 1200 });
 	assert.deepEqual([refused.outputs[0].length, refused.outputs[1].length], [0, 1]);
@@ -274,15 +334,19 @@ test('Check VRAM: a model loaded under an alias is enough without an estimate', 
 	const ctx = fakeContext({
 		items: [{ json: {} }],
 		params: { check: 'model', model: 'qwen3-vl' },
-		respond: (o) =>
-			o.url.endsWith('/models')
-				? { models: [{ id: 'qwen3-vl-30b', aliases: ['qwen3-vl'], status: 'loaded' }] }
-				: { mode: 'gpu', free_mb: 10, loaded_models: { 'qwen3-vl-30b': { status: 'loaded' } } },
+		models: [{ id: 'qwen3-vl-30b', aliases: ['qwen3-vl'], status: 'loaded' }],
+		respond: () => ({
+			node: 'gpu-a',
+			mode: 'gpu',
+			free_mb: 10,
+			loaded_models: { 'qwen3-vl-30b': { status: 'loaded' } },
+		}),
 	});
 	const [enough, notEnough] = await new ModelOrchestratorCheckVram().execute.call(ctx);
 	assert.deepEqual([enough.length, notEnough.length], [1, 0]);
 	assert.equal(enough[0].json.vram_check.model, 'qwen3-vl-30b');
 	assert.match(enough[0].json.vram_check.reason, /already loaded/);
+	assert.deepEqual([enough[0].json.vram_check.free_mb, enough[0].json.vram_check.gpu], [10, true]);
 	assert.ok(!ctx.requests.some((r) => r.url.endsWith('/models/estimate')));
 });
 
@@ -327,13 +391,16 @@ test('Unload Model: resource locator or old plain string; not_loaded and not_hel
 			respond: () => ({ model: 'wan2.1-14b', status: 'unloaded', result: 'not_held' }),
 		});
 		const [out] = await new ModelOrchestratorUnloadModel().execute.call(ctx);
-		assert.deepEqual(ctx.requests[0].body, {
+		// not in the registry (GET /models): another service's name, asked of every node
+		assert.equal(ctx.requests[0].url, 'http://sidecar:8000/models');
+		assert.deepEqual(ctx.requests[1].body, {
 			model: 'wan2.1-14b',
 			force: false,
 			drain_timeout_s: 5,
 		});
-		assert.equal(ctx.requests[0].timeout, 65_000);
+		assert.equal(ctx.requests[1].timeout, 65_000);
 		assert.equal(out[0].json.result, 'not_held');
+		assert.equal(out[0].json.node, 'gpu-a');
 	}
 	assert.deepEqual(buildUnloadBody({ __rl: true, mode: 'list', value: 'tiny' }, true, 30), {
 		model: 'tiny',
@@ -386,13 +453,15 @@ test('Load Model: Wait Until Ready posts wait=false with a short HTTP timeout, t
 				pollIntervalS: 0.01,
 			},
 		},
+		models: [{ id: 'tiny', status: 'loading' }],
 		respond: (o) =>
 			o.url.endsWith('/models/load')
 				? { model: 'tiny', status: 'loading', result: 'loading', evicted: ['other'] }
 				: statuses.shift(),
 	});
 	const [out] = await new ModelOrchestratorLoadModel().execute.call(ctx);
-	assert.deepEqual(ctx.requests[0].body, {
+	assert.equal(ctx.requests[0].url, 'http://sidecar:8000/models'); // where is it? (loading on gpu-a: join it)
+	assert.deepEqual(ctx.requests[1].body, {
 		model: 'tiny',
 		service: 'llama-cpp',
 		wait: false,
@@ -400,9 +469,9 @@ test('Load Model: Wait Until Ready posts wait=false with a short HTTP timeout, t
 		priority: 10,
 		allow_eviction: true,
 	});
-	assert.equal(ctx.requests[0].timeout, 60_000);
+	assert.equal(ctx.requests[1].timeout, 60_000);
 	assert.deepEqual(
-		ctx.requests.slice(1).map((r) => [r.method, r.url, r.timeout]),
+		ctx.requests.slice(2).map((r) => [r.method, r.url, r.timeout]),
 		[
 			['GET', 'http://sidecar:8000/models/status', 15_000],
 			['GET', 'http://sidecar:8000/models/status', 15_000],
@@ -418,6 +487,8 @@ test('Load Model: Wait Until Ready posts wait=false with a short HTTP timeout, t
 		gpu: 0,
 		estimate_mb: 900,
 		evicted: ['other'],
+		node: 'gpu-a',
+		placement: 'tiny is loading on gpu-a',
 	});
 });
 
@@ -431,13 +502,14 @@ test('Load Model: Wait Until Ready off is one POST whose 202 answer (with downlo
 	const ctx = fakeContext({
 		items: [{ json: {} }],
 		params: { model: 'tiny', wait: false, timeoutS: 60, options: { callbackUrl: 'http://n8n/hook' } },
+		models: [{ id: 'tiny', status: 'downloading' }],
 		respond: () => answer,
 	});
 	const [out] = await new ModelOrchestratorLoadModel().execute.call(ctx);
-	assert.equal(ctx.requests.length, 1);
-	assert.equal(ctx.requests[0].body.wait, false);
-	assert.equal(ctx.requests[0].body.callback_url, 'http://n8n/hook');
-	assert.deepEqual(out[0].json, answer);
+	assert.equal(ctx.requests.length, 2); // GET /models, then the one POST
+	assert.equal(ctx.requests[1].body.wait, false);
+	assert.equal(ctx.requests[1].body.callback_url, 'http://n8n/hook');
+	assert.deepEqual(out[0].json, { ...answer, node: 'gpu-a', placement: 'tiny is downloading on gpu-a' });
 });
 
 const dl = (done, total, seconds, resumed = 0) => ({
@@ -455,9 +527,13 @@ const dl = (done, total, seconds, resumed = 0) => ({
  * (the last one repeats); `models` answers GET /models. */
 function loadRun({ post, statuses, models, options = {}, continueOnFail = false }) {
 	const seq = [...statuses];
+	// the fleet's first look (GET /models) finds the model where the POST's answer says it is (held: no estimate)
+	const held = typeof post === 'function' ? 'downloading' : post.status;
+	let looks = 0;
 	return fakeContext({
 		items: [{ json: {} }],
 		continueOnFail,
+		models: () => (looks++ === 0 ? [{ id: 'tiny', status: held }] : models.models),
 		params: {
 			model: 'tiny',
 			wait: true,
@@ -466,7 +542,6 @@ function loadRun({ post, statuses, models, options = {}, continueOnFail = false 
 		},
 		respond: (o) => {
 			if (o.url.endsWith('/models/load')) return typeof post === 'function' ? post() : post;
-			if (o.url.endsWith('/models')) return models;
 			return seq.length > 1 ? seq.shift() : seq[0];
 		},
 	});
@@ -509,6 +584,8 @@ test('Load Model: a download (growing bytes) then loading then loaded: output wi
 			files: [{ file: 'tiny.gguf', bytes_total: 1000, resumed_from: 200 }],
 			resumed_from: 200,
 		},
+		node: 'gpu-a',
+		placement: 'tiny is downloading on gpu-a',
 	});
 });
 
@@ -541,8 +618,8 @@ test('Load Model: a failed download is a NodeApiError with the model error code 
 	});
 	await assert.rejects(new ModelOrchestratorLoadModel().execute.call(ctx), (e) => {
 		assert.ok(e instanceof NodeApiError);
-		assert.equal(e.message, 'the Hub did not answer');
-		assert.equal(e.description, 'code: hub_unreachable');
+		assert.equal(e.message, 'gpu-a: the Hub did not answer');
+		assert.equal(e.description, 'code: hub_unreachable, node: gpu-a');
 		return true;
 	});
 	// continue on fail: the error item carries the code
@@ -552,7 +629,7 @@ test('Load Model: a failed download is a NodeApiError with the model error code 
 		continueOnFail: true,
 	});
 	const [out] = await new ModelOrchestratorLoadModel().execute.call(ctx2);
-	assert.deepEqual(out[0].json, { error: 'llama-server exited', code: 'load_failed' });
+	assert.deepEqual(out[0].json, { error: 'gpu-a: llama-server exited', code: 'load_failed', node: 'gpu-a' });
 });
 
 test('Load Model: a model that disappears (an unload cancelled the download) is a cancelled error', async () => {
@@ -564,7 +641,7 @@ test('Load Model: a model that disappears (an unload cancelled the download) is 
 	await assert.rejects(new ModelOrchestratorLoadModel().execute.call(ctx), (e) => {
 		assert.ok(e instanceof NodeApiError);
 		assert.match(e.message, /the load of tiny was cancelled \(an unload stopped it\)/i);
-		assert.equal(e.description, 'code: load_cancelled');
+		assert.equal(e.description, 'code: load_cancelled, node: gpu-a');
 		return true;
 	});
 	assert.equal(ctx.requests.filter((r) => r.url.endsWith('/models/load')).length, 1);
@@ -589,7 +666,7 @@ test('Load Model: a download with no new bytes for the stall timeout fails with 
 	await assert.rejects(new ModelOrchestratorLoadModel().execute.call(ctx), (e) => {
 		assert.ok(e instanceof NodeApiError);
 		assert.match(e.message, /stalled: no new bytes for 0\.1 s \(3 of 10 bytes\)/);
-		assert.equal(e.description, 'code: download_stalled');
+		assert.equal(e.description, 'code: download_stalled, node: gpu-a');
 		return true;
 	});
 	assert.ok(Date.now() - t0 >= 100);
@@ -612,7 +689,7 @@ test('Load Model: already loaded is one POST, no polling, result already_loaded'
 		statuses: [],
 	});
 	const [out] = await new ModelOrchestratorLoadModel().execute.call(ctx);
-	assert.equal(ctx.requests.length, 1);
+	assert.equal(ctx.requests.length, 2); // GET /models (loaded on gpu-a), the POST there
 	assert.deepEqual(out[0].json, {
 		model: 'tiny',
 		status: 'loaded',
@@ -623,6 +700,8 @@ test('Load Model: already loaded is one POST, no polling, result already_loaded'
 		gpu: 0,
 		estimate_mb: 100,
 		evicted: [],
+		node: 'gpu-a',
+		placement: 'tiny is loaded on gpu-a',
 	});
 });
 
@@ -636,7 +715,7 @@ test('Load Model: a load (joined) that outlasts Timeout plus the margin fails wi
 			statuses: [entry('loading')],
 		});
 		await assert.rejects(new ModelOrchestratorLoadModel().execute.call(ctx), (e) => {
-			assert.equal(e.description, 'code: load_timeout');
+			assert.equal(e.description, 'code: load_timeout, node: gpu-a');
 			assert.match(e.message, /not ready 90 s after its start \(Timeout 60 s plus a 30 s margin\)/);
 			return true;
 		});
@@ -661,7 +740,7 @@ test('Chat: the LoRA Adapters collection goes out as the request lora field', as
 		respond: () => ({ ...HELLO, model: 'tiny-lora' }),
 	});
 	await new ModelOrchestratorChat().execute.call(ctx);
-	assert.deepEqual(ctx.requests[0].body.lora, [{ name: 'terse', scale: 1 }]);
+	assert.deepEqual(ctx.requests[1].body.lora, [{ name: 'terse', scale: 1 }]);
 	// a bad scale is a NodeOperationError before any request
 	const bad = fakeContext({
 		items: [{ json: {} }],

@@ -7,6 +7,7 @@ const require = createRequire(import.meta.url);
 const chat = require('../dist/nodes/shared/chat.js');
 const transport = require('../dist/nodes/shared/transport.js');
 const vram = require('../dist/nodes/shared/vram.js');
+const modelField = require('../dist/nodes/shared/model-field.js');
 const {
 	buildLoadBody,
 } = require('../dist/nodes/ModelOrchestratorLoadModel/ModelOrchestratorLoadModel.node.js');
@@ -388,21 +389,35 @@ test('errors become NodeApiError carrying the sidecar message', () => {
 	assert.equal(transport.asNodeError(node, err), err);
 });
 
-test('models -> dropdown options', () => {
-	const opts = transport.modelsToOptions({
+test('models -> the one picker: every model of every node, where it is loaded', () => {
+	const a = {
 		models: [
 			{ id: 'qwen3-vl-30b', status: 'loaded', vision: true, default: true, aliases: ['qwen3-vl'] },
 			{ id: 'tiny', status: 'unloaded', vision: false, aliases: [] },
 		],
-	});
+	};
+	const one = modelField.fleetModelOptions([{ node: 'gpu-a', body: a }]);
 	assert.deepEqual(
-		opts.map((o) => o.value),
-		['qwen3-vl-30b', 'tiny'],
+		one.map((o) => [o.value, o.name, o.description]),
+		[
+			['qwen3-vl-30b', 'qwen3-vl-30b (loaded, vision)', 'Aliases: qwen3-vl.'],
+			['tiny', 'tiny (unloaded)', undefined],
+		],
 	);
-	assert.equal(opts[0].name, 'qwen3-vl-30b (loaded, vision, default)');
-	assert.equal(opts[0].description, 'Aliases: qwen3-vl');
-	assert.equal(opts[1].description, undefined);
-	assert.deepEqual(transport.modelsToOptions({}), []);
+	const b = { models: [{ id: 'tiny', status: 'loaded', aliases: ['t'] }, { id: 'embed', status: 'unloaded' }] };
+	const two = modelField.fleetModelOptions([
+		{ node: 'gpu-a', body: a },
+		{ node: 'gpu-b', body: b },
+	]);
+	assert.deepEqual(
+		two.map((o) => [o.value, o.name, o.description]),
+		[
+			['embed', 'embed (unloaded)', 'On gpu-b.'],
+			['qwen3-vl-30b', 'qwen3-vl-30b (loaded on gpu-a, vision)', 'On gpu-a. Aliases: qwen3-vl.'],
+			['tiny', 'tiny (loaded on gpu-b)', 'On gpu-a, gpu-b. Aliases: t.'],
+		],
+	);
+	assert.deepEqual(modelField.fleetModelOptions([{ node: 'x', body: {} }]), []);
 });
 
 test('VRAM decision for MB: free_mb against the number, CPU mode (free_mb null) as configured', () => {
@@ -494,13 +509,12 @@ test('model lookup by id or alias (GET /models knows the aliases)', () => {
 			{ id: 'half', aliases: ['h'], status: 'loading' },
 		],
 	};
-	assert.equal(vram.isModelLoaded(models, 'qwen3-vl-30b'), true);
-	assert.equal(vram.isModelLoaded(models, 'qwen3-vl'), true);
+	assert.equal(vram.findModel(models, 'qwen3-vl-30b').id, 'qwen3-vl-30b');
+	assert.equal(vram.findModel(models, 'qwen3-vl').id, 'qwen3-vl-30b');
 	assert.equal(vram.findModel(models, 'default-vision').id, 'qwen3-vl-30b');
-	assert.equal(vram.isModelLoaded(models, 'tiny'), false);
-	assert.equal(vram.isModelLoaded(models, 'h'), false);
-	assert.equal(vram.isModelLoaded(models, 'other'), false);
-	assert.equal(vram.isModelLoaded({}, 'tiny'), false);
+	assert.equal(vram.findModel(models, 'h').status, 'loading');
+	assert.equal(vram.findModel(models, 'other'), undefined);
+	assert.equal(vram.findModel({}, 'tiny'), undefined);
 });
 
 test('model parameter: a resource locator value or an older plain string', () => {

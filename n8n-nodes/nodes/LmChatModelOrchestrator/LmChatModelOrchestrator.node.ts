@@ -1,9 +1,22 @@
-import type { INodeType, INodeTypeDescription, ISupplyDataFunctions } from 'n8n-workflow';
+import type {
+	IDataObject,
+	INodeType,
+	INodeTypeDescription,
+	ISupplyDataFunctions,
+	NodeApiError,
+} from 'n8n-workflow';
 import { NodeConnectionTypes } from 'n8n-workflow';
 import { supplyModel } from '@n8n/ai-node-sdk';
 
-import { getModels, normaliseBaseUrl } from '../shared/transport';
+import { FleetChatModel, showNodeInOutput } from '../shared/chat-model';
 import { readmeUrl } from '../shared/docs';
+import { Fleet } from '../shared/fleet';
+import { chatOnFleet, chatRequest, HTTP_MARGIN_S } from '../shared/fleet-chat';
+import { modelLocator, modelOptionsV1, modelParameter, modelPickers } from '../shared/model-field';
+import { asNodeError } from '../shared/transport';
+
+const MODEL_DESCRIPTION =
+	'Its requests go to the node that holds it, else to one where it fits, which loads it on the first request.';
 
 type ModelOptions = {
 	temperature?: number;
@@ -25,8 +38,9 @@ export class LmChatModelOrchestrator implements INodeType {
 		},
 		documentationUrl: readmeUrl('chat-model-for-the-ai-agent'),
 		group: ['transform'],
-		version: [1],
-		subtitle: '={{$parameter["model"]}}',
+		version: [1, 2],
+		defaultVersion: 2,
+		subtitle: '={{$parameter["model"].value ?? $parameter["model"]}}',
 		description:
 			'A local llama.cpp model served by the model-orchestrator sidecar, for the AI Agent and other AI nodes (loaded on demand)',
 		defaults: {
@@ -49,16 +63,8 @@ export class LmChatModelOrchestrator implements INodeType {
 		outputNames: ['Model'],
 		credentials: [{ name: 'modelOrchestratorApi', required: true }],
 		properties: [
-			{
-				displayName: 'Model Name or ID',
-				name: 'model',
-				type: 'options',
-				typeOptions: { loadOptionsMethod: 'getModels' },
-				default: '',
-				required: true,
-				description:
-					'The sidecar loads it on the first request if it is not loaded. Choose from the list, or specify an ID using an <a href="https://docs.n8n.io/code/expressions/">expression</a>.',
-			},
+			modelOptionsV1(MODEL_DESCRIPTION),
+			modelLocator(MODEL_DESCRIPTION, {}, [2]),
 			{
 				displayName: 'Options',
 				name: 'options',
@@ -80,6 +86,8 @@ export class LmChatModelOrchestrator implements INodeType {
 						type: 'number',
 						default: 2,
 						typeOptions: { minValue: 0 },
+						description:
+							'How often a request is sent again after a 5xx answer other than the queue\'s own (queue_timeout, queue_full). A node that stops answering is left and the request goes to the next one anyway.',
 					},
 					{
 						displayName: 'Max Tokens',
@@ -108,7 +116,7 @@ export class LmChatModelOrchestrator implements INodeType {
 						type: 'number',
 						default: 600,
 						typeOptions: { minValue: 1 },
-						description: 'How long a request may take, including a load on demand',
+						description: `How long each request may take: waiting in the sidecar's queue (a load on demand, other requests for the model first), then the answer. The sidecar gets it as X-Queue-Timeout-S and gives up waiting at the same time (queue_timeout); the node waits ${HTTP_MARGIN_S} s longer for that answer. Each answer's output (generationInfo) says its node and queue_wait_s.`,
 					},
 					{
 						displayName: 'Top P',
@@ -122,29 +130,38 @@ export class LmChatModelOrchestrator implements INodeType {
 		],
 	};
 
-	methods = {
-		loadOptions: { getModels },
-	};
+	methods = modelPickers;
 
 	async supplyData(this: ISupplyDataFunctions, itemIndex: number) {
-		const credentials = await this.getCredentials('modelOrchestratorApi');
-		const model = this.getNodeParameter('model', itemIndex) as string;
+		const model = modelParameter.call(this, itemIndex);
 		const options = this.getNodeParameter('options', itemIndex, {}) as ModelOptions;
-		const apiKey = String(credentials.apiKey ?? '');
-
-		return supplyModel(this, {
-			type: 'openai',
-			baseUrl: `${normaliseBaseUrl(credentials.baseUrl)}/v1`,
-			// the OpenAI client needs a key; a sidecar without one ignores it
-			apiKey: apiKey || 'no-key',
-			model,
+		const fleet = await Fleet.open(this);
+		const timeoutS = options.timeoutS ?? 600;
+		const retries = Math.max(0, options.maxRetries ?? 2);
+		const send = async (body: IDataObject) => {
+			for (let attempt = 0; ; attempt++) {
+				try {
+					return await chatOnFleet(fleet, model, chatRequest(body, timeoutS), itemIndex);
+				} catch (error) {
+					if (attempt >= retries || !retryable(error)) throw asNodeError(this.getNode(), error, itemIndex);
+				}
+			}
+		};
+		const chatModel = new FleetChatModel(send, model, {
 			temperature: options.temperature,
 			maxTokens: options.maxTokens,
 			topP: options.topP,
 			frequencyPenalty: options.frequencyPenalty,
 			presencePenalty: options.presencePenalty,
-			maxRetries: options.maxRetries,
-			timeout: (options.timeoutS ?? 600) * 1000,
 		});
+		const supplied = supplyModel(this, chatModel);
+		showNodeInOutput(supplied.response);
+		return supplied;
 	}
+}
+
+/** A 5xx answer other than the queue's own refusals (which say the wait is over). */
+function retryable(error: unknown): boolean {
+	const e = error as NodeApiError;
+	return /^5/.test(String(e.httpCode ?? '')) && !['queue_timeout', 'queue_full'].includes(String(e.context?.code));
 }

@@ -20,7 +20,12 @@ import {
 import { readmeUrl } from '../shared/docs';
 import type { ChatCompletionRequest } from '../shared/api';
 import { runPerItem, type ItemResult } from '../shared/execute';
-import { getModels, sidecarRequest } from '../shared/transport';
+import { Fleet } from '../shared/fleet';
+import { chatOnFleet, chatRequest, HTTP_MARGIN_S } from '../shared/fleet-chat';
+import { modelLocator, modelOptionsV1, modelParameter, modelPickers } from '../shared/model-field';
+
+const MODEL_DESCRIPTION =
+	'The model to chat with: the request goes to the node that holds it, else to one where it fits, which loads it on demand.';
 
 interface NodeOptions extends ChatOptions {
 	toolChoice?: ChatParams['toolChoice'];
@@ -39,8 +44,9 @@ export class ModelOrchestratorChat implements INodeType {
 		},
 		documentationUrl: readmeUrl('chat'),
 		group: ['transform'],
-		version: 1,
-		subtitle: '={{$parameter["model"]}}',
+		version: [1, 2],
+		defaultVersion: 2,
+		subtitle: '={{$parameter["model"].value ?? $parameter["model"]}}',
 		description:
 			'Chat with a local llama.cpp model through the model-orchestrator sidecar: text, images from binary data, tools',
 		defaults: {
@@ -51,16 +57,8 @@ export class ModelOrchestratorChat implements INodeType {
 		outputs: [NodeConnectionTypes.Main],
 		credentials: [{ name: 'modelOrchestratorApi', required: true }],
 		properties: [
-			{
-				displayName: 'Model Name or ID',
-				name: 'model',
-				type: 'options',
-				typeOptions: { loadOptionsMethod: 'getModels' },
-				default: '',
-				required: true,
-				description:
-					'The model to chat with; the sidecar loads it on demand. Choose from the list, or specify an ID using an <a href="https://docs.n8n.io/code/expressions/">expression</a>.',
-			},
+			modelOptionsV1(MODEL_DESCRIPTION),
+			modelLocator(MODEL_DESCRIPTION, {}, [2]),
 			{
 				displayName: 'Input',
 				name: 'messageMode',
@@ -240,7 +238,7 @@ export class ModelOrchestratorChat implements INodeType {
 						type: 'number',
 						default: 600,
 						typeOptions: { minValue: 1 },
-						description: 'How long to wait for the answer, including a load on demand',
+						description: `How long the whole request may take: waiting in the sidecar's queue (a load on demand, other requests for the model first), then the answer. The sidecar gets it as X-Queue-Timeout-S and gives up waiting at the same time (queue_timeout); the node waits ${HTTP_MARGIN_S} s longer for that answer. The output's queue_wait_s says how long the request waited.`,
 					},
 					{
 						displayName: 'Tool Choice',
@@ -273,17 +271,19 @@ export class ModelOrchestratorChat implements INodeType {
 		],
 	};
 
-	methods = {
-		loadOptions: { getModels },
-	};
+	methods = modelPickers;
 
 	async execute(this: IExecuteFunctions): Promise<INodeExecutionData[][]> {
-		return runPerItem.call(this, chatItem);
+		const fleet = await Fleet.open(this);
+		return runPerItem.call(this, async function (i, item) {
+			return await chatItem.call(this, fleet, i, item);
+		});
 	}
 }
 
 async function chatItem(
 	this: IExecuteFunctions,
+	fleet: Fleet,
 	i: number,
 	item: INodeExecutionData,
 ): Promise<ItemResult> {
@@ -314,7 +314,7 @@ async function chatItem(
 		});
 	}
 	const params: ChatParams = {
-		model: this.getNodeParameter('model', i) as string,
+		model: modelParameter.call(this, i),
 		messageMode,
 		images,
 		tools: this.getNodeParameter('tools', i, '') as unknown,
@@ -334,17 +334,18 @@ async function chatItem(
 	} catch (error) {
 		throw new NodeOperationError(this.getNode(), error as Error, { itemIndex: i });
 	}
-	const response = await sidecarRequest.call(
-		this,
-		{
-			method: 'POST',
-			path: '/v1/chat/completions',
-			body: body as IDataObject,
-			timeoutMs: (options.timeoutS ?? 600) * 1000,
-		},
+	const routed = await chatOnFleet(
+		fleet,
+		body.model as string,
+		chatRequest(body as IDataObject, options.timeoutS ?? 600),
 		i,
 	);
-	const json: IDataObject = { ...parseChatResponse(response), images_sent: images.length };
-	if (options.includeFullResponse) json.response = response;
+	const json: IDataObject = {
+		...parseChatResponse(routed.body),
+		images_sent: images.length,
+		node: routed.node,
+		queue_wait_s: routed.queue_wait_s,
+	};
+	if (options.includeFullResponse) json.response = routed.body;
 	return { json };
 }

@@ -7,24 +7,23 @@ import type {
 } from 'n8n-workflow';
 import { NodeConnectionTypes } from 'n8n-workflow';
 
-import type {
-	EstimateRequest,
-	EstimateResponse,
-	ModelsResponse,
-	StatusResponse,
-} from '../shared/api';
+import type { StatusResponse } from '../shared/api';
 import { runPerItem, type ItemResult } from '../shared/execute';
-import { asNodeError, getModels, sidecarRequest } from '../shared/transport';
+import { asNodeError } from '../shared/transport';
+import { Fleet } from '../shared/fleet';
+import { modelLocator, modelOptionsV1, modelParameter, modelPickers } from '../shared/model-field';
 import { readmeUrl } from '../shared/docs';
 import {
-	decideForMb,
+	decideForMbFleet,
 	decideForModel,
-	findModel,
-	isModelLoaded,
+	fleetStatus,
+	type NodeAnswer,
 	type VramDecision,
 	type WhenEviction,
 	type WhenNoGpu,
 } from '../shared/vram';
+
+const MODEL_DESCRIPTION = 'The model that must fit (on some node of the fleet).';
 
 export class ModelOrchestratorCheckVram implements INodeType {
 	description: INodeTypeDescription = {
@@ -36,9 +35,10 @@ export class ModelOrchestratorCheckVram implements INodeType {
 		},
 		documentationUrl: readmeUrl('check-vram'),
 		group: ['transform'],
-		version: 1,
+		version: [1, 2],
+		defaultVersion: 2,
 		subtitle:
-			'={{$parameter["check"] === "none" ? "status" : $parameter["check"] === "requiredMb" ? $parameter["requiredMb"] + " MB free?" : "enough for " + $parameter["model"] + "?"}}',
+			'={{$parameter["check"] === "none" ? "status" : $parameter["check"] === "requiredMb" ? $parameter["requiredMb"] + " MB free?" : "enough for " + ($parameter["model"].value ?? $parameter["model"]) + "?"}}',
 		description:
 			'Read GPU memory and loaded models from the model-orchestrator sidecar, and branch on free memory',
 		defaults: {
@@ -84,17 +84,8 @@ export class ModelOrchestratorCheckVram implements INodeType {
 					'Free GPU memory (all GPUs, MB, as NVML reports it: no margin, reservations or eviction counted) needed for the "Enough" output. For a model, "Enough for Model" asks the sidecar\'s own admission instead.',
 				displayOptions: { show: { check: ['requiredMb'] } },
 			},
-			{
-				displayName: 'Model Name or ID',
-				name: 'model',
-				type: 'options',
-				typeOptions: { loadOptionsMethod: 'getModels' },
-				default: '',
-				required: true,
-				description:
-					'The model that must fit. Choose from the list, or specify an ID using an <a href="https://docs.n8n.io/code/expressions/">expression</a>.',
-				displayOptions: { show: { check: ['model'] } },
-			},
+			modelOptionsV1(MODEL_DESCRIPTION, { check: ['model'] }),
+			modelLocator(MODEL_DESCRIPTION, { check: ['model'] }, [2]),
 			{
 				displayName: 'When There Is No GPU',
 				name: 'whenNoGpu',
@@ -133,14 +124,19 @@ export class ModelOrchestratorCheckVram implements INodeType {
 		],
 	};
 
-	methods = {
-		loadOptions: { getModels },
-	};
+	methods = modelPickers;
 
 	async execute(this: IExecuteFunctions): Promise<INodeExecutionData[][]> {
 		const check = this.getNodeParameter('check', 0) as Check;
+		const fleet = await Fleet.open(this);
 		// an error never counts as "enough": with two outputs it goes to "Not Enough"
-		return runPerItem.call(this, checkItem, check === 'none' ? {} : { outputs: 2, errorOutput: 1 });
+		return runPerItem.call(
+			this,
+			async function (i) {
+				return await checkItem.call(this, fleet, i);
+			},
+			check === 'none' ? {} : { outputs: 2, errorOutput: 1 },
+		);
 	}
 }
 
@@ -148,66 +144,71 @@ type Check = 'none' | 'requiredMb' | 'model';
 const ENOUGH = 0;
 const NOT_ENOUGH = 1;
 
-async function checkItem(this: IExecuteFunctions, i: number): Promise<ItemResult> {
+async function checkItem(this: IExecuteFunctions, fleet: Fleet, i: number): Promise<ItemResult> {
 	const check = this.getNodeParameter('check', 0) as Check;
-	const status = (await sidecarRequest.call(
-		this,
-		{ method: 'GET', path: '/models/status', timeoutMs: 30_000 },
-		i,
-	)) as unknown as StatusResponse;
-	if (check === 'none') return { json: status as unknown as IDataObject };
+	const answers = await fleet.survey<StatusResponse>('/models/status', i);
 	let decision: VramDecision;
 	if (check === 'requiredMb') {
 		const requiredMb = this.getNodeParameter('requiredMb', i) as number;
 		const whenNoGpu = this.getNodeParameter('whenNoGpu', i, 'enough') as WhenNoGpu;
-		decision = decideForMb(status, requiredMb, whenNoGpu);
-	} else {
-		const model = this.getNodeParameter('model', i) as string;
+		decision = decideForMbFleet(answers, requiredMb, whenNoGpu);
+	} else if (check === 'model') {
 		const whenEviction = this.getNodeParameter('whenEviction', i, 'notEnough') as WhenEviction;
-		const models = (await sidecarRequest.call(
+		decision = await decideOnTheFleet.call(
 			this,
-			{ method: 'GET', path: '/models', timeoutMs: 30_000 },
+			fleet,
+			answers,
+			modelParameter.call(this, i),
+			whenEviction,
 			i,
-		)) as unknown as ModelsResponse;
-		if (isModelLoaded(models, model)) {
-			decision = {
-				enough: true,
-				gpu: status.free_mb !== null,
-				free_mb: status.free_mb,
-				required_mb: 0,
-				model: findModel(models, model)!.id,
-				reason: `${model} is already loaded: it needs no more memory`,
-			};
-		} else {
-			decision = decideForModel(
-				await estimateModel.call(this, model, i),
-				status.free_mb,
-				whenEviction,
-			);
-		}
+		);
 	}
+	const status = fleetStatus(answers, fleet.skipped as unknown as IDataObject[]);
+	if (check === 'none') return { json: status };
 	return {
-		json: { ...(status as unknown as IDataObject), vram_check: decision },
-		output: decision.enough ? ENOUGH : NOT_ENOUGH,
+		json: { ...status, vram_check: decision! },
+		output: decision!.enough ? ENOUGH : NOT_ENOUGH,
 	};
 }
 
-/** The sidecar's estimate and fit verdict; a sidecar without POST /models/estimate gets a clear error. */
-async function estimateModel(
+/**
+ * "Enough for Model" over the fleet: enough when a node holds the model, or one's own fit verdict says it fits
+ * (after evicting, as When Loading Would Evict says); `node` is that node (Load Model would pick the same one).
+ */
+async function decideOnTheFleet(
 	this: IExecuteFunctions,
+	fleet: Fleet,
+	answers: Array<NodeAnswer<StatusResponse>>,
 	model: string,
-	itemIndex: number,
-): Promise<EstimateResponse> {
-	const body: EstimateRequest = { model };
-	let response: EstimateResponse;
-	try {
-		response = (await sidecarRequest.call(
-			this,
-			{ method: 'POST', path: '/models/estimate', body: body as IDataObject, timeoutMs: 60_000 },
-			itemIndex,
-		)) as unknown as EstimateResponse;
-	} catch (error) {
-		throw asNodeError(this.getNode(), error, itemIndex);
+	whenEviction: WhenEviction,
+	i: number,
+): Promise<VramDecision> {
+	const assessment = await fleet.assess(model, i);
+	const nodes = assessment.candidates.map((c) => ({
+		node: c.node,
+		verdict: c.verdict,
+		reason: c.reason,
+	}));
+	const best = assessment.candidates.find((c) => c.verdict === 'held' || c.estimate);
+	if (!best) {
+		// no verdict anywhere: the sidecar's own error to the estimate (an unreadable file, the Hub offline)
+		const unknown = assessment.candidates.find((c) => c.verdict === 'unknown' && c.error);
+		throw unknown ? asNodeError(this.getNode(), unknown.error, i) : fleet.refusal(assessment, i);
 	}
-	return response;
+	if (best.verdict === 'held') {
+		const where = fleet.urls.length > 1 ? ` on ${best.node}` : '';
+		const own = answers.find((a) => a.url === best.url)?.body;
+		return {
+			enough: true,
+			gpu: own?.mode === 'gpu',
+			free_mb: own?.free_mb ?? null,
+			required_mb: 0,
+			model: best.model,
+			reason: `${model} is already ${best.state}${where}: it needs no more memory`,
+			node: best.node,
+			nodes,
+		};
+	}
+	const decision = decideForModel(best.estimate!, best.freeMb, whenEviction);
+	return { ...decision, node: best.node, nodes };
 }

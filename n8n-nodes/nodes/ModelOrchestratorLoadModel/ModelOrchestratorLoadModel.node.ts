@@ -17,10 +17,18 @@ import type {
 	StatusResponse,
 } from '../shared/api';
 import { runPerItem, type ItemResult } from '../shared/execute';
-import { asNodeError, extractSidecarError, getModels, sidecarRequest } from '../shared/transport';
+import { Fleet } from '../shared/fleet';
+import { modelLocator, modelOptionsV1, modelParameter, modelPickers } from '../shared/model-field';
+import { placementReason, type Candidate } from '../shared/placement';
+import { asNodeError, extractSidecarError, type SidecarRequest } from '../shared/transport';
 import { readmeUrl } from '../shared/docs';
 
+const MODEL_DESCRIPTION =
+	"The model to load (each sidecar's GET /models). It goes to the node that holds it, else to a node where it fits now, else to one where it fits after evicting idle models (each sidecar's own verdict).";
+
 interface LoadOptions {
+	/** load on this node (its name); empty: the node placement picks */
+	node?: string;
 	priority?: number;
 	allowEviction?: boolean;
 	service?: string;
@@ -57,6 +65,9 @@ export type LoadOutput = Omit<LoadResponse, 'download' | 'reservation'> & {
 	download?: DownloadSummary;
 };
 
+/** One sidecar's requests: the chosen node's. */
+type Ask = <T = IDataObject>(req: SidecarRequest) => Promise<T>;
+
 /** The POST /models/load body (exported for the tests). allow_eviction is sent only when asked for. */
 export function buildLoadBody(
 	model: string,
@@ -82,8 +93,9 @@ export class ModelOrchestratorLoadModel implements INodeType {
 		},
 		documentationUrl: readmeUrl('load-model'),
 		group: ['transform'],
-		version: 1,
-		subtitle: '={{$parameter["model"]}}',
+		version: [1, 2],
+		defaultVersion: 2,
+		subtitle: '={{$parameter["model"].value ?? $parameter["model"]}}',
 		description:
 			'Load a model into llama.cpp through the model-orchestrator sidecar (downloading its files first when missing) and wait until it is ready',
 		defaults: {
@@ -94,16 +106,8 @@ export class ModelOrchestratorLoadModel implements INodeType {
 		outputs: [NodeConnectionTypes.Main],
 		credentials: [{ name: 'modelOrchestratorApi', required: true }],
 		properties: [
-			{
-				displayName: 'Model Name or ID',
-				name: 'model',
-				type: 'options',
-				typeOptions: { loadOptionsMethod: 'getModels' },
-				default: '',
-				required: true,
-				description:
-					'The model to load (the sidecar\'s GET /models). Choose from the list, or specify an ID using an <a href="https://docs.n8n.io/code/expressions/">expression</a>.',
-			},
+			modelOptionsV1(MODEL_DESCRIPTION),
+			modelLocator(MODEL_DESCRIPTION, {}, [2]),
 			{
 				displayName: 'Wait Until Ready',
 				name: 'wait',
@@ -155,6 +159,15 @@ export class ModelOrchestratorLoadModel implements INodeType {
 							'With Wait Until Ready: fail when a download of the model\'s files brings no new bytes for this long (0: never). A download that keeps moving has no time limit.',
 					},
 					{
+						displayName: 'Node',
+						name: 'node',
+						type: 'string',
+						default: '',
+						placeholder: 'e.g. gpu-node-2',
+						description:
+							"Load it on this node (its name, as the outputs' node field shows it), also when another node holds it already. Empty: the node that holds it, else where it fits.",
+					},
+					{
 						displayName: 'Poll Interval (Seconds)',
 						name: 'pollIntervalS',
 						type: 'number',
@@ -184,40 +197,67 @@ export class ModelOrchestratorLoadModel implements INodeType {
 		],
 	};
 
-	methods = {
-		loadOptions: { getModels },
-	};
+	methods = modelPickers;
 
 	async execute(this: IExecuteFunctions): Promise<INodeExecutionData[][]> {
-		return runPerItem.call(this, loadItem);
+		const fleet = await Fleet.open(this);
+		return runPerItem.call(this, async function (i) {
+			return await loadItem.call(this, fleet, i);
+		});
 	}
 }
 
-async function loadItem(this: IExecuteFunctions, i: number): Promise<ItemResult> {
-	const model = this.getNodeParameter('model', i) as string;
+/** A refusal that another node may not have: the room was taken since the node answered its estimate. */
+const TRY_NEXT = ['insufficient_vram', 'too_many_models'];
+
+async function loadItem(this: IExecuteFunctions, fleet: Fleet, i: number): Promise<ItemResult> {
+	const model = modelParameter.call(this, i);
 	const wait = this.getNodeParameter('wait', i, true) as boolean;
 	const timeoutS = this.getNodeParameter('timeoutS', i, 600) as number;
 	const options = this.getNodeParameter('options', i, {}) as LoadOptions;
 	// always wait=false: with Wait Until Ready the node follows the load by polling instead of holding the request
 	// (and sends no callback_url then: the node itself sees the outcome)
 	const body: LoadRequest = { ...buildLoadBody(model, wait, timeoutS, options), wait: false };
-	const first = await postLoad.call(this, body, i);
-	if (!wait) return { json: first as IDataObject };
-	return { json: (await followLoad.call(this, first, body, timeoutS, options, i)) as IDataObject };
+	const { assessment } = await fleet.choose(model, i, options.node?.trim() || undefined);
+	let last: unknown;
+	for (const chosen of assessment.candidates.filter((c) => c.verdict !== 'refused')) {
+		const ask: Ask = async (req) => await fleet.request(chosen.url, req, i);
+		let first: LoadResponse;
+		try {
+			first = await postLoad.call(this, ask, body, i);
+		} catch (error) {
+			const code = (error as NodeApiError).context?.code as string | undefined;
+			if (!fleet.isGone(chosen.url) && !TRY_NEXT.includes(code ?? '')) throw asNodeError(this.getNode(), error, i);
+			last = error; // gone, or its room was taken meanwhile: the next candidate
+			continue;
+		}
+		const where = placed(fleet, chosen);
+		if (!wait) return { json: { ...(first as IDataObject), ...where } };
+		const out = await followLoad.call(this, fleet.node(chosen.url), ask, first, body, timeoutS, options, i);
+		return { json: { ...(out as IDataObject), ...where } };
+	}
+	throw last ?? fleet.refusal(assessment, i);
+}
+
+/** The output's `node` (where the model is now) and `placement` (why there). */
+function placed(fleet: Fleet, chosen: Candidate): IDataObject {
+	return { node: fleet.node(chosen.url), placement: placementReason(chosen) };
 }
 
 /** POST /models/load (wait=false: answers as soon as the load or its download began). */
 async function postLoad(
 	this: IExecuteFunctions,
+	ask: Ask,
 	body: LoadRequest,
 	i: number,
 ): Promise<LoadResponse> {
 	try {
-		return (await sidecarRequest.call(
-			this,
-			{ method: 'POST', path: '/models/load', body: body as IDataObject, timeoutMs: 60_000 },
-			i,
-		)) as unknown as LoadResponse;
+		return await ask<LoadResponse>({
+			method: 'POST',
+			path: '/models/load',
+			body: body as IDataObject,
+			timeoutMs: 60_000,
+		});
 	} catch (error) {
 		const info = extractSidecarError(error);
 		if (body.allow_eviction && info.httpCode === '400' && /allow_eviction/.test(info.message)) {
@@ -236,19 +276,22 @@ async function postLoad(
 /** What the output takes from the final status entry (or the POST's answer). */
 type ProcessFields = Partial<Pick<ModelStatus, 'load_seconds' | 'pid' | 'port' | 'gpu' | 'estimate_mb'>>;
 
-/** An error of the node's own, in the style of the sidecar's: message, and `code: <code>` as its description. */
+/** An error of the load on `node`, in the style of the sidecar's: "node: message", `code: <code>, node: <node>`. */
 function loadError(
 	this: IExecuteFunctions,
 	i: number,
+	node: string,
 	code: string,
 	message: string,
 	extra: IDataObject = {},
 ): NodeApiError {
-	return new NodeApiError(
+	const e = new NodeApiError(
 		this.getNode(),
 		{ error: { code, message, ...extra } } as JsonObject,
-		{ message, description: `code: ${code}`, itemIndex: i },
+		{ message: `${node}: ${message}`, description: `code: ${code}, node: ${node}`, itemIndex: i },
 	);
+	e.context = { ...e.context, node, code };
+	return e;
 }
 
 /** The download summary of the output, from the last status sample of the download. */
@@ -275,6 +318,8 @@ export function summariseDownload(d: DownloadStatus): DownloadSummary {
  */
 async function followLoad(
 	this: IExecuteFunctions,
+	node: string,
+	ask: Ask,
 	first: LoadResponse,
 	body: LoadRequest,
 	timeoutS: number,
@@ -320,6 +365,7 @@ async function followLoad(
 		loadError.call(
 			this,
 			i,
+			node,
 			'load_cancelled',
 			`The load of ${id} was cancelled (an unload stopped it)`,
 		);
@@ -328,11 +374,11 @@ async function followLoad(
 		await sleep(pollMs);
 		let status: StatusResponse;
 		try {
-			status = (await sidecarRequest.call(
-				this,
-				{ method: 'GET', path: '/models/status', timeoutMs: POLL_REQUEST_TIMEOUT_MS },
-				i,
-			)) as unknown as StatusResponse;
+			status = await ask<StatusResponse>({
+				method: 'GET',
+				path: '/models/status',
+				timeoutMs: POLL_REQUEST_TIMEOUT_MS,
+			});
 			failures = 0;
 		} catch (error) {
 			const info = extractSidecarError(error);
@@ -350,15 +396,15 @@ async function followLoad(
 			if (phase === 'downloading' && !reposted) {
 				// The download ended: with the files there the load follows it (the model is `unloaded` until its
 				// admission); without them an unload stopped it. Asking again joins that load, or says why not.
-				const models = (await sidecarRequest.call(
-					this,
-					{ method: 'GET', path: '/models', timeoutMs: POLL_REQUEST_TIMEOUT_MS },
-					i,
-				)) as unknown as ModelsResponse;
+				const models = await ask<ModelsResponse>({
+					method: 'GET',
+					path: '/models',
+					timeoutMs: POLL_REQUEST_TIMEOUT_MS,
+				});
 				const info = models.models?.find((m) => m.id === id);
 				if (info?.files_present) {
 					reposted = true;
-					const again = await postLoad.call(this, body, i);
+					const again = await postLoad.call(this, ask, body, i);
 					if (again.evicted?.length) evicted = [...evicted, ...again.evicted];
 					if (again.status === 'loaded') return output(again, download);
 					phase = again.status;
@@ -376,7 +422,7 @@ async function followLoad(
 				typeof err.message === 'string' && err.message
 					? err.message
 					: `${id} failed to ${phase === 'downloading' ? 'download' : 'load'}`;
-			throw loadError.call(this, i, code, message, err);
+			throw loadError.call(this, i, node, code, message, err);
 		}
 		if (state === 'loaded') return output(entry as ModelStatus, download);
 		if (state === 'downloading') {
@@ -390,6 +436,7 @@ async function followLoad(
 				throw loadError.call(
 					this,
 					i,
+					node,
 					'download_stalled',
 					`The download of ${id} stalled: no new bytes for ${stallS} s (${bytesDone} of ${
 						download?.bytes_total ?? '?'
@@ -405,6 +452,7 @@ async function followLoad(
 				throw loadError.call(
 					this,
 					i,
+					node,
 					'load_timeout',
 					`${id} was not ready ${loadLimitS} s after its start (Timeout ${timeoutS} s plus a ${LOAD_MARGIN_S} s margin)`,
 				);

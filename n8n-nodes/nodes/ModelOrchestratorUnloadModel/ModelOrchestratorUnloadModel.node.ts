@@ -8,9 +8,13 @@ import type {
 import { NodeConnectionTypes, NodeOperationError } from 'n8n-workflow';
 
 import { readmeUrl } from '../shared/docs';
-import type { UnloadRequest } from '../shared/api';
+import type { ModelsResponse, UnloadRequest } from '../shared/api';
 import { runPerItem, type ItemResult } from '../shared/execute';
-import { modelName, searchModels, sidecarRequest } from '../shared/transport';
+import { Fleet } from '../shared/fleet';
+import { modelLocator, modelPickers } from '../shared/model-field';
+import { holds } from '../shared/placement';
+import { modelName } from '../shared/transport';
+import { findModel } from '../shared/vram';
 
 export class ModelOrchestratorUnloadModel implements INodeType {
 	description: INodeTypeDescription = {
@@ -33,29 +37,9 @@ export class ModelOrchestratorUnloadModel implements INodeType {
 		outputs: [NodeConnectionTypes.Main],
 		credentials: [{ name: 'modelOrchestratorApi', required: true }],
 		properties: [
-			{
-				displayName: 'Model',
-				name: 'model',
-				type: 'resourceLocator',
-				default: { mode: 'list', value: '' },
-				required: true,
-				description:
-					"What to unload: a model of the sidecar's registry, or any name (another service's reservation, e.g. wan2.1-14b). A name that holds nothing answers result not_loaded / not_held, which is not an error.",
-				modes: [
-					{
-						displayName: 'From List',
-						name: 'list',
-						type: 'list',
-						typeOptions: { searchListMethod: 'searchModels', searchable: true },
-					},
-					{
-						displayName: 'By Name',
-						name: 'id',
-						type: 'string',
-						placeholder: 'e.g. qwen3-vl-30b or wan2.1-14b',
-					},
-				],
-			},
+			modelLocator(
+				"What to unload: a model of a sidecar's registry (on the node that holds it; on each, when several do), or any name (another service's reservation, e.g. wan2.1-14b, released on every node). A name that holds nothing answers result not_loaded / not_held, which is not an error.",
+			),
 			{
 				displayName: 'Force',
 				name: 'force',
@@ -77,12 +61,13 @@ export class ModelOrchestratorUnloadModel implements INodeType {
 		],
 	};
 
-	methods = {
-		listSearch: { searchModels },
-	};
+	methods = modelPickers;
 
 	async execute(this: IExecuteFunctions): Promise<INodeExecutionData[][]> {
-		return runPerItem.call(this, unloadItem);
+		const fleet = await Fleet.open(this);
+		return runPerItem.call(this, async function (i) {
+			return await unloadItem.call(this, fleet, i);
+		});
 	}
 }
 
@@ -101,7 +86,24 @@ export function buildUnloadBody(
 	return body;
 }
 
-async function unloadItem(this: IExecuteFunctions, i: number): Promise<ItemResult> {
+/**
+ * Where to send the unload: the nodes whose registry has the model and where it is not unloaded (the holders);
+ * none holding it: the first node that knows it (it answers not_loaded); no registry knows the name: every node
+ * (each releases that service's reservations, or answers not_held).
+ */
+export function unloadTargets(
+	answers: Array<{ url: string; body: ModelsResponse }>,
+	name: string,
+): { urls: string[]; holders: boolean } {
+	const knowing = answers.filter((a) => findModel(a.body, name));
+	const holders = knowing.filter((a) => holds(findModel(a.body, name)!.status));
+	if (holders.length) return { urls: holders.map((a) => a.url), holders: true };
+	return { urls: (knowing.length ? knowing.slice(0, 1) : answers).map((a) => a.url), holders: false };
+}
+
+const RESULT_ORDER = ['unloaded', 'cancelled_load', 'cancelled_download', 'joined', 'released', 'not_loaded', 'not_held'];
+
+async function unloadItem(this: IExecuteFunctions, fleet: Fleet, i: number): Promise<ItemResult> {
 	const model = this.getNodeParameter('model', i, '', { extractValue: true });
 	const force = this.getNodeParameter('force', i, false) as boolean;
 	const drain = force ? 0 : (this.getNodeParameter('drainTimeoutS', i, 30) as number);
@@ -109,17 +111,22 @@ async function unloadItem(this: IExecuteFunctions, i: number): Promise<ItemResul
 	if (!body.model) {
 		throw new NodeOperationError(this.getNode(), 'Choose the model to unload', { itemIndex: i });
 	}
+	const { urls } = unloadTargets(await fleet.survey<ModelsResponse>('/models', i), body.model);
 	// every 200 is a result, including "not_loaded" (a registry model that is not loaded) and "not_held"
 	// (a name with nothing under it): unloading is idempotent
-	const response = await sidecarRequest.call(
-		this,
-		{
-			method: 'POST',
-			path: '/models/unload',
-			body: body as IDataObject,
-			timeoutMs: (drain + 60) * 1000,
-		},
-		i,
+	const results = await Promise.all(
+		urls.map(async (url) => {
+			const answer = await fleet.request<IDataObject>(
+				url,
+				{ method: 'POST', path: '/models/unload', body: body as IDataObject, timeoutMs: (drain + 60) * 1000 },
+				i,
+			);
+			return { ...answer, node: fleet.node(url) } as IDataObject;
+		}),
 	);
-	return { json: response };
+	// the most telling result first (a node that did unload or release, before one that held nothing)
+	results.sort((a, b) => RESULT_ORDER.indexOf(String(a.result)) - RESULT_ORDER.indexOf(String(b.result)));
+	const json: IDataObject = { ...results[0] };
+	if (results.length > 1) json.nodes = results;
+	return { json };
 }

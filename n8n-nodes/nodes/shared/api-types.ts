@@ -57,6 +57,26 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/fleet": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Every sidecar of this fleet (MODEL_ORCHESTRATOR_FLEET resolved now)
+         * @description Discovery for clients given one URL (the n8n nodes' credential, `status`): they then ask every member themselves; each sidecar decides only for its own GPUs. In Kubernetes the setting is the headless Service's DNS name, which resolves to every ready sidecar pod.
+         */
+        get: operations["fleet_members"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/models": {
         parameters: {
             query?: never;
@@ -617,6 +637,29 @@ export interface components {
              */
             refusal?: ("insufficient_vram" | "too_many_models") | null;
         };
+        /** FleetResponse */
+        FleetResponse: {
+            /**
+             * Node
+             * @description this sidecar's machine (MODEL_ORCHESTRATOR_NODE_NAME)
+             */
+            node: string;
+            /**
+             * Fleet
+             * @description MODEL_ORCHESTRATOR_FLEET as set; null: this sidecar alone
+             */
+            fleet: string | null;
+            /**
+             * Members
+             * @description base URL of every sidecar it resolves to now (a headless Service: each ready pod), sorted; empty when the setting is unset
+             */
+            members: string[];
+            /**
+             * Errors
+             * @description entries that did not resolve, with why
+             */
+            errors: string[];
+        };
         /** GpuOut */
         GpuOut: {
             /** Index */
@@ -680,6 +723,11 @@ export interface components {
              * @constant
              */
             status: "ok";
+            /**
+             * Node
+             * @description this sidecar's machine (MODEL_ORCHESTRATOR_NODE_NAME)
+             */
+            node: string;
             /** Version */
             version: string;
             /**
@@ -1127,6 +1175,11 @@ export interface components {
         };
         /** ModelsResponse */
         ModelsResponse: {
+            /**
+             * Node
+             * @description this sidecar's machine (MODEL_ORCHESTRATOR_NODE_NAME)
+             */
+            node: string;
             /** Default Model */
             default_model: string;
             /** Models */
@@ -1260,6 +1313,11 @@ export interface components {
         State: "unloaded" | "downloading" | "loading" | "loaded" | "unloading" | "failed";
         /** StatusResponse */
         StatusResponse: {
+            /**
+             * Node
+             * @description this sidecar's machine (MODEL_ORCHESTRATOR_NODE_NAME)
+             */
+            node: string;
             /**
              * Mode
              * @enum {string}
@@ -1532,6 +1590,89 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["StatusResponse"];
+                };
+            };
+            /** @description invalid request (bad JSON, wrong types, unknown fields) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description missing or wrong API key */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description without an API key: refused for a web page's Origin or a Host name that is not allowed */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description unknown model or route */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description conflict with the model's state (busy, cancelled, files missing) */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description body too large */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+            /** @description not now: a load failed, the queue is full or timed out, shutting down */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorResponse"];
+                };
+            };
+        };
+    };
+    fleet_members: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description OK */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["FleetResponse"];
                 };
             };
             /** @description invalid request (bad JSON, wrong types, unknown fields) */

@@ -1,7 +1,8 @@
 /**
  * The one per-item execute loop of the action nodes (Check VRAM, Load, Chat, Unload): each input item is handed
  * to the node's own handler; its answer goes to the output the handler names, paired with its input item; an
- * error stops the node, or with "continue on fail" becomes an item `{error, code}` on the error output. A node's
+ * error stops the node, or with "continue on fail" becomes an item `{error, code, node}` on the error output (node:
+ * the sidecar's node the error came from, null for the fleet as a whole). A node's
  * `execute()` is `return runPerItem.call(this, handler, ...)`, as n8n's own nodes route to their operations.
  */
 import type { IDataObject, IExecuteFunctions, INodeExecutionData } from 'n8n-workflow';
@@ -41,8 +42,13 @@ export async function runPerItem(
 		} catch (error) {
 			if (!this.continueOnFail()) throw asNodeError(this.getNode(), error, i);
 			const info = extractSidecarError(error);
+			const context = (error as { context?: IDataObject }).context ?? {};
 			out[errorOutput].push({
-				json: { error: (error as Error).message, code: info.code ?? null },
+				json: {
+					error: (error as Error).message,
+					code: (context.code as string) ?? info.code ?? null,
+					node: (context.node as string) ?? null,
+				},
 				pairedItem: { item: i },
 			});
 		}

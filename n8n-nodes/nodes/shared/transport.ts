@@ -1,7 +1,7 @@
 /**
- * The one request helper every node uses: base URL from the credential, Bearer key through the credential's
- * `authenticate`, JSON in and out, and the sidecar's error body ({"error": {code, message, type}}) turned into a
- * NodeApiError that carries the sidecar's own message.
+ * One request to one sidecar (`callSidecar`: Bearer key through the credential's `authenticate`, JSON in and out),
+ * and the sidecar's error body ({"error": {code, message, type}}) turned into a NodeApiError that carries the
+ * sidecar's own message. Which sidecar a request goes to is fleet.ts's business.
  */
 import type {
 	IDataObject,
@@ -10,15 +10,14 @@ import type {
 	IHttpRequestOptions,
 	ILoadOptionsFunctions,
 	INode,
-	INodeListSearchResult,
-	INodePropertyOptions,
+	ISupplyDataFunctions,
 	JsonObject,
 } from 'n8n-workflow';
 import { NodeApiError, NodeOperationError } from 'n8n-workflow';
 
 export const CREDENTIAL_NAME = 'modelOrchestratorApi';
 
-export type SidecarContext = IExecuteFunctions | ILoadOptionsFunctions;
+export type SidecarContext = IExecuteFunctions | ILoadOptionsFunctions | ISupplyDataFunctions;
 
 /** "http://host:8000/", "http://host:8000/v1" -> "http://host:8000". */
 export function normaliseBaseUrl(url: unknown): string {
@@ -143,8 +142,11 @@ export interface SidecarRequest {
 	path: string;
 	body?: IDataObject;
 	qs?: IDataObject;
+	headers?: Record<string, string>;
 	/** milliseconds; default 5 minutes */
 	timeoutMs?: number;
+	/** answer {body, headers, statusCode} instead of the body alone (to read the sidecar's response headers) */
+	fullResponse?: boolean;
 }
 
 /** The request options for one call (kept pure so that the tests can check them). */
@@ -153,75 +155,29 @@ export function buildRequestOptions(baseUrl: string, req: SidecarRequest): IHttp
 		method: req.method,
 		url: `${normaliseBaseUrl(baseUrl)}${req.path}`,
 		json: true,
-		headers: { Accept: 'application/json' },
+		headers: { Accept: 'application/json', ...req.headers },
 		timeout: req.timeoutMs ?? 300_000,
 	};
 	if (req.body !== undefined) options.body = req.body;
 	if (req.qs !== undefined) options.qs = req.qs;
+	if (req.fullResponse) options.returnFullResponse = true;
 	return options;
 }
 
-/** Call the sidecar; errors come back as NodeApiError with the sidecar's message. */
-export async function sidecarRequest(
+/** One call to the sidecar at `baseUrl`, authenticated by the credential; errors come back as the helper threw them. */
+export async function callSidecar(
 	this: SidecarContext,
+	baseUrl: string,
 	req: SidecarRequest,
-	itemIndex?: number,
-): Promise<IDataObject> {
-	const credentials = await this.getCredentials(CREDENTIAL_NAME);
-	const options = buildRequestOptions(credentials.baseUrl as string, req);
-	try {
-		return (await this.helpers.httpRequestWithAuthentication.call(
-			this,
-			CREDENTIAL_NAME,
-			options,
-		)) as IDataObject;
-	} catch (error) {
-		throw toNodeApiError(this.getNode(), error, itemIndex);
-	}
+): Promise<unknown> {
+	return await this.helpers.httpRequestWithAuthentication.call(
+		this,
+		CREDENTIAL_NAME,
+		buildRequestOptions(baseUrl, req),
+	);
 }
 
-/** GET /models as dropdown options: "id — status (vision)". */
-export function modelsToOptions(response: IDataObject): INodePropertyOptions[] {
-	const models = Array.isArray(response?.models) ? (response.models as IDataObject[]) : [];
-	return models.map((m) => {
-		const tags = [String(m.status ?? 'unknown')];
-		if (m.vision) tags.push('vision');
-		if (m.default) tags.push('default');
-		return {
-			name: `${String(m.id)} (${tags.join(', ')})`,
-			value: String(m.id),
-			description:
-				Array.isArray(m.aliases) && m.aliases.length
-					? `Aliases: ${(m.aliases as string[]).join(', ')}`
-					: undefined,
-		};
-	});
-}
-
-export async function getModels(this: ILoadOptionsFunctions): Promise<INodePropertyOptions[]> {
-	const response = await sidecarRequest.call(this, {
-		method: 'GET',
-		path: '/models',
-		timeoutMs: 15_000,
-	});
-	return modelsToOptions(response);
-}
-
-/** GET /models as the "From List" mode of a resource locator, filtered by what the user typed. */
-export async function searchModels(
-	this: ILoadOptionsFunctions,
-	filter?: string,
-): Promise<INodeListSearchResult> {
-	const options = await getModels.call(this);
-	const wanted = (filter ?? '').trim().toLowerCase();
-	return {
-		results: options
-			.filter((o) => !wanted || o.name.toLowerCase().includes(wanted))
-			.map((o) => ({ name: o.name, value: String(o.value), description: o.description })),
-	};
-}
-
-/** A model parameter's name: a resource locator's value ({__rl, mode, value}) or a plain string (older workflows). */
+/** A model parameter's name: a resource locator's value ({__rl, mode, value}) or a plain string (version 1). */
 export function modelName(value: unknown): string {
 	if (value && typeof value === 'object' && 'value' in value) {
 		return String((value as { value: unknown }).value ?? '').trim();

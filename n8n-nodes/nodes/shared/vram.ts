@@ -83,7 +83,88 @@ export function findModel(models: ModelsResponse, name: string): ModelInfo | und
 	return list.find((m) => m.id === name) ?? list.find((m) => (m.aliases ?? []).includes(name));
 }
 
-/** Is this model (id or alias as the user typed it) loaded? From GET /models, which knows the aliases. */
-export function isModelLoaded(models: ModelsResponse, name: string): boolean {
-	return findModel(models, name)?.status === 'loaded';
+/** One node's answer to a question of the fleet (fleet.ts's survey). */
+export interface NodeAnswer<T> {
+	node: string;
+	url: string;
+	body: T;
+}
+
+/**
+ * Check VRAM's status over a fleet: the guide's fields at the top as the fleet's total (summed over the nodes with
+ * a GPU; null when none has one), `loaded_models` of every node (each entry with its `node`; a model loaded on two
+ * nodes appears twice, the second as `id@node`), `gpus` and `reservations` with their node, each node's own status
+ * in `nodes`, and who did not answer in `skipped`. With one node the top is that node's status.
+ */
+export function fleetStatus(
+	answers: Array<NodeAnswer<StatusResponse>>,
+	skipped: IDataObject[],
+): IDataObject {
+	const withGpu = answers.filter((a) => a.body.mode === 'gpu');
+	const sum = (key: 'total_mb' | 'used_mb' | 'free_mb') =>
+		withGpu.length ? withGpu.reduce((n, a) => n + (a.body[key] ?? 0), 0) : null;
+	const utils = withGpu
+		.map((a) => a.body.utilization_percent)
+		.filter((u): u is number => typeof u === 'number');
+	const loaded: IDataObject = {};
+	for (const a of answers) {
+		for (const [id, m] of Object.entries(a.body.loaded_models ?? {})) {
+			loaded[id in loaded ? `${id}@${a.node}` : id] = { ...(m as IDataObject), node: a.node };
+		}
+	}
+	const one = answers.length === 1 ? answers[0] : undefined;
+	const cpu = answers.filter((a) => a.body.mode === 'cpu').map((a) => a.node);
+	return {
+		...(one ? (one.body as unknown as IDataObject) : {}),
+		node: one ? one.node : null,
+		mode: withGpu.length ? 'gpu' : 'cpu',
+		total_mb: sum('total_mb'),
+		used_mb: sum('used_mb'),
+		free_mb: sum('free_mb'),
+		utilization_percent: utils.length
+			? Math.round((10 * utils.reduce((n, u) => n + u, 0)) / utils.length) / 10
+			: null,
+		loaded_models: loaded,
+		gpus: answers.flatMap((a) => (a.body.gpus ?? []).map((g) => ({ ...g, node: a.node }))),
+		reservations: answers.flatMap((a) =>
+			(a.body.reservations ?? []).map((r) => ({ ...r, node: a.node })),
+		),
+		...(one
+			? {}
+			: {
+					driver_version: null,
+					note: cpu.length ? `CPU mode on ${cpu.join(', ')}: no GPU memory reported there` : null,
+				}),
+		nodes: answers.map((a) => ({
+			node: a.node,
+			url: a.url,
+			...(a.body as unknown as IDataObject),
+		})),
+		skipped,
+	};
+}
+
+/** "Required Free MB" over a fleet: enough when one node has that much free (a model runs on one node). */
+export function decideForMbFleet(
+	answers: Array<NodeAnswer<StatusResponse>>,
+	requiredMb: number,
+	whenNoGpu: WhenNoGpu,
+): VramDecision {
+	const each = answers.map((a) => ({ a, d: decideForMb(a.body, requiredMb, whenNoGpu) }));
+	const best =
+		[...each].sort(
+			(x, y) =>
+				Number(y.d.enough) - Number(x.d.enough) || (y.d.free_mb ?? -1) - (x.d.free_mb ?? -1),
+		)[0] ?? each[0];
+	return {
+		...best.d,
+		node: best.a.node,
+		reason: answers.length > 1 ? `${best.a.node}: ${best.d.reason}` : best.d.reason,
+		nodes: each.map(({ a, d }) => ({
+			node: a.node,
+			enough: d.enough,
+			free_mb: d.free_mb,
+			reason: d.reason,
+		})),
+	};
 }

@@ -23,7 +23,7 @@ from typing import Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from . import __version__, callbacks, proxy
+from . import __version__, callbacks, fleet, proxy
 from .errors import Code, Refused
 from .events import EVENT_TYPES
 from .http_errors import HttpRefused, error_body, refusal_response
@@ -33,7 +33,7 @@ from .model_files import ModelFilesMissing
 from .openapi import build_openapi
 from .orchestrator import Orchestrator
 from .schemas import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, EstimateRequest, EstimateResponse,
-                      EventOut, HealthResponse, LoadCallback, LoadRequest, LoadResponse, LogsResponse,
+                      EventOut, FleetResponse, HealthResponse, LoadCallback, LoadRequest, LoadResponse, LogsResponse,
                       LoraAdaptersResponse, LoraScalesRequest, ModelsResponse, OpenAIModelList,
                       OpenAIResponse, RenewRequest, ReservationList, ReservationOut, ReservationRequest,
                       StatusResponse, UnloadRequest, UnloadResponse)
@@ -157,6 +157,13 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def models_status(request: web.Request) -> web.Response:
     return await _cached(request)
+
+
+async def fleet_members(request: web.Request) -> web.Response:
+    settings = request.app[ORCH].settings
+    found = await fleet.resolve(settings.fleet, settings.port)
+    return _json(FleetResponse, {"node": settings.node_name, "fleet": settings.fleet, "members": found.members,
+                                 "errors": found.errors})
 
 
 async def models_list(request: web.Request) -> web.Response:
@@ -385,6 +392,11 @@ ROUTES: list[Route] = [
     Route("GET", "/models/status", models_status, "GPU memory and the models that are not unloaded", response=StatusResponse,
           description="The guide's shape (total_mb, used_mb, free_mb, utilization_percent, loaded_models) plus "
                       "per-GPU details. In CPU mode the memory fields are null and `note` says why."),
+    Route("GET", "/fleet", fleet_members, "Every sidecar of this fleet (MODEL_ORCHESTRATOR_FLEET resolved now)",
+          response=FleetResponse, tag="service",
+          description="Discovery for clients given one URL (the n8n nodes' credential, `status`): they then ask every "
+          "member themselves; each sidecar decides only for its own GPUs. In Kubernetes the setting is the headless "
+          "Service's DNS name, which resolves to every ready sidecar pod."),
     Route("GET", "/models", models_list, "The model registry with each model's state (for dropdowns)", response=ModelsResponse),
     Route("POST", "/models/load", models_load, "Load a model (joins a load under way)", request=LoadRequest,
           response=LoadResponse, description="Answers when llama-server is ready; with wait=false, 202 as soon as "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import http.client
 import ipaddress
 import json
@@ -211,13 +212,107 @@ def format_status(status: dict, models: dict) -> str:
     return "\n".join(lines)
 
 
+FLEET_TIMEOUT_S = 5.0  # `status` over a fleet: a sidecar that has not answered by then is listed as not answering
+
+
+def fleet_urls(args) -> list[str]:
+    """The sidecars `status` shows: the URLs given (--url, repeatable or comma-separated), or, for one URL, every
+    member its sidecar lists in GET /fleet (MODEL_ORCHESTRATOR_FLEET: e.g. a headless Service's DNS name)."""
+    given = [u.strip().rstrip("/") for spec in (args.url or [os.environ.get("MODEL_ORCHESTRATOR_URL") or DEFAULT_URL])
+             for u in spec.split(",") if u.strip()]
+    if len(given) > 1:
+        return given
+    try:
+        members = _fetch(given[0], "/fleet", min(args.timeout, FLEET_TIMEOUT_S)).get("members") or []
+    except (OSError, ValueError):  # not answering, or a sidecar without /fleet: the node's own row says so
+        members = []
+    return members or given
+
+
+def _fetch(base: str, path: str, timeout: float) -> dict:
+    headers = {"Authorization": f"Bearer {key}"} if (key := os.environ.get("MODEL_ORCHESTRATOR_API_KEY")) else {}
+    with urllib.request.urlopen(urllib.request.Request(base + path, headers=headers), timeout=timeout) as resp:
+        return json.loads(resp.read())
+
+
+def _node_view(url: str, timeout: float) -> dict:
+    """One sidecar's status and registry, or why it did not answer."""
+    try:
+        return {"url": url, "status": _fetch(url, "/models/status", timeout), "models": _fetch(url, "/models", timeout)}
+    except urllib.error.HTTPError as exc:
+        try:
+            why = _error_line(json.loads(exc.read())["error"], exc.code)
+        except (ValueError, KeyError, TypeError):
+            why = f"{exc.code} {exc.reason}"
+    except (OSError, ValueError) as exc:
+        why = str(getattr(exc, "reason", None) or exc) or type(exc).__name__
+    return {"url": url, "error": why}
+
+
+def format_fleet_status(views: list[dict]) -> str:
+    """Several sidecars in one table: a NODE column (each sidecar's MODEL_ORCHESTRATOR_NODE_NAME), GPU lines per
+    node, the registry models each node has, and a line for each node that did not answer."""
+    lines, rows = [], [("NODE", "MODEL", "STATE", "PID", "PORT", "VRAM MB", "IN FLIGHT", "PRIO", "LOADED AT")]
+    for v in views:
+        if "error" in v:
+            continue
+        status, node = v["status"], v["status"].get("node") or v["url"]
+        if status["mode"] == "cpu":
+            lines.append(f"{node}: no GPU (CPU mode)")
+        for g in status["gpus"]:
+            lines.append(f"{node}: GPU {g['index']} {g['name']}: {g['used_mb']}/{g['total_mb']} MB used, "
+                         f"{g['free_mb']} MB free, others hold {g['foreign_mb']} MB")
+        loaded = status["loaded_models"]
+        for m in v["models"]["models"]:
+            s = loaded.get(m["id"], {})
+            rows.append((node, m["id"] + (" *" if m["default"] else ""), m["status"], str(s.get("pid") or "-"),
+                         str(s.get("port") or "-"), str(s.get("vram_mb") if s.get("vram_mb") is not None else "-"),
+                         str(s.get("in_flight", 0)), str(m["priority"]), s.get("loaded_at") or "-"))
+    gpus = [g for v in views if "status" in v for g in v["status"]["gpus"]]
+    if gpus:
+        lines.append(f"fleet: {sum(g['used_mb'] for g in gpus)}/{sum(g['total_mb'] for g in gpus)} MB used, "
+                     f"{sum(g['free_mb'] for g in gpus)} MB free on {len(gpus)} GPU(s)")
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines.append("")
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += [f"{v['url']}: did not answer: {v['error']}" for v in views if "error" in v]
+    lines.append("(* default model of that node)")
+    return "\n".join(lines)
+
+
 def cmd_status(args) -> int:
-    status = _call(args, "GET", "/models/status")
+    urls = fleet_urls(args)
+    if len(urls) == 1:
+        args.url = urls[0]
+        status = _call(args, "GET", "/models/status")
+        print(json.dumps(status, indent=2) if args.json else format_status(status, _call(args, "GET", "/models")))
+        return 0
+    timeout = min(args.timeout, FLEET_TIMEOUT_S)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(urls))) as pool:
+        views = list(pool.map(lambda u: _node_view(u, timeout), urls))
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(json.dumps({"nodes": views}, indent=2))
     else:
-        print(format_status(status, _call(args, "GET", "/models")))
-    return 0
+        print(format_fleet_status(views))
+    return 0 if all("status" in v for v in views) else 1
+
+
+def cmd_drain(args) -> int:
+    """Unload every model without force, before a stop: each waits for its requests in flight (up to
+    --drain-timeout) and saves its conversations (the slot cache) for the next start. Kubernetes' preStop runs it."""
+    status = _call(args, "GET", "/models/status")
+    failed = 0
+    for model, entry in status["loaded_models"].items():
+        if entry["status"] in ("unloaded", "unloading", "failed"):
+            continue
+        try:
+            answer = _call(args, "POST", "/models/unload", {"model": model, "force": False,
+                                                            "drain_timeout_s": args.drain_timeout})
+            print(f"{model}: {answer['result']}")
+        except SystemExit as exc:  # one model still busy: the others are drained all the same
+            print(f"{model}: {exc}", file=sys.stderr)
+            failed += 1
+    return 1 if failed else 0
 
 
 def cmd_models(args) -> int:
@@ -491,10 +586,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--preload", metavar="MODEL", help="load this model at start-up")
     sp.set_defaults(func=cmd_serve)
 
-    sp = client("status", "GPU memory and model states as a table")
+    sp = sub.add_parser("status", help="GPU memory and model states as a table, of one sidecar or a fleet")
+    sp.add_argument("--url", action="append", help="a sidecar (default: $MODEL_ORCHESTRATOR_URL or "
+                    f"{DEFAULT_URL}); repeat it or separate URLs by commas for several in one table; one URL whose "
+                    "sidecar has MODEL_ORCHESTRATOR_FLEET set shows every sidecar of the fleet")
+    sp.add_argument("--timeout", type=float, default=900, help="seconds to wait for the answer")
     sp.add_argument("--json", action="store_true")
     sp.set_defaults(func=cmd_status)
     client("models", "the registry with states (JSON)").set_defaults(func=cmd_models)
+    sp = client("drain", "unload every model without force (waits for requests in flight; before a stop)")
+    sp.add_argument("--drain-timeout", type=float, default=30, help="seconds each model's requests may take")
+    sp.set_defaults(func=cmd_drain)
     sp = client("load", "load a model and wait until it is ready")
     sp.add_argument("model")
     sp.add_argument("--priority", type=int)

@@ -798,11 +798,13 @@ class Orchestrator:
         reservations = [r.to_dict() for r in self.reservations.active()]
         queues = {m: q for m in self.models if (q := self.dispatcher.queue_view(m))["length"]}
         if not snap.available:
-            return {"mode": "cpu", "total_mb": None, "used_mb": None, "free_mb": None, "utilization_percent": None,
-                    "loaded_models": loaded, "gpus": [], "reservations": reservations, "queues": queues, "driver_version": None,
+            return {"node": self.settings.node_name, "mode": "cpu", "total_mb": None, "used_mb": None,
+                    "free_mb": None, "utilization_percent": None, "loaded_models": loaded, "gpus": [],
+                    "reservations": reservations, "queues": queues, "driver_version": None,
                     "note": f"CPU mode: {snap.error}. Models run on the CPU; no GPU memory is reported."}
         utils = [d.utilization_percent for d in snap.devices if d.utilization_percent is not None]
         return {
+            "node": self.settings.node_name,
             "mode": "gpu",
             "total_mb": sum(d.total_mb for d in snap.devices),
             "used_mb": sum(d.used_mb for d in snap.devices),
@@ -833,10 +835,11 @@ class Orchestrator:
                          for a in spec.lora],
                 "queue": queues[spec.id],
             })
-        return {"default_model": self.registry.default.id, "models": out}
+        return {"node": self.settings.node_name, "default_model": self.registry.default.id, "models": out}
 
     def health(self) -> dict:
-        return {"status": "ok", "version": __version__, "mode": "gpu" if self.gpu_view.available else "cpu",
+        return {"status": "ok", "node": self.settings.node_name, "version": __version__,
+                "mode": "gpu" if self.gpu_view.available else "cpu",
                 "llama_server": str(self.llama_server_bin),
                 "models_loaded": sum(1 for m in self.models.values() if m.state == State.LOADED)}
 

@@ -186,6 +186,7 @@ class ModelStatus(BaseModel):
 
 
 class StatusResponse(BaseModel):
+    node: str = Field(description="this sidecar's machine (MODEL_ORCHESTRATOR_NODE_NAME)")
     mode: Literal["gpu", "cpu"]
     total_mb: int | None = Field(description="all GPUs; null in CPU mode (no invented numbers)")
     used_mb: int | None
@@ -331,6 +332,7 @@ class ModelInfo(BaseModel):
 
 
 class ModelsResponse(BaseModel):
+    node: str = Field(description="this sidecar's machine (MODEL_ORCHESTRATOR_NODE_NAME)")
     default_model: str
     models: list[ModelInfo]
 
@@ -358,10 +360,19 @@ class LoraAdaptersResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     status: Literal["ok"]
+    node: str = Field(description="this sidecar's machine (MODEL_ORCHESTRATOR_NODE_NAME)")
     version: str
     mode: Literal["gpu", "cpu"]
     llama_server: str | None
     models_loaded: int
+
+
+class FleetResponse(BaseModel):
+    node: str = Field(description="this sidecar's machine (MODEL_ORCHESTRATOR_NODE_NAME)")
+    fleet: str | None = Field(description="MODEL_ORCHESTRATOR_FLEET as set; null: this sidecar alone")
+    members: list[str] = Field(description="base URL of every sidecar it resolves to now (a headless Service: "
+                               "each ready pod), sorted; empty when the setting is unset")
+    errors: list[str] = Field(description="entries that did not resolve, with why")
 
 
 class LogsResponse(BaseModel):

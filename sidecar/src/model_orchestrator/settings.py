@@ -7,6 +7,7 @@ the orchestrator's own settings carry the MODEL_ORCHESTRATOR_ prefix.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
@@ -130,6 +131,13 @@ class Settings(BaseModel):
                                         "STOP_TIMEOUT_S + 5 s)", gt=0)
     idle_timeout_s: float = setting(60.0, "MODEL_ORCHESTRATOR_IDLE_TIMEOUT_S", "a client connection silent this long "
                                     "is closed; a body not arrived by then is `408`", gt=0)
+    node_name: str = setting(socket.gethostname, "MODEL_ORCHESTRATOR_NODE_NAME", "the name of this machine in a "
+                             "fleet (default: the host name), in /health, /models/status and every n8n node's output",
+                             min_length=1, max_length=253)
+    fleet: str | None = setting(None, "MODEL_ORCHESTRATOR_FLEET", "how clients find every sidecar from this one "
+                                "(GET /fleet): a DNS name whose addresses are the sidecars (a Kubernetes headless "
+                                "Service), or host[:port] entries, comma-separated; no port: this sidecar's. Unset: "
+                                "this sidecar alone")
 
     @field_validator("allowed_origins", "allowed_hosts", mode="before")
     @classmethod
