@@ -43,8 +43,9 @@ def _three_models_workflow() -> dict:
                       "credentials": {"modelOrchestratorApi": {"id": None, "name": CREDENTIAL_NAME}}})
         connections[previous] = {"main": [[{"node": name, "type": "main", "index": 0}]]}
         previous = name
-    nodes.append({"parameters": {"jsCode": "return [{ json: { answers: " + json.dumps([f"Chat {m}" for m in MODELS])
-                                 + ".map(n => $(n).first().json.content) } }];"},
+    names = json.dumps([f"Chat {m}" for m in MODELS])
+    nodes.append({"parameters": {"jsCode": f"return [{{ json: {{ answers: {names}.map(n => $(n).first().json.content), "
+                                           f"waited: {names}.map(n => $(n).first().json.queue_wait_s) }} }}];"},
                   "id": "contention-collect", "name": "Collect", "type": "n8n-nodes-base.code", "typeVersion": 2,
                   "position": [220 * (len(MODELS) + 1), 300]})
     connections[previous] = {"main": [[{"node": "Collect", "type": "main", "index": 0}]]}
@@ -119,11 +120,16 @@ def test_four_parallel_executions_of_three_models_with_a_cap_of_one_all_green(se
         t0 = time.monotonic()
         results = list(pool.map(lambda _: _execute(setup["url"]), range(EXECUTIONS)))
         took = time.monotonic() - t0
+    waits = []
     for status, body in results:
         assert status == 200, (body, setup["log"].read_text()[-3000:])
         answers = body["answers"] if isinstance(body, dict) else None
         assert answers and all(a for a in answers), body
         assert answers[0] == "Hello from a tiny model!", answers
+        waited = body["waited"]  # the Chat node says how long each request waited in the sidecar's queue
+        assert all(isinstance(w, (int, float)) and w >= 0 for w in waited), waited
+        waits.append(max(waited))
+    assert max(waits) > 0, "with a cap of one, some execution must have waited for another model's turn"
     assert sampler.max_alive == 1, "two llama-servers were alive at once"
     with urllib.request.urlopen(sidecar.url + "/metrics", timeout=10) as r:
         metrics = r.read().decode()
