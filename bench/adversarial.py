@@ -463,12 +463,11 @@ def media_attacks(sc: Sidecar) -> None:
         def chat(part):
             return {"model": "eyes", "max_tokens": 2, "messages": [{"role": "user", "content": [part]}]}
 
+        chats = (("image_url", "url"), ("input_video", "data"), ("video_url", "data"), ("input_audio", "data"),
+                 ("input_audio", "url"))
         cases = {
-            "chat image_url.url": ("/v1/chat/completions", chat({"type": "image_url", "image_url": {"url": url}})),
-            "chat input_video.data": ("/v1/chat/completions", chat({"type": "input_video", "input_video": {"data": url}})),
-            "chat video_url.data": ("/v1/chat/completions", chat({"type": "video_url", "video_url": {"data": url}})),
-            "chat input_audio.data": ("/v1/chat/completions", chat({"type": "input_audio", "input_audio": {"data": url}})),
-            "chat input_audio.url": ("/v1/chat/completions", chat({"type": "input_audio", "input_audio": {"url": url}})),
+            **{f"chat {kind}.{key}": ("/v1/chat/completions", chat({"type": kind, kind: {key: url}}))
+               for kind, key in chats},
             "embeddings input image_url": ("/v1/embeddings", {"model": "eyes", "input": [{"content": [
                 {"type": "image_url", "image_url": {"url": url}}]}]}),
             "completions prompt image_url": ("/v1/completions", {"model": "eyes", "max_tokens": 2, "prompt": [

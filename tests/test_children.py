@@ -267,8 +267,8 @@ async def test_no_media_url_reaches_llama_server_by_any_key_or_route(aiohttp_cli
             assert r.status == 400 and answer["error"]["code"] == "image_url_not_allowed", (what, r.status, answer)
     await asyncio.sleep(0.5)  # a fetch llama-server started would have arrived
     assert media_host.hits == [], media_host.hits
-    r = await c.post("/v1/chat/completions", json={"model": "eyes", "max_tokens": 2, "messages": [{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}}]}]})
+    r = await c.post("/v1/chat/completions", json={"model": "eyes", "max_tokens": 2, "messages": [{
+        "role": "user", "content": [{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}}]}]})
     assert r.status == 200, await r.text()  # data URLs pass as before
 
 
@@ -307,3 +307,18 @@ async def test_allowed_media_urls_are_fetched_by_the_sidecar_and_failures_tell_n
     finally:
         await runner.cleanup()
     assert closed == open_ and closed[0] == 400 and closed[1]["error"]["code"] == "image_fetch_failed", (closed, open_)
+
+
+async def test_one_request_may_carry_a_bounded_number_of_remote_media_urls(aiohttp_client, vision_embed_orchestrator,
+                                                                            media_host):
+    """Each allowed URL is fetched whole into memory: a body of thousands of them must not be fetched at all."""
+    from model_orchestrator.media_urls import MAX_REMOTE
+
+    c = await _client(aiohttp_client, vision_embed_orchestrator(image_url_hosts=media_host.host))
+    url = str(media_host.make_url("/many.png"))
+    parts = [{"type": "image_url", "image_url": {"url": f"{url}?{i}"}} for i in range(MAX_REMOTE + 1)]
+    r = await c.post("/v1/chat/completions", json={"model": "eyes", "messages": [{"role": "user", "content": parts}]})
+    body = await r.json()
+    assert r.status == 400 and body["error"]["code"] == "invalid_request", body
+    assert str(MAX_REMOTE) in body["error"]["message"]
+    assert media_host.hits == [] and c.orch.models["eyes"].state.value == "unloaded"

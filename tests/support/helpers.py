@@ -142,7 +142,8 @@ def child_call(pid: int, method: str, path: str, body: dict | None = None, key: 
             self.sock.connect(sock)
 
     conn = UnixConnection("llama-server", timeout=timeout)
-    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if key else {}), **(headers or {})}
+    h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {api_key}"} if key else {}),
+         **(headers or {})}
     try:
         conn.request(method, path, body=json.dumps(body).encode() if body is not None else None, headers=h)
         r = conn.getresponse()

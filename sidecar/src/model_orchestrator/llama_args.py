@@ -24,7 +24,8 @@ _PRIVATE = ("each llama-server listens only on a private Unix socket of the side
             "(MODEL_ORCHESTRATOR_API_KEY)")
 RESERVED_FLAGS: dict[str, str] = {
     **dict.fromkeys(("-m", "--model", "-a", "--alias", "--mmproj", "-mm", "-c", "--ctx-size", "-ngl", "--gpu-layers",
-                     "--n-gpu-layers", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v", "-fit", "--fit"), _OWN_FIELD),
+                     "--n-gpu-layers", "-ctk", "--cache-type-k", "-ctv", "--cache-type-v", "-fit", "--fit"),
+                    _OWN_FIELD),
     **dict.fromkeys(("--host", "--port", "--api-key", "--api-key-file", "--cors-origins", "--cors-credentials",
                      "--no-cors-credentials"), _PRIVATE),
     **dict.fromkeys(("--models-dir", "--models-preset"), "the sidecar runs one model per llama-server (router mode "

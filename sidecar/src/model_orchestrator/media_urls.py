@@ -31,6 +31,7 @@ log = logging.getLogger("model_orchestrator.media_urls")
 # API's input_image arrives as image_url)
 MEDIA_KEYS = ("image_url", "input_audio", "input_video", "video_url")
 _URL_KEYS = ("url", "data")  # inside a part's object: llama-server reads `data`, else `url`
+MAX_REMOTE = 16  # remote references one request may carry (each fetched whole, up to IMAGE_URL_MAX_MB, in memory)
 # a body without these bytes holds no media key (a JSON escape such as \u0069mage_url is looked at too)
 _HINTS = tuple(f'"{k}"'.encode() for k in MEDIA_KEYS) + (b"\\u",)
 
@@ -47,6 +48,9 @@ async def localize(orch: "Orchestrator", raw: bytes, body: dict) -> bytes:
         return raw
     for _, _, url in found:  # refuse before fetching anything
         _check_host(orch, url)
+    if len(found) > MAX_REMOTE:
+        raise Refused(Code.INVALID_REQUEST, f"{len(found)} remote media URLs in one request; at most {MAX_REMOTE} are "
+                      "fetched: send the others as data URLs")
     for holder, key, url in found:
         holder[key] = await _fetch(orch, url)
     return orjson.dumps(body)
