@@ -70,6 +70,7 @@ class Dispatcher:
         self._ids = itertools.count(1)
         self._closed: set[str] = set()  # loaded models whose turn is over (the last plan's `close`)
         self._starting: set[str] = set()  # loads a task of ours is starting, not yet LOADING
+        self._victims: dict[str, set[str]] = {}  # a starting load -> the idle models it evicts: nothing enters them
         self._retry_at: dict[str, float] = {}  # model -> when a refused start may be tried again
         self._loaded_at: dict[str, float] = {}
         self._turn_grants: dict[str, int] = {}
@@ -208,7 +209,11 @@ class Dispatcher:
     def _may_enter(self, model: ManagedModel) -> bool:
         """The fast path: loaded, open, and nobody waits anywhere (then every request goes through the plan)."""
         return (model.state == State.LOADED and model.server is not None and not model.draining
-                and not self._waiting and model.id not in self._closed and model.in_flight < self._slots[model.id])
+                and not self._waiting and model.id not in self._closed and model.in_flight < self._slots[model.id]
+                and not self._evicted_soon(model.id))
+
+    def _evicted_soon(self, model_id: str) -> bool:
+        return any(model_id in victims for victims in self._victims.values())
 
     def _grant(self, model: ManagedModel) -> None:
         model.acquire()
@@ -326,6 +331,7 @@ class Dispatcher:
             self._finish(w)
         for model_id, decision in result.load:
             self._starting.add(model_id)
+            self._victims[model_id] = set(decision.evict)  # idle now: they stay so until the load evicts them
             self._started[model_id] = asyncio.get_running_loop().create_future()
             self._spawn(self._start(model_id, now))
         if result.prefetch and result.prefetch != self._prefetched:
@@ -378,7 +384,7 @@ class Dispatcher:
                 m.id, "starting" if starting else m.state.value, m.priority, need_mb=need,
                 allow_eviction=self._allow_eviction(m), split=m.spec.split, in_flight=m.in_flight,
                 swap_cost_s=self.swap_cost_s.get(m.id, SWAP_COST_PRIOR_S), loaded_at=self._loaded_at.get(m.id),
-                turn_grants=self._turn_grants.get(m.id, 0), draining=m.draining,
+                turn_grants=self._turn_grants.get(m.id, 0), draining=m.draining or self._evicted_soon(m.id),
                 load_on_demand=m.spec.load_on_demand, slots=self._slots[m.id])
         return views, devices, residents
 
@@ -437,6 +443,7 @@ class Dispatcher:
             return
         finally:
             self._starting.discard(model_id)
+            self._victims.pop(model_id, None)
             started = self._started.pop(model_id, None)
             if started is not None and not started.done():
                 started.set_result(None)

@@ -16,7 +16,7 @@ and which models could be evicted.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import Code
 
@@ -271,6 +271,10 @@ def plan(tickets: list[Ticket], models: dict[str, ModelView], devices: list[Devi
         else:
             waiting.setdefault(t.model, []).append(t)
             out.wake_at = min(out.wake_at or t.deadline, t.deadline)
+    # a loaded model whose queue is about to be served (grants come after the heads) counts as busy while its turn
+    # lasts: it is not evicted before it served what waited for it
+    about_to_serve = {m: sum(1 for t in ts if not t.load_only) for m, ts in waiting.items()
+                      if models[m].state == "loaded" and not models[m].draining}
     residents = list(residents)
     contended: dict[str, tuple[int, float]] = {}  # loaded model -> (priority, swap cost) of the head that needs it
     heads = sorted((m for m in waiting if models[m].state in _CANDIDATE_STATES
@@ -279,7 +283,10 @@ def plan(tickets: list[Ticket], models: dict[str, ModelView], devices: list[Devi
     for head in heads:
         view, prio = models[head], max(t.priority for t in waiting[head])
         req = Request(head, view.need_mb, prio, view.allow_eviction, split=view.split)
-        admitted = decide(req, devices, residents, margin_mb=limits.margin_mb, max_loaded=limits.max_loaded)
+        serving = {m: n for m, n in about_to_serve.items() if n and _turn_budget(models[m], prio, view.swap_cost_s,
+                                                                                   now, limits)}
+        seen = [replace(r, in_flight=r.in_flight + serving[r.id]) if r.id in serving else r for r in residents]
+        admitted = decide(req, devices, seen, margin_mb=limits.margin_mb, max_loaded=limits.max_loaded)
         if admitted.admit:
             out.load.append((head, admitted))
             residents = [_leaving(r) if r.id in admitted.evict else r for r in residents]
@@ -287,13 +294,13 @@ def plan(tickets: list[Ticket], models: dict[str, ModelView], devices: list[Devi
                                       held_mb_by_gpu=dict(admitted.split) or (
                                           {admitted.gpu: view.need_mb} if admitted.gpu is not None else {})))
             continue
-        permanent = [r for r in residents if not r.leaving and not _may_evict(r, req)]
+        permanent = [r for r in seen if not r.leaving and not _may_evict(r, req)]
         never = decide(req, devices, permanent, margin_mb=limits.margin_mb, max_loaded=limits.max_loaded)
         if not never.admit:
             out.refuse[head] = never
             continue
         drained = decide(Request(head, view.need_mb, prio, view.allow_eviction, force=True, split=view.split),
-                         devices, residents, margin_mb=limits.margin_mb, max_loaded=limits.max_loaded)
+                         devices, seen, margin_mb=limits.margin_mb, max_loaded=limits.max_loaded)
         for victim in drained.evict if drained.admit else ():
             contended[victim] = (prio, view.swap_cost_s)
         out.prefetch = head
@@ -348,4 +355,4 @@ def _may_evict(r: Resident, req: Request) -> bool:
 
 
 def _leaving(r: Resident) -> Resident:
-    return Resident(r.id, r.gpu, r.held_mb, r.priority, r.in_flight, r.last_used, r.loading, True, r.held_mb_by_gpu)
+    return replace(r, leaving=True)
