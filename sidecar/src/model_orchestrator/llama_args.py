@@ -25,6 +25,7 @@ RESERVED_FLAGS = frozenset({
     "-dev", "--device", "-ts", "--tensor-split",  # placement is admission's (set split = true to allow splitting)
     "--slot-save-path",  # the slot cache's directory (slot_cache.py; per model: save_slots)
     "--lora", "--lora-scaled", "--lora-init-without-apply",  # the registry's `lora` (ids follow its order)
+    "-n", "--predict", "--n-predict",  # the registry's `max_tokens`
 })
 
 DEFAULT_PARALLEL_SLOTS = 4  # llama-server's -np default (auto)
@@ -63,6 +64,8 @@ def build_argv(binary: Path, spec: "ModelSpec", model: Path, mmproj: Path | None
         "-c", str(spec.context_size), "-ngl", str(spec.n_gpu_layers), "-ctk", spec.cache_type, "-ctv", spec.cache_type,
         "-fa", spec.flash_attn, "--fit", "off", "--metrics", "--jinja",
     ]
+    if spec.max_tokens != -1:  # the default of requests that name no limit; theirs wins
+        argv += ["--n-predict", str(spec.max_tokens)]
     if mmproj:
         argv += ["--mmproj", str(mmproj)]
     if tensor_split:
