@@ -269,8 +269,8 @@ def _rejected(model: str, data: bytes) -> Refused:
 def _timed_out(orch: Orchestrator, slot: ManagedModel, exc: BaseException, body: dict | None) -> Refused:
     """The 504 of a request whose llama-server did not answer in time, saying which bound ran out and what to do.
     `body`: the request before its answer began (a non-streamed answer comes whole, so silence means still generating;
-    a stream's first token comes after the prompt); None mid-stream (silence between tokens: stuck or starved). Leaving the request closes the upstream connection,
-    which makes llama-server stop that generation."""
+    a stream's first token comes after the prompt); None mid-stream (silence between tokens: stuck or starved).
+    Leaving the request closes the upstream connection, which makes llama-server stop that generation."""
     s, model = orch.settings, slot.id
     idle = s.upstream_idle_timeout_s
     if isinstance(exc, aiohttp.ConnectionTimeoutError):  # aiohttp's sock_connect bound (_send)
@@ -284,8 +284,8 @@ def _timed_out(orch: Orchestrator, slot: ManagedModel, exc: BaseException, body:
                        f"(MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S): it is stuck or the machine is overloaded; "
                        f"the request was ended. See `model-orchestrator logs {model}`", model=model,
                        phase="stream", timeout_s=idle)
-    asked = next((body[k] for k in ("n_predict", "max_completion_tokens", "max_tokens") if isinstance(body.get(k), int)),
-                 None)
+    asked = next((body[k] for k in ("n_predict", "max_completion_tokens", "max_tokens")
+                  if isinstance(body.get(k), int)), None)
     limit = asked if asked is not None else slot.spec.max_tokens
     said = (f"this request's limit: {limit} tokens" if asked is not None else
             f"no limit: the model's max_tokens is -1" if limit == -1 else
@@ -339,7 +339,8 @@ async def _pass_stream(request, up, slot, server, orch) -> int:
                 status = CLIENT_GONE
                 break
             # the status line is gone already: report the failure as a last SSE event, as OpenAI does
-            err = _timed_out(orch, slot, exc, None) if isinstance(exc, TimeoutError) else await _upstream_lost(slot, server)
+            err = (_timed_out(orch, slot, exc, None) if isinstance(exc, TimeoutError)
+                   else await _upstream_lost(slot, server))
             status = STATUS[err.code]
             if not await _write(resp, b"data: " + orjson.dumps(refusal_body(err)) + b"\n\n"):
                 status = CLIENT_GONE
