@@ -66,9 +66,11 @@ chromium:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } || \
 	  echo "chromium missing (apt-get install -y --no-install-recommends chromium): the editor test will be skipped"
 
-# docs/workflow-*.png: the shipped workflows in a real n8n editor (headless Chromium), checked for editor issues
+# docs/workflow-*.png: the shipped workflows in a real n8n editor (headless Chromium), checked for editor issues;
+# docs/dashboard.png: the Grafana dashboard's panels drawn from a real Prometheus (grafana/render_dashboard.py)
 screenshots: install chromium
 	MODEL_ORCHESTRATOR_DOCS_SCREENSHOTS=1 $(BIN)/python -m pytest tests/test_n8n_editor.py -q
+	MODEL_ORCHESTRATOR_DOCS_SCREENSHOTS=1 $(BIN)/python -m pytest tests/test_grafana.py -q -k picture
 
 clean:
 	rm -rf $(VENV) .pytest_cache
