@@ -41,11 +41,11 @@ def _controls() -> list[dict]:
     report it) and an Unload node saved with a plain string before it was a resource locator (no issue)."""
     chat = load_workflow("llama-chat-example.json")
     wf = adapt_workflow(chat, workflow_id="ctlEditorCheck", params={"Chat": {"model": "not-in-registry"},
-                                                                    "Unload Qwen3-VL": {"model": "qwen3-vl-30b"}})
-    keep = {"When clicking 'Execute workflow'", "Chat", "Unload Qwen3-VL"}
+                                                                    "Unload Model": {"model": "qwen3-vl-30b"}})
+    keep = {"When clicking 'Execute workflow'", "Chat", "Unload Model"}
     wf["nodes"] = [n for n in wf["nodes"] if n["name"] in keep]
     wf["connections"] = {"When clicking 'Execute workflow'": {"main": [[{"node": "Chat", "type": "main", "index": 0}]]},
-                         "Chat": {"main": [[{"node": "Unload Qwen3-VL", "type": "main", "index": 0}]]}}
+                         "Chat": {"main": [[{"node": "Unload Model", "type": "main", "index": 0}]]}}
     return [wf]
 
 
