@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install deps llama-server chromium n8n run test bench bench-peers bench-contention load-test openapi docs screenshots n8n-nodes clean
+.PHONY: install deps llama-server chromium n8n n8n-demo run test bench bench-peers bench-contention load-test openapi docs screenshots n8n-nodes clean
 
 install: deps llama-server
 
@@ -19,8 +19,16 @@ llama-server: deps
 	@if [ -n "$$LLAMA_SERVER_BIN" ]; then echo "using LLAMA_SERVER_BIN=$$LLAMA_SERVER_BIN"; \
 	else $(BIN)/model-orchestrator install-llama-server; fi
 
+# make run lets the sidecar call back the n8n of `make n8n-demo` (a load's callback_url, workflows/slow-load-callback)
+N8N_DEMO_PORT ?= 5678
 run: install
-	$(BIN)/model-orchestrator serve
+	MODEL_ORCHESTRATOR_CALLBACK_HOSTS=$${MODEL_ORCHESTRATOR_CALLBACK_HOSTS-localhost:$(N8N_DEMO_PORT),127.0.0.1:$(N8N_DEMO_PORT)} \
+	  $(BIN)/model-orchestrator serve
+
+# a real n8n on http://localhost:$(N8N_DEMO_PORT) with the nodes installed and workflows/ imported, its credential
+# pointing at `make run`'s sidecar (n8n-nodes/scripts/n8n-demo.py; installs n8n first, once)
+n8n-demo: deps
+	N8N_DEMO_PORT=$(N8N_DEMO_PORT) $(BIN)/python n8n-nodes/scripts/n8n-demo.py
 
 test: install chromium n8n
 	$(BIN)/python -m pytest
@@ -71,9 +79,12 @@ chromium:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } || \
 	  echo "chromium missing (apt-get install -y --no-install-recommends chromium): the editor test will be skipped"
 
-# docs/workflow-*.png: the shipped workflows in a real n8n editor (headless Chromium), checked for editor issues
-screenshots: install chromium
-	MODEL_ORCHESTRATOR_DOCS_SCREENSHOTS=1 $(BIN)/python -m pytest tests/test_n8n_editor.py -q
+# docs/workflow-*.png: the shipped workflows executed in a real n8n editor (headless Chromium) on the stack of
+# `make run` and `make n8n-demo` (tests/test_first_hour.py); docs/dashboard.png: the Grafana dashboard's panels drawn
+# from a real Prometheus (grafana/render_dashboard.py)
+screenshots: install chromium n8n
+	MODEL_ORCHESTRATOR_DOCS_SCREENSHOTS=1 $(BIN)/python -m pytest tests/test_first_hour.py -q
+	MODEL_ORCHESTRATOR_DOCS_SCREENSHOTS=1 $(BIN)/python -m pytest tests/test_grafana.py -q -k picture
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -105,6 +105,29 @@ async def test_streamed_chunks_arrive_before_the_generation_ends(client):
     assert first < total / 3, (first, total)
 
 
+async def test_an_answer_stops_at_the_models_max_tokens_unless_the_request_names_its_own(aiohttp_client,
+                                                                                          make_orchestrator,
+                                                                                          registry_file):
+    """A model that never stops (random weights, EOS ignored) ends at its registry max_tokens when the request names
+    no limit; a request's max_tokens, max_completion_tokens or n_predict wins, also above the model's."""
+    from model_orchestrator.api import create_app
+
+    registry_file.write_text(registry_file.read_text().replace(
+        'id = "tiny-random"', 'id = "tiny-random"\nmax_tokens = 7'))
+    c = await aiohttp_client(create_app(make_orchestrator()))
+    ask = {**CHAT, "model": "tiny-random", "ignore_eos": True}
+    for extra, expected in (({}, 7), ({"max_tokens": 12}, 12), ({"max_completion_tokens": 3}, 3),
+                            ({"n_predict": 9}, 9)):
+        r = await c.post("/v1/chat/completions", json={**ask, **extra})
+        body = await r.json()
+        assert r.status == 200, body
+        assert (body["usage"]["completion_tokens"], body["choices"][0]["finish_reason"]) == (expected, "length"), extra
+    r = await c.post("/v1/chat/completions", json={**ask, "stream": True})
+    events = await read_sse(r)
+    assert [e["choices"][0]["finish_reason"] for e in events[:-1] if e.get("choices")][-1] == "length"
+    assert events[-2]["timings"]["predicted_n"] == 7, events[-2]
+
+
 async def test_tools_are_passed_through_and_tool_calls_come_back(client):
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Get current weather",
               "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}]

@@ -12,6 +12,7 @@ import pytest
 
 from support.helpers import metric_value
 from model_orchestrator.calibration import EstimateCheck
+from model_orchestrator.estimate import CALIBRATION, ESTIMATOR_VERSION
 from model_orchestrator.gpu import MIB, GpuView
 from support.nvml import FakeNvml
 
@@ -66,7 +67,8 @@ async def test_first_load_on_a_card_teaches_its_overhead_to_the_next_estimate(gp
     assert r.status == 200
     first = await wait_check(orch, "tiny")
     default_overhead = first.overhead_assumed_mb
-    assert default_overhead == pytest.approx(573, abs=1)  # estimate.py's default before any load on this card
+    # estimate.py's default before any load on this card
+    assert default_overhead == pytest.approx(CALIBRATION["cuda_overhead_mib"], abs=1)
     assert first.measured_mb == 1500 and first.error_mb == pytest.approx(1500 - first.estimate_mb)
     # exported: the metric and /models/status
     metrics = await (await c.get("/metrics")).text()
@@ -96,6 +98,21 @@ async def test_a_restarted_sidecar_uses_what_it_learned_and_the_setting_still_wi
     assert est.overhead_mb == pytest.approx(1900)
     pinned = gpu_orchestrator(measured_mb=2000, cuda_overhead_mb=700)
     assert (await pinned.estimate(pinned.models["tiny"].spec)).overhead_mb == pytest.approx(700)
+
+
+async def test_an_overhead_learned_by_another_estimator_version_is_forgotten(gpu_orchestrator):
+    """An overhead learned against another version's compute buffer carries that version's error: not reused."""
+    orch = gpu_orchestrator(measured_mb=2000)
+    orch.calibration.record(EstimateCheck("tiny", "NVIDIA H100 80GB HBM3", 600, 2000, 573, 1900), "580.00")
+    path = orch.settings.state_dir / "calibration.json"
+    saved = json.loads(path.read_text())
+    assert saved["cards"]["NVIDIA H100 80GB HBM3|driver 580.00"]["estimator"] == ESTIMATOR_VERSION
+    assert gpu_orchestrator(measured_mb=2000).calibration.overhead_mb("NVIDIA H100 80GB HBM3", "580.00") == 1900
+    del saved["cards"]["NVIDIA H100 80GB HBM3|driver 580.00"]["estimator"]  # as version 1 wrote it
+    path.write_text(json.dumps(saved))
+    again = gpu_orchestrator(measured_mb=2000)
+    assert again.calibration.overhead_mb("NVIDIA H100 80GB HBM3", "580.00") is None
+    assert (await again.estimate(again.models["tiny"].spec)).overhead_mb == CALIBRATION["cuda_overhead_mib"]
 
 
 async def test_another_card_or_driver_learns_separately_and_a_large_miss_is_logged(gpu_orchestrator, caplog):

@@ -15,10 +15,13 @@ import os
 import re
 import shutil
 import signal
+import struct
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -82,11 +85,12 @@ def http(method: str, url: str, body: dict | None = None, timeout: float = 60,
 
 
 class Prometheus:
-    def __init__(self, binary: str, workdir: Path, target: str):
+    def __init__(self, binary: str, workdir: Path, target: str | None = None, config: dict | None = None):
+        """Scrapes `target` every second, or runs `config` (a prometheus.yml as a dict)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.config = workdir / "prometheus.yml"
-        self.config.write_text(yaml.safe_dump({
+        self.config.write_text(yaml.safe_dump(config or {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [target], "labels": {"node": NODE}}]}]}))
         self.log = workdir / "prometheus.log"
@@ -329,6 +333,97 @@ def test_shipped_prometheus_config_passes_promtool_and_provisioning_matches(prom
     assert provider["type"] == "file" and provider["options"]["path"]
 
 
+class HostKeepingProxy:
+    """An HTTP forward proxy that sends every request to one local sidecar with the request's own Host header: a
+    Prometheus given `proxy_url` scrapes `llama-cpp:8000` exactly as in compose (name resolution aside). Records the
+    Host headers it forwarded."""
+
+    def __init__(self, upstream_port: int):
+        import socketserver
+
+        self.upstream_port, self.hosts = upstream_port, []
+        proxy = self
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self):
+                method, target, version = self.rfile.readline().decode().split()
+                head = []
+                while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+                    name = line.split(b":", 1)[0].strip().lower()
+                    if name == b"host":
+                        proxy.hosts.append(line.split(b":", 1)[1].strip().decode())
+                    if name not in (b"connection", b"proxy-connection", b"keep-alive"):
+                        head.append(line)
+                path = "/" + target.split("://", 1)[1].split("/", 1)[1] if "://" in target else target
+                with socket.create_connection(("127.0.0.1", proxy.upstream_port), timeout=10) as up:
+                    up.sendall(f"{method} {path} {version}\r\n".encode() + b"".join(head) + b"Connection: close\r\n\r\n")
+                    while chunk := up.recv(65536):
+                        self.wfile.write(chunk)
+
+        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _compose_sidecar_env() -> dict[str, str]:
+    """The llama-cpp service's guard settings as compose.yml ships them (the key is .env's: any 16+ characters)."""
+    env = yaml.safe_load((ROOT / "compose.yml").read_text())["services"]["llama-cpp"]["environment"]
+    assert env["MODEL_ORCHESTRATOR_API_KEY"].startswith("${MODEL_ORCHESTRATOR_API_KEY:?")  # compose requires one
+    return {"MODEL_ORCHESTRATOR_API_KEY": "compose-env-key-0123456789",
+            "MODEL_ORCHESTRATOR_ALLOWED_HOSTS": env["MODEL_ORCHESTRATOR_ALLOWED_HOSTS"]}
+
+
+@pytest.mark.parametrize("stack", ["compose", "make-run"])
+def test_prometheus_scrapes_the_sidecar_by_its_compose_name(tmp_path, model_dir, llama_server_bin, prometheus_bins,
+                                                             stack):
+    """The shipped grafana/prometheus.yml (target llama-cpp:8000) run by a real Prometheus, its requests carrying
+    `Host: llama-cpp:8000`: the sidecar as compose configures it (key, allowed hosts), and as `make run` starts it
+    (no key, no allowed hosts: a Prometheus scraping it by a name used to get 403 host_not_allowed). The API itself
+    still refuses that name without a key (DNS rebinding)."""
+    registry = tmp_path / "models.toml"
+    registry.write_text(registry_text(model_dir))
+    env = _compose_sidecar_env() if stack == "compose" else {"MODEL_ORCHESTRATOR_API_KEY": "",
+                                                              "MODEL_ORCHESTRATOR_ALLOWED_HOSTS": ""}
+    sc = SidecarProcess(registry, tmp_path / "state", llama_server_bin, env=env).start()
+    proxy = HostKeepingProxy(sc.port)
+    config = yaml.safe_load((GRAFANA / "prometheus.yml").read_text())
+    job = config["scrape_configs"][0]
+    assert job["static_configs"][0]["targets"] == ["llama-cpp:8000"]
+    config["global"]["scrape_interval"], job["scrape_timeout"], job["proxy_url"] = "1s", "1s", proxy.url
+    work = tmp_path / "prometheus"
+    work.mkdir()
+    prom = Prometheus(prometheus_bins[0], work, config=config)
+    try:
+        assert wait_until(prom.ready, 20, 0.1) is not None, prom.log.read_text()[-3000:]
+
+        def target() -> dict | None:
+            active = prom.api("targets")["activeTargets"]
+            return next((t for t in active if t["health"] != "unknown"), None)
+
+        assert wait_until(target, 15, 0.2) is not None, "prometheus never scraped"
+        t = target()
+        assert (t["labels"]["instance"], t["health"], t["lastError"]) == ("llama-cpp:8000", "up", ""), t
+        assert set(proxy.hosts) == {"llama-cpp:8000"}
+        up = prom.api("query", query=f'up{{job="{JOB}"}}')["result"]
+        assert [r["value"][1] for r in up] == ["1"], up
+        state = prom.api("query", query="model_orchestrator_model_state")["result"]
+        assert {r["metric"]["model"] for r in state} >= {"tiny", "tiny-tools"}
+        if stack == "make-run":  # the name opens /metrics only: the API stays closed to it
+            req = urllib.request.Request(sc.url + "/models/status", headers={"Host": "llama-cpp:8000"})
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(req, timeout=10)
+            assert refused.value.code == 403 and b"host_not_allowed" in refused.value.read()
+    finally:
+        prom.stop()
+        proxy.stop()
+        sc.stop()
+
+
 def test_every_metric_a_panel_uses_is_one_the_sidecar_exports(live):
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -396,6 +491,34 @@ def test_every_panel_shows_data_from_prometheus_scraping_the_sidecar(live, selec
             if not _shows_something(data["result"]):
                 empty.append(f"{p['title']} [{t['refId']}]: {expr}")
     assert not empty, "panels without data:\n" + "\n".join(empty)
+
+
+def _render_module():
+    spec = importlib.util.spec_from_file_location("render_dashboard", GRAFANA / "render_dashboard.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dashboard_picture_from_the_scenario(live, tmp_path):
+    """grafana/render_dashboard.py draws every panel from the Prometheus that scraped the scenario (Grafana itself
+    cannot be installed here); `make screenshots` keeps the picture as docs/dashboard.png."""
+    render = _render_module()
+    out = tmp_path / "dashboard.png"
+    shown = render.render(dashboard(), render.prometheus_query(live["prom"].url), live["start"], live["end"], out,
+                          rate_interval=RATE_INTERVAL)
+    assert set(shown) == {p["title"] for p in panels(dashboard())}
+    assert [title for title, ok in shown.items() if not ok] == [], "panels drawn without data"
+    data = out.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 100_000
+    width, height = struct.unpack(">II", data[16:24])
+    assert width >= 1200 and height >= 2000, (width, height)
+    if os.environ.get("MODEL_ORCHESTRATOR_DOCS_SCREENSHOTS") == "1":
+        shutil.copy(out, ROOT / "docs" / "dashboard.png")
+
+
+def test_docs_dashboard_picture_is_committed():
+    assert (ROOT / "docs" / "dashboard.png").is_file() and "docs/dashboard.png" in (ROOT / "README.md").read_text()
 
 
 def test_metric_name_extraction():

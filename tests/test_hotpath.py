@@ -133,6 +133,21 @@ async def test_a_silent_llama_server_ends_the_request_with_504_after_the_idle_ti
         body = await r.json()
         assert r.status == 504 and body["error"]["code"] == "upstream_timeout", body
         assert 1.4 < time.monotonic() - t0 < 10
+        # what happened, and what to do: the bound that ran out, the token limit in force, the three ways out
+        err = body["error"]
+        assert "sent nothing for 1.5 s (MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S)" in err["message"], err
+        assert "2048 tokens, the model's max_tokens" in err["message"] and '"stream": true' in err["message"], err
+        assert (err["phase"], err["timeout_s"], err["max_tokens"], err["model"]) == ("answer", 1.5, 2048, "tiny"), err
+        r = await c.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 5,
+                                                       "messages": [{"role": "user", "content": "hi"}]},
+                         timeout=aiohttp.ClientTimeout(total=20))
+        assert r.status == 504 and "this request's limit: 5 tokens" in (await r.json())["error"]["message"]
+        r = await c.post("/v1/chat/completions", json={"model": "tiny", "stream": True,
+                                                       "messages": [{"role": "user", "content": "hi"}]},
+                         timeout=aiohttp.ClientTimeout(total=20))
+        err = (await r.json())["error"]
+        assert r.status == 504 and err["phase"] == "stream" and "sent no token for 1.5 s before the first" in \
+            err["message"], err
     finally:
         os.kill(pid, signal.SIGCONT)
     for _ in range(5):  # the model serves again once it runs (the idle timeout is short for a busy host)

@@ -4,8 +4,8 @@ headless Chromium by n8n-nodes/scripts/editor-screenshots.mjs (puppeteer-core). 
 a PNG, and every node's settings are opened to read the issues the editor shows (a dropdown value "not supported",
 a missing value, a credential problem): there must be none.
 
-`make screenshots` runs this with MODEL_ORCHESTRATOR_DOCS_SCREENSHOTS=1, which writes the PNGs to docs/ (linked from
-the README). Needs Debian's chromium (`apt-get install -y --no-install-recommends chromium`; CHROMIUM_BIN overrides
+The README's pictures (docs/workflow-*.png) are the same workflows executed on the stack `make run` starts
+(tests/test_first_hour.py, `make screenshots`). Needs Debian's chromium (`apt-get install -y --no-install-recommends chromium`; CHROMIUM_BIN overrides
 the path); skipped with a reason where it is missing, and with MODEL_ORCHESTRATOR_SKIP_N8N=1."""
 
 from __future__ import annotations
@@ -41,11 +41,11 @@ def _controls() -> list[dict]:
     report it) and an Unload node saved with a plain string before it was a resource locator (no issue)."""
     chat = load_workflow("llama-chat-example.json")
     wf = adapt_workflow(chat, workflow_id="ctlEditorCheck", params={"Chat": {"model": "not-in-registry"},
-                                                                    "Unload Qwen3-VL": {"model": "qwen3-vl-30b"}})
-    keep = {"When clicking 'Execute workflow'", "Chat", "Unload Qwen3-VL"}
+                                                                    "Unload Model": {"model": "qwen3-vl-30b"}})
+    keep = {"When clicking 'Execute workflow'", "Chat", "Unload Model"}
     wf["nodes"] = [n for n in wf["nodes"] if n["name"] in keep]
     wf["connections"] = {"When clicking 'Execute workflow'": {"main": [[{"node": "Chat", "type": "main", "index": 0}]]},
-                         "Chat": {"main": [[{"node": "Unload Qwen3-VL", "type": "main", "index": 0}]]}}
+                         "Chat": {"main": [[{"node": "Unload Model", "type": "main", "index": 0}]]}}
     return [wf]
 
 
@@ -78,12 +78,7 @@ def editor_report(tmp_path_factory, llama_server_bin) -> dict:
                                "--chromium", CHROMIUM, *map(str, files)],
                               cwd=PKG_DIR, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{proc.stderr[-4000:]}\n{server.log.read_text()[-2000:]}"
-        report = json.loads(proc.stdout)
-        if os.environ.get("MODEL_ORCHESTRATOR_DOCS_SCREENSHOTS") == "1":
-            DOCS.mkdir(exist_ok=True)
-            for name in SHIPPED:
-                shutil.copy(report[Path(name).stem]["png"], DOCS / f"workflow-{Path(name).stem}.png")
-        return report
+        return json.loads(proc.stdout)
     finally:
         if server:
             server.stop()
@@ -112,7 +107,8 @@ def test_the_editor_check_sees_an_unsupported_value(editor_report):
 
 
 def test_docs_screenshots_are_committed():
-    """The README links docs/workflow-<name>.png for every shipped workflow (`make screenshots` refreshes them)."""
+    """The README links docs/workflow-<name>.png for every shipped workflow (`make screenshots` refreshes them from
+    tests/test_first_hour.py's executed runs)."""
     readme = (ROOT / "README.md").read_text()
     for name in SHIPPED:
         png = DOCS / f"workflow-{Path(name).stem}.png"

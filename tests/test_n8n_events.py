@@ -16,9 +16,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from support.helpers import SidecarProcess, free_port, registry_text, wait_until
-from support.n8n import (CREDENTIAL_NAME, N8n, build_package, install_package, install_toolchain, load_workflow)
+from support.n8n import (CREDENTIAL_NAME, MODEL_EXPRESSION, N8n, adapt_workflow, build_package, install_package,
+                         install_toolchain, load_workflow)
 
 PKG = "n8n-nodes-model-orchestrator."
+TRIGGER = "When clicking 'Execute workflow'"
 API_KEY = "events-key-5b0f"  # the sidecar needs it: the trigger's stream and the nodes send it as Bearer
 
 
@@ -84,14 +86,13 @@ def _trigger_workflow(receiver: Receiver) -> dict:
 
 
 def _callback_workflow(receiver: Receiver, model: str, workflow_id: str, path: str) -> dict:
-    """The shipped workflow with the test's model, its own webhook path, and a report after each branch."""
-    wf = load_workflow("slow-load-callback.json")
-    wf["id"], wf["name"] = workflow_id, f"{wf['name']} [{workflow_id}]"
+    """The shipped workflow with the test's model, started by a webhook (its note: any trigger works) at its own
+    path, and a report after each branch."""
+    wf = adapt_workflow(load_workflow("slow-load-callback.json"), workflow_id=workflow_id, model=model)
     for node in wf["nodes"]:
-        if node["parameters"].get("model") == "qwen3-vl-30b":
-            node["parameters"]["model"] = model
-        if node["name"] == "Start":
-            node["parameters"]["path"] = path
+        if node["name"] == TRIGGER:
+            node.update({"parameters": {"httpMethod": "POST", "path": path, "options": {}},
+                         "type": "n8n-nodes-base.webhook", "typeVersion": 2})
             node["webhookId"] = node["id"] = f"{workflow_id}-start"
         if node["name"] == "Wait for the Load":
             node["webhookId"] = node["id"] = f"{workflow_id}-wait"
@@ -218,4 +219,5 @@ def test_shipped_callback_workflow_is_clean():
     load = nodes["Start Loading"]["parameters"]
     assert load["wait"] is False and load["options"]["callbackUrl"] == "={{ $execution.resumeUrl }}"
     assert nodes["Wait for the Load"]["parameters"]["resume"] == "webhook"
-    assert nodes["Start Loading"]["parameters"]["model"] == nodes["Chat"]["parameters"]["model"] == "qwen3-vl-30b"
+    assert nodes["Start Loading"]["parameters"]["model"] == nodes["Chat"]["parameters"]["model"] == MODEL_EXPRESSION
+    assert nodes[TRIGGER]["type"] == "n8n-nodes-base.manualTrigger"  # Execute in the editor runs it as shipped

@@ -209,10 +209,8 @@ def test_readme_npm_install_gives_n8n_the_six_nodes(toolchain, tarball, tmp_path
     n8n = N8n.create(toolchain["NODE24"], toolchain["N8N_BIN"], user_folder)
     n8n.import_credentials([{"id": "moCredInstall001", "name": CREDENTIAL_NAME, "type": "modelOrchestratorApi",
                              "data": {"baseUrl": sidecar.url, "apiKey": ""}}], tmp_path / "credentials.json")
-    chat = adapt_workflow(load_workflow("llama-chat-example.json"), workflow_id="tInstallChat",
-                          models={"qwen3-vl-30b": "tiny", "wan2.1-14b": "tiny-tools"})
-    agent = adapt_workflow(load_workflow("agent-local-model.json"), workflow_id="tInstallAgent",
-                           models={"qwen3-vl-30b": "tiny"})
+    chat = adapt_workflow(load_workflow("llama-chat-example.json"), workflow_id="tInstallChat", model="tiny")
+    agent = adapt_workflow(load_workflow("agent-local-model.json"), workflow_id="tInstallAgent", model="tiny")
     used = {n["type"] for wf in (chat, agent) for n in wf["nodes"] if n["type"].startswith(PKG_NAME + ".")}
     trigger = f"{PKG_NAME}.modelOrchestratorTrigger"  # a trigger waits for events: tests/test_n8n_events.py runs it
     assert used == types - {trigger} and len(types) == 6, (used, types)

@@ -105,6 +105,8 @@ def test_env_overrides_apply_to_every_model():
     (('type = "hf"', 'type = "ftp"'), "models.0.source", "does not match any of the expected tags"),
     (('id = "a"', 'id = "a"\nextra_args = ["--port", "1"]'), "models.0.extra_args", "--port is set by the orchestrator"),
     (('id = "a"', 'id = "a"\ncache_type = "q8_0"\nflash_attn = "off"'), "models.0", "needs flash_attn"),
+    (('id = "a"', 'id = "a"\nmax_tokens = 0'), "models.0.max_tokens", "0 would generate nothing"),
+    (('id = "a"', 'id = "a"\nextra_args = ["-n", "64"]'), "models.0.extra_args", "-n is set by the orchestrator"),
     (('aliases = ["alpha"]', 'aliases = ["b"]'), "(top level)", "used by both"),
     (('default_model = "a"', 'default_model = "zzz"'), "(top level)", "default_model 'zzz'"),
 ])

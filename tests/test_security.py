@@ -74,11 +74,21 @@ async def test_allowed_origins_come_from_the_setting(aiohttp_client, make_orches
 
 async def test_without_a_key_a_foreign_host_name_is_refused_dns_rebinding(client):
     """The finding: the Host header was not checked, so a page whose name was rebound to 127.0.0.1 could read answers."""
-    for path in ("/models/status", "/health", "/metrics", "/models", "/openapi.json"):
+    for path in ("/models/status", "/health", "/models", "/openapi.json", "/docs", "/metrics/x"):
         r = await client.get(path, headers={"Host": f"evil.example:{client.port}"})
         assert r.status == 403, path
         err = _error(await r.json(), "host_not_allowed")
         assert "MODEL_ORCHESTRATOR_ALLOWED_HOSTS" in err["message"]
+    for method, path in (("POST", "/models/load"), ("POST", "/v1/chat/completions"), ("POST", "/models/unload")):
+        r = await client.request(method, path, json={"model": "tiny", **CHAT}, headers={"Host": "evil.example"})
+        assert r.status == 403 and _error(await r.json(), "host_not_allowed"), path
+    assert client.orch.owned_pids() == {}  # nothing was started
+    # what a monitor scrapes, by any name (Prometheus in compose asks for llama-cpp:8000): model names and GPU
+    # figures, never an answer nor a change; a page from another origin still cannot send even that
+    r = await client.get("/metrics", headers={"Host": "llama-cpp:8000"})
+    assert r.status == 200 and "model_orchestrator_model_state" in await r.text()
+    r = await client.get("/metrics", headers={"Host": "llama-cpp:8000", "Origin": EVIL})
+    assert r.status == 403
     for host in (f"127.0.0.1:{client.port}", f"localhost:{client.port}", "LOCALHOST", f"[::1]:{client.port}",
                  "192.168.1.5:8000", "app.localhost:8000"):
         r = await client.get("/models/status", headers={"Host": host})

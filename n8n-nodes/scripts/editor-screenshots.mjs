@@ -1,12 +1,15 @@
 // Drives a running n8n editor in headless Chromium (Debian's `chromium`, puppeteer-core): signs in, opens each
-// given workflow (already imported, same id as in its file), saves a PNG of its canvas as
-// <out>/workflow-<file name>.png, then opens every node's settings and reads the issues the editor shows there
-// (the red "The value … is not supported!" of a dropdown, a missing required value, a credential problem) and
-// the issue marks of the canvas. Prints a JSON report on stdout: {"<file>": {"png": path, "issues": {node: [..]}}}.
-// tests/test_n8n_editor.py starts n8n and the sidecar, runs this and asserts an empty issue list; `make
-// screenshots` runs that test writing the PNGs into docs/.
+// given workflow (already imported, same id as in its file) and saves a PNG of the editor (header and tab bar
+// included) as <out>/workflow-<file name>.png. Then either opens every node's settings and reads the issues the
+// editor shows there (the red "The value … is not supported!" of a dropdown, a missing required value, a credential
+// problem) and the issue marks of the canvas; or, with --execute, presses "Execute workflow" as a person would,
+// waits for the run to end, reads the toast and each node's status on the canvas, opens the Logs panel on the
+// node that holds the result (the first of --output-nodes that ran) and takes the PNG then. Prints a JSON report on
+// stdout: {"<file>": {"png": path, "issues": {node: [..]}, "execution": {toast, nodes: {node: status}}}}.
+// tests/test_n8n_editor.py asserts an empty issue list; tests/test_first_hour.py executes every shipped workflow
+// on the stack `make run` and `make n8n-demo` start (`make screenshots` keeps those PNGs in docs/).
 //
-//   node scripts/editor-screenshots.mjs --url http://127.0.0.1:5678 --email E --password P --out DIR wf.json...
+//   node scripts/editor-screenshots.mjs --url http://127.0.0.1:5678 --email E --password P --out DIR [--execute] wf.json...
 import { readFileSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -20,6 +23,12 @@ const { values: opts, positionals: files } = parseArgs({
 		password: { type: 'string' },
 		out: { type: 'string' },
 		chromium: { type: 'string', default: process.env.CHROMIUM_BIN || '/usr/bin/chromium' },
+		execute: { type: 'boolean', default: false },
+		'output-nodes': {
+			type: 'string',
+			default: 'Process Response,AI Agent,Description,No Vision Model,Chat,Load Failed',
+		},
+		'run-timeout-s': { type: 'string', default: '600' },
 	},
 });
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -54,13 +63,19 @@ try {
 		await settle(page);
 		await fitView(page);
 		const png = join(opts.out, `workflow-${name}.png`);
-		const canvas = (await page.$('[data-test-id="canvas"]')) ?? page;
-		await canvas.screenshot({ path: png });
 		const issues = {};
 		const add = (node, list) => {
 			if (list.length) issues[node] = [...(issues[node] ?? []), ...list];
 		};
 		for (const [node, list] of Object.entries(await canvasIssues(page))) add(node, list);
+		if (opts.execute) {
+			const execution = await execute(page);
+			await showOutput(page, execution);
+			await page.screenshot({ path: png });
+			report[name] = { png, issues, execution };
+			continue;
+		}
+		await page.screenshot({ path: png });
 		for (const node of wf.nodes) {
 			add(node.name, await ndvIssues(page, wf.id, node));
 		}
@@ -96,6 +111,60 @@ async function fitView(page) {
 		await fit.click();
 		await sleep(600);
 	}
+}
+
+/** Press "Execute workflow" and wait until the run has ended (a Wait node's webhook included): the toast it shows
+ * and each canvas node's status (success, error, or "-" for a node that did not run). */
+async function execute(page) {
+	const t0 = Date.now();
+	await page.$$eval('.el-notification', (els) => els.forEach((e) => e.remove()));
+	await page.click('[data-test-id="execute-workflow-button"]');
+	const running = '[data-test-id^="stop-execution"]';
+	await page.waitForSelector(running, { timeout: 15_000 }).catch(() => undefined);
+	await page.waitForFunction((sel) => !document.querySelector(sel), {
+		timeout: Number(opts['run-timeout-s']) * 1000,
+		polling: 500,
+	}, running);
+	await page.waitForSelector('.el-notification', { timeout: 15_000 }).catch(() => undefined);
+	await sleep(1000);
+	const toast = await page.$$eval('.el-notification', (els) => els.map((e) => e.textContent.trim()).join(' | '));
+	const nodes = await page.$$eval('[data-test-id="canvas-node"]', (els) =>
+		Object.fromEntries(
+			els.map((n) => [
+				n.getAttribute('data-node-name'),
+				n.querySelector('[data-test-id="canvas-node-status-success"]')
+					? 'success'
+					: n.querySelector('[data-test-id^="canvas-node-status-error"]')
+						? 'error'
+						: '-',
+			]),
+		),
+	);
+	log(`  ran in ${((Date.now() - t0) / 1000).toFixed(1)} s: ${toast}`);
+	await page.$$eval('.el-notification', (els) => els.forEach((e) => e.remove()));
+	return { toast, nodes, seconds: (Date.now() - t0) / 1000 };
+}
+
+/** Open the Logs panel on the first of --output-nodes that ran: the run's result, as a person would look at it. */
+async function showOutput(page, execution) {
+	const wanted = opts['output-nodes'].split(',').find((n) => execution.nodes[n] === 'success');
+	if (!(await page.$('[data-test-id="logs-overview-body"]'))) {
+		await page.click('[data-test-id="logs-overview-header"]');
+		await sleep(1000);
+	}
+	if (wanted) {
+		const label = await page.evaluateHandle((name) => {
+			const body = document.querySelector('[data-test-id="logs-overview-body"]');
+			const all = body ? [...body.querySelectorAll('*')] : [];
+			return all.find((e) => e.childElementCount === 0 && e.textContent.trim() === name) ?? null;
+		}, wanted);
+		if (label.asElement()) {
+			await label.asElement().click();
+			await sleep(1000);
+		}
+	}
+	await fitView(page);
+	execution.shown = wanted ?? null;
 }
 
 /** The canvas's issue marks (the red triangle of a node), by node name. */

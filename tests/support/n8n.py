@@ -234,22 +234,39 @@ def load_workflow(name: str) -> dict:
     return json.loads((WORKFLOWS / name).read_text())
 
 
+MODEL_NODE = "Model"  # the Set node at the start of every shipped workflow: the one place its model is named
+MODEL_EXPRESSION = "={{ $('Model').first().json.model }}"  # how the other nodes read it
+
+
+def workflow_model(wf: dict) -> str | None:
+    """The model a shipped workflow's Model node names."""
+    node = next((n for n in wf["nodes"] if n["name"] == MODEL_NODE), None)
+    if node is None:
+        return None
+    return next(a["value"] for a in node["parameters"]["assignments"]["assignments"] if a["name"] == "model")
+
+
 def adapt_workflow(wf: dict, *, workflow_id: str | None = None, models: dict[str, str] | None = None,
                    params: dict[str, dict] | None = None, credential: dict | None = None,
-                   node_settings: dict[str, dict] | None = None) -> dict:
-    """A copy of a shipped workflow for a test: new id, model ids rewritten (qwen3-vl-30b -> tiny...), node
-    parameters and settings overridden by node name, another credential reference."""
+                   node_settings: dict[str, dict] | None = None, model: str | None = None) -> dict:
+    """A copy of a shipped workflow for a test: new id, the Model node's value set to `model`, model ids written
+    into nodes rewritten (`models`: old -> new), node parameters and settings overridden by node name, another
+    credential reference."""
     wf = copy.deepcopy(wf)
     if workflow_id:
         wf["id"] = workflow_id
         wf["name"] = f"{wf['name']} [{workflow_id}]"
     for node in wf["nodes"]:
+        if model is not None and node["name"] == MODEL_NODE:
+            for a in node["parameters"]["assignments"]["assignments"]:
+                if a["name"] == "model":
+                    a["value"] = model
         p = node["parameters"]
-        model = p.get("model")
-        if models and isinstance(model, dict) and model.get("value") in models:  # a resource locator
-            p["model"] = {**model, "value": models[model["value"]]}
-        elif models and isinstance(model, str) and model in models:
-            p["model"] = models[model]
+        model_param = p.get("model")
+        if models and isinstance(model_param, dict) and model_param.get("value") in models:  # a resource locator
+            p["model"] = {**model_param, "value": models[model_param["value"]]}
+        elif models and isinstance(model_param, str) and model_param in models:
+            p["model"] = models[model_param]
         if params and node["name"] in params:
             p.update(params[node["name"]])
         if node_settings and node["name"] in node_settings:

@@ -1045,10 +1045,17 @@ export interface components {
              */
             source: "hf" | "path" | "generated" | "pypi";
             /**
-             * @description the Hugging Face files of an `hf` source (what `pull` downloads)
+             * @description the Hugging Face files of an `hf` source
              * @default null
              */
             hub?: components["schemas"]["HubFiles"] | null;
+            /**
+             * Source Spec
+             * @description the registry's `source`, whole (paths resolved): where `pull` gets the files, for every source type
+             */
+            source_spec: {
+                [key: string]: unknown;
+            };
             /**
              * Files Present
              * @description the GGUF files are on disk (no download needed)

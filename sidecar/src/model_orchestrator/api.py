@@ -474,6 +474,10 @@ ROUTES: list[Route] = [
 ]
 
 PUBLIC_PREFIXES = ("/docs",)  # Swagger UI's page and assets: the page itself holds the "Authorize" button
+# What monitoring scrapes by whatever name it knows the sidecar under (compose's `llama-cpp:8000`, a Kubernetes
+# service): exempt from the Host check of browser_guard. Public with a key too; it shows model names and GPU figures,
+# never a model's answers and never a way to change anything.
+ANY_HOST_PATHS = frozenset({"/metrics"})
 
 
 # ---- middlewares ------------------------------------------------------------------------------------------------
@@ -592,7 +596,8 @@ def browser_guard(settings):
     it through DNS rebinding. Refused with 403: an `Origin` that is neither this sidecar's own nor listed in
     MODEL_ORCHESTRATOR_ALLOWED_ORIGINS; a `Host` that is not loopback, an IP address, the bind address or a name
     listed in MODEL_ORCHESTRATOR_ALLOWED_HOSTS (a rebinding page reaches us under its own domain name; an IP
-    literal cannot be served by anyone but whoever listens there). Clients that are not browsers (n8n, curl, the
+    literal cannot be served by anyone but whoever listens there), except on ANY_HOST_PATHS (/metrics: Prometheus
+    scrapes by a service name). Clients that are not browsers (n8n, curl, the
     CLI) send no Origin and are unaffected."""
     hosts = {"localhost", settings.host.lower(), *settings.allowed_hosts}
     origins = set(settings.allowed_origins)
@@ -601,7 +606,7 @@ def browser_guard(settings):
         return host in hosts or host.endswith(".localhost") or _is_ip_literal(host)
 
     def check(path: str, raw_host: str | None, origin: str | None, authorization: str | None) -> Exception | None:
-        if raw_host is not None and not host_allowed(_split_host(raw_host)):
+        if raw_host is not None and path not in ANY_HOST_PATHS and not host_allowed(_split_host(raw_host)):
             return Refused(Code.HOST_NOT_ALLOWED, f"Host {raw_host!r} is not allowed without an API key (DNS rebinding "
                            "protection): use 127.0.0.1 or localhost, add the name to MODEL_ORCHESTRATOR_ALLOWED_HOSTS, "
                            "or set MODEL_ORCHESTRATOR_API_KEY")

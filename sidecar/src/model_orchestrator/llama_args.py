@@ -37,6 +37,7 @@ RESERVED_FLAGS: dict[str, str] = {
     "--slot-save-path": "the slot cache's directory (slot_cache.py; per model: save_slots)",
     **dict.fromkeys(("--lora", "--lora-scaled", "--lora-init-without-apply"), "use the registry's `lora` (ids follow "
                     "its order)"),
+    **dict.fromkeys(("-n", "--predict", "--n-predict"), "use the registry's `max_tokens` (a request's own limit wins)"),
 }
 
 # How the sidecar reaches a child, and nobody else does (lifecycle.LlamaServer.request is the one caller):
@@ -86,6 +87,8 @@ def build_argv(binary: Path, spec: "ModelSpec", model: Path, mmproj: Path | None
         "-c", str(spec.context_size), "-ngl", str(spec.n_gpu_layers), "-ctk", spec.cache_type, "-ctv", spec.cache_type,
         "-fa", spec.flash_attn, "--fit", "off", "--metrics", "--jinja",
     ]
+    if spec.max_tokens != -1:  # the default of requests that name no limit; theirs wins
+        argv += ["--n-predict", str(spec.max_tokens)]
     if mmproj:
         argv += ["--mmproj", str(mmproj)]
     if tensor_split:

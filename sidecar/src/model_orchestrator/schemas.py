@@ -314,7 +314,9 @@ class ModelInfo(BaseModel):
     aliases: list[str]
     status: State
     source: Literal[SOURCE_TYPES]  # type: ignore[valid-type]  (the registry says which exist)
-    hub: HubFiles | None = Field(None, description="the Hugging Face files of an `hf` source (what `pull` downloads)")
+    hub: HubFiles | None = Field(None, description="the Hugging Face files of an `hf` source")
+    source_spec: dict[str, Any] = Field(description="the registry's `source`, whole (paths resolved): where `pull` "
+                                        "gets the files, for every source type")
     files_present: bool = Field(description="the GGUF files are on disk (no download needed)")
     context_size: int
     n_gpu_layers: int

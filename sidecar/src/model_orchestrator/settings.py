@@ -151,6 +151,11 @@ class Settings(BaseModel):
         return {name: f.json_schema_extra["env"] for name, f in cls.model_fields.items()}
 
     @property
+    def generated_dir(self) -> Path:
+        """Where generated models are written (model_files.resolve), one file per model id."""
+        return self.state_dir / "models"
+
+    @property
     def hub_header_dir(self) -> Path:
         """Where GGUF headers read from the Hub are kept (hub.read_remote_header), by repo and ETag."""
         return self.state_dir / "hub-headers"
