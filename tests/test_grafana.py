@@ -168,9 +168,9 @@ def run_scenario(sc: FakeGpuSidecar, slow_start: Path) -> None:
         t.start()
     for t in waiting:
         t.join()
-    # a request that may wait 0.3 s for a model that takes 1.5 s to load: it leaves the queue unserved (503)
+    # a request that may wait 1 s for a model that takes 1.5 s to load: it leaves the queue unserved (503)
     assert sc.call("POST", "/models/unload", {"model": MODEL})[0] == 200
-    assert chat(sc, MODEL, headers={"X-Queue-Timeout-S": "0.3"}) == 503
+    assert chat(sc, MODEL, headers={"X-Queue-Timeout-S": "1"}) == 503
     sc.call("POST", "/models/unload", {"model": MODEL})  # cancels the load it started
     slow_start.unlink()
     # traffic for a few scrapes, plain and streamed, two requests at a time (in flight, tokens/s, latency)

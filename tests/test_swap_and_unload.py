@@ -150,7 +150,10 @@ async def test_a_load_right_after_an_unload_waits_for_the_old_process_to_exit(ca
     os.kill(old, signal.SIGSTOP)
     with ChildSampler(os.getpid()) as sampler:
         unload = asyncio.create_task(c.post("/models/unload", json={"model": "tiny-random", "save_slots": False}))
-        await asyncio.sleep(0.05)
+        for _ in range(100):  # the unload's request reaches the sidecar (a loaded machine may take a while)
+            if c.orch.models["tiny-random"].state.value != "loaded":
+                break
+            await asyncio.sleep(0.01)
         assert c.orch.models["tiny-random"].state.value == "unloading"
         r = await c.post("/models/load", json={"model": "tiny"})
         assert r.status == 200, await r.text()

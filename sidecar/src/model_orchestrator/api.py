@@ -382,7 +382,7 @@ _PROXY_STATUSES = ((503, "queue_full (MODEL_ORCHESTRATOR_MAX_QUEUE requests alre
 _QUEUE_PARAMS = ({"name": proxy.QUEUE_TIMEOUT_HEADER, "in": "header", "required": False,
                   "description": "how long this request may wait in its model's queue (its load, its turn) before 503 "
                   "queue_timeout; default MODEL_ORCHESTRATOR_QUEUE_TIMEOUT_S",
-                  "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": proxy.MAX_QUEUE_TIMEOUT_S}},)
+                  "schema": {"type": "number", "minimum": proxy.MIN_QUEUE_TIMEOUT_S, "maximum": proxy.MAX_QUEUE_TIMEOUT_S}},)
 _QUEUE_HEADERS = ((proxy.QUEUE_WAIT_HEADER, "milliseconds the request waited in its model's queue before it was sent "
                    "to llama-server (0: at once)"),)
 

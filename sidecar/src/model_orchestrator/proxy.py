@@ -191,7 +191,7 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
 CLIENT_GONE = 499  # nginx's code for "the client closed the connection": counted, never answered
 QUEUE_WAIT_HEADER = "X-Queue-Wait-Ms"  # on every proxied answer: how long it waited in its model's queue
 QUEUE_TIMEOUT_HEADER = "X-Queue-Timeout-S"  # a request's own bound on that wait
-MAX_QUEUE_TIMEOUT_S = 86400.0
+MIN_QUEUE_TIMEOUT_S, MAX_QUEUE_TIMEOUT_S = 1.0, 86400.0  # below a second no load could ever be waited for
 
 
 def _queue_timeout(request: web.Request) -> float | None:
@@ -202,8 +202,8 @@ def _queue_timeout(request: web.Request) -> float | None:
         value = float(raw)
     except ValueError:
         value = float("nan")
-    if not 0 < value <= MAX_QUEUE_TIMEOUT_S:  # also NaN
-        raise Refused(Code.INVALID_REQUEST, f"{QUEUE_TIMEOUT_HEADER}: seconds, more than 0 and at most "
+    if not MIN_QUEUE_TIMEOUT_S <= value <= MAX_QUEUE_TIMEOUT_S:  # also NaN
+        raise Refused(Code.INVALID_REQUEST, f"{QUEUE_TIMEOUT_HEADER}: seconds, from {MIN_QUEUE_TIMEOUT_S:g} to "
                       f"{MAX_QUEUE_TIMEOUT_S:g}, are expected (got {raw[:40]!r})")
     return value
 
