@@ -7,8 +7,9 @@
 #                the sidecar and llama.cpp's router one after the other (same binary, flags, models)
 #   vram         bench/vram_table.py: estimate vs NVML for f16, q8_0 and q4_0 caches, 3 shapes x 5 contexts
 #   tests        the `gpu` tests and the queue's real-llama-server tests on the GPU build
-#   collect      everything under $R into $OUT/round.tgz
-# `bg STEP...` runs the steps detached (a call's limit is 10 minutes): poll `tail -5 $R/log`.
+#   collect      everything under $R into /tmp/round.tgz and $OUT
+# `bg STEP...` runs the steps detached (a call's limit is 10 minutes), collecting after each: poll
+# `tail -5 /tmp/round/log; cp /tmp/round.tgz $OUT/`.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 R=${R:-/tmp/round}; OUT=${OUT:-/tmp/out}; mkdir -p "$R" "$OUT"
@@ -18,7 +19,9 @@ bin() { ls /tmp/moc/llama-server/*cuda*/llama-server 2>/dev/null | head -1; }
 
 for step in "$@"; do
   case $step in
-    bg) shift; setsid nohup bash "$0" "$@" >> "$R/log" 2>&1 < /dev/null & echo "started: $*"; exit 0 ;;
+    bg) shift  # each step collects what it wrote, so a poll (`cp /tmp/round.tgz $OUT`) brings back what is done
+      setsid nohup bash -c 'for s in "$@"; do bash "$0" "$s" collect; echo "== $s done"; done' "$0" "$@" >> "$R/log" \
+        2>&1 < /dev/null & echo "started: $*"; exit 0 ;;
     setup)
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || exit 1
@@ -45,6 +48,6 @@ for step in "$@"; do
         tests/test_gpu.py tests/test_calibration.py tests/test_children.py tests/test_swap_and_unload.py \
         tests/test_admission.py tests/test_scheduler.py tests/test_contention_sim.py > "$R/tests.log" 2>&1
       tail -8 "$R/tests.log" ;;
-    collect) tar -C "$R" -czf "$OUT/round.tgz" . && ls -la "$OUT" ;;
+    collect) tar -C "$R" -czf /tmp/round.tgz . && cp /tmp/round.tgz "$OUT/" 2>/dev/null; true ;;
   esac
 done

@@ -186,7 +186,7 @@ def _split(need_mb: float, free: dict[int, float]) -> dict[int, float]:
 #     has parallel slots (the rest wait here, where a caller that hangs up leaves without costing llama-server).
 #   * Head of line: among models that wait and are not loaded, the next one is chosen by priority (higher first),
 #     then starvation (a model whose oldest ticket waited starve_after_s goes first, oldest first), then value: the
-#     waiting time its tickets have piled up per second of its swap (learned from past loads).
+#     requests it would serve per second of its swap (learned from past loads), the oldest first among equals.
 #   * The head loads as soon as `decide` admits it with idle victims only. If it fits only after models with requests
 #     in flight are gone, those models' turns end (after turn_requests grants, or Limits.turn_length since they were
 #     loaded: 4x the head's swap cost, 1 s to turn_seconds; at once when the head has a higher priority): they close
@@ -337,8 +337,7 @@ def _head_order(model: str, tickets: list[Ticket], view: ModelView, now: float, 
     priority = max(t.priority for t in tickets)
     if now - oldest >= limits.starve_after_s:
         return (-priority, 0, oldest)
-    piled_up = sum(now - t.arrived for t in tickets) + 1e-3 * len(tickets)
-    return (-priority, 1, -piled_up / (1.0 + view.swap_cost_s))
+    return (-priority, 1, -len(tickets) / (1.0 + view.swap_cost_s), oldest)
 
 
 def _turn_budget(view: ModelView, head_priority: float, head_swap_s: float, now: float, limits: Limits) -> int:
