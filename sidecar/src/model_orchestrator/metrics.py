@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 
 from .gpu import MIB, GpuSnapshot
-from .lifecycle import State
+from .states import State
 
 RESERVATION_LABEL = "(reservation)"  # admission_refusals' `model` for every reservation, whatever its service
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
