@@ -25,7 +25,7 @@ from . import __version__, callbacks, fleet, lora, proxy, views
 from .errors import Code, Refused
 from .events import EVENT_TYPES
 from .fast_lane import TABLE, Table, reset_connection
-from .http_errors import HttpRefused, error_body, refusal_response
+from .http_errors import HttpRefused, error_body, invalid_request, refusal_response
 from .gpu import GpuSampler
 from .model_files import ModelFilesMissing
 from .openapi import build_openapi
@@ -84,9 +84,7 @@ async def _body(request: web.Request, model: type[BaseModel]):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]} for e in exc.errors()]
-        first = problems[0]
-        raise Refused(Code.INVALID_REQUEST, f"{first['field']}: {first['problem']}", problems=problems) from None
+        raise invalid_request(exc) from None
 
 
 def _codec_name(charset: str) -> str | None:
@@ -368,14 +366,16 @@ _PROXY_STATUSES = ((503, "queue_full (MODEL_ORCHESTRATOR_MAX_QUEUE requests alre
 _QUEUE_PARAMS = ({"name": proxy.QUEUE_TIMEOUT_HEADER, "in": "header", "required": False,
                   "description": "how long this request may wait in its model's queue (its load, its turn) before 503 "
                   "queue_timeout; default MODEL_ORCHESTRATOR_QUEUE_TIMEOUT_S",
-                  "schema": {"type": "number", "minimum": proxy.MIN_QUEUE_TIMEOUT_S, "maximum": proxy.MAX_QUEUE_TIMEOUT_S}},)
+                  "schema": {"type": "number", "minimum": proxy.MIN_QUEUE_TIMEOUT_S,
+                             "maximum": proxy.MAX_QUEUE_TIMEOUT_S}},)
 _QUEUE_HEADERS = ((proxy.QUEUE_WAIT_HEADER, "milliseconds the request waited in its model's queue before it was sent "
                    "to llama-server (0: at once)"),)
 
 ROUTES: list[Route] = [
     Route("GET", "/health", health, "Liveness of the orchestrator", response=HealthResponse, auth=False, tag="service"),
     Route("GET", "/metrics", metrics, "Prometheus metrics (GPU, models, requests, tokens)", auth=False, tag="service"),
-    Route("GET", "/models/status", models_status, "GPU memory and the models that are not unloaded", response=StatusResponse,
+    Route("GET", "/models/status", models_status, "GPU memory and the models that are not unloaded",
+          response=StatusResponse,
           description="The guide's shape (total_mb, used_mb, free_mb, utilization_percent, loaded_models) plus "
                       "per-GPU details. In CPU mode the memory fields are null and `note` says why."),
     Route("GET", "/fleet", fleet_members, "Every sidecar of this fleet (MODEL_ORCHESTRATOR_FLEET resolved now)",
@@ -383,7 +383,8 @@ ROUTES: list[Route] = [
           description="Discovery for clients given one URL (the n8n nodes' credential, `status`): they then ask every "
           "member themselves; each sidecar decides only for its own GPUs. In Kubernetes the setting is the headless "
           "Service's DNS name, which resolves to every ready sidecar pod."),
-    Route("GET", "/models", models_list, "The model registry with each model's state (for dropdowns)", response=ModelsResponse),
+    Route("GET", "/models", models_list, "The model registry with each model's state (for dropdowns)",
+          response=ModelsResponse),
     Route("POST", "/models/load", models_load, "Load a model (joins a load under way)", request=LoadRequest,
           response=LoadResponse, description="Answers when llama-server is ready; with wait=false, 202 as soon as "
           "the load is admitted and started (status `loading`; a refusal is still an error). A model whose files "
@@ -401,9 +402,11 @@ ROUTES: list[Route] = [
           "Retry-After meanwhile) and then refuses with 409, changing nothing. With force, stops llama-server at once; "
           "requests in flight end with a model_unloaded error. An unload during a load cancels it; during a download "
           "it stops it (result cancelled_download; what arrived is kept and the next load resumes it)."),
-    Route("POST", "/models/estimate", models_estimate, "Predicted GPU memory of a model's llama-server, and whether it fits now",
+    Route("POST", "/models/estimate", models_estimate,
+          "Predicted GPU memory of a model's llama-server, and whether it fits now",
           request=EstimateRequest, response=EstimateResponse,
-          description="From the GGUF header only: weights on the GPU, KV cache, compute buffer, projector, CUDA overhead.",
+          description="From the GGUF header only: weights on the GPU, KV cache, compute buffer, projector, CUDA "
+          "overhead.",
           statuses=((422, "the model file is not a readable GGUF"),)),
     Route("GET", "/reservations", reservations_list, "Memory reserved by other GPU services", response=ReservationList,
           tag="reservations"),
@@ -412,7 +415,8 @@ ROUTES: list[Route] = [
           description="Counts in admission at once; may evict models of lower priority (or equal, with allow_eviction) "
                       "to make room; refused with 409 insufficient_vram otherwise, and with 409 too_many_reservations "
                       "beyond MODEL_ORCHESTRATOR_MAX_RESERVATIONS live ones. Expires after ttl_s unless renewed."),
-    Route("POST", "/reservations/{id}/renew", reservations_renew, "Extend a reservation's lifetime", request=RenewRequest,
+    Route("POST", "/reservations/{id}/renew", reservations_renew, "Extend a reservation's lifetime",
+          request=RenewRequest,
           response=ReservationOut, tag="reservations"),
     Route("DELETE", "/reservations/{id}", reservations_release, "Release a reservation", response=ReservationOut,
           tag="reservations"),
@@ -429,7 +433,8 @@ ROUTES: list[Route] = [
                   "(default: all; reservation events always pass)", "schema": {"type": "string"}},
                  {"name": "last_event_id", "in": "query", "required": False, "description": "as the Last-Event-ID "
                   "header: replay the recent events after this one", "schema": {"type": "integer"}})),
-    Route("GET", "/models/{model}/logs", model_logs, "The last lines llama-server printed (?lines=N)", response=LogsResponse,
+    Route("GET", "/models/{model}/logs", model_logs, "The last lines llama-server printed (?lines=N)",
+          response=LogsResponse,
           query=({"name": "lines", "in": "query", "required": False, "description": "how many lines (1..10000)",
                   "schema": {"type": "integer", "default": 100}},)),
     Route("GET", "/models/{model}/lora-adapters", lora_adapters, "A model's LoRA adapters and their scales",

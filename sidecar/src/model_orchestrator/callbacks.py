@@ -111,7 +111,8 @@ async def after_load(orch, outcome, url: str) -> dict:
     server = model.server
     payload = LoadCallback(
         model=model.id, result=result, status=model.state,
-        load_seconds=model.load_seconds if result == "loaded" else None, pid=server.pid if server else None, gpu=model.gpu,
+        load_seconds=model.load_seconds if result == "loaded" else None, pid=server.pid if server else None,
+        gpu=model.gpu,
         estimate_mb=round(model.estimate.total_mb, 1) if model.estimate else None, evicted=outcome.evicted,
         error=error).model_dump(mode="json")
     delivered, attempts, status = await deliver(orch.http, url, payload)

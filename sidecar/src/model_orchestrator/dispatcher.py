@@ -208,7 +208,8 @@ class Dispatcher:
 
     @staticmethod
     def _load_error(model: ManagedModel, new: State) -> Refused:
-        """What the requests that waited for a load hear when it failed (its code and logs) or an unload cancelled it."""
+        """What the requests that waited for a load hear: its failure (code and logs), or the unload that cancelled
+        it."""
         if new == State.UNLOADING:
             return LoadCancelled(f"load of {model.id} was cancelled by an unload", model=model.id)
         err = model.last_error or {}

@@ -1,28 +1,21 @@
 """The fast lane: plain GETs of the cached status routes answered before aiohttp's request machinery, on the same
-socket (issue 12: `GET /models/status` at 200 concurrent pollers).
+socket.
 
-It owns one decision, "may this request be answered here", and the head bytes of those answers. It owns no rule:
-the app hands it a `Table` (api.create_app, under the app key TABLE): the answers it may send (the status cache,
-status_cache.py: its paths and their bodies), the app's guard (`api.request_guard`, the very function
-`api.guard_middleware` applies) and the request metrics (`api.count_request`). It sits below the app: it imports
-nothing of it.
+It owns one decision, "may this request be answered here", and the head bytes of those answers; no rule. The app
+hands it a `Table` (api.create_app, app key TABLE): the answers it may send (status_cache.py), the app's guard
+(`api.request_guard`, as `api.guard_middleware` applies it) and the request metrics (`api.count_request`). It imports
+nothing of the app.
 
-Every connection starts here. A request is answered here only when it is complete and is exactly
-`GET <a path of the table> HTTP/1.1` (no query), with one Host, without a body or anything that changes how it is
-answered (Connection other than keep-alive, Upgrade, Expect, Content-Length, Transfer-Encoding, a repeated
-Host/Origin/Authorization, a folded or malformed line), and the guard lets it pass. At the first request that is not,
-the connection is handed to aiohttp's RequestHandler for good, with every byte not yet answered: answers keep the
-order of the requests, and aiohttp answers (or refuses) everything else as before. Its answer is what aiohttp sends
-for the same state (tests/test_fast_lane.py compares them byte for byte): the status line, Content-Type,
-Content-Length, Date, Server, then the cached body. A connection idle for keepalive_timeout is closed, as aiohttp
-closes its own; idle fast-lane connections are closed at shutdown, as aiohttp closes its idle ones.
+A request is answered here only when it is complete and exactly `GET <a path of the table> HTTP/1.1` (no query), with
+one Host, without a body or anything that changes how it is answered (Connection other than keep-alive, Upgrade,
+Expect, Content-Length, Transfer-Encoding, a repeated Host/Origin/Authorization, a folded or malformed line), and the
+guard lets it pass. At the first request that is not, the connection is handed to aiohttp's RequestHandler for good,
+with every byte not yet answered (answers keep the order of the requests). An answer is the bytes aiohttp sends for
+the same state (tests/test_fast_lane.py compares them): status line, Content-Type, Content-Length, Date, Server, body.
 
-Back-pressure, as aiohttp applies it: no request is answered while the transport's writing is paused (a client that
-pipelines without reading gets nothing more until it reads), and at most READ_LIMIT unanswered bytes are buffered
-(reading pauses beyond it, as aiohttp's read_bufsize), kept in one bytearray consumed by offset (no copy per
-request). "Idle" is time without progress: no request taken up, no answer written, no write drained; waiting for an
-answer to be built or for the client to read counts as idle too, so a connection stuck either way is closed.
-
+Back-pressure and idleness as aiohttp's: nothing is answered while the transport's writing is paused; at most
+READ_LIMIT unanswered bytes are buffered (then reading pauses); a connection without progress (a request taken up,
+an answer written, a write drained) for keepalive_timeout is closed, and idle ones are closed at shutdown.
 `Runner` is aiohttp's AppRunner whose sites accept into the fast lane; `run_app` is `web.run_app` with that runner.
 """
 

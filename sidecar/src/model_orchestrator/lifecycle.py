@@ -313,7 +313,8 @@ class LlamaServer:
             except asyncio.CancelledError:
                 cancelled = True  # wait for the spawn to finish, then stop what it started
             except OSError as exc:
-                raise LoadFailed(f"cannot execute {self.plan.argv[0]}: {exc.strerror}", code=Code.SPAWN_FAILED) from None
+                raise LoadFailed(f"cannot execute {self.plan.argv[0]}: {exc.strerror}",
+                                 code=Code.SPAWN_FAILED) from None
         self._tasks = [asyncio.create_task(self._read_logs()), asyncio.create_task(self._watch_exit())]
         if cancelled:
             await self.stop(0)
@@ -448,7 +449,7 @@ class ManagedModel:
 
     def __init__(self, spec: ModelSpec, on_transition: StateListener | None = None,
                  server_factory: "ServerFactory | None" = None, revision: Revision | None = None):
-        object.__setattr__(self, "revision", revision or Revision())
+        self.__dict__["revision"] = revision or Revision()
         self.spec = spec
         self.server_factory: ServerFactory = server_factory or LlamaServer  # tests plug a fake (tests/support)
         self.state = State.UNLOADED
@@ -467,7 +468,7 @@ class ManagedModel:
         # POST /models/{model}/lora-adapters set (lora.py)
         self.lora_scales: dict[str, float] = {a.name: a.scale for a in spec.lora}
         self.in_flight = 0
-        self.draining = False  # no new request enters (an unload drains it, or admission evicts it); reset on leaving LOADED
+        self.draining = False  # no new request enters (an unload drains it, admission evicts it); reset off LOADED
         self._idle = asyncio.Event()
         self._idle.set()
         self._load_task: asyncio.Task | None = None
@@ -475,8 +476,8 @@ class ManagedModel:
         self._on_transition = on_transition
 
     def __setattr__(self, name: str, value) -> None:
-        object.__setattr__(self, name, value)
-        self.revision.bump()  # every change of what status shows, whoever makes it
+        self.__dict__[name] = value  # no properties are set on a ManagedModel
+        self.revision.value += 1  # every change of what status shows, whoever makes it (Revision.bump, inlined)
 
     @property
     def id(self) -> str:

@@ -1,16 +1,11 @@
 """The OpenAI-compatible pass-through: a request is routed by its `model` to that model's llama-server.
 
-Bodies go upstream byte for byte (images, tools, tool_choice untouched); SSE streams come back chunk by chunk as
-llama-server writes them, never buffered whole. Token counts are read from the responses' usage for metrics.
-
-The hot path is thin: the body is parsed once (orjson) for `model` and `stream`; a structural check of what the
-request model requires replaces pydantic, which runs only to name the field when that check fails; non-streamed
-requests reuse pooled keep-alive connections. A request's LoRA scales (`lora`, by adapter name or id) become
-llama-server's full list of ids and scales (lora.request_scales); a body without `lora` is not re-encoded.
-Remote media URLs never reach llama-server (media_urls.localize). llama-server is reached only through
-LlamaServer.request (its private socket and key).
-Upstream timeouts bound connecting and the silence between reads, never the whole generation (504). A client that
-hangs up is counted as 499; llama-server's 500 for a request it cannot take becomes a 400 with our own code.
+It owns the bytes: bodies go upstream unchanged (but for a request's `lora`, completed by lora.request_scales, and
+remote media URLs, which media_urls.localize replaces), SSE streams come back chunk by chunk, token counts are read
+from the answers' usage. The body is parsed once (orjson); a structural check replaces pydantic, which runs only to
+name a wrong field. The upstream comes from `Orchestrator.lease` (ready, counted in flight). Timeouts bound connecting
+and the silence between reads, never a whole generation (504); a client that hangs up counts as 499; llama-server's
+500 for a request it cannot take becomes a 400 with our own code.
 """
 
 from __future__ import annotations
@@ -28,12 +23,13 @@ from pydantic import ValidationError
 from . import lora, media_urls
 from .dispatcher import CallerGone
 from .errors import Code, Refused
-from .http_errors import STATUS, refusal_body
+from .http_errors import STATUS, invalid_request, refusal_body
 from .llama_args import serves_embeddings
 from .orchestrator import LlamaServer, ManagedModel, Orchestrator
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, OpenAIModel, OpenAIModelList
 
-_REQUESTS = {"chat_completions": ChatCompletionRequest, "completions": CompletionRequest, "embeddings": EmbeddingRequest}
+_REQUESTS = {"chat_completions": ChatCompletionRequest, "completions": CompletionRequest,
+             "embeddings": EmbeddingRequest}
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
 
 
@@ -92,9 +88,7 @@ def _validate(endpoint: str, body: dict) -> None:
     try:
         _REQUESTS[endpoint].model_validate(body)
     except ValidationError as exc:
-        problems = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]} for e in exc.errors()]
-        raise Refused(Code.INVALID_REQUEST, f"{problems[0]['field']}: {problems[0]['problem']}",
-                       problems=problems) from None
+        raise invalid_request(exc) from None
 
 
 def _looks_valid(endpoint: str, body: dict) -> bool:
@@ -296,7 +290,8 @@ async def _pass_stream(request, up, slot, server, orch, waited: dict) -> int:
                 chunk = await chunks.__anext__()
         except StopAsyncIteration:
             break
-        except (aiohttp.ServerTimeoutError, TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        except (aiohttp.ServerTimeoutError, TimeoutError, aiohttp.ClientConnectionError,
+                aiohttp.ClientPayloadError) as exc:
             if _client_gone(request):
                 status = CLIENT_GONE
                 break

@@ -11,6 +11,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Callable
 
 from .revision import Revision
 
@@ -71,16 +72,14 @@ class ReservationBook:
     def release_matching(self, name: str) -> list[Reservation]:
         """The guide's `/models/unload {model: "wan2.1-14b"}`: drop the claims made under that model or service name."""
         self.expire()
-        gone = [r for r in self._items.values() if name in (r.model, r.service)]
-        for r in gone:
-            del self._items[r.id]
-        if gone:
-            self.revision.bump()
-        return gone
+        return self._drop(lambda r: name in (r.model, r.service))
 
     def expire(self) -> list[Reservation]:
         now = time.monotonic()
-        gone = [r for r in self._items.values() if r.expires_mono <= now]
+        return self._drop(lambda r: r.expires_mono <= now)
+
+    def _drop(self, which: Callable[[Reservation], bool]) -> list[Reservation]:
+        gone = [r for r in self._items.values() if which(r)]
         for r in gone:
             del self._items[r.id]
         if gone:

@@ -117,7 +117,8 @@ class UnloadRequest(_Request):
     model: str = ModelName
     service: str | None = Field(None, max_length=64)
     force: bool = Field(False, description="stop at once; requests in flight end with an error")
-    drain_timeout_s: float = Field(30, ge=0, le=3600, description="without force: how long to wait for requests in flight before refusing with 409")
+    drain_timeout_s: float = Field(30, ge=0, le=3600, description="without force: how long to wait for requests in "
+                                   "flight before refusing with 409")
     save_slots: bool = Field(True, description="save the conversations it holds so its next load resumes them "
                              "(when the model's save_slots and MODEL_ORCHESTRATOR_SLOT_CACHE_MB allow)")
 
@@ -190,7 +191,8 @@ class ModelStatus(BaseModel):
     draining: bool
     last_used: str | None
     load_seconds: float | None
-    vram_mb: int | None = Field(None, description="NVML-measured memory of its llama-server (all GPUs); null in CPU mode")
+    vram_mb: int | None = Field(None, description="NVML-measured memory of its llama-server (all GPUs); null in CPU "
+                                "mode")
     estimate_mb: float | None = Field(None, description="what admission counted for it (estimate.py)")
     estimate_check: dict[str, Any] | None = Field(None, description="after a load on a GPU: the estimate against "
                                                   "NVML's measurement (estimate_mb, measured_mb, error_mb = measured "
