@@ -32,7 +32,7 @@ def _unknown_adapter(model: ManagedModel, what: str) -> Refused:
     names = ", ".join(a.name for a in model.spec.lora)
     return Refused(Code.UNKNOWN_ADAPTER, f"{model.id} has no LoRA adapter {what}; " + (
         f"its adapters: {names} (GET /models/{model.id}/lora-adapters)" if names else
-        f"it has none: add `lora` to its entry in the model registry"), model=model.id,
+        "it has none: add `lora` to its entry in the model registry"), model=model.id,
         adapters=[a.name for a in model.spec.lora])
 
 

@@ -244,7 +244,7 @@ def _timed_out(orch: Orchestrator, slot: ManagedModel, exc: BaseException, body:
                   if isinstance(body.get(k), int)), None)
     limit = asked if asked is not None else slot.spec.max_tokens
     said = (f"this request's limit: {limit} tokens" if asked is not None else
-            f"no limit: the model's max_tokens is -1" if limit == -1 else
+            "no limit: the model's max_tokens is -1" if limit == -1 else
             f"{limit} tokens, the model's max_tokens in the registry")
     return Refused(Code.UPSTREAM_TIMEOUT, f"llama-server for {model} sent nothing for {idle:g} s "
                    f"(MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S). A non-streamed answer comes whole when it is "
