@@ -52,8 +52,8 @@ def gpu_orchestrator(make_orchestrator):
 
 async def wait_check(orch, model: str, timeout: float = 10.0):
     for _ in range(int(timeout / 0.05)):
-        if model in orch.estimate_checks:
-            return orch.estimate_checks[model]
+        if model in orch.admission.estimate_checks:
+            return orch.admission.estimate_checks[model]
         await asyncio.sleep(0.05)
     raise AssertionError("no estimate check after the load")
 
@@ -92,40 +92,42 @@ async def test_first_load_on_a_card_teaches_its_overhead_to_the_next_estimate(gp
 
 async def test_a_restarted_sidecar_uses_what_it_learned_and_the_setting_still_wins(gpu_orchestrator):
     orch = gpu_orchestrator(measured_mb=2000)
-    orch.calibration.record(EstimateCheck("tiny", "NVIDIA H100 80GB HBM3", 600, 2000, 573, 1900), "580.00")
+    orch.admission.calibration.record(EstimateCheck("tiny", "NVIDIA H100 80GB HBM3", 600, 2000, 573, 1900), "580.00")
     again = gpu_orchestrator(measured_mb=2000)  # a new process, same state dir
-    est = await again.estimate(again.models["tiny"].spec)
+    est = await again.admission.estimate(again.models["tiny"].spec)
     assert est.overhead_mb == pytest.approx(1900)
     pinned = gpu_orchestrator(measured_mb=2000, cuda_overhead_mb=700)
-    assert (await pinned.estimate(pinned.models["tiny"].spec)).overhead_mb == pytest.approx(700)
+    assert (await pinned.admission.estimate(pinned.models["tiny"].spec)).overhead_mb == pytest.approx(700)
 
 
 async def test_an_overhead_learned_by_another_estimator_version_is_forgotten(gpu_orchestrator):
     """An overhead learned against another version's compute buffer carries that version's error: not reused."""
     orch = gpu_orchestrator(measured_mb=2000)
-    orch.calibration.record(EstimateCheck("tiny", "NVIDIA H100 80GB HBM3", 600, 2000, 573, 1900), "580.00")
+    orch.admission.calibration.record(EstimateCheck("tiny", "NVIDIA H100 80GB HBM3", 600, 2000, 573, 1900), "580.00")
     path = orch.settings.state_dir / "calibration.json"
     saved = json.loads(path.read_text())
     assert saved["cards"]["NVIDIA H100 80GB HBM3|driver 580.00"]["estimator"] == ESTIMATOR_VERSION
-    assert gpu_orchestrator(measured_mb=2000).calibration.overhead_mb("NVIDIA H100 80GB HBM3", "580.00") == 1900
+    restarted = gpu_orchestrator(measured_mb=2000)
+    assert restarted.admission.calibration.overhead_mb("NVIDIA H100 80GB HBM3", "580.00") == 1900
     del saved["cards"]["NVIDIA H100 80GB HBM3|driver 580.00"]["estimator"]  # as version 1 wrote it
     path.write_text(json.dumps(saved))
     again = gpu_orchestrator(measured_mb=2000)
-    assert again.calibration.overhead_mb("NVIDIA H100 80GB HBM3", "580.00") is None
-    assert (await again.estimate(again.models["tiny"].spec)).overhead_mb == CALIBRATION["cuda_overhead_mib"]
+    assert again.admission.calibration.overhead_mb("NVIDIA H100 80GB HBM3", "580.00") is None
+    assert (await again.admission.estimate(again.models["tiny"].spec)).overhead_mb == CALIBRATION["cuda_overhead_mib"]
 
 
 async def test_another_card_or_driver_learns_separately_and_a_large_miss_is_logged(gpu_orchestrator, caplog):
     orch = gpu_orchestrator(measured_mb=2000)
     with caplog.at_level("WARNING"):
-        orch.calibration.record(EstimateCheck("big", "NVIDIA H100 80GB HBM3", 10000, 12000, 573, 2573), "580.00")
+        orch.admission.calibration.record(EstimateCheck("big", "NVIDIA H100 80GB HBM3", 10000, 12000, 573, 2573),
+                                          "580.00")
     assert "estimated 10000 MB, NVML measured 12000 MB" in caplog.text
-    assert orch.calibration.overhead_mb("NVIDIA H100 80GB HBM3", "575.00") is None
-    assert orch.calibration.overhead_mb("NVIDIA GeForce RTX 5090", "580.00") is None
+    assert orch.admission.calibration.overhead_mb("NVIDIA H100 80GB HBM3", "575.00") is None
+    assert orch.admission.calibration.overhead_mb("NVIDIA GeForce RTX 5090", "580.00") is None
     # the median of recent observations: one odd load does not swing it
     for observed in (600, 610, 5000):
-        orch.calibration.record(EstimateCheck("m", "NVIDIA L4", 1000, 1000, 500, observed), "580.00")
-    assert orch.calibration.overhead_mb("NVIDIA L4", "580.00") == 610
+        orch.admission.calibration.record(EstimateCheck("m", "NVIDIA L4", 1000, 1000, 500, observed), "580.00")
+    assert orch.admission.calibration.overhead_mb("NVIDIA L4", "580.00") == 610
 
 
 @pytest.mark.gpu
@@ -154,7 +156,7 @@ async def test_real_gpu_first_load_teaches_the_overhead_and_the_second_estimate_
     for _ in range(2):
         assert (await c.post("/models/load", json={"model": "dense"})).status == 200
         checks.append(await wait_check(orch, "dense", timeout=20))
-        orch.estimate_checks.pop("dense")
+        orch.admission.estimate_checks.pop("dense")
         assert (await c.post("/models/unload", json={"model": "dense"})).status == 200
     first, second = checks
     print(f"\n{first.gpu_name}: estimate {first.estimate_mb:.0f} MiB, NVML {first.measured_mb:.0f} MiB, error "

@@ -96,11 +96,11 @@ def _orchestrator(tmp_path, world: World, fleet: FakeFleet) -> Orchestrator:
     async def snapshot(fresh=False):
         return gpu.snapshot()
 
-    orch._ensure_files = no_files  # the simulation does no file I/O and starts no thread
-    orch._estimate_for_admission = estimate
-    orch.estimate = estimate
+    orch.download_on_load.ensure = no_files  # the simulation does no file I/O and starts no thread
+    orch.admission.estimate_for_admission = estimate
+    orch.admission.estimate = estimate
     orch._launch_plan = launch
-    orch.snapshot = snapshot
+    orch.admission.snapshot = snapshot
     orch.resolve_files = _no_files  # no prefetch: no file to read
     return orch
 

@@ -9,6 +9,8 @@ import os
 import signal
 import threading
 import time
+from datetime import datetime, timezone
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -57,6 +59,22 @@ async def test_status_is_served_from_a_snapshot_and_changes_show_at_once(aiohttp
     h1 = await (await c.get("/health")).read()
     assert h1 == await (await c.get("/health")).read()
     assert (await c.get("/models")).status == 200
+
+
+async def test_a_change_of_any_field_status_shows_is_in_the_next_answer(aiohttp_client, make_orchestrator):
+    """The status cache keys on the orchestrator's revision, which every change of a model's fields bumps: a
+    hand-kept list of fields lagged up to a sampling period for a field it missed (here the estimate and loaded_at)."""
+    from model_orchestrator.api import create_app
+
+    orch = make_orchestrator(gpu_sample_s=60)  # only a change may rebuild an answer here, never its age
+    c = await aiohttp_client(create_app(orch))
+    assert (await c.post("/models/load", json={"model": "tiny"})).status == 200
+    model = orch.models["tiny"]
+    before = (await (await c.get("/models/status")).json())["loaded_models"]["tiny"]
+    model.estimate = SimpleNamespace(total_mb=4321.0)  # as admission sets it
+    model.loaded_at = datetime(2020, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    after = (await (await c.get("/models/status")).json())["loaded_models"]["tiny"]
+    assert (after["estimate_mb"], after["loaded_at"]) == (4321.0, "2020-01-02T03:04:05+00:00"), (before, after)
 
 
 async def test_metrics_scrapes_never_touch_state_off_the_loop_under_reservation_churn(client):

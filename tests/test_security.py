@@ -400,8 +400,9 @@ async def test_background_loops_survive_exceptions_logged_and_counted(aiohttp_cl
         return step
 
     # before start(): the loops take their steps then
-    orch._unload_idle_step = failing("idle", orch._unload_idle_step, RuntimeError("boom in the idle loop"))
-    orch._check_health = failing("health", orch._check_health, KeyError("boom in the health loop"))
+    dog = orch.watchdog
+    dog.unload_idle_step = failing("idle", dog.unload_idle_step, RuntimeError("boom in the idle loop"))
+    dog.check_health = failing("health", dog.check_health, KeyError("boom in the health loop"))
     c = await aiohttp_client(create_app(orch))
     for _ in range(200):
         if ran_after["idle"] >= 2 and ran_after["health"] >= 2:

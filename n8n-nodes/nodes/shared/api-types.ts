@@ -528,12 +528,6 @@ export interface components {
             compute_mb: number;
             /** Mmproj Mb */
             mmproj_mb: number;
-            /**
-             * Lora Mb
-             * @description the LoRA adapters' tensors on the GPU
-             * @default 0
-             */
-            lora_mb?: number;
             /** Overhead Mb */
             overhead_mb: number;
             /** Total Mb */
@@ -550,6 +544,12 @@ export interface components {
             details: {
                 [key: string]: unknown;
             };
+            /**
+             * Lora Mb
+             * @description the LoRA adapters' tensors on the GPU
+             * @default 0
+             */
+            lora_mb?: number;
         };
         /** EstimateRequest */
         EstimateRequest: {

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import contextlib
+import functools
 import hmac
 import ipaddress
 import json
 import logging
-import socket
-import struct
 import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
@@ -23,27 +21,27 @@ from typing import Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from . import __version__, callbacks, fleet, proxy
+from . import __version__, callbacks, fleet, lora, proxy, views
 from .errors import Code, Refused
 from .events import EVENT_TYPES
-from .http_errors import HttpRefused, error_body, refusal_response
-from .lifecycle import LoadResult
+from .fast_lane import TABLE, Table, reset_connection
+from .http_errors import HttpRefused, error_body, invalid_request, refusal_response
 from .gpu import GpuSampler
 from .model_files import ModelFilesMissing
 from .openapi import build_openapi
 from .orchestrator import Orchestrator
-from .schemas import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, EstimateRequest, EstimateResponse,
-                      EventOut, FleetResponse, HealthResponse, LoadCallback, LoadRequest, LoadResponse, LogsResponse,
-                      LoraAdaptersResponse, LoraScalesRequest, ModelsResponse, OpenAIModelList,
-                      OpenAIResponse, RenewRequest, ReservationList, ReservationOut, ReservationRequest,
-                      StatusResponse, UnloadRequest, UnloadResponse)
+from .schemas import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, EstimateOut, EstimateRequest,
+                      EstimateResponse, EventOut, FleetResponse, FitOut, HealthResponse, LoadCallback, LoadRequest,
+                      LoadResponse, LogsResponse, LoraAdaptersResponse, LoraScalesRequest, ModelsResponse,
+                      OpenAIModelList, OpenAIResponse, RenewRequest, ReservationList, ReservationOut,
+                      ReservationRequest, StatusResponse, UnloadRequest, UnloadResponse)
+from .states import LoadResult
 from .status_cache import StatusCache
 
 log = logging.getLogger("model_orchestrator.api")
 ORCH = web.AppKey("orchestrator", Orchestrator)
 STATUS = web.AppKey("status_cache", StatusCache)
 OPENAPI = web.AppKey("openapi", dict)
-GUARD = web.AppKey("guard", object)  # the app's request_guard, for fast_lane.py
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -86,9 +84,7 @@ async def _body(request: web.Request, model: type[BaseModel]):
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        problems = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]} for e in exc.errors()]
-        first = problems[0]
-        raise Refused(Code.INVALID_REQUEST, f"{first['field']}: {first['problem']}", problems=problems) from None
+        raise invalid_request(exc) from None
 
 
 def _codec_name(charset: str) -> str | None:
@@ -99,48 +95,34 @@ def _codec_name(charset: str) -> str | None:
         return None
 
 
-def _json(model: type[BaseModel], data: dict, status: int = 200) -> web.Response:
-    return web.Response(body=_serialised(model, data), status=status, content_type="application/json")
+def _json(answer: BaseModel, status: int = 200) -> web.Response:
+    """An answer, built as its documented model (the OpenAPI document cannot drift from the answers)."""
+    return web.Response(body=answer.model_dump_json().encode(), status=status, content_type="application/json")
 
 
-def _serialised(model: type[BaseModel], data: dict) -> bytes:
-    # validate what we answer with the documented model: the OpenAPI document cannot drift from the answers
-    return model.model_validate(data).model_dump_json().encode()
-
-
-# The answers of the polled read-only routes, built and serialised once per state (status_cache.py), then served as
-# bytes: by their handlers below, and before aiohttp by fast_lane.py for plain GETs. path -> (cache name, builder).
+# The answers of the polled read-only routes (views.py), built and serialised once per state (status_cache.py), then
+# served as bytes: by their handlers below, and before aiohttp by fast_lane.py for plain GETs. path -> builder.
 async def _build_health(orch: Orchestrator) -> bytes:
-    return _serialised(HealthResponse, orch.health())
+    return views.health(orch).model_dump_json().encode()
 
 
 async def _build_status(orch: Orchestrator) -> bytes:
-    return _serialised(StatusResponse, orch.status_view(orch.gpu_view.latest()))  # the sampler's GPU readings
+    return views.status(orch, orch.gpu_view.latest()).model_dump_json().encode()  # the sampler's GPU readings
 
 
 async def _build_models(orch: Orchestrator) -> bytes:
     queues = orch.dispatcher.queue_views()  # on the loop, which changes them
-    return _serialised(ModelsResponse, await asyncio.to_thread(orch.registry_view, queues))  # checks the HF cache
+    answer = await asyncio.to_thread(views.registry, orch, queues)  # looks for files in the HF cache
+    return answer.model_dump_json().encode()
 
 
-CACHED: dict[str, tuple[str, Callable[[Orchestrator], Awaitable[bytes]]]] = {
-    "/health": ("health", _build_health), "/models/status": ("status", _build_status), "/models": ("models", _build_models)}
+CACHED: dict[str, Callable[[Orchestrator], Awaitable[bytes]]] = {
+    "/health": _build_health, "/models/status": _build_status, "/models": _build_models}
 
 
 async def _cached(request: web.Request) -> web.Response:
-    name, build = CACHED[request.path]  # one answer per route: these routes read no query, so none is part of the key
-    orch = request.app[ORCH]
-    return web.Response(body=await request.app[STATUS].get(name, lambda: build(orch)), content_type="application/json")
-
-
-def reset_connection(transport) -> None:
-    """Drop a connection at once with what is buffered for it (a client that reads nothing would hold it: close()
-    waits for the buffer to drain, and the kernel goes on offering its send queue to a closed window)."""
-    sock = transport.get_extra_info("socket")
-    if sock is not None:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, not a FIN
-    transport.abort()
+    # one answer per route: these routes read no query, so none is part of the key
+    return web.Response(body=await request.app[STATUS].get(request.path), content_type="application/json")
 
 
 # ---- handlers ---------------------------------------------------------------------------------------------------
@@ -162,8 +144,8 @@ async def models_status(request: web.Request) -> web.Response:
 async def fleet_members(request: web.Request) -> web.Response:
     settings = request.app[ORCH].settings
     found = await fleet.resolve(settings.fleet, settings.port)
-    return _json(FleetResponse, {"node": settings.node_name, "fleet": settings.fleet, "members": found.members,
-                                 "errors": found.errors})
+    return _json(FleetResponse(node=settings.node_name, fleet=settings.fleet, members=found.members,
+                               errors=found.errors))
 
 
 async def models_list(request: web.Request) -> web.Response:
@@ -178,11 +160,11 @@ async def models_load(request: web.Request) -> web.Response:
         if req.vram_mb is None:
             raise Refused(Code.UNKNOWN_SERVICE, f"{req.model!r} of service {req.service!r} is not run by this "
                           "orchestrator: pass vram_mb to reserve GPU memory for it (it then counts in admission)")
-        r = await orch.reserve(req.service, req.vram_mb, ttl_s=req.ttl_s, model=req.model,
-                               priority=req.priority if req.priority is not None else 50,
-                               allow_eviction=bool(req.allow_eviction), force=req.force)
-        return _json(LoadResponse, {"model": req.model, "status": "reserved", "result": LoadResult.RESERVED,
-                                    "reservation": r.to_dict()})
+        r = await orch.admission.reserve(req.service, req.vram_mb, ttl_s=req.ttl_s, model=req.model,
+                                         priority=req.priority, allow_eviction=bool(req.allow_eviction),
+                                         force=req.force)
+        return _json(LoadResponse(model=req.model, status="reserved", result=LoadResult.RESERVED,
+                                  reservation=ReservationOut(**r.to_dict())))
     kwargs = dict(priority=req.priority, service=req.service, timeout_s=req.timeout_s,
                   allow_eviction=req.allow_eviction, force=req.force)
     if req.callback_url is not None:
@@ -194,20 +176,20 @@ async def models_load(request: web.Request) -> web.Response:
     if req.callback_url is not None:
         orch.run_in_background(callbacks.after_load(orch, outcome, req.callback_url))
     model, server = outcome.model, outcome.model.server
-    return _json(LoadResponse, {"model": model.id, "status": model.state, "result": outcome.result,
-                                "load_seconds": model.load_seconds, "pid": server.pid if server else None,
-                                "gpu": model.gpu,
-                                "estimate_mb": round(model.estimate.total_mb, 1) if model.estimate else None,
-                                "evicted": outcome.evicted, "download": orch.downloads.view(model.id)},
-                 status=202 if outcome.result in (LoadResult.LOADING, LoadResult.DOWNLOADING, LoadResult.QUEUED) else 200)
+    return _json(LoadResponse(model=model.id, status=model.state, result=outcome.result,
+                              load_seconds=model.load_seconds, pid=server.pid if server else None, gpu=model.gpu,
+                              estimate_mb=round(model.estimate.total_mb, 1) if model.estimate else None,
+                              evicted=outcome.evicted, download=orch.downloads.view(model.id)),
+                 status=202 if outcome.result in (LoadResult.LOADING, LoadResult.DOWNLOADING, LoadResult.QUEUED)
+                 else 200)
 
 
 async def models_unload(request: web.Request) -> web.Response:
     req = await _body(request, UnloadRequest)
     outcome = await request.app[ORCH].unload(req.model, service=req.service, force=req.force,
                                              drain_timeout_s=req.drain_timeout_s, save_slots=req.save_slots)
-    return _json(UnloadResponse, {"model": outcome.model, "status": outcome.status, "result": outcome.result,
-                                  "released": [r.to_dict() for r in outcome.released]})
+    return _json(UnloadResponse(model=outcome.model, status=outcome.status, result=outcome.result,
+                                released=[ReservationOut(**r.to_dict()) for r in outcome.released]))
 
 
 async def models_estimate(request: web.Request) -> web.Response:
@@ -215,27 +197,30 @@ async def models_estimate(request: web.Request) -> web.Response:
     orch = request.app[ORCH]
     model = orch.model(req.model)
     try:
-        est = await orch.estimate(model.spec, context_size=req.context_size, cache_type=req.cache_type,
-                                  n_gpu_layers=req.n_gpu_layers)
+        est = await orch.admission.estimate(model.spec, context_size=req.context_size, cache_type=req.cache_type,
+                                            n_gpu_layers=req.n_gpu_layers)
     except ModelFilesMissing as exc:  # hub.HubError too: unreachable, wrong repo, gated... each with its code
         exc.details.setdefault("model", model.id)
         raise
     except (ValueError, OSError) as exc:
-        raise Refused(Code.UNREADABLE_MODEL, f"cannot read the GGUF header of {model.id}: {exc}", model=model.id) from None
-    fit = await orch.check_fit(model.spec, est)
-    return _json(EstimateResponse, {"model": model.id, "context_size": req.context_size or model.spec.context_size,
-                                    "cache_type": est.cache_type, "estimate": est.to_dict(), "fit": fit})
+        raise Refused(Code.UNREADABLE_MODEL, f"cannot read the GGUF header of {model.id}: {exc}",
+                      model=model.id) from None
+    fit = await orch.admission.check_fit(model.spec, est)
+    return _json(EstimateResponse(model=model.id, context_size=req.context_size or model.spec.context_size,
+                                  cache_type=est.cache_type, estimate=EstimateOut(**est.to_dict()), fit=FitOut(**fit)))
 
 
 async def reservations_list(request: web.Request) -> web.Response:
-    return _json(ReservationList, {"reservations": [r.to_dict() for r in request.app[ORCH].reservations.active()]})
+    return _json(ReservationList(reservations=[ReservationOut(**r.to_dict())
+                                               for r in request.app[ORCH].reservations.active()]))
 
 
 async def reservations_create(request: web.Request) -> web.Response:
     req = await _body(request, ReservationRequest)
-    r = await request.app[ORCH].reserve(req.service, req.vram_mb, ttl_s=req.ttl_s, gpu=req.gpu, model=req.model,
-                                        priority=req.priority, allow_eviction=req.allow_eviction, force=req.force)
-    return _json(ReservationOut, r.to_dict(), status=201)
+    r = await request.app[ORCH].admission.reserve(req.service, req.vram_mb, ttl_s=req.ttl_s, gpu=req.gpu,
+                                                  model=req.model, priority=req.priority,
+                                                  allow_eviction=req.allow_eviction, force=req.force)
+    return _json(ReservationOut(**r.to_dict()), status=201)
 
 
 def _reservation_id(request: web.Request) -> str:
@@ -252,7 +237,7 @@ async def reservations_renew(request: web.Request) -> web.Response:
     if r is None:
         raise Refused(Code.RESERVATION_NOT_FOUND, f"no reservation {rid} (expired or released)")
     request.app[ORCH].events.publish("reservation", action="renewed", reservation=r.to_dict())
-    return _json(ReservationOut, r.to_dict())
+    return _json(ReservationOut(**r.to_dict()))
 
 
 async def reservations_release(request: web.Request) -> web.Response:
@@ -261,7 +246,7 @@ async def reservations_release(request: web.Request) -> web.Response:
     if r is None:
         raise Refused(Code.RESERVATION_NOT_FOUND, f"no reservation {rid} (expired or released)")
     request.app[ORCH].events.publish("reservation", action="released", reservation=r.to_dict())
-    return _json(ReservationOut, r.to_dict())
+    return _json(ReservationOut(**r.to_dict()))
 
 
 async def model_logs(request: web.Request) -> web.Response:
@@ -272,16 +257,15 @@ async def model_logs(request: web.Request) -> web.Response:
         raise Refused(Code.INVALID_REQUEST, "lines must be an integer") from None
     server = model.server
     lines = server.last_logs(n) if server else (model.last_error or {}).get("logs", [])[-n:]
-    return _json(LogsResponse, {"model": model.id, "pid": server.pid if server else None, "lines": lines})
+    return _json(LogsResponse(model=model.id, pid=server.pid if server else None, lines=lines))
 
 
-def _lora_answer(orch: Orchestrator, model) -> web.Response:
-    return _json(LoraAdaptersResponse, {"model": model.id, "status": model.state, "adapters": orch.lora_view(model)})
+def _lora_answer(model) -> web.Response:
+    return _json(LoraAdaptersResponse(model=model.id, status=model.state, adapters=lora.view(model)))
 
 
 async def lora_adapters(request: web.Request) -> web.Response:
-    orch = request.app[ORCH]
-    return _lora_answer(orch, orch.model(request.match_info["model"]))
+    return _lora_answer(request.app[ORCH].model(request.match_info["model"]))
 
 
 async def lora_adapters_set(request: web.Request) -> web.Response:
@@ -291,8 +275,8 @@ async def lora_adapters_set(request: web.Request) -> web.Response:
     scales = {a.name: a.scale for a in req.adapters}
     if len(scales) != len(req.adapters):
         raise Refused(Code.INVALID_REQUEST, "adapters: each adapter may be named once")
-    await orch.set_lora_scales(model.id, scales)
-    return _lora_answer(orch, model)
+    await lora.set_scales(model, scales, orch.events)
+    return _lora_answer(model)
 
 
 EVENTS_KEEPALIVE_S = 15.0  # a comment line this often keeps proxies and n8n from closing an idle stream
@@ -353,7 +337,7 @@ async def models_events(request: web.Request) -> web.StreamResponse:
 
 
 async def v1_models(request: web.Request) -> web.Response:
-    return _json(OpenAIModelList, proxy.list_models(request.app[ORCH]))
+    return _json(proxy.list_models(request.app[ORCH]))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -382,14 +366,16 @@ _PROXY_STATUSES = ((503, "queue_full (MODEL_ORCHESTRATOR_MAX_QUEUE requests alre
 _QUEUE_PARAMS = ({"name": proxy.QUEUE_TIMEOUT_HEADER, "in": "header", "required": False,
                   "description": "how long this request may wait in its model's queue (its load, its turn) before 503 "
                   "queue_timeout; default MODEL_ORCHESTRATOR_QUEUE_TIMEOUT_S",
-                  "schema": {"type": "number", "minimum": proxy.MIN_QUEUE_TIMEOUT_S, "maximum": proxy.MAX_QUEUE_TIMEOUT_S}},)
+                  "schema": {"type": "number", "minimum": proxy.MIN_QUEUE_TIMEOUT_S,
+                             "maximum": proxy.MAX_QUEUE_TIMEOUT_S}},)
 _QUEUE_HEADERS = ((proxy.QUEUE_WAIT_HEADER, "milliseconds the request waited in its model's queue before it was sent "
                    "to llama-server (0: at once)"),)
 
 ROUTES: list[Route] = [
     Route("GET", "/health", health, "Liveness of the orchestrator", response=HealthResponse, auth=False, tag="service"),
     Route("GET", "/metrics", metrics, "Prometheus metrics (GPU, models, requests, tokens)", auth=False, tag="service"),
-    Route("GET", "/models/status", models_status, "GPU memory and the models that are not unloaded", response=StatusResponse,
+    Route("GET", "/models/status", models_status, "GPU memory and the models that are not unloaded",
+          response=StatusResponse,
           description="The guide's shape (total_mb, used_mb, free_mb, utilization_percent, loaded_models) plus "
                       "per-GPU details. In CPU mode the memory fields are null and `note` says why."),
     Route("GET", "/fleet", fleet_members, "Every sidecar of this fleet (MODEL_ORCHESTRATOR_FLEET resolved now)",
@@ -397,7 +383,8 @@ ROUTES: list[Route] = [
           description="Discovery for clients given one URL (the n8n nodes' credential, `status`): they then ask every "
           "member themselves; each sidecar decides only for its own GPUs. In Kubernetes the setting is the headless "
           "Service's DNS name, which resolves to every ready sidecar pod."),
-    Route("GET", "/models", models_list, "The model registry with each model's state (for dropdowns)", response=ModelsResponse),
+    Route("GET", "/models", models_list, "The model registry with each model's state (for dropdowns)",
+          response=ModelsResponse),
     Route("POST", "/models/load", models_load, "Load a model (joins a load under way)", request=LoadRequest,
           response=LoadResponse, description="Answers when llama-server is ready; with wait=false, 202 as soon as "
           "the load is admitted and started (status `loading`; a refusal is still an error). A model whose files "
@@ -415,9 +402,11 @@ ROUTES: list[Route] = [
           "Retry-After meanwhile) and then refuses with 409, changing nothing. With force, stops llama-server at once; "
           "requests in flight end with a model_unloaded error. An unload during a load cancels it; during a download "
           "it stops it (result cancelled_download; what arrived is kept and the next load resumes it)."),
-    Route("POST", "/models/estimate", models_estimate, "Predicted GPU memory of a model's llama-server, and whether it fits now",
+    Route("POST", "/models/estimate", models_estimate,
+          "Predicted GPU memory of a model's llama-server, and whether it fits now",
           request=EstimateRequest, response=EstimateResponse,
-          description="From the GGUF header only: weights on the GPU, KV cache, compute buffer, projector, CUDA overhead.",
+          description="From the GGUF header only: weights on the GPU, KV cache, compute buffer, projector, CUDA "
+          "overhead.",
           statuses=((422, "the model file is not a readable GGUF"),)),
     Route("GET", "/reservations", reservations_list, "Memory reserved by other GPU services", response=ReservationList,
           tag="reservations"),
@@ -426,7 +415,8 @@ ROUTES: list[Route] = [
           description="Counts in admission at once; may evict models of lower priority (or equal, with allow_eviction) "
                       "to make room; refused with 409 insufficient_vram otherwise, and with 409 too_many_reservations "
                       "beyond MODEL_ORCHESTRATOR_MAX_RESERVATIONS live ones. Expires after ttl_s unless renewed."),
-    Route("POST", "/reservations/{id}/renew", reservations_renew, "Extend a reservation's lifetime", request=RenewRequest,
+    Route("POST", "/reservations/{id}/renew", reservations_renew, "Extend a reservation's lifetime",
+          request=RenewRequest,
           response=ReservationOut, tag="reservations"),
     Route("DELETE", "/reservations/{id}", reservations_release, "Release a reservation", response=ReservationOut,
           tag="reservations"),
@@ -443,7 +433,8 @@ ROUTES: list[Route] = [
                   "(default: all; reservation events always pass)", "schema": {"type": "string"}},
                  {"name": "last_event_id", "in": "query", "required": False, "description": "as the Last-Event-ID "
                   "header: replay the recent events after this one", "schema": {"type": "integer"}})),
-    Route("GET", "/models/{model}/logs", model_logs, "The last lines llama-server printed (?lines=N)", response=LogsResponse,
+    Route("GET", "/models/{model}/logs", model_logs, "The last lines llama-server printed (?lines=N)",
+          response=LogsResponse,
           query=({"name": "lines", "in": "query", "required": False, "description": "how many lines (1..10000)",
                   "schema": {"type": "integer", "default": 100}},)),
     Route("GET", "/models/{model}/lora-adapters", lora_adapters, "A model's LoRA adapters and their scales",
@@ -629,8 +620,9 @@ def create_app(orch: Orchestrator) -> web.Application:
     app = web.Application(middlewares=[errors_and_metrics, guard_middleware(guard)],
                           client_max_size=orch.settings.max_body_mb * 1024 * 1024)
     app[ORCH] = orch
-    app[GUARD] = guard
-    app[STATUS] = StatusCache(orch, max_age_s=orch.settings.gpu_sample_s)
+    app[STATUS] = cache = StatusCache({path: functools.partial(build, orch) for path, build in CACHED.items()},
+                                      key=functools.partial(views.revision, orch), max_age_s=orch.settings.gpu_sample_s)
+    app[TABLE] = Table(cache, guard, functools.partial(count_request, orch))  # what fast_lane.py may answer itself
     sampler = GpuSampler(orch.gpu_view, orch.settings.gpu_sample_s)
     for r in ROUTES:
         app.router.add_route(r.method, r.path, r.handler)

@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from .errors import Code, Refused
-from .lifecycle import LoadResult
 from .schemas import LoadCallback
+from .states import LoadResult
 
 log = logging.getLogger("model_orchestrator.callbacks")
 
@@ -109,12 +109,12 @@ async def after_load(orch, outcome, url: str) -> dict:
             result = "cancelled" if exc.code in (Code.LOAD_CANCELLED, Code.DOWNLOAD_CANCELLED) else "failed"
             error = {"code": exc.code.value, "message": exc.message, **exc.details}
     server = model.server
-    payload = LoadCallback.model_validate({
-        "model": model.id, "result": result, "status": model.state.value,
-        "load_seconds": model.load_seconds if result == "loaded" else None,
-        "pid": server.pid if server else None, "gpu": model.gpu,
-        "estimate_mb": round(model.estimate.total_mb, 1) if model.estimate else None,
-        "evicted": outcome.evicted, "error": error}).model_dump(mode="json")
+    payload = LoadCallback(
+        model=model.id, result=result, status=model.state,
+        load_seconds=model.load_seconds if result == "loaded" else None, pid=server.pid if server else None,
+        gpu=model.gpu,
+        estimate_mb=round(model.estimate.total_mb, 1) if model.estimate else None, evicted=outcome.evicted,
+        error=error).model_dump(mode="json")
     delivered, attempts, status = await deliver(orch.http, url, payload)
     orch.events.publish("callback", model=model.id, url=url, result=result, delivered=delivered, attempts=attempts,
                         status=status)

@@ -20,15 +20,18 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, AsyncIterator, Callable
+from typing import AsyncIterator, Awaitable, Callable, Protocol
 
-from .errors import Code, Refused
+from .admission import Admission
+from .errors import Code, Refused, shutting_down
+from .events import EventBus
 from .lifecycle import LlamaServer, LoadFailed, LoadCancelled, ManagedModel, State
 from .llama_args import parallel_slots
+from .metrics import Metrics
+from .registry import ModelSpec
+from .revision import Revision
 from .scheduler import Limits, ModelView, Plan, Resident, Ticket, plan
-
-if TYPE_CHECKING:
-    from .orchestrator import Orchestrator
+from .settings import Settings
 
 log = logging.getLogger("model_orchestrator.dispatcher")
 
@@ -60,8 +63,26 @@ class Lease:
     waited_s: float
 
 
+class Owner(Protocol):
+    """What the dispatcher needs of its owner (orchestrator.Orchestrator): the models and their parts, and the one
+    call that starts a load."""
+
+    settings: Settings
+    models: dict[str, ManagedModel]
+    admission: Admission
+    metrics: Metrics
+    events: EventBus
+    revision: Revision
+    closing: bool
+
+    def start_load(self, model: ManagedModel, *, priority: int | None, allow_eviction: bool, timeout_s: float | None,
+                   report_refusal: bool = True) -> Awaitable[list[str] | None]: ...
+
+    def resolve_files(self, spec: ModelSpec): ...
+
+
 class Dispatcher:
-    def __init__(self, orch: "Orchestrator"):
+    def __init__(self, orch: Owner):
         self.orch = orch
         self.settings = orch.settings
         self._queues: dict[str, dict[int, _Waiter]] = {m: {} for m in orch.models}  # insertion = arrival order
@@ -82,7 +103,6 @@ class Dispatcher:
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
         self._prefetch_pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch")
-        self.version = 0  # bumped whenever a queue changes (status_cache's key)
 
     # ---- what callers use ---------------------------------------------------------------------------------
     @contextlib.asynccontextmanager
@@ -153,7 +173,7 @@ class Dispatcher:
         """Shutdown: every waiting request is refused; no load starts from here on."""
         for queue in self._queues.values():
             for w in list(queue.values()):
-                self._finish(w, Refused(Code.SHUTTING_DOWN, "the orchestrator is shutting down", retry_after=5))
+                self._finish(w, shutting_down())
         for task in self._tasks:
             task.cancel()
         if self._timer:
@@ -188,7 +208,8 @@ class Dispatcher:
 
     @staticmethod
     def _load_error(model: ManagedModel, new: State) -> Refused:
-        """What the requests that waited for a load hear when it failed (its code and logs) or an unload cancelled it."""
+        """What the requests that waited for a load hear: its failure (code and logs), or the unload that cancelled
+        it."""
         if new == State.UNLOADING:
             return LoadCancelled(f"load of {model.id} was cancelled by an unload", model=model.id)
         err = model.last_error or {}
@@ -222,7 +243,7 @@ class Dispatcher:
     def _enqueue(self, model: ManagedModel, *, load_only: bool, priority: int | None, allow_eviction: bool,
                  arrived: float, timeout_s: float | None = None, start_timeout_s: float | None = None) -> _Waiter:
         if self.orch.closing:
-            raise Refused(Code.SHUTTING_DOWN, "the orchestrator is shutting down", retry_after=5)
+            raise shutting_down()
         queue = self._queues[model.id]
         # MODEL_ORCHESTRATOR_MAX_QUEUE counts the requests that could not run at once in llama-server's slots
         limit = self.settings.max_queue and self.settings.max_queue + max(0, self._slots[model.id] - model.in_flight)
@@ -233,8 +254,7 @@ class Dispatcher:
                           "later", retry_after=self._retry_after(model.id), model=model.id, waiting=len(queue),
                           limit=limit)
         timeout = timeout_s or self.settings.queue_timeout_s
-        ticket = Ticket(next(self._ids), model.id, arrived, arrived + timeout,
-                        model.priority if priority is None else priority, load_only)
+        ticket = Ticket(next(self._ids), model.id, arrived, arrived + timeout, model.priority_for(priority), load_only)
         waiter = _Waiter(ticket, asyncio.get_running_loop().create_future(), allow_eviction, start_timeout_s)
         queue[ticket.id] = waiter
         self._changed(model.id, +1)
@@ -244,7 +264,7 @@ class Dispatcher:
                     arrived: float) -> None:
         spec = model.spec
         waiter = self._enqueue(model, load_only=False, priority=None, arrived=arrived, timeout_s=timeout_s,
-                               allow_eviction=self.orch.allow_eviction(spec, None))
+                               allow_eviction=self.orch.admission.allow_eviction(spec, None))
         self.plan_now()
         if not waiter.future.done():
             self.orch.events.publish("queued", model=model.id, waiting=len(self._queues[model.id]),
@@ -287,7 +307,7 @@ class Dispatcher:
 
     def _changed(self, model_id: str, delta: int) -> None:
         self._waiting += delta
-        self.version += 1
+        self.orch.revision.bump()
         self.orch.metrics.child(self.orch.metrics.queue_depth, model_id).set(len(self._queues[model_id]))
 
     # ---- planning and the effects -------------------------------------------------------------------------
@@ -315,7 +335,7 @@ class Dispatcher:
         for tid in result.expire:
             self._expire(waiters[tid], now)
         for model_id, decision in result.refuse.items():
-            refusal = self.orch.refusal(model_id, decision)
+            refusal = self.orch.admission.refusal(model_id, decision)
             for w in list(self._queues[model_id].values()):
                 self.orch.metrics.queue_refusals.labels(model_id, refusal.code.value).inc()
                 self._finish(w, refusal)
@@ -370,7 +390,7 @@ class Dispatcher:
 
     def _view(self, now: float) -> tuple[dict[str, ModelView], list, list[Resident]]:
         orch = self.orch
-        devices, residents = orch.placement_from(orch.gpu_view.latest())
+        devices, residents = orch.admission.placement_from(orch.admission.gpu_view.latest())
         views = {}
         for m in orch.models.values():
             need = self._need_mb(m)
@@ -393,7 +413,7 @@ class Dispatcher:
         request's allow_eviction, else the model's swap on demand)."""
         queue = self._queues[model.id]
         if not queue:
-            return self.orch.allow_eviction(model.spec, None)
+            return self.orch.admission.allow_eviction(model.spec, None)
         return any(w.allow_eviction for w in queue.values())
 
     def _need_mb(self, model: ManagedModel) -> float | None:
@@ -401,7 +421,7 @@ class Dispatcher:
         0 in CPU mode or when its header cannot be read (admission decides with the load)."""
         if model.estimate is not None:
             return model.estimate.total_mb
-        if not self.orch.gpu_view.available or self._estimating.get(model.id) is False:
+        if not self.orch.admission.gpu_view.available or self._estimating.get(model.id) is False:
             return 0.0
         if model.id not in self._estimating and self._queues[model.id]:
             self._estimating[model.id] = True
@@ -410,7 +430,7 @@ class Dispatcher:
 
     async def _estimate(self, model: ManagedModel) -> None:
         try:
-            model.estimate = await self.orch.estimate(model.spec)
+            model.estimate = await self.orch.admission.estimate(model.spec)
             del self._estimating[model.id]
         except Exception:  # noqa: BLE001 - an unreadable header: admission decides with the load
             self._estimating[model.id] = False

@@ -7,7 +7,7 @@ chunk and keeps what arrived: the next load resumes there). Its progress (bytes 
 /models/status, /models, the metrics and the `download_progress` events show.
 
 Whether a load may download, and what is checked before (the estimate from the remote header against the GPU, the
-free disk), is decided by the orchestrator's ensure_loaded; this module only carries the download out.
+free disk), is download_on_load.py's; this module only carries the download out.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 from .errors import Code, Refused
 from .hub import DownloadCancelled, DownloadProgress
 from .outbound import Outbound
+from .revision import Revision
 
 if TYPE_CHECKING:
     from .events import EventBus
@@ -76,8 +77,9 @@ class Download:
 
 class Downloads:
     def __init__(self, events: "EventBus", on_result: Callable[[str, str], None] = lambda model, result: None,
-                 outbound: Outbound | None = None):
+                 outbound: Outbound | None = None, revision: Revision | None = None):
         self.events = events
+        self.revision = revision or Revision()  # bumped as the bytes arrive (every PROGRESS_EVENT_S: status shows them)
         self.on_result = on_result  # (model, "finished"|"failed"|"cancelled"): the metrics count it
         self.outbound = outbound or Outbound(deadline_s=60.0)  # runs each download on a thread of its own
         self.active: dict[str, Download] = {}
@@ -108,7 +110,7 @@ class Downloads:
         except Refused as exc:
             self._finish(model, dl, "failed", {"code": exc.code.value, "message": exc.message})
             raise
-        except Exception as exc:  # this machine's problem (permissions, a bug): say it, as a value
+        except Exception as exc:  # this machine's problem (permissions, a bug): say it as a Refused
             log.exception("%s: download failed", model.id)
             error = Refused(Code.DOWNLOAD_FAILED, f"{model.id}: the download failed: {exc}", model=model.id)
             self._finish(model, dl, "failed", {"code": error.code.value, "message": error.message})
@@ -156,6 +158,7 @@ class Downloads:
     async def _publish_progress(self) -> None:
         while self.active:
             await asyncio.sleep(PROGRESS_EVENT_S)
+            self.revision.bump()
             for dl in list(self.active.values()):
                 self.events.publish("download_progress", model=dl.model, **dl.view())
 

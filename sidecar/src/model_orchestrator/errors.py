@@ -1,4 +1,4 @@
-"""Errors as values: every refusal the orchestrator can give, named once in `Code`.
+"""Every refusal the orchestrator can give, named once in `Code`, and raised as an `errors.Refused` exception.
 
 The domain (orchestrator, lifecycle, proxy logic) raises `Refused(Code.X, message, **details)` and knows nothing of
 HTTP. The API layer (http_errors.py) holds the one table that maps each code to an HTTP status and shapes the
@@ -85,3 +85,8 @@ class Refused(Exception):
         self.message = message
         self.retry_after = retry_after
         self.details = {k: v for k, v in details.items() if v is not None}
+
+
+def shutting_down() -> Refused:
+    """What every operation refused because the orchestrator is closing raises."""
+    return Refused(Code.SHUTTING_DOWN, "the orchestrator is shutting down", retry_after=5)

@@ -1,36 +1,34 @@
 """The fast lane: plain GETs of the cached status routes answered before aiohttp's request machinery, on the same
-socket (issue 12: `GET /models/status` at 200 concurrent pollers).
+socket.
 
-It owns one decision, "may this request be answered here", and the head bytes of those answers. It owns no rule:
-which paths are cached and how their bodies are built is `api.CACHED`; the body is the status cache's
-(`status_cache.py`); whether the request may pass is the app's guard (`api.request_guard`, the very function
-`api.guard_middleware` applies); the request metrics are `api.count_request`.
+It owns one decision, "may this request be answered here", and the head bytes of those answers; no rule. The app
+hands it a `Table` (api.create_app, app key TABLE): the answers it may send (status_cache.py), the app's guard
+(`api.request_guard`, as `api.guard_middleware` applies it) and the request metrics (`api.count_request`). It imports
+nothing of the app.
 
-Every connection starts here. A request is answered here only when it is complete and is exactly
-`GET <a path of api.CACHED> HTTP/1.1` (no query), with one Host, without a body or anything that changes how it is
-answered (Connection other than keep-alive, Upgrade, Expect, Content-Length, Transfer-Encoding, a repeated
-Host/Origin/Authorization, a folded or malformed line), and the guard lets it pass. At the first request that is not,
-the connection is handed to aiohttp's RequestHandler for good, with every byte not yet answered: answers keep the
-order of the requests, and aiohttp answers (or refuses) everything else as before. Its answer is what aiohttp sends
-for the same state (tests/test_fast_lane.py compares them byte for byte): the status line, Content-Type,
-Content-Length, Date, Server, then the cached body. A connection idle for keepalive_timeout is closed, as aiohttp
-closes its own; idle fast-lane connections are closed at shutdown, as aiohttp closes its idle ones.
+A request is answered here only when it is complete and exactly `GET <a path of the table> HTTP/1.1` (no query), with
+one Host, without a body or anything that changes how it is answered (Connection other than keep-alive, Upgrade,
+Expect, Content-Length, Transfer-Encoding, a repeated Host/Origin/Authorization, a folded or malformed line), and the
+guard lets it pass. At the first request that is not, the connection is handed to aiohttp's RequestHandler for good,
+with every byte not yet answered (answers keep the order of the requests). An answer is the bytes aiohttp sends for
+the same state (tests/test_fast_lane.py compares them): status line, Content-Type, Content-Length, Date, Server, body.
 
-Back-pressure, as aiohttp applies it: no request is answered while the transport's writing is paused (a client that
-pipelines without reading gets nothing more until it reads), and at most READ_LIMIT unanswered bytes are buffered
-(reading pauses beyond it, as aiohttp's read_bufsize), kept in one bytearray consumed by offset (no copy per
-request). "Idle" is time without progress: no request taken up, no answer written, no write drained; waiting for an
-answer to be built or for the client to read counts as idle too, so a connection stuck either way is closed.
-
+Back-pressure and idleness as aiohttp's: nothing is answered while the transport's writing is paused; at most
+READ_LIMIT unanswered bytes are buffered (then reading pauses); a connection without progress (a request taken up,
+an answer written, a write drained) for keepalive_timeout is closed, and idle ones are closed at shutdown.
 `Runner` is aiohttp's AppRunner whose sites accept into the fast lane; `run_app` is `web.run_app` with that runner.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import socket
+import struct
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from aiohttp import web
@@ -39,7 +37,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.tcp_helpers import tcp_keepalive, tcp_nodelay
 
-from .api import CACHED, GUARD, ORCH, STATUS, count_request, reset_connection
+from .status_cache import StatusCache
 
 # Heads beyond these go to aiohttp, whose limits decide (its defaults: 8190-byte lines and fields, 128 headers)
 MAX_HEAD = 8190
@@ -50,6 +48,28 @@ _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110 
 _VALUE = re.compile(rb"[^\x00-\x08\x0a-\x1f\x7f]*")  # a header value without control characters
 _JUDGED = {b"host": 0, b"origin": 1, b"authorization": 2}  # what the guard reads
 _HANDS_OFF = {b"upgrade", b"expect", b"content-length", b"transfer-encoding"}  # a body or another protocol
+
+
+@dataclass(frozen=True)
+class Table:
+    """What the app hands the fast lane: the answers it may send itself, and the app's rules for them."""
+
+    answers: StatusCache  # the paths it may answer and their bodies
+    guard: Callable[[str, str | None, str | None, str | None], Exception | None]  # path, Host, Origin, Authorization
+    count: Callable[[str, str, int, float], None]  # the request metrics: route, method, status, seconds
+
+
+TABLE = web.AppKey("fast_lane", Table)
+
+
+def reset_connection(transport) -> None:
+    """Drop a connection at once with what is buffered for it (a client that reads nothing would hold it: close()
+    waits for the buffer to drain, and the kernel goes on offering its send queue to a closed window)."""
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, not a FIN
+    transport.abort()
 
 
 def parse(head: bytes, paths: dict[bytes, str]) -> tuple[str, str, str | None, str | None] | None:
@@ -92,11 +112,10 @@ class Lane:
 
     def __init__(self, app: web.Application, server: web.Server, keepalive_timeout: float):
         self.server = server  # aiohttp's: makes the RequestHandler a connection is handed to
-        self.orch = app[ORCH]
-        self.guard = app[GUARD]
-        self.cache = app[STATUS]
+        table = app[TABLE]
+        self.guard, self.cache, self.count = table.guard, table.answers, table.count
         self.keepalive_timeout = keepalive_timeout
-        self.paths = {p.encode(): p for p in CACHED}
+        self.paths = {p.encode(): p for p in self.cache.paths}
         self.live: set[_Connection] = set()
         self.answered = 0  # requests answered here (tests read it)
         self._answers: dict[str, tuple[bytes, str, bytes]] = {}  # path -> (body, date, the whole answer)
@@ -117,8 +136,7 @@ class Lane:
         return whole
 
     def build(self, path: str) -> asyncio.Future:
-        name, build = CACHED[path]
-        return asyncio.ensure_future(self.cache.get(name, lambda: build(self.orch)))
+        return asyncio.ensure_future(self.cache.get(path))
 
     def close(self) -> None:
         for conn in list(self.live):
@@ -185,7 +203,7 @@ class _Connection(asyncio.Protocol):
                 return self._hand_over(out, pos)
             self.last = asyncio.get_running_loop().time()  # a request taken up
             path = request[0]
-            body = built if built is not None else lane.cache.peek(CACHED[path][0])
+            body = built if built is not None else lane.cache.peek(path)
             built = None
             if body is None:  # not built for this state yet: answer when it is, then go on
                 self.building = lane.build(path)
@@ -196,7 +214,7 @@ class _Connection(asyncio.Protocol):
             size += len(answer)
             pos = end + 4
             lane.answered += 1
-            count_request(lane.orch, path, "GET", 200, time.perf_counter() - t0)
+            lane.count(path, "GET", 200, time.perf_counter() - t0)
             if size >= ANSWER_BATCH:  # may pause writing: the loop then stops answering
                 self._write(out)
                 out, size = [], 0

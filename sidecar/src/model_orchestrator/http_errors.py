@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 from aiohttp import web
+from pydantic import ValidationError
 
 from .errors import Code, Refused
 
@@ -70,8 +71,8 @@ STATUS: dict[Code, int] = {
 }
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
-          408: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 415: "invalid_request_error",
-          422: "invalid_request_error", 429: "rate_limit_error"}
+          408: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error",
+          415: "invalid_request_error", 422: "invalid_request_error", 429: "rate_limit_error"}
 
 
 class HttpRefused(Refused):
@@ -80,6 +81,12 @@ class HttpRefused(Refused):
     def __init__(self, code: Code, message: str, *, headers: dict[str, str], **details):
         super().__init__(code, message, **details)
         self.headers = headers
+
+
+def invalid_request(exc: ValidationError) -> Refused:
+    """A body the request's schema refused: 400 naming the first field that is wrong, every problem in `problems`."""
+    problems = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]} for e in exc.errors()]
+    return Refused(Code.INVALID_REQUEST, f"{problems[0]['field']}: {problems[0]['problem']}", problems=problems)
 
 
 def error_body(status: int, code: str, message: str, details: dict | None = None) -> dict:

@@ -9,9 +9,10 @@ sidecar (PR_SET_PDEATHSIG, set by util-linux's `setpriv` so the spawn is a cheap
 a marker in its environment so a restarted sidecar can find and reap leftovers.
 
 `ManagedModel` is one model's state machine. Every state change goes through `_transition`, checked against
-TRANSITIONS, the single table of legal moves. A second load joins the load in progress; an unload during a load
-cancels it and stops the half-started process (and waits until it has exited). Which load may start is decided by
-the orchestrator (`ensure_loaded`); this module only carries it out.
+TRANSITIONS, the single table of legal moves; every change of its fields bumps the shared `Revision` (what the status
+views show). A second load joins the load in progress; an unload during a load cancels it and stops the half-started
+process (and waits until it has exited). Which load may start is decided by admission (`Orchestrator.start_load`
+under admission.py's lock); this module only carries it out.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import asyncio
 import collections
 import contextlib
 import ctypes
-import enum
 import errno
 import logging
 import os
@@ -33,24 +33,17 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 import aiohttp
 
 from .errors import Code, Refused
 from .registry import ModelSpec
+from .revision import Revision
+from .states import State, UnloadResult
 
 
 log = logging.getLogger("model_orchestrator.lifecycle")
-
-
-class State(str, enum.Enum):
-    UNLOADED = "unloaded"
-    DOWNLOADING = "downloading"  # its files are being fetched (downloads.py); no process, no GPU memory
-    LOADING = "loading"
-    LOADED = "loaded"
-    UNLOADING = "unloading"
-    FAILED = "failed"
 
 
 TRANSITIONS: dict[State, frozenset[State]] = {
@@ -71,30 +64,6 @@ READY_FALLBACK_POLL_S = 1.0  # /health is polled this often only if no hint came
 
 class IllegalTransition(RuntimeError):
     pass
-
-
-class LoadResult(str, enum.Enum):
-    """What a load did (POST /models/load's `result`)."""
-
-    LOADED = "loaded"  # this call started it and it is ready
-    JOINED = "joined"  # a load was under way; this call waited for it
-    ALREADY_LOADED = "already_loaded"
-    LOADING = "loading"  # wait=false: started (or joined) in the background
-    QUEUED = "queued"  # wait=false: waiting in the model's queue (its room is held by busy models); loads when due
-    DOWNLOADING = "downloading"  # wait=false: its files are being downloaded; the load follows in the background
-    RESERVED = "reserved"  # another service's model: its memory is reserved
-
-
-class UnloadResult(str, enum.Enum):
-    """What an unload did (POST /models/unload's `result`)."""
-
-    UNLOADED = "unloaded"
-    CANCELLED_LOAD = "cancelled_load"  # it was loading: the load was cancelled and its process stopped
-    CANCELLED_DOWNLOAD = "cancelled_download"  # it was downloading: stopped (what arrived is kept, and resumed later)
-    JOINED = "joined"  # an unload was under way; this call waited for it
-    NOT_LOADED = "not_loaded"  # a registry model that was not loaded: nothing to do
-    RELEASED = "released"  # another service's model: its reservation was released
-    NOT_HELD = "not_held"  # a name that is neither a registry model nor reserved: nothing to do
 
 
 class LoadFailed(Refused):
@@ -344,7 +313,8 @@ class LlamaServer:
             except asyncio.CancelledError:
                 cancelled = True  # wait for the spawn to finish, then stop what it started
             except OSError as exc:
-                raise LoadFailed(f"cannot execute {self.plan.argv[0]}: {exc.strerror}", code=Code.SPAWN_FAILED) from None
+                raise LoadFailed(f"cannot execute {self.plan.argv[0]}: {exc.strerror}",
+                                 code=Code.SPAWN_FAILED) from None
         self._tasks = [asyncio.create_task(self._read_logs()), asyncio.create_task(self._watch_exit())]
         if cancelled:
             await self.stop(0)
@@ -474,11 +444,12 @@ ServerFactory = Callable[..., LlamaServer]
 class ManagedModel:
     """One registry model: its state, its llama-server (when running) and its requests in flight.
 
-    Loads are started only by the orchestrator's `ensure_loaded`, under its admission lock (`begin_load`); everyone
+    Loads are started only by `Orchestrator.start_load`, under admission's lock (`begin_load`); everyone
     else joins the load under way (`join_load`) or waits for an unload to finish (`wait_unloaded`)."""
 
     def __init__(self, spec: ModelSpec, on_transition: StateListener | None = None,
-                 server_factory: "ServerFactory | None" = None):
+                 server_factory: "ServerFactory | None" = None, revision: Revision | None = None):
+        self.__dict__["revision"] = revision or Revision()
         self.spec = spec
         self.server_factory: ServerFactory = server_factory or LlamaServer  # tests plug a fake (tests/support)
         self.state = State.UNLOADED
@@ -494,16 +465,19 @@ class ManagedModel:
         self.gpu: int | None = None  # the device admission chose (None: CPU mode, or split)
         self.split: dict[int, float] = {}  # device -> MB when split over several
         # the LoRA adapters' scales in its llama-server (by adapter name): the registry's at each launch, then what
-        # POST /models/{model}/lora-adapters set (orchestrator.set_lora_scales); lora_version counts the changes
+        # POST /models/{model}/lora-adapters set (lora.py)
         self.lora_scales: dict[str, float] = {a.name: a.scale for a in spec.lora}
-        self.lora_version = 0
         self.in_flight = 0
-        self.draining = False  # no new request enters (an unload drains it, or admission evicts it); reset on leaving LOADED
+        self.draining = False  # no new request enters (an unload drains it, admission evicts it); reset off LOADED
         self._idle = asyncio.Event()
         self._idle.set()
         self._load_task: asyncio.Task | None = None
         self._unload_task: asyncio.Task | None = None
         self._on_transition = on_transition
+
+    def __setattr__(self, name: str, value) -> None:
+        self.__dict__[name] = value  # no properties are set on a ManagedModel
+        self.revision.value += 1  # every change of what status shows, whoever makes it (Revision.bump, inlined)
 
     @property
     def id(self) -> str:
@@ -512,6 +486,10 @@ class ManagedModel:
     @property
     def priority(self) -> int:
         return self.spec.priority if self.priority_override is None else self.priority_override
+
+    def priority_for(self, requested: int | None) -> int:
+        """The priority a load or a request of this model counts with: the one it asks for, else the model's now."""
+        return self.priority if requested is None else requested
 
     @property
     def holds_process(self) -> bool:
@@ -565,7 +543,7 @@ class ManagedModel:
 
     # ---- download -----------------------------------------------------------------------------------------
     def begin_download(self) -> None:
-        """Enter DOWNLOADING (the orchestrator's ensure_loaded, with the model UNLOADED or FAILED)."""
+        """Enter DOWNLOADING (download_on_load.py, with the model UNLOADED or FAILED)."""
         self._transition(State.DOWNLOADING)
 
     def end_download(self, error: dict | None = None) -> None:
@@ -582,8 +560,8 @@ class ManagedModel:
     def begin_load(self, launch: Callable[[], Awaitable[LaunchPlan]], *,
                    timeout: float, log_lines: int, priority: int | None = None,
                    on_ready: Callable[[LlamaServer], Awaitable[None]] | None = None) -> None:
-        """Enter LOADING and start the load task. Only the orchestrator's ensure_loaded calls this, holding the
-        admission lock, with the model UNLOADED or FAILED."""
+        """Enter LOADING and start the load task. Only Orchestrator.start_load calls this, holding admission's lock,
+        with the model UNLOADED or FAILED."""
         self.load_seconds = None  # the previous process's; this load's once it is ready
         self._transition(State.LOADING)
         self.priority_override = priority
@@ -705,6 +683,11 @@ class ManagedModel:
         self.server = None
         self.loaded_at = None
         self._transition(State.UNLOADED)
+
+
+def owned_pids(models: Iterable[ManagedModel]) -> dict[int, str]:
+    """PID -> model id of every llama-server these models run."""
+    return {m.server.pid: m.id for m in models if m.server and m.server.pid}
 
 
 def owner_env(owner: str) -> dict[str, str]:

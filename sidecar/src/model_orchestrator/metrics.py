@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import GaugeMetricFamily
 
 from .gpu import MIB, GpuSnapshot
-from .lifecycle import State
+from .states import State
 
 RESERVATION_LABEL = "(reservation)"  # admission_refusals' `model` for every reservation, whatever its service
 LOAD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
@@ -29,28 +29,57 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._children: dict[tuple, object] = {}
         r = self.registry
-        self.model_state = Gauge("model_orchestrator_model_state", "1 for the state the model is in", ["model", "state"], registry=r)
-        self.loads = Counter("model_orchestrator_model_loads", "Loads by result (loaded, failed, cancelled)", ["model", "result"], registry=r)
-        self.unloads = Counter("model_orchestrator_model_unloads", "Unloads by reason (request, force, idle, evicted)", ["model", "reason"], registry=r)
-        self.failures = Counter("model_orchestrator_model_failures", "Models that went to failed, by code", ["model", "code"], registry=r)
-        self.load_duration = Histogram("model_orchestrator_load_duration_seconds", "Load request to llama-server ready", ["model"], buckets=LOAD_BUCKETS, registry=r)
-        self.in_flight = Gauge("model_orchestrator_requests_in_flight", "Proxied requests sent to llama-server and not yet answered (queued ones: queue_depth)", ["model"], registry=r)
-        self.admission_refusals = Counter("model_orchestrator_admission_refusals", "Loads or reservations (model=\"(reservation)\") refused for lack of GPU memory (or the cap)", ["model"], registry=r)
+        self.model_state = Gauge("model_orchestrator_model_state", "1 for the state the model is in",
+                                 ["model", "state"], registry=r)
+        self.loads = Counter("model_orchestrator_model_loads", "Loads by result (loaded, failed, cancelled)",
+                             ["model", "result"], registry=r)
+        self.unloads = Counter("model_orchestrator_model_unloads", "Unloads by reason (request, force, idle, evicted)",
+                               ["model", "reason"], registry=r)
+        self.failures = Counter("model_orchestrator_model_failures", "Models that went to failed, by code",
+                                ["model", "code"], registry=r)
+        self.load_duration = Histogram("model_orchestrator_load_duration_seconds", "Load request to llama-server ready",
+                                       ["model"], buckets=LOAD_BUCKETS, registry=r)
+        self.in_flight = Gauge("model_orchestrator_requests_in_flight",
+                               "Proxied requests sent to llama-server and not yet answered (queued ones: queue_depth)",
+                               ["model"], registry=r)
+        self.admission_refusals = Counter("model_orchestrator_admission_refusals",
+                                          "Loads or reservations (model=\"(reservation)\") refused for lack of GPU "
+                                          "memory (or the cap)", ["model"], registry=r)
         # the queue in front of every model (dispatcher.py)
-        self.queue_depth = Gauge("model_orchestrator_queue_depth", "Requests and loads waiting in the model's queue", ["model"], registry=r)
-        self.queue_wait = Histogram("model_orchestrator_queue_wait_seconds", "How long a proxied request waited before it was sent to llama-server (0: at once)", ["model"], buckets=QUEUE_BUCKETS, registry=r)
-        self.queue_refusals = Counter("model_orchestrator_queue_refusals", "Requests that left the queue unserved, by code (queue_full, queue_timeout, a refusal of their load)", ["model", "code"], registry=r)
-        self.swaps = Counter("model_orchestrator_swaps", "Loads the scheduler started for waiting requests", ["model"], registry=r)
-        self.swap_seconds = Histogram("model_orchestrator_swap_duration_seconds", "From the scheduler's decision to load a model (evictions included) to the model ready", ["model"], buckets=LOAD_BUCKETS, registry=r)
-        self.http_requests = Counter("model_orchestrator_http_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r)
-        self.background_errors = Counter("model_orchestrator_background_errors", "Exceptions caught in a background loop (logged; the loop goes on)", ["loop"], registry=r)
-        self.health_misses = Counter("model_orchestrator_health_misses", "Health checks of a loaded llama-server that failed or timed out", ["model"], registry=r)
-        self.http_duration = Histogram("model_orchestrator_http_request_duration_seconds", "HTTP request latency by route", ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("model_orchestrator_queue_depth", "Requests and loads waiting in the model's queue",
+                                 ["model"], registry=r)
+        self.queue_wait = Histogram("model_orchestrator_queue_wait_seconds",
+                                    "How long a proxied request waited before it was sent to llama-server (0: at once)",
+                                    ["model"], buckets=QUEUE_BUCKETS, registry=r)
+        self.queue_refusals = Counter("model_orchestrator_queue_refusals",
+                                      "Requests that left the queue unserved, by code (queue_full, queue_timeout, a "
+                                      "refusal of their load)", ["model", "code"], registry=r)
+        self.swaps = Counter("model_orchestrator_swaps", "Loads the scheduler started for waiting requests",
+                             ["model"], registry=r)
+        self.swap_seconds = Histogram("model_orchestrator_swap_duration_seconds",
+                                      "From the scheduler's decision to load a model (evictions included) to the model"
+                                      " ready", ["model"], buckets=LOAD_BUCKETS, registry=r)
+        self.http_requests = Counter("model_orchestrator_http_requests", "HTTP requests by route and status",
+                                     ["route", "method", "status"], registry=r)
+        self.background_errors = Counter("model_orchestrator_background_errors",
+                                         "Exceptions caught in a background loop (logged; the loop goes on)",
+                                         ["loop"], registry=r)
+        self.health_misses = Counter("model_orchestrator_health_misses",
+                                     "Health checks of a loaded llama-server that failed or timed out",
+                                     ["model"], registry=r)
+        self.http_duration = Histogram("model_orchestrator_http_request_duration_seconds",
+                                       "HTTP request latency by route",
+                                       ["route", "method"], buckets=LATENCY_BUCKETS, registry=r)
         # the integration guide's names
-        self.tokens_generated = Counter("llamacpp_tokens_generated", "Tokens generated (from responses' usage)", ["model"], registry=r)
-        self.prompt_tokens = Counter("llamacpp_prompt_tokens", "Prompt tokens processed (from responses' usage)", ["model"], registry=r)
-        self.requests = Counter("llamacpp_requests", "OpenAI-API requests by model, endpoint and status", ["model", "endpoint", "status"], registry=r)
-        self.request_duration = Histogram("llamacpp_requests_duration_seconds", "OpenAI-API request latency (to the last byte)", ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens_generated = Counter("llamacpp_tokens_generated", "Tokens generated (from responses' usage)",
+                                        ["model"], registry=r)
+        self.prompt_tokens = Counter("llamacpp_prompt_tokens", "Prompt tokens processed (from responses' usage)",
+                                     ["model"], registry=r)
+        self.requests = Counter("llamacpp_requests", "OpenAI-API requests by model, endpoint and status",
+                                ["model", "endpoint", "status"], registry=r)
+        self.request_duration = Histogram("llamacpp_requests_duration_seconds",
+                                          "OpenAI-API request latency (to the last byte)",
+                                          ["model", "endpoint"], buckets=LATENCY_BUCKETS, registry=r)
         self._gpu = _GpuCollector(gpu_snapshot, owned_pids)
         self._reservations = _ReservationCollector(reservations)
         self._downloads = downloads
@@ -141,15 +170,19 @@ class _GpuCollector:
         labels = ["gpu", "name", "uuid"]
         fams = {
             "total": GaugeMetricFamily("model_orchestrator_gpu_memory_total_bytes", "GPU memory", labels=labels),
-            "used": GaugeMetricFamily("model_orchestrator_gpu_memory_used_bytes", "GPU memory in use (all processes)", labels=labels),
+            "used": GaugeMetricFamily("model_orchestrator_gpu_memory_used_bytes", "GPU memory in use (all processes)",
+                                      labels=labels),
             "free": GaugeMetricFamily("model_orchestrator_gpu_memory_free_bytes", "GPU memory free", labels=labels),
-            "util": GaugeMetricFamily("model_orchestrator_gpu_utilization_ratio", "GPU busy fraction over the driver's sample period", labels=labels),
+            "util": GaugeMetricFamily("model_orchestrator_gpu_utilization_ratio",
+                                      "GPU busy fraction over the driver's sample period", labels=labels),
             "temp": GaugeMetricFamily("model_orchestrator_gpu_temperature_celsius", "GPU temperature", labels=labels),
             "power": GaugeMetricFamily("model_orchestrator_gpu_power_watts", "GPU power draw", labels=labels),
-            "foreign": GaugeMetricFamily("model_orchestrator_gpu_foreign_memory_bytes", "Memory held by GPU processes the orchestrator does not own", labels=labels),
+            "foreign": GaugeMetricFamily("model_orchestrator_gpu_foreign_memory_bytes",
+                                         "Memory held by GPU processes the orchestrator does not own", labels=labels),
         }
         owned = self._owned_pids()
-        vram = GaugeMetricFamily("model_orchestrator_model_vram_bytes", "GPU memory held by each model's llama-server (NVML)", labels=["model", "gpu"])
+        vram = GaugeMetricFamily("model_orchestrator_model_vram_bytes",
+                                 "GPU memory held by each model's llama-server (NVML)", labels=["model", "gpu"])
         for d in snap.devices:
             lv = [str(d.index), d.name, d.uuid]
             fams["total"].add_metric(lv, d.total_mb * MIB)

@@ -1,16 +1,11 @@
 """The OpenAI-compatible pass-through: a request is routed by its `model` to that model's llama-server.
 
-Bodies go upstream byte for byte (images, tools, tool_choice untouched); SSE streams come back chunk by chunk as
-llama-server writes them, never buffered whole. Token counts are read from the responses' usage for metrics.
-
-The hot path is thin: the body is parsed once (orjson) for `model` and `stream`; a structural check of what the
-request model requires replaces pydantic, which runs only to name the field when that check fails; non-streamed
-requests reuse pooled keep-alive connections. A request's LoRA scales (`lora`, by adapter name or id) become
-llama-server's full list of ids and scales (Orchestrator.lora_request); a body without `lora` is not re-encoded.
-Remote media URLs never reach llama-server (media_urls.localize). llama-server is reached only through
-LlamaServer.request (its private socket and key).
-Upstream timeouts bound connecting and the silence between reads, never the whole generation (504). A client that
-hangs up is counted as 499; llama-server's 500 for a request it cannot take becomes a 400 with our own code.
+It owns the bytes: bodies go upstream unchanged (but for a request's `lora`, completed by lora.request_scales, and
+remote media URLs, which media_urls.localize replaces), SSE streams come back chunk by chunk, token counts are read
+from the answers' usage. The body is parsed once (orjson); a structural check replaces pydantic, which runs only to
+name a wrong field. The upstream comes from `Orchestrator.lease` (ready, counted in flight). Timeouts bound connecting
+and the silence between reads, never a whole generation (504); a client that hangs up counts as 499; llama-server's
+500 for a request it cannot take becomes a 400 with our own code.
 """
 
 from __future__ import annotations
@@ -25,16 +20,16 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from . import media_urls
+from . import lora, media_urls
 from .dispatcher import CallerGone
 from .errors import Code, Refused
-from .http_errors import STATUS, refusal_body
-from .lifecycle import LlamaServer, ManagedModel
+from .http_errors import STATUS, invalid_request, refusal_body
 from .llama_args import serves_embeddings
-from .orchestrator import Orchestrator
-from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from .orchestrator import LlamaServer, ManagedModel, Orchestrator
+from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, OpenAIModel, OpenAIModelList
 
-_REQUESTS = {"chat_completions": ChatCompletionRequest, "completions": CompletionRequest, "embeddings": EmbeddingRequest}
+_REQUESTS = {"chat_completions": ChatCompletionRequest, "completions": CompletionRequest,
+             "embeddings": EmbeddingRequest}
 _HOP_HEADERS = {"content-length", "transfer-encoding", "connection", "keep-alive", "content-encoding"}
 
 
@@ -93,14 +88,12 @@ def _validate(endpoint: str, body: dict) -> None:
     try:
         _REQUESTS[endpoint].model_validate(body)
     except ValidationError as exc:
-        problems = [{"field": ".".join(str(p) for p in e["loc"]) or "(body)", "problem": e["msg"]} for e in exc.errors()]
-        raise Refused(Code.INVALID_REQUEST, f"{problems[0]['field']}: {problems[0]['problem']}",
-                       problems=problems) from None
+        raise invalid_request(exc) from None
 
 
 def _looks_valid(endpoint: str, body: dict) -> bool:
     """True only for bodies the request model accepts (schemas.py: strict types, extra fields allowed); a `lora`
-    list is checked apart, by Orchestrator.lora_overrides."""
+    list is checked apart, by lora.overrides."""
     if not isinstance(body.get("model", ""), str) or body.get("stream") not in (None, True, False):
         return False
     if endpoint == "chat_completions":
@@ -134,15 +127,15 @@ async def forward(request: web.Request, orch: Orchestrator, endpoint: str) -> we
                           f"{slot.id}'s source in the model registry", model=slot.id)
         raw = await media_urls.localize(orch, raw, body)  # before a load on demand: refusing costs nothing
         # the request's LoRA scales, checked now (before a load on demand), completed once the process is known
-        lora = orch.lora_overrides(slot, body["lora"]) if "lora" in body and endpoint != "embeddings" else None
+        scales = lora.overrides(slot, body["lora"]) if "lora" in body and endpoint != "embeddings" else None
         if endpoint == "embeddings" and not serves_embeddings(slot.spec.extra_args):
             # llama-server would answer 501 after a load on demand: say what to change instead
             raise Refused(Code.EMBEDDINGS_NOT_ENABLED, f"{slot.id} does not serve embeddings: add \"--embeddings\" "
                           "to its extra_args in the model registry", model=slot.id)
         async with orch.lease(slot, timeout_s=_queue_timeout(request), gone=lambda: _client_gone(request)) as lease:
             server = lease.server
-            if lora is not None:
-                body["lora"] = orch.lora_request(slot, lora)
+            if scales is not None:
+                body["lora"] = lora.request_scales(slot, scales)
                 raw = orjson.dumps(body)
             headers = _STREAM_HEADERS if stream else _JSON_HEADERS
             waited = {QUEUE_WAIT_HEADER: str(round(lease.waited_s * 1000))}
@@ -251,7 +244,7 @@ def _timed_out(orch: Orchestrator, slot: ManagedModel, exc: BaseException, body:
                   if isinstance(body.get(k), int)), None)
     limit = asked if asked is not None else slot.spec.max_tokens
     said = (f"this request's limit: {limit} tokens" if asked is not None else
-            f"no limit: the model's max_tokens is -1" if limit == -1 else
+            "no limit: the model's max_tokens is -1" if limit == -1 else
             f"{limit} tokens, the model's max_tokens in the registry")
     return Refused(Code.UPSTREAM_TIMEOUT, f"llama-server for {model} sent nothing for {idle:g} s "
                    f"(MODEL_ORCHESTRATOR_UPSTREAM_IDLE_TIMEOUT_S). A non-streamed answer comes whole when it is "
@@ -297,7 +290,8 @@ async def _pass_stream(request, up, slot, server, orch, waited: dict) -> int:
                 chunk = await chunks.__anext__()
         except StopAsyncIteration:
             break
-        except (aiohttp.ServerTimeoutError, TimeoutError, aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+        except (aiohttp.ServerTimeoutError, TimeoutError, aiohttp.ClientConnectionError,
+                aiohttp.ClientPayloadError) as exc:
             if _client_gone(request):
                 status = CLIENT_GONE
                 break
@@ -355,8 +349,7 @@ def _record(orch: Orchestrator, model: str, prompt: int | None, completion: int 
         orch.metrics.tokens_generated.labels(model).inc(completion)
 
 
-def list_models(orch: Orchestrator) -> dict:
+def list_models(orch: Orchestrator) -> OpenAIModelList:
     created = int(time.time())
-    return {"object": "list", "data": [
-        {"id": s.id, "object": "model", "created": created, "owned_by": "model-orchestrator", "status": s.state}
-        for s in orch.models.values()]}
+    return OpenAIModelList(data=[OpenAIModel(id=s.id, created=created, owned_by="model-orchestrator", status=s.state)
+                                 for s in orch.models.values()])

@@ -2,6 +2,7 @@
 
 A reservation counts in admission from the moment it is made (before the service allocates anything) until it is
 released or its TTL runs out; services renew it while they run, so a crashed service's claim expires by itself.
+`DEFAULT_PRIORITY` is the priority a reservation has when its request names none (schemas.py, admission.py read it).
 """
 
 from __future__ import annotations
@@ -10,6 +11,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Callable
+
+from .revision import Revision
+
+DEFAULT_PRIORITY = 50  # models of lower priority may be evicted to make room for a reservation
 
 
 @dataclass
@@ -24,6 +30,7 @@ class Reservation:
     created_at: datetime
 
     def to_dict(self) -> dict:
+        """As the API shows it (schemas.ReservationOut, derived from this class) and events carry it."""
         left = max(0.0, self.expires_mono - time.monotonic())
         return {"id": self.id, "service": self.service, "model": self.model, "vram_mb": self.vram_mb, "gpu": self.gpu,
                 "ttl_s": self.ttl_s, "expires_in_s": round(left, 1),
@@ -32,15 +39,15 @@ class Reservation:
 
 
 class ReservationBook:
-    def __init__(self) -> None:
+    def __init__(self, revision: Revision | None = None) -> None:
         self._items: dict[str, Reservation] = {}
-        self.version = 0  # bumped by every change: cached views that show reservations compare it
+        self.revision = revision or Revision()  # bumped by every change (what status shows)
 
     def add(self, service: str, vram_mb: float, *, ttl_s: float, gpu: int = 0, model: str | None = None) -> Reservation:
         r = Reservation(uuid.uuid4().hex[:12], service, model, vram_mb, gpu, ttl_s, time.monotonic() + ttl_s,
                         datetime.now(timezone.utc))
         self._items[r.id] = r
-        self.version += 1
+        self.revision.bump()
         return r
 
     def get(self, rid: str) -> Reservation | None:
@@ -52,33 +59,31 @@ class ReservationBook:
         if r is not None:
             r.ttl_s = ttl_s or r.ttl_s
             r.expires_mono = time.monotonic() + r.ttl_s
-            self.version += 1
+            self.revision.bump()
         return r
 
     def release(self, rid: str) -> Reservation | None:
         self.expire()
         r = self._items.pop(rid, None)
         if r is not None:
-            self.version += 1
+            self.revision.bump()
         return r
 
     def release_matching(self, name: str) -> list[Reservation]:
         """The guide's `/models/unload {model: "wan2.1-14b"}`: drop the claims made under that model or service name."""
         self.expire()
-        gone = [r for r in self._items.values() if name in (r.model, r.service)]
-        for r in gone:
-            del self._items[r.id]
-        if gone:
-            self.version += 1
-        return gone
+        return self._drop(lambda r: name in (r.model, r.service))
 
     def expire(self) -> list[Reservation]:
         now = time.monotonic()
-        gone = [r for r in self._items.values() if r.expires_mono <= now]
+        return self._drop(lambda r: r.expires_mono <= now)
+
+    def _drop(self, which: Callable[[Reservation], bool]) -> list[Reservation]:
+        gone = [r for r in self._items.values() if which(r)]
         for r in gone:
             del self._items[r.id]
         if gone:
-            self.version += 1
+            self.revision.bump()
         return gone
 
     def active(self) -> list[Reservation]:

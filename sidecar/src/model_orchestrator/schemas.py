@@ -1,13 +1,22 @@
-"""Request and response bodies of the HTTP API. The same classes validate requests and generate /openapi.json."""
+"""Request and response bodies of the HTTP API. The same classes validate requests and generate /openapi.json.
+
+Where the domain has a dataclass for what an answer shows (gpu.GpuDevice, estimate.Estimate,
+reservations.Reservation), the wire schema derives its fields from it (`_fields_of`); views.py builds the answers.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
-from .lifecycle import LoadResult, State, UnloadResult
+from .estimate import Estimate
+from .gpu import GpuDevice, GpuProcess
 from .registry import ADAPTER_NAME_PATTERN, MAX_LORA_SCALE, MODEL_ID_PATTERN, SOURCE_TYPES, CacheType
+from .reservations import DEFAULT_PRIORITY, Reservation
+from .states import LoadResult, State, UnloadResult
 
 ModelName = Field(min_length=1, max_length=64, pattern=MODEL_ID_PATTERN, description="model id or alias")
 
@@ -23,6 +32,24 @@ JsonInt = Annotated[int, BeforeValidator(_whole)]
 # clients that read it keep working
 NO_PORT = Field(None, description="always null: llama-server has no TCP port; it listens on a private Unix socket "
                 "that only the sidecar can reach")
+
+
+def _fields_of(domain: type, *, drop: tuple[str, ...] = (), **wire: Any) -> dict[str, Any]:
+    """A domain dataclass's fields, in its order, as pydantic field definitions (each always present in an answer).
+    `wire`: where the wire differs, a field's own definition (type, default or Field), or a dict of the fields it is
+    sent as; `drop`: not sent."""
+    hints = typing.get_type_hints(domain)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(domain):
+        if f.name not in drop:
+            sent = wire.get(f.name, (hints[f.name], ...))
+            out.update(sent if isinstance(sent, dict) else {f.name: sent})
+    return out
+
+
+def from_domain(schema: type[BaseModel], obj: Any, **extra: Any) -> BaseModel:
+    """An answer of a schema derived with _fields_of, from the domain object (and what the wire adds)."""
+    return schema(**{k: getattr(obj, k) for k in schema.model_fields if k not in extra and hasattr(obj, k)}, **extra)
 
 
 class _Request(BaseModel):
@@ -90,7 +117,8 @@ class UnloadRequest(_Request):
     model: str = ModelName
     service: str | None = Field(None, max_length=64)
     force: bool = Field(False, description="stop at once; requests in flight end with an error")
-    drain_timeout_s: float = Field(30, ge=0, le=3600, description="without force: how long to wait for requests in flight before refusing with 409")
+    drain_timeout_s: float = Field(30, ge=0, le=3600, description="without force: how long to wait for requests in "
+                                   "flight before refusing with 409")
     save_slots: bool = Field(True, description="save the conversations it holds so its next load resumes them "
                              "(when the model's save_slots and MODEL_ORCHESTRATOR_SLOT_CACHE_MB allow)")
 
@@ -107,28 +135,16 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
-class GpuProcessOut(BaseModel):
-    pid: int
-    used_mb: int | None
-    model: str | None = Field(None, description="the model whose llama-server this is; null: a process the orchestrator does not own")
+GpuProcessOut = create_model("GpuProcessOut", **_fields_of(GpuProcess), model=(str | None, Field(
+    None, description="the model whose llama-server this is; null: a process the orchestrator does not own")))
 
-
-class GpuOut(BaseModel):
-    index: int
-    name: str
-    uuid: str
-    total_mb: int
-    used_mb: int
-    free_mb: int
-    utilization_percent: float | None
-    memory_utilization_percent: float | None
-    temperature_c: float | None
-    power_w: float | None
-    power_limit_w: float | None
-    foreign_mb: int = Field(description="memory held by processes the orchestrator does not own")
-    reserved_mb: float = Field(0, description="memory other services reserved on this GPU")
-    available_mb: float = Field(description="what admission would let a new model take: total - ours - max(foreign, reserved) - margin")
-    processes: list[GpuProcessOut]
+GpuOut = create_model(
+    "GpuOut", **_fields_of(GpuDevice, drop=("processes",)),
+    foreign_mb=(int, Field(description="memory held by processes the orchestrator does not own")),
+    reserved_mb=(float, Field(0, description="memory other services reserved on this GPU")),
+    available_mb=(float, Field(description="what admission would let a new model take: total - ours - "
+                               "max(foreign, reserved) - margin")),
+    processes=(list[GpuProcessOut], ...))
 
 
 class DownloadFile(BaseModel):
@@ -149,6 +165,8 @@ class DownloadStatus(BaseModel):
     eta_s: float | None
     started_at: str
     files: list[DownloadFile] = Field(description="the model file and its projector, each on its own")
+
+
 class LoraScaleOut(BaseModel):
     name: str = Field(description="the adapter's name in the model registry")
     id: int = Field(description="llama-server's id of the adapter (the registry's order)")
@@ -173,7 +191,8 @@ class ModelStatus(BaseModel):
     draining: bool
     last_used: str | None
     load_seconds: float | None
-    vram_mb: int | None = Field(None, description="NVML-measured memory of its llama-server (all GPUs); null in CPU mode")
+    vram_mb: int | None = Field(None, description="NVML-measured memory of its llama-server (all GPUs); null in CPU "
+                                "mode")
     estimate_mb: float | None = Field(None, description="what admission counted for it (estimate.py)")
     estimate_check: dict[str, Any] | None = Field(None, description="after a load on a GPU: the estimate against "
                                                   "NVML's measurement (estimate_mb, measured_mb, error_mb = measured "
@@ -228,19 +247,9 @@ class EstimateRequest(_Request):
     n_gpu_layers: JsonInt | None = Field(None, ge=-1, le=10_000)
 
 
-class EstimateOut(BaseModel):
-    weights_mb: float
-    kv_cache_mb: float
-    compute_mb: float
-    mmproj_mb: float
-    lora_mb: float = Field(0, description="the LoRA adapters' tensors on the GPU")
-    overhead_mb: float
-    total_mb: float
-    layers_on_gpu: int
-    n_layer: int
-    context_cells: int
-    cache_type: str
-    details: dict[str, Any]
+EstimateOut = create_model("EstimateOut", **_fields_of(
+    Estimate, details=(dict[str, Any], ...),
+    lora_mb=(float, Field(0, description="the LoRA adapters' tensors on the GPU"))))
 
 
 class FitOut(BaseModel):
@@ -269,7 +278,8 @@ class ReservationRequest(_Request):
     ttl_s: float | None = Field(None, gt=0, le=7 * 86400, description="default MODEL_ORCHESTRATOR_RESERVATION_TTL_S")
     gpu: JsonInt = Field(0, ge=0, le=64)
     model: str | None = Field(None, max_length=64, description="what the service runs (e.g. wan2.1-14b)")
-    priority: JsonInt = Field(50, ge=0, le=100, description="models of lower priority may be evicted to make room")
+    priority: JsonInt = Field(DEFAULT_PRIORITY, ge=0, le=100, description="models of lower priority may be evicted "
+                              "to make room")
     allow_eviction: bool = False
     force: bool = False
 
@@ -278,16 +288,8 @@ class RenewRequest(_Request):
     ttl_s: float | None = Field(None, gt=0, le=7 * 86400)
 
 
-class ReservationOut(BaseModel):
-    id: str
-    service: str
-    model: str | None
-    vram_mb: float
-    gpu: int
-    ttl_s: float
-    expires_in_s: float
-    expires_at: str
-    created_at: str
+ReservationOut = create_model("ReservationOut", **_fields_of(
+    Reservation, expires_mono={"expires_in_s": (float, ...), "expires_at": (str, ...)}, created_at=(str, ...)))
 
 
 class ReservationList(BaseModel):
