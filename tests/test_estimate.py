@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from model_orchestrator.estimate import estimate_file, estimate_shape, read_shape
+from model_orchestrator.estimate import estimate_headers, estimate_shape, shape_from_header
+from model_orchestrator.gguf_header import read_header, read_model_headers
 from support.helpers import ROOT, bench_module
 
 write_synthetic = bench_module("synthetic_gguf").write_synthetic
@@ -18,7 +19,8 @@ MEASURED = json.loads((ROOT / "results/vram/run2-uncalibrated.json").read_text()
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     d = tmp_path_factory.mktemp("synthetic")
-    return {s: read_shape(write_synthetic(d / f"{s}.gguf", s)) for s in ("llama-1b", "llama-8b", "qwen3-30b-a3b")}
+    return {s: shape_from_header(read_header(write_synthetic(d / f"{s}.gguf", s)))
+            for s in ("llama-1b", "llama-8b", "qwen3-30b-a3b")}
 
 
 @pytest.mark.parametrize("row", MEASURED, ids=lambda r: f"{r['shape']}-{r['ctx']}-{r['cache']}")
@@ -130,7 +132,8 @@ def test_estimate_command(shapes, tmp_path):
     out = subprocess.run([sys.executable, "-m", "model_orchestrator", "estimate", str(path), "--ctx", "32768",
                           "--cache-type", "q8_0", "--json"], capture_output=True, text=True, timeout=60, check=True)
     body = json.loads(out.stdout)
-    assert body["total_mb"] == pytest.approx(estimate_file(path, n_ctx=32768, n_gpu_layers=99, cache_type="q8_0").total_mb, abs=0.1)
+    est = estimate_headers(read_model_headers(path), n_ctx=32768, n_gpu_layers=99, cache_type="q8_0")
+    assert body["total_mb"] == pytest.approx(est.total_mb, abs=0.1)
     assert body["kv_cache_mb"] == 2176.0
     text = subprocess.run([sys.executable, "-m", "model_orchestrator", "estimate", str(path)], capture_output=True,
                           text=True, timeout=60).stdout
@@ -141,7 +144,6 @@ def test_fast_header_reader_agrees_with_gguf_py(tmp_path):
     """gguf_header.py replaces gguf-py's reader for speed; on every file kind we make they must agree."""
     from gguf import GGUFReader
 
-    from model_orchestrator.gguf_header import read_header
     from support.tiny_models import write_tiny_mmproj, write_tiny_model
 
     files = [write_tiny_model(tmp_path / f"{a}.gguf", arch=a) for a in ("llama", "qwen3", "qwen3moe")]

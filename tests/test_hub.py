@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from model_orchestrator.estimate import estimate_file
+from model_orchestrator.estimate import estimate_headers
+from model_orchestrator.gguf_header import read_model_headers
 from support.helpers import bench_module
 from support.hf_mirror import HfMirror
 from support.n8n import CREDENTIAL_NAME, N8n, branching_workflow, build_package, install_package, install_toolchain
@@ -60,6 +61,12 @@ def _closed_port() -> int:
 @pytest.fixture
 def env(tmp_path, mirror) -> dict[str, str]:
     return make_env(tmp_path, mirror.url)
+
+
+def local_estimate(files: dict[str, Path]):
+    """The estimate of the big model from its files on disk: what a read of its header on the Hub must give."""
+    headers = read_model_headers(files["big"], files["mmproj"])
+    return estimate_headers(headers, n_ctx=131072, n_gpu_layers=99, cache_type="q8_0")
 
 
 def make_env(tmp_path: Path, mirror_url: str) -> dict[str, str]:
@@ -110,7 +117,7 @@ def test_estimate_before_download_reads_only_the_header(env, mirror, files):
     proc = cli(env, "estimate", "big", "--json")
     assert proc.returncode == 0, proc.stderr
     remote = json.loads(proc.stdout)
-    local = estimate_file(files["big"], mmproj=files["mmproj"], n_ctx=131072, n_gpu_layers=99, cache_type="q8_0").to_dict()
+    local = local_estimate(files).to_dict()
     assert remote["details"].pop("header_from") == "hub"
     read = remote["details"].pop("hub_bytes_read")
     local["details"].pop("header_from")
@@ -224,7 +231,7 @@ def hub_sidecar(tmp_path, mirror, llama_server_bin):
 def test_api_estimates_a_hub_model_before_download(hub_sidecar, mirror, files):
     status, body = hub_sidecar.call("POST", "/models/estimate", {"model": "big"})
     assert status == 200, body
-    local = estimate_file(files["big"], mmproj=files["mmproj"], n_ctx=131072, n_gpu_layers=99, cache_type="q8_0")
+    local = local_estimate(files)
     assert body["estimate"]["total_mb"] == round(local.total_mb, 1)
     assert body["estimate"]["details"]["header_from"] == "hub"
     assert 0 < body["estimate"]["details"]["hub_bytes_read"] == mirror.body_bytes() < files["big"].stat().st_size / 100
@@ -305,7 +312,7 @@ def test_a_load_of_a_hub_model_not_downloaded_says_what_it_would_need(hub_sideca
     hub_sidecar = hub_sidecar_no_download
     got, body = hub_sidecar.call("POST", "/models/load", {"model": "big"})
     assert (got, body["error"]["code"]) == (409, "model_files_missing"), body
-    local = estimate_file(files["big"], mmproj=files["mmproj"], n_ctx=131072, n_gpu_layers=99, cache_type="q8_0")
+    local = local_estimate(files)
     assert body["error"]["need_mb"] == round(local.total_mb, 1)
     assert "model-orchestrator pull big" in body["error"]["message"]
     assert f"needs {local.total_mb:.0f} MB" in body["error"]["message"]
@@ -336,7 +343,7 @@ def test_check_vram_enough_for_a_hub_model_not_downloaded(hub_sidecar, mirror, f
     ex = n8n.execute("tVramHub")
     assert ex.rc == 0, ex.stderr[-3000:] + ex.stdout[-3000:]
     check = ex.json("Check VRAM")["vram_check"]
-    local = estimate_file(files["big"], mmproj=files["mmproj"], n_ctx=131072, n_gpu_layers=99, cache_type="q8_0")
+    local = local_estimate(files)
     assert check["model"] == "big" and abs(check["required_mb"] - local.total_mb) <= 1, check
     assert check["estimate"]["details"]["header_from"] == "hub"
     assert ex.ran("Enough") and not ex.ran("Not Enough")  # CPU mode counted as enough

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from model_orchestrator.estimate import MIB, estimate_file
-from model_orchestrator.gguf_header import read_header
+from model_orchestrator.estimate import MIB, estimate_headers
+from model_orchestrator.gguf_header import read_header, read_model_headers
 from model_orchestrator.llama_args import lora_args
 from model_orchestrator.registry import RegistryError, parse_registry
 from support.helpers import CHAT, read_sse, registry_text
@@ -203,13 +203,13 @@ def test_the_estimate_grows_by_the_adapters_tensors(model_dir, lora_file):
     hello = model_dir / "hello.gguf"
     adapter_bytes = sum(t.n_bytes for t in read_header(lora_file).tensors)
     assert adapter_bytes > 0
-    base = estimate_file(hello, n_ctx=512, n_gpu_layers=99)
-    with_lora = estimate_file(hello, n_ctx=512, n_gpu_layers=99, lora=[lora_file])
+    base = estimate_headers(read_model_headers(hello), n_ctx=512, n_gpu_layers=99)
+    with_lora = estimate_headers(read_model_headers(hello, lora=[lora_file]), n_ctx=512, n_gpu_layers=99)
     assert with_lora.lora_mb == pytest.approx(adapter_bytes / MIB)
     assert with_lora.total_mb - base.total_mb == pytest.approx(adapter_bytes / MIB)
     assert base.lora_mb == 0
     # the adapter goes where its base tensor (output.weight) goes: nothing on the GPU without GPU layers
-    assert estimate_file(hello, n_ctx=512, n_gpu_layers=0, lora=[lora_file]).lora_mb == 0
+    assert estimate_headers(read_model_headers(hello, lora=[lora_file]), n_ctx=512, n_gpu_layers=0).lora_mb == 0
 
 
 async def test_the_estimate_route_counts_the_adapters(client, lora_file):

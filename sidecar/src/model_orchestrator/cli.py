@@ -46,7 +46,8 @@ def cmd_serve(args) -> int:
     from .api import create_app
     from .gpu import open_gpu_view
     from .install import find_llama_server
-    from .model_files import ModelFilesMissing, resolve
+    from .errors import ModelFilesMissing
+    from .model_files import resolve
     from .orchestrator import Orchestrator
     from .registry import RegistryError, registry_from_settings
     from .settings import MIN_REMOTE_API_KEY_CHARS, Settings
@@ -422,7 +423,8 @@ def _spec_from_sidecar(args, url: str):
 
 
 def cmd_pull(args) -> int:
-    from .model_files import ModelFilesMissing, destination, pull
+    from .errors import ModelFilesMissing
+    from .model_files import destination, pull
     from .settings import Settings
 
     url, why_local = _sidecar_url(args)
@@ -500,8 +502,10 @@ def _print_estimate(name: str, ctx: int, est: dict, registry: str | None) -> Non
 def cmd_estimate(args) -> int:
     """Predicted GPU memory of a registry model or of any GGUF file, from its header. A model id is looked up in the
     running sidecar's registry, else in the local one; a Hub model not downloaded yet has its header read remotely."""
-    from .estimate import estimate_file, estimate_headers
-    from .model_files import ModelFilesMissing, read_headers
+    from .errors import ModelFilesMissing
+    from .estimate import estimate_headers
+    from .gguf_header import read_model_headers
+    from .model_files import read_headers
     from .settings import Settings
 
     settings = Settings.from_env(models_config=args.config)
@@ -526,10 +530,10 @@ def cmd_estimate(args) -> int:
                   extra_args=spec.extra_args if spec else [], overhead_mib=settings.cuda_overhead_mb)
     try:
         if spec is None:
-            est = estimate_file(path, **kwargs)
+            headers = read_model_headers(path)
         else:
-            est = estimate_headers(read_headers(spec, settings.generated_dir,
-                                                settings.hub_header_dir), **kwargs)
+            headers = read_headers(spec, settings.generated_dir, settings.hub_header_dir)
+        est = estimate_headers(headers, **kwargs)
     except ModelFilesMissing as exc:  # hub.HubError: one line with the fix
         print(f"error: {exc}", file=sys.stderr)
         return 1 if getattr(exc, "status", 409) >= 500 else 2

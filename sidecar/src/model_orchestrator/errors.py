@@ -2,7 +2,9 @@
 
 The domain (orchestrator, lifecycle, proxy logic) raises `Refused(Code.X, message, **details)` and knows nothing of
 HTTP. The API layer (http_errors.py) holds the one table that maps each code to an HTTP status and shapes the
-OpenAI-style body `{"error": {"code", "message", "type", ...}}`.
+OpenAI-style body `{"error": {"code", "message", "type", ...}}`. Two kinds of refusal that callers catch by kind live
+here too, below everything that raises them: `ModelFilesMissing` (model_files.py) and its `HubError` (hub.py,
+outbound.py).
 """
 
 from __future__ import annotations
@@ -85,3 +87,17 @@ class Refused(Exception):
         self.message = message
         self.retry_after = retry_after
         self.details = {k: v for k, v in details.items() if v is not None}
+
+
+class ModelFilesMissing(Refused):
+    """A model's files are not on disk; the message says how to get them. Nothing was spawned."""
+
+    def __init__(self, message: str, *, code: Code = Code.MODEL_FILES_MISSING, **details):
+        super().__init__(code, message, **details)
+
+
+class HubError(ModelFilesMissing):
+    """The Hub could not give a model's files or header. One line: what is wrong and what fixes it."""
+
+    def __init__(self, code: Code, message: str):
+        super().__init__(message, code=code)
