@@ -31,7 +31,8 @@ def test_within_5_percent_of_nvml_and_exact_on_llama_cpp_buffers(shapes, row):
     assert est.kv_cache_mb == pytest.approx(row["llama_buffers_mib"]["KV"], abs=0.5)
 
 
-CALIBRATED = [r for f in ("table.json", "heldout.json") for r in json.loads((ROOT / "results/vram" / f).read_text())["rows"]]
+CALIBRATED = [r for f in ("table.json", "heldout.json")
+              for r in json.loads((ROOT / "results/vram" / f).read_text())["rows"]]
 
 
 def _cuda0_compute_mib(row: dict) -> float:
@@ -98,7 +99,8 @@ def test_tied_embedding_is_copied_to_the_gpu_with_the_output_layer(shapes):
     assert s.tied_output
     est = estimate_shape(s, n_ctx=8192, n_gpu_layers=99)
     blocks = sum(v for k, v in s.tensors.items() if k.startswith("blk.")) / 2**20
-    assert est.weights_mb == pytest.approx(blocks + (s.tensors["token_embd.weight"] + s.tensors["output_norm.weight"]) / 2**20)
+    output = (s.tensors["token_embd.weight"] + s.tensors["output_norm.weight"]) / 2**20
+    assert est.weights_mb == pytest.approx(blocks + output)
 
 
 def test_tensor_overrides_keep_experts_on_the_host(shapes):
@@ -106,7 +108,8 @@ def test_tensor_overrides_keep_experts_on_the_host(shapes):
     full = estimate_shape(s, n_ctx=8192, n_gpu_layers=99)
     experts = sum(v for k, v in s.tensors.items() if "_exps" in k) / 2**20
     for args in (["-ot", r"ffn_.*_exps\.=CPU"], ["--cpu-moe"]):
-        assert estimate_shape(s, n_ctx=8192, n_gpu_layers=99, extra_args=args).weights_mb == pytest.approx(full.weights_mb - experts)
+        on_host = estimate_shape(s, n_ctx=8192, n_gpu_layers=99, extra_args=args)
+        assert on_host.weights_mb == pytest.approx(full.weights_mb - experts)
     ten = estimate_shape(s, n_ctx=8192, n_gpu_layers=99, extra_args=["--n-cpu-moe", "10"])
     assert ten.weights_mb == pytest.approx(full.weights_mb - experts * 10 / 48)
 
@@ -114,7 +117,8 @@ def test_tensor_overrides_keep_experts_on_the_host(shapes):
 def test_kv_cache_scales_with_context_and_cache_type(shapes):
     s = shapes["qwen3-30b-a3b"]  # 48 layers x 4 KV heads x 128 dims x (K + V)
     assert estimate_shape(s, n_ctx=131072, n_gpu_layers=99).kv_cache_mb == 48 * 4 * 128 * 2 * 2 * 131072 / 2**20
-    assert estimate_shape(s, n_ctx=131072, n_gpu_layers=99, cache_type="q8_0").kv_cache_mb == pytest.approx(12288 * 34 / 64)
+    q8 = estimate_shape(s, n_ctx=131072, n_gpu_layers=99, cache_type="q8_0")
+    assert q8.kv_cache_mb == pytest.approx(12288 * 34 / 64)
     assert estimate_shape(s, n_ctx=1000, n_gpu_layers=99).context_cells == 1024  # padded like llama.cpp
 
 

@@ -80,7 +80,8 @@ def test_no_import_cycle():
     assert [c for c in found if not c <= ORCHESTRATOR_SPLIT] == [], found
 
 
-@pytest.mark.xfail(strict=False, reason="dispatcher <-> orchestrator: the Orchestrator split (structure-core) removes it")
+@pytest.mark.xfail(strict=False, reason="dispatcher <-> orchestrator: the Orchestrator split (structure-core) "
+                                        "removes it")
 def test_no_import_cycle_at_all():
     assert cycles(import_graph()) == []
 

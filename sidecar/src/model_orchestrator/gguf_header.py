@@ -1,12 +1,10 @@
-"""A fast reader of GGUF headers: metadata and tensor infos, never the tensor data.
+"""GGUF headers: parsed (metadata and tensor infos, never the tensor data), read from disk (`read_header`,
+`read_model_headers`: a model's files as `ModelHeaders`), and the sizes of ggml types (`element_bytes`).
 
-gguf-py's GGUFReader materialises every array element as a numpy object; for a real model's 150 000-token
-vocabulary that takes seconds (6.5 s for a Qwen3 header on the dev VM), which admission cannot afford on every
-load. This walks the same format with struct over an mmap and skips string arrays by length.
-
-A header is input we do not control (any file a registry names, any Hub endpoint): every count in it is checked
-against the bytes it would take in the file before anything is built or looped over, and a header may not run past
-MAX_HEADER; what parses is a header whose lists are no longer than the file allows.
+It walks the format with struct over an mmap and skips string arrays by length (gguf-py's reader takes seconds on a
+150 000-token vocabulary). A header is input we do not control (any file a registry names, any Hub endpoint): every
+count in it is checked against the bytes it would take in the file before anything is built or looped over, and a
+header may not run past MAX_HEADER.
 """
 
 from __future__ import annotations

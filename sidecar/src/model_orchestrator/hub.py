@@ -5,9 +5,11 @@
   file's ETag (its content hash), so "will it fit?" is answered before, and without, a download.
 - `download`: a pull into the shared cache (HF_HOME) with the free disk checked first and the SHA-256 checked after
   (huggingface_hub only checks the size).
-- `HubError`: every failure of the above as one line saying what is wrong and which variable or command fixes it,
-  with a code and HTTP status for the API; no retries beyond one request's timeout (huggingface_hub alone retries a
-  dead network for ~24 s before raising a 40-line traceback).
+- `hub_errors`: every failure of the above as one `errors.HubError` line saying what is wrong and which variable or
+  command fixes it, with its code; no retries beyond one request's timeout.
+
+It sits below model_files.py (which decides what to fetch) and above outbound.py (the threads, deadlines and the
+endpoint every call goes to).
 """
 
 from __future__ import annotations

