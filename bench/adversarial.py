@@ -120,37 +120,24 @@ def row(attack: str, expected: str, observed: str, ok: bool) -> None:
 
 def write_models(d: Path) -> Path:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from support.hostile_gguf import hostile_registry
+    from support.hostile_gguf import hostile_models
+    from support.registry import model, write_registry
     from support.tiny_models import write_tiny_mmproj, write_tiny_model  # the tests' fixtures
 
     d.mkdir(parents=True, exist_ok=True)
     write_tiny_model(d / "hello.gguf", behaviour="hello", arch="qwen3")
     write_tiny_mmproj(d / "mmproj.gguf")
-    hostile = (d / "hostile").mkdir(exist_ok=True) or hostile_registry(d / "hostile").read_text()
+    (d / "hostile").mkdir(exist_ok=True)
+    hostile = [{**m, "id": "hostile-good"} if m["id"] == "good" else m for m in hostile_models(d / "hostile")]
     write_tiny_model(d / "random.gguf", behaviour="random", arch="llama")
     if not (d / "fifo.gguf").exists():
         os.mkfifo(d / "fifo.gguf")
-    reg = d / "models.toml"
-    reg.write_text(f"""default_model = "tiny"
-[[models]]
-id = "tiny"
-source = {{ type = "path", path = "{d / 'hello.gguf'}" }}
-context_size = 512
-[[models]]
-id = "tiny-random"
-source = {{ type = "path", path = "{d / 'random.gguf'}" }}
-context_size = 2048
-[[models]]
-id = "fifo"
-source = {{ type = "path", path = "{d / 'fifo.gguf'}" }}
-context_size = 512
-[[models]]
-id = "eyes"
-source = {{ type = "path", path = "{d / 'hello.gguf'}", mmproj = "{d / 'mmproj.gguf'}" }}
-context_size = 512
-extra_args = ["--embeddings", "--pooling", "mean"]
-""" + hostile.split("\n", 1)[1].replace('id = "good"', 'id = "hostile-good"'))
-    return reg
+    return write_registry(d / "models.toml", model("tiny", path=d / "hello.gguf", context_size=512),
+                          model("tiny-random", path=d / "random.gguf", context_size=2048),
+                          model("fifo", path=d / "fifo.gguf", context_size=512),
+                          model("eyes", path=d / "hello.gguf", mmproj=d / "mmproj.gguf", context_size=512,
+                                extra_args=["--embeddings", "--pooling", "mean"]),
+                          *hostile)
 
 
 # ---- attacks ----------------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_gguf import SHAPES, write_synthetic  # noqa: E402
 
-from model_orchestrator.estimate import estimate_shape, read_shape  # noqa: E402
+from model_orchestrator.estimate import estimate_shape, shape_from_header  # noqa: E402
+from model_orchestrator.gguf_header import read_header  # noqa: E402
 from model_orchestrator.install import find_llama_server  # noqa: E402
 from model_orchestrator.llama_args import build_argv  # noqa: E402
 from model_orchestrator.registry import parse_registry  # noqa: E402
@@ -112,7 +113,7 @@ def main() -> int:
         path = args.models_dir / f"{shape}.gguf"
         if not path.exists():
             write_synthetic(path, shape)
-        header = read_shape(path)
+        header = shape_from_header(read_header(path))
         for ctx in map(int, args.ctx.split(",")):
             for cache in args.cache.split(","):
                 m = measure(binary, path, ctx, cache, pynvml, not args.no_projection)

@@ -15,7 +15,8 @@ import pytest
 
 from model_orchestrator.install import find_llama_server
 from support.tiny_models import write_tiny_mmproj, write_tiny_model
-from support.helpers import SidecarProcess, registry_text
+from support.helpers import SidecarProcess
+from support.registry import fixture_models, write_registry
 
 MARKERS = {
     "gpu": "needs an NVIDIA GPU with NVML and a CUDA llama-server (skipped elsewhere; runs on the device)",
@@ -65,9 +66,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def registry_file(tmp_path, model_dir) -> Path:
-    p = tmp_path / "models.toml"
-    p.write_text(registry_text(model_dir))
-    return p
+    return write_registry(tmp_path / "models.toml", *fixture_models(model_dir))
 
 
 @pytest.fixture
@@ -80,7 +79,8 @@ def make_orchestrator(tmp_path, registry_file, llama_server_bin):
 
     def make(gpu=None, **settings):
         s = Settings(state_dir=tmp_path / "state", stop_timeout_s=3, load_timeout_s=30, **settings)
-        return Orchestrator(s, load_registry(registry_file), gpu or NoGpuView("tests run without a GPU"), llama_server_bin)
+        gpu = gpu or NoGpuView("tests run without a GPU")
+        return Orchestrator(s, load_registry(registry_file), gpu, llama_server_bin)
 
     return make
 

@@ -129,8 +129,9 @@ async def test_an_answer_stops_at_the_models_max_tokens_unless_the_request_names
 
 
 async def test_tools_are_passed_through_and_tool_calls_come_back(client):
+    parameters = {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}
     tools = [{"type": "function", "function": {"name": "get_weather", "description": "Get current weather",
-              "parameters": {"type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}]
+                                               "parameters": parameters}}]
     status, body = await chat(client, "tiny-tools", tools=tools, tool_choice="auto")
     assert status == 200, body
     choice = body["choices"][0]
@@ -140,12 +141,14 @@ async def test_tools_are_passed_through_and_tool_calls_come_back(client):
     # streamed too
     r = await client.post("/v1/chat/completions", json={**CHAT, "model": "tiny-tools", "tools": tools, "stream": True})
     events = [e for e in await read_sse(r) if e != "[DONE]"]
-    names = [tc["function"].get("name") for e in events for c in e["choices"] for tc in c["delta"].get("tool_calls", [])]
+    names = [tc["function"].get("name")
+             for e in events for c in e["choices"] for tc in c["delta"].get("tool_calls", [])]
     assert "get_weather" in names
     assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
-PNG = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+PNG = ("data:image/png;base64,"
+       "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg==")
 IMAGE_MSG = [{"role": "user", "content": [{"type": "text", "text": "What is in this image?"},
                                           {"type": "image_url", "image_url": {"url": PNG}}]}]
 
@@ -157,7 +160,8 @@ async def test_image_request_reaches_the_vision_model(client):
     assert with_image.status == 200, body
     assert body["choices"][0]["message"]["content"] == HELLO_TEXT
     text_only = [{"role": "user", "content": [{"type": "text", "text": "What is in this image?"}]}]
-    plain = await (await client.post("/v1/chat/completions", json={"model": "tiny-vision", "messages": text_only})).json()
+    r = await client.post("/v1/chat/completions", json={"model": "tiny-vision", "messages": text_only})
+    plain = await r.json()
     assert body["usage"]["prompt_tokens"] > plain["usage"]["prompt_tokens"]  # the image became tokens
     models = await (await client.get("/models")).json()
     assert next(m for m in models["models"] if m["id"] == "tiny-vision")["vision"] is True
@@ -179,10 +183,10 @@ async def test_load_on_demand_and_requests_during_a_load_wait(client):
     assert loads == 1  # one process for four requests
 
 
-async def test_generated_default_model_is_made_on_first_load(client, tmp_path):
+async def test_generated_default_model_is_made_on_first_load(client):
     status, body = await load(client, "tiny-generated")
     assert status == 200, body
-    assert (tmp_path / "state" / "models" / "tiny-generated.gguf").is_file()
+    assert (client.orch.settings.generated_dir / "tiny-generated.gguf").is_file()
     assert (await chat(client, "tiny-generated"))[1]["choices"][0]["message"]["content"] == HELLO_TEXT
 
 
@@ -202,7 +206,8 @@ async def test_two_concurrent_loads_share_one_process(client):
 
 async def test_unknown_model_bad_json_and_bad_fields_are_clear_4xx(client):
     for path in ("/models/load", "/models/estimate", "/v1/chat/completions"):
-        r = await client.post(path, json={"model": "no-such-model", "messages": []} if "v1" in path else {"model": "no-such-model"})
+        body = {"model": "no-such-model", "messages": []} if "v1" in path else {"model": "no-such-model"}
+        r = await client.post(path, json=body)
         assert r.status == 404, path
         assert_error(await r.json(), "model_not_found")
     r = await client.post("/models/load", data=b"{not json", headers={"Content-Type": "application/json"})

@@ -22,9 +22,10 @@ from pathlib import Path
 import pytest
 
 from model_orchestrator.gpu import GpuView
-from support.helpers import SidecarProcess, metric_value, wait_until
+from support.helpers import SidecarProcess, metric_value
 from support.hf_mirror import HfMirror
 from support.nvml import FakeNvml
+from support.registry import model, write_registry
 from support.tiny_models import write_tiny_model
 
 HEALTH = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
@@ -74,13 +75,6 @@ def with_string_array(src: Path, dst: Path, key: str, count: int) -> Path:
     head = data[:4] + struct.pack("<IQQ", version, n_tensors, n_kv + 1) + entry + data[24:end]
     dst.write_bytes(head + b"\0" * (-len(head) % 32) + data[start:])
     return dst
-
-
-def registry(path: Path, models: dict[str, Path]) -> Path:
-    path.write_text('default_model = "tiny"\n' + "".join(
-        f'[[models]]\nid = "{name}"\nsource = {{ type = "path", path = "{file}" }}\ncontext_size = 512\n'
-        for name, file in models.items()))
-    return path
 
 
 # ---- 2: query strings ---------------------------------------------------------------------------------------------
@@ -189,7 +183,8 @@ def test_a_header_with_an_absurd_layer_count_is_refused_with_little_memory(tmp_p
     data = bytearray((model_dir / "hello.gguf").read_bytes())
     struct.pack_into("<I", data, gguf_value_at(data, "qwen3.block_count"), 100_000_000)
     (tmp_path / "hostile.gguf").write_bytes(data)
-    reg = registry(tmp_path / "models.toml", {"tiny": model_dir / "hello.gguf", "hostile": tmp_path / "hostile.gguf"})
+    reg = write_registry(tmp_path / "models.toml", model("tiny", path=model_dir / "hello.gguf", context_size=512),
+                         model("hostile", path=tmp_path / "hostile.gguf", context_size=512))
     sp = SidecarProcess(reg, tmp_path / "state", llama_server_bin).start()
     try:
         before = rss_mb(sp.proc.pid, "VmHWM")
@@ -223,7 +218,8 @@ async def test_a_slow_header_read_never_holds_up_admission(aiohttp_client, tmp_p
     from model_orchestrator.settings import Settings
 
     slow = with_string_array(model_dir / "hello.gguf", tmp_path / "slow.gguf", "test.padding", 6_000_000)
-    reg = registry(tmp_path / "models.toml", {"tiny": model_dir / "hello.gguf", "slow": slow})
+    reg = write_registry(tmp_path / "models.toml", model("tiny", path=model_dir / "hello.gguf", context_size=512),
+                         model("slow", path=slow, context_size=512))
     orch = Orchestrator(Settings(state_dir=tmp_path / "state"), load_registry(reg), NoGpuView("no GPU here"),
                         llama_server_bin)
     c = await aiohttp_client(create_app(orch))
@@ -239,10 +235,8 @@ async def test_a_slow_header_read_never_holds_up_admission(aiohttp_client, tmp_p
 def test_a_trickling_hub_starves_nothing_and_holds_no_sigterm(tmp_path, llama_server_bin):
     tiny = write_tiny_model(tmp_path / "tiny.gguf")
     mirror = HfMirror({"test-org/Tiny-GGUF": {"tiny-Q8_0.gguf": tiny.read_bytes()}}, trickle_s=0.5).start()
-    reg = tmp_path / "models.toml"
-    reg.write_text(f'default_model = "local"\n[[models]]\nid = "local"\nsource = {{ type = "path", path = "{tiny}" }}\n'
-                   '[[models]]\nid = "hub"\nsource = { type = "hf", repo = "test-org/Tiny-GGUF", '
-                   'file = "tiny-Q8_0.gguf" }\n')
+    reg = write_registry(tmp_path / "models.toml", model("local", path=tiny),
+                         model("hub", hf="test-org/Tiny-GGUF", file="tiny-Q8_0.gguf"))
     env = mirror.client_env(tmp_path / "hf-home", MODEL_ORCHESTRATOR_HUB_DEADLINE_S="3")
     sp = SidecarProcess(reg, tmp_path / "state", llama_server_bin, env=env).start()
     try:
@@ -321,9 +315,7 @@ def test_a_hostile_etag_or_commit_never_chooses_a_path(tmp_path, hostile, comman
     else:
         mirror.commit = "../../../../escaped"
     mirror.start()
-    reg = tmp_path / "models.toml"
-    reg.write_text('default_model = "hub"\n[[models]]\nid = "hub"\n'
-                   'source = { type = "hf", repo = "test-org/Tiny-GGUF", file = "tiny-Q8_0.gguf" }\n')
+    reg = write_registry(tmp_path / "models.toml", model("hub", hf="test-org/Tiny-GGUF", file="tiny-Q8_0.gguf"))
     env = mirror.client_env(tmp_path / "work" / "hf-home", MODEL_ORCHESTRATOR_MODELS=str(reg),
                             MODEL_ORCHESTRATOR_STATE=str(tmp_path / "work" / "state"),
                             MODEL_ORCHESTRATOR_URL="http://127.0.0.1:9")  # no sidecar: the local registry answers

@@ -15,6 +15,7 @@ from model_orchestrator.calibration import EstimateCheck
 from model_orchestrator.estimate import CALIBRATION, ESTIMATOR_VERSION
 from model_orchestrator.gpu import MIB, GpuView
 from support.nvml import FakeNvml
+from support.registry import model, registry
 
 
 class MeasuringNvml(FakeNvml):
@@ -144,12 +145,10 @@ async def test_real_gpu_first_load_teaches_the_overhead_and_the_second_estimate_
     from model_orchestrator.gpu import open_gpu_view
     from model_orchestrator.install import find_llama_server
     from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.registry import parse_registry
     from model_orchestrator.settings import Settings
 
     dense = write_synthetic(tmp_path / "dense.gguf", "llama-8b")
-    reg = parse_registry(f'default_model = "dense"\n[[models]]\nid = "dense"\nsource = {{ type = "path", path = '
-                         f'"{dense}" }}\ncontext_size = 8192\nflash_attn = "on"\n')
+    reg = registry(model("dense", path=dense, context_size=8192, flash_attn="on"))
     orch = Orchestrator(Settings(state_dir=tmp_path / "s"), reg, open_gpu_view(), find_llama_server())
     c = await aiohttp_client(create_app(orch))
     checks = []

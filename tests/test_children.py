@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from support.helpers import CHAT, child_call, child_endpoint, tcp_listening
+from support.registry import model, write_registry
 
 EVIL = "https://evil.example"
 
@@ -153,11 +154,8 @@ def test_api_key_and_host_flags_are_reserved_and_the_refusal_says_why(tmp_path):
 
     for flag in (["--api-key", "k"], ["--api-key-file=/k"], ["--host", "0.0.0.0"], ["--port", "8080"],
                  ["--cors-origins", "*"], ["--cors-credentials"]):
-        p = tmp_path / "models.toml"
-        p.write_text(f'default_model = "m"\n[[models]]\nid = "m"\nsource = {{ type = "generated" }}\n'
-                     f"extra_args = {json.dumps(flag)}\n")
         with pytest.raises(RegistryError) as exc:
-            load_registry(p)
+            load_registry(write_registry(tmp_path / "models.toml", model("m", extra_args=flag)))
         text = str(exc.value)
         assert flag[0].split("=")[0] in text and "private Unix socket" in text, text
         assert "MODEL_ORCHESTRATOR_API_KEY" in text, text
@@ -211,14 +209,9 @@ def vision_embed_orchestrator(tmp_path, model_dir, llama_server_bin):
     from model_orchestrator.registry import load_registry
     from model_orchestrator.settings import Settings
 
-    reg = tmp_path / "vision.toml"
-    reg.write_text(f'''default_model = "eyes"
-[[models]]
-id = "eyes"
-source = {{ type = "path", path = "{model_dir / 'hello.gguf'}", mmproj = "{model_dir / 'mmproj.gguf'}" }}
-context_size = 512
-extra_args = ["--embeddings", "--pooling", "mean"]
-''')
+    reg = write_registry(tmp_path / "vision.toml", model("eyes", path=model_dir / "hello.gguf",
+                                                         mmproj=model_dir / "mmproj.gguf", context_size=512,
+                                                         extra_args=["--embeddings", "--pooling", "mean"]))
 
     def make(**settings):
         return Orchestrator(Settings(state_dir=tmp_path / "state", stop_timeout_s=3, load_timeout_s=30, **settings),

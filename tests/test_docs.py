@@ -61,15 +61,18 @@ def test_no_test_module_imports_another_test_module():
 
 
 def test_the_cache_types_are_listed_once_and_each_has_a_size():
-    """llama_args.CACHE_TYPES is the one list (the registry, the API schema and the CLI take it from there); the
-    estimator knows the size of each."""
+    """llama_args.CACHE_TYPES is the one list (the registry, the API schema and the CLI take it from there); each
+    one's size per element comes from the GGUF format's own table (gguf_header.element_bytes)."""
     from typing import get_args
 
-    from model_orchestrator.estimate import CACHE_BYTES
+    from model_orchestrator.gguf_header import element_bytes
     from model_orchestrator.llama_args import CACHE_TYPES
     from model_orchestrator.registry import CacheType
 
-    assert set(CACHE_BYTES) == set(CACHE_TYPES) == set(get_args(CacheType))
+    assert set(CACHE_TYPES) == set(get_args(CacheType))
+    sizes = {t: element_bytes(t) for t in CACHE_TYPES}
+    assert sizes["f32"] == 4 and sizes["f16"] == sizes["bf16"] == 2 and sizes["q8_0"] == 34 / 32, sizes
+    assert all(0 < size <= 4 for size in sizes.values()), sizes
 
 
 def test_readme_counts_no_tests():

@@ -10,15 +10,15 @@ from __future__ import annotations
 import json
 import subprocess
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from support.helpers import SidecarProcess, bench_module
+from support.helpers import SidecarProcess, bench_module, wait_for
 from support.hf_mirror import HfMirror
 from support.nvml import FakeNvml
+from support.registry import model, registry, write_registry
 from support.tiny_models import HELLO_TEXT, write_tiny_model
 
 REPO = "test-org/Tiny-GGUF"
@@ -39,44 +39,24 @@ def mirror(tiny_bytes):
     m.stop()
 
 
-def registry(path: Path, extra: str = "") -> Path:
-    path.write_text(f'''default_model = "tiny"
-[[models]]
-id = "tiny"
-source = {{ type = "hf", repo = "{REPO}", file = "{FILE}" }}
-context_size = 512
-[[models]]
-id = "too-big-for-the-disk"
-source = {{ type = "hf", repo = "{REPO}", file = "big.gguf" }}
-{extra}''')
-    return path
-
-
 def sidecar(tmp_path: Path, mirror: HfMirror, llama_server_bin: Path, hf_home: Path | None = None,
-            extra: str = "", **env: str) -> SidecarProcess:
+            extra: tuple[dict, ...] = (), **env: str) -> SidecarProcess:
+    """A sidecar with two Hub models (`tiny`, and `too-big-for-the-disk`) and the `extra` ones."""
+    registry = write_registry(tmp_path / "models.toml", model("tiny", hf=REPO, file=FILE, context_size=512),
+                              model("too-big-for-the-disk", hf=REPO, file="big.gguf"), *extra)
     e = mirror.client_env(hf_home or tmp_path / "hf-home", **env)
-    return SidecarProcess(registry(tmp_path / "models.toml", extra), tmp_path / "state", llama_server_bin, env=e).start()
+    return SidecarProcess(registry, tmp_path / "state", llama_server_bin, env=e).start()
 
 
-def chat(url: str, model: str) -> tuple[int, dict]:
-    req = urllib.request.Request(url + "/v1/chat/completions", method="POST", headers={"Content-Type": "application/json"},
-                                 data=json.dumps({"model": model, "max_tokens": 8,
-                                                  "messages": [{"role": "user", "content": "hi"}]}).encode())
+def chat(url: str, model_id: str) -> tuple[int, dict]:
+    body = {"model": model_id, "max_tokens": 8, "messages": [{"role": "user", "content": "hi"}]}
+    req = urllib.request.Request(url + "/v1/chat/completions", method="POST",
+                                 headers={"Content-Type": "application/json"}, data=json.dumps(body).encode())
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
-
-
-def wait_for(pred, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_chat_for_a_model_never_downloaded_downloads_it_shows_progress_and_answers(tmp_path, mirror, tiny_bytes,
@@ -103,7 +83,8 @@ def test_a_chat_for_a_model_never_downloaded_downloads_it_shows_progress_and_ans
         assert listed["status"] == "downloading" and listed["download"]["bytes_total"] == len(tiny_bytes)
         assert listed["files_present"] is False and listed["download_on_load"] is True
         metrics = urllib.request.urlopen(sp.url + "/metrics").read().decode()
-        assert f'model_orchestrator_download_size_bytes{{file="{FILE}",model="tiny"}} {float(len(tiny_bytes))}' in metrics
+        size = f'model_orchestrator_download_size_bytes{{file="{FILE}",model="tiny"}} {float(len(tiny_bytes))}'
+        assert size in metrics
         assert 'model_orchestrator_model_state{model="tiny",state="downloading"} 1.0' in metrics
         # a second request joins the download (and the load after it) instead of starting another
         status, joined = sp.call("POST", "/models/load", {"model": "tiny"}, timeout=120)
@@ -174,14 +155,18 @@ def test_an_unload_cancels_the_download_and_the_next_load_resumes_it(tmp_path, m
         status, started = sp.call("POST", "/models/load", {"model": "tiny", "wait": False, "callback_url": hooks.url})
         assert status == 202 and started["result"] == "downloading" and started["status"] == "downloading", started
         assert started["download"]["bytes_total"] == len(tiny_bytes)
-        wait_for(lambda: (sp.call("GET", "/models/status")[1]["loaded_models"].get("tiny") or {}).get("download", {})
-                 and sp.call("GET", "/models/status")[1]["loaded_models"]["tiny"]["download"]["bytes_done"] >= 128 << 10,
-                 what="some bytes")
+        def some_bytes() -> bool:
+            tiny = sp.call("GET", "/models/status")[1]["loaded_models"].get("tiny") or {}
+            return tiny.get("download", {}).get("bytes_done", 0) >= 128 << 10
+
+        wait_for(some_bytes, what="some bytes")
         status, unloaded = sp.call("POST", "/models/unload", {"model": "tiny"})
-        assert status == 200 and unloaded["result"] == "cancelled_download" and unloaded["status"] == "unloaded", unloaded
+        assert status == 200 and (unloaded["result"], unloaded["status"]) == ("cancelled_download", "unloaded"), \
+            unloaded
         assert "tiny" not in sp.call("GET", "/models/status")[1]["loaded_models"]
         wait_for(lambda: hooks.got, what="the callback of the cancelled load")
-        assert hooks.got[0]["result"] == "cancelled" and hooks.got[0]["error"]["code"] == "download_cancelled", hooks.got
+        assert (hooks.got[0]["result"], hooks.got[0]["error"]["code"]) == ("cancelled", "download_cancelled"), \
+            hooks.got
         kept = list((tmp_path / "hf-home").rglob("*.partial"))
         assert len(kept) == 1 and 0 < kept[0].stat().st_size < len(tiny_bytes)
         have = kept[0].stat().st_size
@@ -241,7 +226,6 @@ async def test_a_model_that_would_not_fit_is_refused_before_its_download(tmp_pat
     from model_orchestrator.errors import Refused
     from model_orchestrator.gpu import GpuView
     from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.registry import parse_registry
     from model_orchestrator.settings import Settings
     from support.nvml import proc
 
@@ -249,10 +233,10 @@ async def test_a_model_that_would_not_fit_is_refused_before_its_download(tmp_pat
     m = HfMirror({BIG_REPO: {BIG_FILE: big}}).start()
     try:
         monkeypatch.setattr(constants, "ENDPOINT", m.url)  # (read at import: set here for this process)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", m.url + "/{repo_id}/resolve/{revision}/{filename}")
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                            m.url + "/{repo_id}/resolve/{revision}/{filename}")
         monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-home" / "hub"))
-        reg = parse_registry(f'default_model = "big"\n[[models]]\nid = "big"\nsource = {{ type = "hf", repo = '
-                             f'"{BIG_REPO}", file = "{BIG_FILE}" }}\ncontext_size = 8192\n')
+        reg = registry(model("big", hf=BIG_REPO, file=BIG_FILE, context_size=8192))
         nv = FakeNvml({0: [proc(4_000_000, 20_000)]}, total_mb=24_576)
         orch = Orchestrator(Settings(state_dir=tmp_path / "state"), reg, GpuView(nv, max_age_s=0), llama_server_bin)
         await orch.start()
@@ -273,12 +257,9 @@ async def test_a_model_that_would_not_fit_is_refused_before_its_download(tmp_pat
 def test_a_missing_local_adapter_of_a_downloaded_hub_model_is_refused_not_retried(tmp_path, mirror, llama_server_bin):
     """The model's files come from the Hub (downloaded), its LoRA adapter is a local path that does not exist: no
     source can give it, so the load is refused with what to fix (it once looped looking for something to download)."""
-    sp = sidecar(tmp_path, mirror, llama_server_bin, extra=f'''[[models]]
-id = "tiny-lora"
-source = {{ type = "hf", repo = "{REPO}", file = "{FILE}" }}
-context_size = 512
-lora = [{{ name = "gone", source = {{ type = "path", path = "{tmp_path / 'gone.gguf'}" }} }}]
-''')
+    gone = {"name": "gone", "source": {"type": "path", "path": str(tmp_path / "gone.gguf")}}
+    sp = sidecar(tmp_path, mirror, llama_server_bin,
+                 extra=(model("tiny-lora", hf=REPO, file=FILE, context_size=512, lora=[gone]),))
     try:
         status, body = sp.call("POST", "/models/load", {"model": "tiny-lora"}, timeout=60)
         assert (status, body["error"]["code"]) == (409, "model_files_missing"), body

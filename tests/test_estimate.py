@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from model_orchestrator.estimate import estimate_file, estimate_shape, read_shape
+from model_orchestrator.estimate import estimate_headers, estimate_shape, shape_from_header
+from model_orchestrator.gguf_header import read_header, read_model_headers
 from support.helpers import ROOT, bench_module
 
 write_synthetic = bench_module("synthetic_gguf").write_synthetic
@@ -18,7 +19,8 @@ MEASURED = json.loads((ROOT / "results/vram/run2-uncalibrated.json").read_text()
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     d = tmp_path_factory.mktemp("synthetic")
-    return {s: read_shape(write_synthetic(d / f"{s}.gguf", s)) for s in ("llama-1b", "llama-8b", "qwen3-30b-a3b")}
+    return {s: shape_from_header(read_header(write_synthetic(d / f"{s}.gguf", s)))
+            for s in ("llama-1b", "llama-8b", "qwen3-30b-a3b")}
 
 
 @pytest.mark.parametrize("row", MEASURED, ids=lambda r: f"{r['shape']}-{r['ctx']}-{r['cache']}")
@@ -29,7 +31,8 @@ def test_within_5_percent_of_nvml_and_exact_on_llama_cpp_buffers(shapes, row):
     assert est.kv_cache_mb == pytest.approx(row["llama_buffers_mib"]["KV"], abs=0.5)
 
 
-CALIBRATED = [r for f in ("table.json", "heldout.json") for r in json.loads((ROOT / "results/vram" / f).read_text())["rows"]]
+CALIBRATED = [r for f in ("table.json", "heldout.json")
+              for r in json.loads((ROOT / "results/vram" / f).read_text())["rows"]]
 
 
 def _cuda0_compute_mib(row: dict) -> float:
@@ -96,7 +99,8 @@ def test_tied_embedding_is_copied_to_the_gpu_with_the_output_layer(shapes):
     assert s.tied_output
     est = estimate_shape(s, n_ctx=8192, n_gpu_layers=99)
     blocks = sum(v for k, v in s.tensors.items() if k.startswith("blk.")) / 2**20
-    assert est.weights_mb == pytest.approx(blocks + (s.tensors["token_embd.weight"] + s.tensors["output_norm.weight"]) / 2**20)
+    output = (s.tensors["token_embd.weight"] + s.tensors["output_norm.weight"]) / 2**20
+    assert est.weights_mb == pytest.approx(blocks + output)
 
 
 def test_tensor_overrides_keep_experts_on_the_host(shapes):
@@ -104,7 +108,8 @@ def test_tensor_overrides_keep_experts_on_the_host(shapes):
     full = estimate_shape(s, n_ctx=8192, n_gpu_layers=99)
     experts = sum(v for k, v in s.tensors.items() if "_exps" in k) / 2**20
     for args in (["-ot", r"ffn_.*_exps\.=CPU"], ["--cpu-moe"]):
-        assert estimate_shape(s, n_ctx=8192, n_gpu_layers=99, extra_args=args).weights_mb == pytest.approx(full.weights_mb - experts)
+        on_host = estimate_shape(s, n_ctx=8192, n_gpu_layers=99, extra_args=args)
+        assert on_host.weights_mb == pytest.approx(full.weights_mb - experts)
     ten = estimate_shape(s, n_ctx=8192, n_gpu_layers=99, extra_args=["--n-cpu-moe", "10"])
     assert ten.weights_mb == pytest.approx(full.weights_mb - experts * 10 / 48)
 
@@ -112,7 +117,8 @@ def test_tensor_overrides_keep_experts_on_the_host(shapes):
 def test_kv_cache_scales_with_context_and_cache_type(shapes):
     s = shapes["qwen3-30b-a3b"]  # 48 layers x 4 KV heads x 128 dims x (K + V)
     assert estimate_shape(s, n_ctx=131072, n_gpu_layers=99).kv_cache_mb == 48 * 4 * 128 * 2 * 2 * 131072 / 2**20
-    assert estimate_shape(s, n_ctx=131072, n_gpu_layers=99, cache_type="q8_0").kv_cache_mb == pytest.approx(12288 * 34 / 64)
+    q8 = estimate_shape(s, n_ctx=131072, n_gpu_layers=99, cache_type="q8_0")
+    assert q8.kv_cache_mb == pytest.approx(12288 * 34 / 64)
     assert estimate_shape(s, n_ctx=1000, n_gpu_layers=99).context_cells == 1024  # padded like llama.cpp
 
 
@@ -130,7 +136,8 @@ def test_estimate_command(shapes, tmp_path):
     out = subprocess.run([sys.executable, "-m", "model_orchestrator", "estimate", str(path), "--ctx", "32768",
                           "--cache-type", "q8_0", "--json"], capture_output=True, text=True, timeout=60, check=True)
     body = json.loads(out.stdout)
-    assert body["total_mb"] == pytest.approx(estimate_file(path, n_ctx=32768, n_gpu_layers=99, cache_type="q8_0").total_mb, abs=0.1)
+    est = estimate_headers(read_model_headers(path), n_ctx=32768, n_gpu_layers=99, cache_type="q8_0")
+    assert body["total_mb"] == pytest.approx(est.total_mb, abs=0.1)
     assert body["kv_cache_mb"] == 2176.0
     text = subprocess.run([sys.executable, "-m", "model_orchestrator", "estimate", str(path)], capture_output=True,
                           text=True, timeout=60).stdout
@@ -141,7 +148,6 @@ def test_fast_header_reader_agrees_with_gguf_py(tmp_path):
     """gguf_header.py replaces gguf-py's reader for speed; on every file kind we make they must agree."""
     from gguf import GGUFReader
 
-    from model_orchestrator.gguf_header import read_header
     from support.tiny_models import write_tiny_mmproj, write_tiny_model
 
     files = [write_tiny_model(tmp_path / f"{a}.gguf", arch=a) for a in ("llama", "qwen3", "qwen3moe")]

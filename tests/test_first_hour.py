@@ -15,13 +15,12 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from support.helpers import ROOT, free_port, wait_until
+from support.helpers import ROOT, free_port, stop_process, wait_until
 from support.n8n import OWNER, PKG_DIR, WORKFLOWS, install_toolchain
 
 CHROMIUM = os.environ.get("CHROMIUM_BIN") or shutil.which("chromium") or "/usr/bin/chromium"
@@ -94,13 +93,7 @@ def stack(tmp_path_factory, llama_server_bin):
                "registry": load_registry()}
     finally:
         for proc in (demo, sidecar):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(60)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait(10)
+            stop_process(proc, 60)
 
 
 def _get(url: str, proc: subprocess.Popen, log: Path) -> bool:

@@ -8,6 +8,7 @@ import pytest
 from model_orchestrator.gpu import MIB, GpuView, NoGpuView, open_gpu_view
 from support.helpers import metric_value
 from support.nvml import FakeNvml, proc
+from support.registry import model, registry
 
 
 def test_snapshot_reads_every_field_and_tolerates_unsupported_readings():
@@ -76,22 +77,23 @@ def test_real_nvml_reads_the_device():
     view = open_gpu_view()
     snap = view.snapshot(fresh=True)
     d = snap.devices[0]
-    assert d.total_mb > 10_000 and 0 <= d.used_mb <= d.total_mb and d.free_mb == pytest.approx(d.total_mb - d.used_mb, abs=2)
+    assert d.total_mb > 10_000 and 0 <= d.used_mb <= d.total_mb
+    assert d.free_mb == pytest.approx(d.total_mb - d.used_mb, abs=2)
     assert d.utilization_percent is not None and d.temperature_c is not None and d.power_w is not None
-    print(f"\nGPU {d.name}: total {d.total_mb} MiB, used {d.used_mb} MiB, {d.temperature_c} C, {d.power_w} W, driver {snap.driver_version}")
+    print(f"\nGPU {d.name}: total {d.total_mb} MiB, used {d.used_mb} MiB, {d.temperature_c} C, {d.power_w} W, "
+          f"driver {snap.driver_version}")
 
 
 @pytest.mark.gpu
 async def test_real_gpu_load_shows_the_model_memory_and_unload_frees_it(tmp_path, model_dir, aiohttp_client):
-    """A CUDA llama-server (LLAMA_SERVER_BIN) on the GPU: NVML sees its memory attributed to the model; unload frees it."""
+    """A CUDA llama-server (LLAMA_SERVER_BIN) on the GPU: NVML sees its memory attributed to the model; unload frees
+    it."""
     from model_orchestrator.api import create_app
     from model_orchestrator.install import find_llama_server
     from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.registry import parse_registry
     from model_orchestrator.settings import Settings
 
-    reg = parse_registry(f'default_model = "g"\n[[models]]\nid = "g"\nsource = {{ type = "path", path = "{model_dir / "hello.gguf"}" }}\n'
-                         'context_size = 32768\nn_gpu_layers = 99\n')
+    reg = registry(model("g", path=model_dir / "hello.gguf", context_size=32768, n_gpu_layers=99))
     gpu = open_gpu_view()
     orch = Orchestrator(Settings(state_dir=tmp_path / "s"), reg, gpu, find_llama_server())
     client = await aiohttp_client(create_app(orch))
@@ -107,7 +109,8 @@ async def test_real_gpu_load_shows_the_model_memory_and_unload_frees_it(tmp_path
     assert body["used_mb"] - before >= vram * 0.9
     text = await (await client.get("/metrics")).text()
     assert metric_value(text, "model_orchestrator_model_vram_bytes", gpu="0", model="g") == vram * MIB
-    chat = await client.post("/v1/chat/completions", json={"model": "g", "messages": [{"role": "user", "content": "hi"}]})
+    chat = await client.post("/v1/chat/completions",
+                             json={"model": "g", "messages": [{"role": "user", "content": "hi"}]})
     assert (await chat.json())["choices"][0]["message"]["content"] == "Hello from a tiny model!"
     await client.post("/models/unload", json={"model": "g"})
     await asyncio.sleep(0.5)
@@ -128,22 +131,12 @@ async def test_real_gpu_admission_refuses_then_eviction_makes_room(tmp_path, aio
     from model_orchestrator.api import create_app
     from model_orchestrator.install import find_llama_server
     from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.registry import parse_registry
     from model_orchestrator.settings import Settings
 
-    moe, dense = write_synthetic(tmp_path / "moe.gguf", "qwen3-30b-a3b"), write_synthetic(tmp_path / "dense.gguf", "llama-8b")
-    reg = parse_registry(f'''default_model = "moe"
-[[models]]
-id = "moe"
-source = {{ type = "path", path = "{moe}" }}
-context_size = 8192
-flash_attn = "on"
-[[models]]
-id = "dense"
-source = {{ type = "path", path = "{dense}" }}
-context_size = 8192
-flash_attn = "on"
-''')
+    moe = write_synthetic(tmp_path / "moe.gguf", "qwen3-30b-a3b")
+    dense = write_synthetic(tmp_path / "dense.gguf", "llama-8b")
+    reg = registry(model("moe", path=moe, context_size=8192, flash_attn="on"),
+                   model("dense", path=dense, context_size=8192, flash_attn="on"))
     gpu = open_gpu_view()
     orch = Orchestrator(Settings(state_dir=tmp_path / "s", vram_margin_mb=512), reg, gpu, find_llama_server())
     c = await aiohttp_client(create_app(orch))

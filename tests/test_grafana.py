@@ -30,7 +30,8 @@ import pytest
 import yaml
 
 from support.hf_mirror import HfMirror
-from support.helpers import ROOT, SidecarProcess, free_port, metric_value, registry_text, wait_until
+from support.helpers import ROOT, SidecarProcess, free_port, metric_value, stop_process, wait_until
+from support.registry import fixture_models, model, write_registry
 
 pytestmark = pytest.mark.external  # starts a third-party program (see conftest.MARKERS)
 
@@ -41,13 +42,15 @@ JOB = "model-orchestrator"
 RATE_INTERVAL = "5s"  # what Grafana makes of $__rate_interval with a 1 s scrape interval (>= 4 scrapes)
 MODEL, GPU = "tiny", "0"  # the real values the template variables are set to
 # the shipped scrape config's node label (Prometheus gives it to every series of the sidecar)
-NODE = yaml.safe_load((GRAFANA / "prometheus.yml").read_text())["scrape_configs"][0]["static_configs"][0]["labels"]["node"]
+NODE = yaml.safe_load((GRAFANA / "prometheus.yml").read_text())["scrape_configs"][0]["static_configs"][0]["labels"][
+    "node"]
 PROMETHEUS_SYNTHETIC = {"up"}  # series Prometheus itself writes for each target
 
 
 # ---- Prometheus from the Debian package -------------------------------------------------------------------------
 def _find(name: str) -> str | None:
-    return shutil.which(name) or next((p for p in (f"/usr/bin/{name}", f"/usr/local/bin/{name}") if os.access(p, os.X_OK)), None)
+    places = (f"/usr/bin/{name}", f"/usr/local/bin/{name}")
+    return shutil.which(name) or next((p for p in places if os.access(p, os.X_OK)), None)
 
 
 @pytest.fixture(scope="session")
@@ -92,7 +95,8 @@ class Prometheus:
         self.config = workdir / "prometheus.yml"
         self.config.write_text(yaml.safe_dump(config or {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": [target], "labels": {"node": NODE}}]}]}))
+            "scrape_configs": [{"job_name": JOB,
+                                "static_configs": [{"targets": [target], "labels": {"node": NODE}}]}]}))
         self.log = workdir / "prometheus.log"
         self.proc = subprocess.Popen(
             [binary, f"--config.file={self.config}", f"--storage.tsdb.path={workdir / 'data'}",
@@ -113,25 +117,13 @@ class Prometheus:
             return False
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 10)
 
 
 class FakeGpuSidecar(SidecarProcess):
     """The sidecar subprocess, started through the stand-in NVML launcher."""
 
-    def start(self, timeout: float = 30) -> "FakeGpuSidecar":
-        self.proc = subprocess.Popen([sys.executable, str(FAKE_GPU_SIDECAR), "serve"], env=self.env,
-                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        if wait_until(self._healthy, timeout, 0.05) is None:
-            self.stop()
-            raise AssertionError(f"sidecar did not start:\n{self.log.read_text()[-3000:]}")
-        return self
+    command = [sys.executable, str(FAKE_GPU_SIDECAR), "serve"]
 
     def metrics(self) -> str:
         return http("GET", self.url + "/metrics")[1].decode()
@@ -160,8 +152,8 @@ def slow_start_wrapper(work: Path, llama_bin: Path) -> tuple[Path, Path]:
 
 def run_scenario(sc: FakeGpuSidecar, slow_start: Path) -> None:
     """What a day of a sidecar looks like, compressed into seconds; every step shows in some panel."""
-    # two chats for a model that was never downloaded: it is downloaded (Downloads panel) and loads on demand, slowly enough for a scrape to see them wait
-    # (waiting for load, load duration, state timeline)
+    # two chats for a model that was never downloaded: it is downloaded (Downloads panel) and loads on demand, slowly
+    # enough for a scrape to see them wait (waiting for load, load duration, state timeline)
     slow_start.touch()
     waiting = [threading.Thread(target=chat, args=(sc, MODEL)) for _ in range(2)]
     for t in waiting:
@@ -208,14 +200,13 @@ def run_scenario(sc: FakeGpuSidecar, slow_start: Path) -> None:
 def live(tmp_path_factory, model_dir, llama_server_bin, prometheus_bins):
     """A sidecar (stand-in GPU) scraped every second by a real Prometheus, after the scenario ran."""
     work = tmp_path_factory.mktemp("grafana")
-    registry = work / "models.toml"
     # the scenario's model comes from a (local) Hub, never downloaded: its first load downloads it (Downloads panel)
     hub = HfMirror({"test-org/Tiny-GGUF": {"hello.gguf": (model_dir / "hello.gguf").read_bytes()}}).start()
-    text = registry_text(model_dir)
-    local = f'source = {{ type = "path", path = "{model_dir / "hello.gguf"}" }}\ncontext_size = 512'
-    assert local in text
-    registry.write_text(text.replace(local, 'source = { type = "hf", repo = "test-org/Tiny-GGUF", file = "hello.gguf" }'
-                                            "\ncontext_size = 512", 1))
+    tiny, *others = fixture_models(model_dir)
+    assert tiny["id"] == MODEL
+    tiny = model(MODEL, hf="test-org/Tiny-GGUF", file="hello.gguf",
+                 **{k: v for k, v in tiny.items() if k not in ("id", "source")})
+    registry = write_registry(work / "models.toml", tiny, *others)
     wrapper, slow_start = slow_start_wrapper(work, llama_server_bin)
     sc = FakeGpuSidecar(registry, work / "state", wrapper)
     sc.env.update(HF_HOME=str(work / "hf-home"), HF_ENDPOINT=hub.url, HF_HUB_DISABLE_TELEMETRY="1")
@@ -312,7 +303,8 @@ def test_panels_have_units_descriptions_and_use_the_datasource_variable():
             assert p["fieldConfig"]["defaults"].get("unit"), f"{p['title']}: no unit"
     titles = {p["title"] for p in ps}
     for needed in ("VRAM by holder", "GPU utilisation", "GPU temperature", "GPU power", "Model state",
-                   "Load duration", "Requests/s per model", "Failed chat requests", "Latency p50 / p95", "Generated tokens/s",
+                   "Load duration", "Requests/s per model", "Failed chat requests", "Latency p50 / p95",
+                   "Generated tokens/s",
                    "Prompt tokens/s", "In flight / queued", "Queue depth", "Queue wait p50 / p99",
                    "Swaps and their time", "Unloads by reason", "Model failures by code",
                    "HTTP errors by route"):
@@ -356,7 +348,8 @@ class HostKeepingProxy:
                         head.append(line)
                 path = "/" + target.split("://", 1)[1].split("/", 1)[1] if "://" in target else target
                 with socket.create_connection(("127.0.0.1", proxy.upstream_port), timeout=10) as up:
-                    up.sendall(f"{method} {path} {version}\r\n".encode() + b"".join(head) + b"Connection: close\r\n\r\n")
+                    up.sendall(f"{method} {path} {version}\r\n".encode() + b"".join(head)
+                               + b"Connection: close\r\n\r\n")
                     while chunk := up.recv(65536):
                         self.wfile.write(chunk)
 
@@ -385,8 +378,7 @@ def test_prometheus_scrapes_the_sidecar_by_its_compose_name(tmp_path, model_dir,
     `Host: llama-cpp:8000`: the sidecar as compose configures it (key, allowed hosts), and as `make run` starts it
     (no key, no allowed hosts: a Prometheus scraping it by a name used to get 403 host_not_allowed). The API itself
     still refuses that name without a key (DNS rebinding)."""
-    registry = tmp_path / "models.toml"
-    registry.write_text(registry_text(model_dir))
+    registry = write_registry(tmp_path / "models.toml", *fixture_models(model_dir))
     env = _compose_sidecar_env() if stack == "compose" else {"MODEL_ORCHESTRATOR_API_KEY": "",
                                                               "MODEL_ORCHESTRATOR_ALLOWED_HOSTS": ""}
     sc = SidecarProcess(registry, tmp_path / "state", llama_server_bin, env=env).start()
@@ -476,8 +468,10 @@ def test_every_panel_shows_data_from_prometheus_scraping_the_sidecar(live, selec
     if selection == "one":
         values = {"model": MODEL, "gpu": GPU, "node": NODE}
     else:
-        values = {var: "(" + "|".join(_grafana_regex_escape(v) for v in prom.api(f"label/{label}/values", **{"match[]": metric})) + ")"
-                  for var, (metric, label) in query_variables(d).items()}
+        values = {}
+        for var, (metric, label) in query_variables(d).items():
+            found = prom.api(f"label/{label}/values", **{"match[]": metric})
+            values[var] = "(" + "|".join(_grafana_regex_escape(v) for v in found) + ")"
     start, end = live["start"], live["end"]
     range_s = math.ceil(end - start)
     empty = []
@@ -522,6 +516,7 @@ def test_docs_dashboard_picture_is_committed():
 
 
 def test_metric_name_extraction():
-    assert metric_names('histogram_quantile(0.95, sum by (le, model) (rate(a_bucket{model=~"$model"}[$__rate_interval])))') == {"a_bucket"}
+    quantile = 'histogram_quantile(0.95, sum by (le, model) (rate(a_bucket{model=~"$model"}[$__rate_interval])))'
+    assert metric_names(quantile) == {"a_bucket"}
     assert metric_names('0 * sum by (model) (s{state="x"})\n+ 1 * sum by (model) (s{m="y"}) / on(gpu) t') == {"s", "t"}
     assert metric_names('up{job="model-orchestrator"}') == {"up"}

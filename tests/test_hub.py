@@ -1,6 +1,7 @@
-"""The Hub side of model files (hub.py), against a local server speaking the Hub's file protocol (tests/support/hf_mirror.py):
-"will it fit?" answered from the GGUF header read with range requests (no download), and every Hub failure as one
-line with the fix, a non-zero exit, in bounded time, and the matching JSON error on the API."""
+"""The Hub side of model files (hub.py), against a local server speaking the Hub's file protocol
+(tests/support/hf_mirror.py): "will it fit?" answered from the GGUF header read with range requests (no download),
+and every Hub failure as one line with the fix, a non-zero exit, in bounded time, and the matching JSON error on the
+API."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
-from model_orchestrator.estimate import estimate_file
+from model_orchestrator.estimate import estimate_headers
+from model_orchestrator.gguf_header import read_model_headers
 from support.helpers import bench_module
 from support.hf_mirror import HfMirror
-from support.n8n import CREDENTIAL_NAME, N8n, branching_workflow, build_package, install_package, install_toolchain
+from support.n8n import CREDENTIAL_NAME, branching_workflow, credential, n8n_with_nodes
+from support.registry import model, write_registry
 from support.tiny_models import write_tiny_mmproj, write_tiny_model
 
 write_synthetic = bench_module("synthetic_gguf").write_synthetic
@@ -62,28 +65,22 @@ def env(tmp_path, mirror) -> dict[str, str]:
     return make_env(tmp_path, mirror.url)
 
 
+def local_estimate(files: dict[str, Path]):
+    """The estimate of the big model from its files on disk: what a read of its header on the Hub must give."""
+    headers = read_model_headers(files["big"], files["mmproj"])
+    return estimate_headers(headers, n_ctx=131072, n_gpu_layers=99, cache_type="q8_0")
+
+
+HUB_MODELS = (model("big", hf=BIG_REPO, file=BIG_FILE, mmproj=MMPROJ, context_size=131072, cache_type="q8_0"),
+              model("tiny", hf=TINY_REPO, file=TINY_FILE),
+              model("no-such-repo", hf="test-org/Nope-GGUF", file="x.gguf"),
+              model("no-such-file", hf=TINY_REPO, file="missing.gguf"),
+              model("gated", hf=GATED_REPO, file=TINY_FILE))
+
+
 def make_env(tmp_path: Path, mirror_url: str) -> dict[str, str]:
     """A registry of Hub models served by the mirror, an empty HF_HOME and state dir, and no sidecar to ask."""
-    registry = tmp_path / "models.toml"
-    registry.write_text(f'''default_model = "big"
-[[models]]
-id = "big"
-source = {{ type = "hf", repo = "{BIG_REPO}", file = "{BIG_FILE}", mmproj = "{MMPROJ}" }}
-context_size = 131072
-cache_type = "q8_0"
-[[models]]
-id = "tiny"
-source = {{ type = "hf", repo = "{TINY_REPO}", file = "{TINY_FILE}" }}
-[[models]]
-id = "no-such-repo"
-source = {{ type = "hf", repo = "test-org/Nope-GGUF", file = "x.gguf" }}
-[[models]]
-id = "no-such-file"
-source = {{ type = "hf", repo = "{TINY_REPO}", file = "missing.gguf" }}
-[[models]]
-id = "gated"
-source = {{ type = "hf", repo = "{GATED_REPO}", file = "{TINY_FILE}" }}
-''')
+    registry = write_registry(tmp_path / "models.toml", *HUB_MODELS)
     e = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODEL_ORCHESTRATOR_"))}
     e.update(HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT=mirror_url, HF_HUB_DISABLE_TELEMETRY="1",
              MODEL_ORCHESTRATOR_MODELS=str(registry), MODEL_ORCHESTRATOR_STATE=str(tmp_path / "state"),
@@ -110,7 +107,7 @@ def test_estimate_before_download_reads_only_the_header(env, mirror, files):
     proc = cli(env, "estimate", "big", "--json")
     assert proc.returncode == 0, proc.stderr
     remote = json.loads(proc.stdout)
-    local = estimate_file(files["big"], mmproj=files["mmproj"], n_ctx=131072, n_gpu_layers=99, cache_type="q8_0").to_dict()
+    local = local_estimate(files).to_dict()
     assert remote["details"].pop("header_from") == "hub"
     read = remote["details"].pop("hub_bytes_read")
     local["details"].pop("header_from")
@@ -195,11 +192,8 @@ def test_full_disk_is_refused_before_downloading(env, mirror, tmp_path):
     try:
         env["HF_HOME"] = str(small / "hf")
         mirror.repos[TINY_REPO]["big.gguf"] = b"GGUF" + bytes(2 << 20)  # 2 MB > the 1 MB disk
-        (Path(env["MODEL_ORCHESTRATOR_MODELS"])).write_text(Path(env["MODEL_ORCHESTRATOR_MODELS"]).read_text() + f'''
-[[models]]
-id = "too-big"
-source = {{ type = "hf", repo = "{TINY_REPO}", file = "big.gguf" }}
-''')
+        write_registry(Path(env["MODEL_ORCHESTRATOR_MODELS"]), *HUB_MODELS,
+                       model("too-big", hf=TINY_REPO, file="big.gguf"))
         proc = cli(env, "pull", "too-big")
         assert proc.returncode != 0
         one_error_line(proc)
@@ -224,7 +218,7 @@ def hub_sidecar(tmp_path, mirror, llama_server_bin):
 def test_api_estimates_a_hub_model_before_download(hub_sidecar, mirror, files):
     status, body = hub_sidecar.call("POST", "/models/estimate", {"model": "big"})
     assert status == 200, body
-    local = estimate_file(files["big"], mmproj=files["mmproj"], n_ctx=131072, n_gpu_layers=99, cache_type="q8_0")
+    local = local_estimate(files)
     assert body["estimate"]["total_mb"] == round(local.total_mb, 1)
     assert body["estimate"]["details"]["header_from"] == "hub"
     assert 0 < body["estimate"]["details"]["hub_bytes_read"] == mirror.body_bytes() < files["big"].stat().st_size / 100
@@ -305,7 +299,7 @@ def test_a_load_of_a_hub_model_not_downloaded_says_what_it_would_need(hub_sideca
     hub_sidecar = hub_sidecar_no_download
     got, body = hub_sidecar.call("POST", "/models/load", {"model": "big"})
     assert (got, body["error"]["code"]) == (409, "model_files_missing"), body
-    local = estimate_file(files["big"], mmproj=files["mmproj"], n_ctx=131072, n_gpu_layers=99, cache_type="q8_0")
+    local = local_estimate(files)
     assert body["error"]["need_mb"] == round(local.total_mb, 1)
     assert "model-orchestrator pull big" in body["error"]["message"]
     assert f"needs {local.total_mb:.0f} MB" in body["error"]["message"]
@@ -323,20 +317,12 @@ def test_a_load_of_a_hub_model_not_downloaded_says_what_it_would_need(hub_sideca
 @pytest.mark.timeout(1800)
 @pytest.mark.skipif(os.environ.get("MODEL_ORCHESTRATOR_SKIP_N8N") == "1", reason="MODEL_ORCHESTRATOR_SKIP_N8N=1")
 def test_check_vram_enough_for_a_hub_model_not_downloaded(hub_sidecar, mirror, files, tmp_path):
-    toolchain = install_toolchain()
-    build_package(toolchain["NODE24"])
-    user_folder = tmp_path / "n8n-user"
-    user_folder.mkdir()
-    install_package(toolchain["NODE24"], user_folder, tmp_path / "pack")
-    n8n = N8n.create(toolchain["NODE24"], toolchain["N8N_BIN"], user_folder)
-    n8n.import_credentials([{"id": "moCredHub0000001", "name": CREDENTIAL_NAME, "type": "modelOrchestratorApi",
-                             "data": {"baseUrl": hub_sidecar.url, "apiKey": ""}}], tmp_path / "credentials.json")
-    n8n.import_workflows([branching_workflow("tVramHub", {"check": "model", "model": "big", "whenNoGpu": "enough"})],
-                         tmp_path / "workflows")
+    n8n = n8n_with_nodes(tmp_path / "n8n", [credential(CREDENTIAL_NAME, hub_sidecar.url)],
+                         [branching_workflow("tVramHub", {"check": "model", "model": "big", "whenNoGpu": "enough"})])
     ex = n8n.execute("tVramHub")
     assert ex.rc == 0, ex.stderr[-3000:] + ex.stdout[-3000:]
     check = ex.json("Check VRAM")["vram_check"]
-    local = estimate_file(files["big"], mmproj=files["mmproj"], n_ctx=131072, n_gpu_layers=99, cache_type="q8_0")
+    local = local_estimate(files)
     assert check["model"] == "big" and abs(check["required_mb"] - local.total_mb) <= 1, check
     assert check["estimate"]["details"]["header_from"] == "hub"
     assert ex.ran("Enough") and not ex.ran("Not Enough")  # CPU mode counted as enough

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from model_orchestrator.estimate import MIB, estimate_file
-from model_orchestrator.gguf_header import read_header
+from model_orchestrator.estimate import MIB, estimate_headers
+from model_orchestrator.gguf_header import read_header, read_model_headers
 from model_orchestrator.llama_args import lora_args
 from model_orchestrator.registry import RegistryError, parse_registry
-from support.helpers import CHAT, read_sse, registry_text
+from support.helpers import CHAT, read_sse
+from support.registry import fixture_models, model, registry_toml, write_registry
 from support.hf_mirror import HfMirror
 from support.tiny_models import HELLO_TEXT, LORA_TEXT, write_tiny_lora
 
@@ -30,27 +31,12 @@ def lora_file(model_dir) -> Path:
 def registry_file(tmp_path, model_dir, lora_file) -> Path:
     """The fixture registry plus models with the tiny LoRA (off by default, on by default, a missing file)."""
     hello = model_dir / "hello.gguf"
-    p = tmp_path / "models.toml"
-    p.write_text(registry_text(model_dir) + f"""
-[[models]]
-id = "tiny-lora"
-source = {{ type = "path", path = "{hello}" }}
-context_size = 512
-lora = [{{ name = "terse", source = {{ type = "path", path = "{lora_file}" }}, scale = 0 }}]
-
-[[models]]
-id = "tiny-lora-on"
-source = {{ type = "path", path = "{hello}" }}
-context_size = 512
-lora = [{{ name = "terse", source = {{ type = "path", path = "{lora_file}" }} }}]
-
-[[models]]
-id = "tiny-lora-missing"
-source = {{ type = "path", path = "{hello}" }}
-context_size = 512
-lora = [{{ name = "gone", source = {{ type = "path", path = "{model_dir / 'no-such-lora.gguf'}" }} }}]
-""")
-    return p
+    terse = {"name": "terse", "source": {"type": "path", "path": str(lora_file)}}
+    gone = {"name": "gone", "source": {"type": "path", "path": str(model_dir / "no-such-lora.gguf")}}
+    return write_registry(tmp_path / "models.toml", *fixture_models(model_dir),
+                          model("tiny-lora", path=hello, context_size=512, lora=[{**terse, "scale": 0}]),
+                          model("tiny-lora-on", path=hello, context_size=512, lora=[terse]),
+                          model("tiny-lora-missing", path=hello, context_size=512, lora=[gone]))
 
 
 async def chat(client, model, **kw):
@@ -162,29 +148,28 @@ async def test_bad_adapter_requests_are_refused_with_what_to_do_and_load_nothing
     assert "LoRA adapter 'gone'" in err["message"] and "no-such-lora.gguf" in err["message"]
 
 
-def _registry(lora: str) -> str:
-    return f'default_model = "m"\n[[models]]\nid = "m"\nsource = {{ type = "generated" }}\nlora = [{lora}]\n'
+def _adapter(name: str = "a", path: str | None = "/x.gguf", **fields) -> dict:
+    return {"name": name, **({"source": {"type": "path", "path": path}} if path else {}), **fields}
 
 
 @pytest.mark.parametrize("lora, says", [
-    ('{ name = "a", source = { type = "path", path = "/x.gguf" }, scale = -1 }', "greater than or equal to 0"),
-    ('{ name = "a", source = { type = "path", path = "/x.gguf" }, scale = 1000 }', "less than or equal to 10"),
-    ('{ name = "a", source = { type = "path", path = "/x.gguf" } }, { name = "a", source = { type = "path", '
-     'path = "/y.gguf" } }', "used twice"),
-    ('{ name = "a", source = { type = "path", path = "/x:1.gguf" } }', "cannot take a path with ':'"),
-    ('{ name = "a", source = { type = "hf", repo = "o/r", file = "../x.gguf" } }', "inside the repo"),
-    ('{ name = "a b", source = { type = "path", path = "/x.gguf" } }', "should match pattern"),
-    ('{ name = "a", path = "/x.gguf" }', "Extra inputs are not permitted"),
+    ([_adapter(scale=-1)], "greater than or equal to 0"),
+    ([_adapter(scale=1000)], "less than or equal to 10"),
+    ([_adapter(), _adapter(path="/y.gguf")], "used twice"),
+    ([_adapter(path="/x:1.gguf")], "cannot take a path with ':'"),
+    ([_adapter(path=None, source={"type": "hf", "repo": "o/r", "file": "../x.gguf"})], "inside the repo"),
+    ([_adapter("a b")], "should match pattern"),
+    ([{"name": "a", "path": "/x.gguf"}], "Extra inputs are not permitted"),
 ])
 def test_the_registry_refuses_bad_adapters_naming_the_field(lora, says):
     with pytest.raises(RegistryError) as exc:
-        parse_registry(_registry(lora))
+        parse_registry(registry_toml(model("m", lora=lora)))
     assert "models.0.lora" in str(exc.value) and says in str(exc.value), str(exc.value)
 
 
 def test_adapters_are_resolved_relative_to_the_registry_and_hub_ones_like_models(tmp_path):
-    reg = parse_registry(_registry('{ name = "a", source = { type = "path", path = "adapters/a.gguf" }, scale = 0.5 }, '
-                                   '{ name = "b", source = { type = "hf", repo = "o/r", file = "b.gguf" } }'),
+    hub = _adapter("b", path=None, source={"type": "hf", "repo": "o/r", "file": "b.gguf"})
+    reg = parse_registry(registry_toml(model("m", lora=[_adapter(path="adapters/a.gguf", scale=0.5), hub])),
                          str(tmp_path / "models.toml"))
     a, b = reg.models[0].lora
     assert a.source.path == tmp_path / "adapters" / "a.gguf" and a.scale == 0.5
@@ -195,21 +180,20 @@ def test_lora_flags_are_the_registrys_and_paths_are_quoted_for_llama_server(tmp_
     assert lora_args([(Path("/m/a.gguf"), 1.0), (Path("/m/b,c.gguf"), 0.25)]) == [
         "--lora-scaled", "/m/a.gguf:1", "--lora-scaled", '"/m/b,c.gguf":0.25']
     with pytest.raises(RegistryError, match="--lora-scaled is set by the orchestrator"):
-        parse_registry('default_model = "m"\n[[models]]\nid = "m"\nsource = { type = "generated" }\n'
-                       'extra_args = ["--lora-scaled", "/x.gguf:1"]\n')
+        parse_registry(registry_toml(model("m", extra_args=["--lora-scaled", "/x.gguf:1"])))
 
 
 def test_the_estimate_grows_by_the_adapters_tensors(model_dir, lora_file):
     hello = model_dir / "hello.gguf"
     adapter_bytes = sum(t.n_bytes for t in read_header(lora_file).tensors)
     assert adapter_bytes > 0
-    base = estimate_file(hello, n_ctx=512, n_gpu_layers=99)
-    with_lora = estimate_file(hello, n_ctx=512, n_gpu_layers=99, lora=[lora_file])
+    base = estimate_headers(read_model_headers(hello), n_ctx=512, n_gpu_layers=99)
+    with_lora = estimate_headers(read_model_headers(hello, lora=[lora_file]), n_ctx=512, n_gpu_layers=99)
     assert with_lora.lora_mb == pytest.approx(adapter_bytes / MIB)
     assert with_lora.total_mb - base.total_mb == pytest.approx(adapter_bytes / MIB)
     assert base.lora_mb == 0
     # the adapter goes where its base tensor (output.weight) goes: nothing on the GPU without GPU layers
-    assert estimate_file(hello, n_ctx=512, n_gpu_layers=0, lora=[lora_file]).lora_mb == 0
+    assert estimate_headers(read_model_headers(hello, lora=[lora_file]), n_ctx=512, n_gpu_layers=0).lora_mb == 0
 
 
 async def test_the_estimate_route_counts_the_adapters(client, lora_file):
@@ -228,11 +212,9 @@ def test_hub_adapters_are_estimated_before_download_and_pulled_with_the_model(tm
                        "org/tiny-lora": {"terse.gguf": lora_file.read_bytes()}})
     mirror.start()
     try:
-        registry = tmp_path / "models.toml"
-        registry.write_text('default_model = "m"\n[[models]]\nid = "m"\n'
-                            'source = { type = "hf", repo = "org/tiny-GGUF", file = "hello.gguf" }\n'
-                            'lora = [{ name = "terse", source = { type = "hf", repo = "org/tiny-lora", '
-                            'file = "terse.gguf" } }]\n')
+        terse = {"name": "terse", "source": {"type": "hf", "repo": "org/tiny-lora", "file": "terse.gguf"}}
+        registry = write_registry(tmp_path / "models.toml",
+                                  model("m", hf="org/tiny-GGUF", file="hello.gguf", lora=[terse]))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "MODEL_ORCHESTRATOR_"))}
         env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=mirror.url, MODEL_ORCHESTRATOR_MODELS=str(registry),
                    MODEL_ORCHESTRATOR_STATE=str(tmp_path / "state"), MODEL_ORCHESTRATOR_URL="http://127.0.0.1:9")

@@ -20,10 +20,11 @@ import urllib.request
 
 import pytest
 
-from support.helpers import SidecarProcess, registry_text
+from support.helpers import SidecarProcess
 from support.n8n import (CREDENTIAL_NAME, MODEL_EXPRESSION, PKG_DIR, N8n, adapt_workflow, branching_workflow,
-                         build_package, install_package, install_toolchain, load_workflow, model_name, run_node_tool,
-                         workflow_model)
+                         build_package, credential, install_package, install_toolchain, load_workflow, model_name,
+                         n8n_with_nodes, run_node_tool, workflow_model)
+from support.registry import fixture_models, write_registry
 
 pytestmark = [
     pytest.mark.external,
@@ -48,8 +49,7 @@ def toolchain() -> dict[str, str]:
 
 def _sidecar(tmp_path_factory, model_dir, llama_server_bin, name: str, env: dict | None = None) -> SidecarProcess:
     d = tmp_path_factory.mktemp(name)
-    registry = d / "models.toml"
-    registry.write_text(registry_text(model_dir))
+    registry = write_registry(d / "models.toml", *fixture_models(model_dir))
     return SidecarProcess(registry, d / "state", llama_server_bin, env=env).start()
 
 
@@ -124,25 +124,13 @@ WEATHER_TOOL = {"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def n8n(toolchain, sidecar, keyed_sidecar, capped_sidecar, tmp_path_factory) -> N8n:
-    base = tmp_path_factory.mktemp("n8n")
-    user_folder = base / "user"
-    user_folder.mkdir()
-    install_package(toolchain["NODE24"], user_folder, base / "pack")
-    inst = N8n.create(toolchain["NODE24"], toolchain["N8N_BIN"], user_folder)
-    inst.import_credentials([
-        {"id": "moCredMain000001", "name": CREDENTIAL_NAME, "type": "modelOrchestratorApi",
-         "data": {"baseUrl": sidecar.url, "apiKey": ""}},
-        {"id": "moCredKeyed00001", "name": "Model Orchestrator keyed", "type": "modelOrchestratorApi",
-         "data": {"baseUrl": keyed_sidecar.url + "/v1/", "apiKey": API_KEY}},
-        {"id": "moCredWrongKey01", "name": "Model Orchestrator wrong key", "type": "modelOrchestratorApi",
-         "data": {"baseUrl": keyed_sidecar.url, "apiKey": "not-the-key"}},
-        {"id": "moCredCapped0001", "name": "Model Orchestrator capped", "type": "modelOrchestratorApi",
-         "data": {"baseUrl": capped_sidecar.url, "apiKey": ""}},
-    ], base / "credentials.json")
-    shipped = [load_workflow(n) for n in SHIPPED]
+    credentials = [credential(CREDENTIAL_NAME, sidecar.url),
+                   credential("Model Orchestrator keyed", keyed_sidecar.url + "/v1/", API_KEY),
+                   credential("Model Orchestrator wrong key", keyed_sidecar.url, "not-the-key"),
+                   credential("Model Orchestrator capped", capped_sidecar.url)]
     # the shipped workflows as they are, credential by name: only their model ids differ in the tests' variants
-    inst.import_workflows(shipped + _test_workflows(), base / "workflows")
-    return inst
+    return n8n_with_nodes(tmp_path_factory.mktemp("n8n"), credentials,
+                          [load_workflow(n) for n in SHIPPED] + _test_workflows())
 
 
 def _status(sp: SidecarProcess, headers_key: str | None = None) -> dict:
@@ -159,8 +147,8 @@ def _loaded(sp: SidecarProcess) -> set[str]:
 
 def test_package_unit_tests_pass(toolchain):
     """n8n-nodes/test/*.test.mjs: request building, binary -> data URL, tools, errors, nodes with a fake context."""
-    proc = subprocess.run([toolchain["NODE24"], "--test", "--test-reporter=tap", "test/*.test.mjs"], cwd=PKG_DIR, capture_output=True, text=True,
-                          timeout=180)
+    proc = subprocess.run([toolchain["NODE24"], "--test", "--test-reporter=tap", "test/*.test.mjs"], cwd=PKG_DIR,
+                          capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     passed = int(re.search(r"^# pass (\d+)", proc.stdout, re.M).group(1))
     assert passed >= 20 and re.search(r"^# fail 0$", proc.stdout, re.M), proc.stdout[-3000:]

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from support.helpers import ChildSampler, SidecarProcess, free_port, registry_text, wait_until
-from support.n8n import CREDENTIAL_NAME, N8n, build_package, install_package, install_toolchain
+from support.helpers import ChildSampler, SidecarProcess
+from support.n8n import CREDENTIAL_NAME, N8nServer, credential, n8n_with_nodes
+from support.registry import fixture_models, write_registry
 
 pytestmark = [
     pytest.mark.external,
@@ -55,52 +55,19 @@ def _three_models_workflow() -> dict:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, model_dir, llama_server_bin):
-    paths = install_toolchain()
-    build_package(paths["NODE24"])
     base = tmp_path_factory.mktemp("n8n-contention")
-    registry = base / "models.toml"
-    registry.write_text(registry_text(model_dir))
-    sidecar = SidecarProcess(registry, base / "state", llama_server_bin,
-                             env={"MODEL_ORCHESTRATOR_MAX_LOADED": "1"}).start()
-    user = base / "user"
-    user.mkdir()
-    install_package(paths["NODE24"], user, base / "pack")
-    n8n = N8n.create(paths["NODE24"], paths["N8N_BIN"], user)
-    port = free_port()
-    n8n.env.update({"N8N_PORT": str(port), "N8N_LISTEN_ADDRESS": "127.0.0.1", "N8N_SECURE_COOKIE": "false",
-                    "WEBHOOK_URL": f"http://127.0.0.1:{port}/", "EXECUTIONS_DATA_SAVE_ON_SUCCESS": "all"})
-    n8n.import_credentials([{"id": "moCredContend01", "name": CREDENTIAL_NAME, "type": "modelOrchestratorApi",
-                             "data": {"baseUrl": sidecar.url}}], base / "credentials.json")
-    wf = _three_models_workflow()
-    n8n.import_workflows([wf], base / "workflows")
-    proc = n8n.cli("publish:workflow", f"--id={wf['id']}", timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    log = base / "n8n.log"
-    server = subprocess.Popen([n8n.node24, n8n.n8n_bin, "start"], env=n8n.env, cwd=user, stdout=open(log, "wb"),
-                              stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready():
-        assert server.poll() is None, log.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(url + "/healthz/readiness", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
+    sidecar = SidecarProcess(write_registry(base / "models.toml", *fixture_models(model_dir)), base / "state",
+                             llama_server_bin, env={"MODEL_ORCHESTRATOR_MAX_LOADED": "1"}).start()
+    server = None
     try:
-        assert wait_until(ready, 240, 0.5) is not None, log.read_text()[-3000:]
-        # the published workflow's webhook listens once n8n has indexed it (a moment after readiness)
-        assert wait_until(lambda: "published workflows" in log.read_text(errors="replace"), 120, 0.5) is not None
-        time.sleep(1)
-        yield {"sidecar": sidecar, "url": url, "log": log}
+        wf = _three_models_workflow()
+        n8n = n8n_with_nodes(base, [credential(CREDENTIAL_NAME, sidecar.url)], [wf])
+        n8n.publish(wf["id"])
+        server = N8nServer(n8n).start(owner=False, logged="published workflows")
+        yield {"sidecar": sidecar, "url": server.url, "log": server.log}
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
+        if server:
+            server.stop()
         sidecar.stop()
 
 

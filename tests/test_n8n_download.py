@@ -10,13 +10,13 @@ from __future__ import annotations
 import os
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from support.helpers import SidecarProcess
+from support.helpers import SidecarProcess, wait_for
 from support.hf_mirror import HfMirror
-from support.n8n import CREDENTIAL_NAME, PKG_NAME, N8n, build_package, install_package, install_toolchain
+from support.n8n import CREDENTIAL_NAME, PKG_NAME, credential, n8n_with_nodes
+from support.registry import model, write_registry
 from support.tiny_models import write_tiny_model
 
 REPO = "test-org/Tiny-GGUF"
@@ -51,17 +51,8 @@ def mirror(tiny_bytes, slow_bytes):
 @pytest.fixture(scope="module")
 def hub_sidecar(tmp_path_factory, mirror, llama_server_bin):
     tmp = tmp_path_factory.mktemp("sidecar")
-    registry = tmp / "models.toml"
-    registry.write_text(f'''default_model = "tiny"
-[[models]]
-id = "tiny"
-source = {{ type = "hf", repo = "{REPO}", file = "{FILE}" }}
-context_size = 512
-[[models]]
-id = "tiny-slow"
-source = {{ type = "hf", repo = "{REPO}", file = "{SLOW_FILE}" }}
-context_size = 512
-''')
+    registry = write_registry(tmp / "models.toml", model("tiny", hf=REPO, file=FILE, context_size=512),
+                              model("tiny-slow", hf=REPO, file=SLOW_FILE, context_size=512))
     sp = SidecarProcess(registry, tmp / "state", llama_server_bin, env=mirror.client_env(tmp / "hf-home")).start()
     yield sp
     sp.stop()
@@ -69,18 +60,8 @@ context_size = 512
 
 @pytest.fixture(scope="module")
 def n8n(tmp_path_factory, hub_sidecar):
-    tmp = tmp_path_factory.mktemp("n8n")
-    toolchain = install_toolchain()
-    build_package(toolchain["NODE24"])
-    user_folder = tmp / "n8n-user"
-    user_folder.mkdir()
-    install_package(toolchain["NODE24"], user_folder, tmp / "pack")
-    n = N8n.create(toolchain["NODE24"], toolchain["N8N_BIN"], user_folder)
-    n.import_credentials([{"id": "moCredDownload01", "name": CREDENTIAL_NAME, "type": "modelOrchestratorApi",
-                           "data": {"baseUrl": hub_sidecar.url, "apiKey": ""}}], tmp / "credentials.json")
-    n.import_workflows([load_workflow("tLoadDownload", "tiny"), load_workflow("tLoadCancelled", "tiny-slow")],
-                       tmp / "workflows")
-    return n
+    return n8n_with_nodes(tmp_path_factory.mktemp("n8n"), [credential(CREDENTIAL_NAME, hub_sidecar.url)],
+                          [load_workflow("tLoadDownload", "tiny"), load_workflow("tLoadCancelled", "tiny-slow")])
 
 
 def load_workflow(workflow_id: str, model: str) -> dict:
@@ -97,16 +78,6 @@ def load_workflow(workflow_id: str, model: str) -> dict:
         ],
         "connections": {"Start": {"main": [[{"node": "Load Model", "type": "main", "index": 0}]]}},
     }
-
-
-def wait_for(pred, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.timeout(1800)

@@ -5,8 +5,9 @@ a PNG, and every node's settings are opened to read the issues the editor shows 
 a missing value, a credential problem): there must be none.
 
 The README's pictures (docs/workflow-*.png) are the same workflows executed on the stack `make run` starts
-(tests/test_first_hour.py, `make screenshots`). Needs Debian's chromium (`apt-get install -y --no-install-recommends chromium`; CHROMIUM_BIN overrides
-the path); skipped with a reason where it is missing, and with MODEL_ORCHESTRATOR_SKIP_N8N=1."""
+(tests/test_first_hour.py, `make screenshots`). Needs Debian's chromium (`apt-get install -y
+--no-install-recommends chromium`; CHROMIUM_BIN overrides the path); skipped with a reason where it is missing, and
+with MODEL_ORCHESTRATOR_SKIP_N8N=1."""
 
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from support.helpers import SidecarProcess
-from support.n8n import (CREDENTIAL_NAME, OWNER, PKG_DIR, ROOT, N8n, N8nServer, adapt_workflow, build_package,
-                         install_package, install_toolchain, load_workflow)
+from support.n8n import (CREDENTIAL_NAME, OWNER, PKG_DIR, ROOT, N8nServer, adapt_workflow, credential, load_workflow,
+                         n8n_with_nodes)
 
 CHROMIUM = os.environ.get("CHROMIUM_BIN") or shutil.which("chromium") or "/usr/bin/chromium"
 SHIPPED = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "workflows").glob("*.json"))  # every one
@@ -51,29 +52,22 @@ def _controls() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def editor_report(tmp_path_factory, llama_server_bin) -> dict:
-    paths = install_toolchain()
-    build_package(paths["NODE24"])
     base = tmp_path_factory.mktemp("n8n-editor")
     sidecar = SidecarProcess(ROOT / "sidecar/src/model_orchestrator/models.toml", base / "state",
                              llama_server_bin).start()
     server = None
     try:
-        user_folder = base / "user"
-        user_folder.mkdir()
-        install_package(paths["NODE24"], user_folder, base / "pack")
-        n8n = N8n.create(paths["NODE24"], paths["N8N_BIN"], user_folder)
-        n8n.import_credentials([{"id": "moCredEditor0001", "name": CREDENTIAL_NAME, "type": "modelOrchestratorApi",
-                                 "data": {"baseUrl": sidecar.url, "apiKey": ""}}], base / "credentials.json")
         files = [ROOT / "workflows" / n for n in SHIPPED]
         controls = _controls()
         for wf in controls:
             (base / f"{wf['id']}.json").write_text(json.dumps(wf))
             files.append(base / f"{wf['id']}.json")
-        n8n.import_workflows([load_workflow(n) for n in SHIPPED] + controls, base / "import")
+        n8n = n8n_with_nodes(base, [credential(CREDENTIAL_NAME, sidecar.url)],
+                             [load_workflow(n) for n in SHIPPED] + controls)
         server = N8nServer(n8n).start()
         out = base / "png"
         out.mkdir()
-        proc = subprocess.run([paths["NODE24"], "scripts/editor-screenshots.mjs", "--url", server.url,
+        proc = subprocess.run([n8n.node24, "scripts/editor-screenshots.mjs", "--url", server.url,
                                "--email", OWNER["email"], "--password", OWNER["password"], "--out", str(out),
                                "--chromium", CHROMIUM, *map(str, files)],
                               cwd=PKG_DIR, capture_output=True, text=True, timeout=900)

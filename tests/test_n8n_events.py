@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import threading
 import time
 import urllib.error
@@ -15,9 +14,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from support.helpers import SidecarProcess, free_port, registry_text, wait_until
-from support.n8n import (CREDENTIAL_NAME, MODEL_EXPRESSION, N8n, adapt_workflow, build_package, install_package,
-                         install_toolchain, load_workflow)
+from support.helpers import SidecarProcess, free_port, wait_until
+from support.n8n import (CREDENTIAL_NAME, MODEL_EXPRESSION, N8nServer, adapt_workflow, credential, load_workflow,
+                         n8n_with_nodes)
+from support.registry import fixture_models, write_registry
 
 PKG = "n8n-nodes-model-orchestrator."
 TRIGGER = "When clicking 'Execute workflow'"
@@ -105,57 +105,23 @@ def _callback_workflow(receiver: Receiver, model: str, workflow_id: str, path: s
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, model_dir, llama_server_bin):
-    paths = install_toolchain()
-    build_package(paths["NODE24"])
     base = tmp_path_factory.mktemp("n8n-events")
     receiver = Receiver()
-    n8n_port = free_port()
-    registry = base / "models.toml"
-    registry.write_text(registry_text(model_dir))
-    sidecar = SidecarProcess(registry, base / "state", llama_server_bin,
-                             env={"MODEL_ORCHESTRATOR_CALLBACK_HOSTS": f"127.0.0.1:{n8n_port}",
-                                  "MODEL_ORCHESTRATOR_API_KEY": API_KEY}).start()
-    user = base / "user"
-    user.mkdir()
-    install_package(paths["NODE24"], user, base / "pack")
-    n8n = N8n.create(paths["NODE24"], paths["N8N_BIN"], user)
-    n8n.env.update({"N8N_PORT": str(n8n_port), "N8N_LISTEN_ADDRESS": "127.0.0.1",
-                    "WEBHOOK_URL": f"http://127.0.0.1:{n8n_port}/", "N8N_SECURE_COOKIE": "false",
-                    "EXECUTIONS_DATA_SAVE_ON_SUCCESS": "all"})
-    n8n.import_credentials([{"id": "moCredEvents0001", "name": CREDENTIAL_NAME, "type": "modelOrchestratorApi",
-                             "data": {"baseUrl": sidecar.url, "apiKey": API_KEY}}], base / "credentials.json")
-    workflows = [_trigger_workflow(receiver), _callback_workflow(receiver, "tiny", "tCallbackOk", "cb-ok"),
-                 _callback_workflow(receiver, "broken", "tCallbackFail", "cb-fail")]
-    n8n.import_workflows(workflows, base / "workflows")
-    for wf in workflows:  # active when n8n starts (the trigger connects, the webhooks listen)
-        t0 = time.monotonic()
-        proc = n8n.cli("publish:workflow", f"--id={wf['id']}", timeout=300)
-        assert proc.returncode == 0, proc.stdout + proc.stderr
-        print(f"published {wf['id']} in {time.monotonic() - t0:.1f} s", flush=True)
-    log = open(base / "n8n.log", "wb")
-    server = subprocess.Popen([n8n.node24, n8n.n8n_bin, "start"], env=n8n.env, cwd=user, stdout=log,
-                              stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{n8n_port}"
-
-    def ready():
-        assert server.poll() is None, (base / "n8n.log").read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(url + "/healthz/readiness", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
+    n8n_port = free_port()  # the sidecar may call n8n back there
+    sidecar = SidecarProcess(write_registry(base / "models.toml", *fixture_models(model_dir)), base / "state",
+                             llama_server_bin, env={"MODEL_ORCHESTRATOR_CALLBACK_HOSTS": f"127.0.0.1:{n8n_port}",
+                                                    "MODEL_ORCHESTRATOR_API_KEY": API_KEY}).start()
+    server = None
     try:
-        assert wait_until(ready, 240, 0.5) is not None, (base / "n8n.log").read_text()[-3000:]
-        # the trigger is connected once the sidecar counts a subscriber on its stream
-        yield {"sidecar": sidecar, "receiver": receiver, "n8n_url": url, "log": base / "n8n.log"}
+        workflows = [_trigger_workflow(receiver), _callback_workflow(receiver, "tiny", "tCallbackOk", "cb-ok"),
+                     _callback_workflow(receiver, "broken", "tCallbackFail", "cb-fail")]
+        n8n = n8n_with_nodes(base, [credential(CREDENTIAL_NAME, sidecar.url, API_KEY)], workflows)
+        n8n.publish(*(wf["id"] for wf in workflows))  # active when n8n starts (the trigger connects, webhooks listen)
+        server = N8nServer(n8n, port=n8n_port).start(owner=False)
+        yield {"sidecar": sidecar, "receiver": receiver, "n8n_url": server.url, "log": server.log}
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(10)
+        if server:
+            server.stop()
         sidecar.stop()
         receiver.server.shutdown()
 

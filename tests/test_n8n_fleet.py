@@ -15,12 +15,12 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from support.helpers import SidecarProcess, wait_until
-from support.n8n import N8n, build_package, install_package, install_toolchain
+from support.n8n import N8n, credential, n8n_with_nodes
+from support.registry import model, write_registry
 
 pytestmark = [
     pytest.mark.external,
@@ -37,20 +37,15 @@ PLAN = {"node-a": {"m1", "m4"}, "node-b": {"m3", "m5"}, "node-c": {"m2", "m6"}}
 LIST, ONE = "Fleet list", "Fleet one URL"
 
 
-def _registry(model_dir: Path, ids: list[str]) -> str:
-    entries = "".join(f'\n[[models]]\nid = "{i}"\nsource = {{ type = "path", path = "{model_dir / "hello.gguf"}" }}\n'
-                      f"context_size = 512\n" for i in ids)
-    return f'default_model = "{ids[0]}"\n{entries}'
-
-
 @pytest.fixture(scope="module")
 def fleet(tmp_path_factory, model_dir, llama_server_bin):
     """node-a, node-b, node-c; node-a lists all three as its fleet (GET /fleet), as a headless Service would."""
     sidecars = {}
     for name, (ids, cap) in NODES.items():
         d = tmp_path_factory.mktemp(name)
-        (d / "models.toml").write_text(_registry(model_dir, ids))
-        sidecars[name] = SidecarProcess(d / "models.toml", d / "state", llama_server_bin,
+        registry = write_registry(d / "models.toml", *(model(i, path=model_dir / "hello.gguf", context_size=512)
+                                                       for i in ids))
+        sidecars[name] = SidecarProcess(registry, d / "state", llama_server_bin,
                                         env={"MODEL_ORCHESTRATOR_NODE_NAME": name,
                                              "MODEL_ORCHESTRATOR_MAX_LOADED": str(cap)})
     sidecars["node-a"].env["MODEL_ORCHESTRATOR_FLEET"] = ",".join(f"127.0.0.1:{sp.port}" for sp in sidecars.values())
@@ -108,30 +103,18 @@ def _agent_workflow() -> dict:
 
 @pytest.fixture(scope="module")
 def n8n(fleet, tmp_path_factory) -> N8n:
-    paths = install_toolchain()
-    build_package(paths["NODE24"])
-    base = tmp_path_factory.mktemp("n8n-fleet")
-    (base / "user").mkdir()
-    install_package(paths["NODE24"], base / "user", base / "pack")
-    inst = N8n.create(paths["NODE24"], paths["N8N_BIN"], base / "user")
     urls = [sp.url for sp in fleet.values()]
-    inst.import_credentials([
-        {"id": "moFleetList00001", "name": LIST, "type": "modelOrchestratorApi",
-         "data": {"baseUrl": ", ".join(urls), "apiKey": ""}},
-        {"id": "moFleetOne000001", "name": ONE, "type": "modelOrchestratorApi",
-         "data": {"baseUrl": fleet["node-a"].url, "apiKey": ""}},
-    ], base / "credentials.json")
     status = lambda wid, cred: _chain(wid, _node("Status", PKG + "modelOrchestratorCheckVram", {"check": "none"}, 200,
                                                  credential=cred))
-    inst.import_workflows([
+    return n8n_with_nodes(tmp_path_factory.mktemp("n8n-fleet"),
+                          [credential(LIST, ", ".join(urls)), credential(ONE, fleet["node-a"].url)], [
         _chain("tFleet30", ITEMS, _node("Load Model", PKG + "modelOrchestratorLoadModel",
                                         {"model": BY_ITEM, "wait": True, "timeoutS": 120, "options": {}}, 400),
                _chat()),
         _chain("tFleetChat30", ITEMS, _chat(onError="continueRegularOutput")),
         status("tFleetStatusList", LIST), status("tFleetStatusOne", ONE),
         _agent_workflow(),
-    ], base / "workflows")
-    return inst
+    ])
 
 
 def _loaded(sp: SidecarProcess) -> set[str]:

@@ -6,8 +6,8 @@
 - (b) "An n8n installed with npm": the README's marked command block, run exactly as written (extracted from the
   README, so the two cannot drift) into a fresh N8N_USER_FOLDER; then n8n imports a credential and two of the
   shipped workflows (tiny models) and runs them with `n8n execute` against a real sidecar: the five action and chat
-  model node types run (the trigger runs in tests/test_n8n_events.py); then `n8n start` lists them for the editor, each with its own icon (served over HTTP) and its
-  README Docs link.
+  model node types run (the trigger runs in tests/test_n8n_events.py); then `n8n start` lists them for the editor,
+  each with its own icon (served over HTTP) and its README Docs link.
 
 (a) compose is checked by tests/test_compose.py; (c) Docker is not run here (no Docker engine).
 MODEL_ORCHESTRATOR_SKIP_N8N=1 skips this module, as tests/test_n8n.py."""
@@ -20,13 +20,13 @@ import re
 import shutil
 import subprocess
 import tarfile
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from support.n8n import (CREDENTIAL_NAME, PKG_DIR, PKG_NAME, ROOT, N8n, _free_port, adapt_workflow,
+from support.helpers import wait_until
+from support.n8n import (CREDENTIAL_NAME, PKG_DIR, PKG_NAME, ROOT, N8n, N8nServer, adapt_workflow, credential,
                          install_toolchain, load_workflow, node_env)
 
 pytestmark = [
@@ -85,38 +85,17 @@ def editor_node_types(n8n: N8n, timeout: float = 600) -> dict[str, tuple[dict, s
     """Start `n8n start` on a free loopback port until it has written the editor's node list
     ($N8N_USER_FOLDER/.cache/n8n/public/types/nodes.json) and serves; per node type: its iconUrl, its
     documentationUrl and the SVG texts n8n serves for the light and dark icon (over HTTP, as the browser gets them)."""
-    port = _free_port()
-    env = {**n8n.env, "N8N_PORT": str(port), "N8N_LISTEN_ADDRESS": "127.0.0.1"}
     types_file = n8n.user_folder / ".cache" / "n8n" / "public" / "types" / "nodes.json"
-    log = n8n.user_folder / "n8n-start.log"
-    proc = subprocess.Popen([n8n.node24, n8n.n8n_bin, "start"], env=env, cwd=n8n.user_folder,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    try:
+    with N8nServer(n8n).start(timeout, owner=False) as server:
+        assert wait_until(types_file.is_file, 120, 1) is not None, f"n8n wrote no node list:\n{server.tail()}"
+
         def icon(url: str) -> str:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/{url}", timeout=10) as r:
+            with urllib.request.urlopen(f"{server.url}/{url}", timeout=10) as r:
                 return r.read().decode()
 
-        deadline = time.monotonic() + timeout
-        while True:
-            assert proc.poll() is None, f"n8n start exited {proc.returncode}:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"n8n did not come up:\n{log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz/readiness", timeout=5) as r:
-                    if r.status == 200 and types_file.is_file():
-                        break
-            except OSError:
-                pass
-            time.sleep(1)
         return {n["name"]: (n.get("iconUrl"), n.get("documentationUrl"),
                             {k: icon(v) for k, v in (n.get("iconUrl") or {}).items()})
                 for n in json.loads(types_file.read_text()) if n["name"].startswith(PKG_NAME + ".")}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 # ---------------------------------------------------------------------------------------------------- fixtures
@@ -172,7 +151,8 @@ def test_each_node_has_its_own_icon_and_a_docs_link_to_its_readme_section(toolch
             assert svg.is_file(), (d["name"], svg)
             assert svg.read_text().lstrip().startswith("<svg"), svg
         if d["kind"] == "node":
-            lights.add((unpacked / d["file"]).parent.joinpath(icon["light"].removeprefix("file:")).resolve().read_text())
+            light = (unpacked / d["file"]).parent / icon["light"].removeprefix("file:")
+            lights.add(light.resolve().read_text())
     assert len(lights) == 6, "every node draws its own icon"
     # Docs links: package.json's repository, this README, a heading that exists
     repo = json.loads((PKG_DIR / "package.json").read_text())["repository"]["url"]
@@ -206,9 +186,8 @@ def test_readme_npm_install_gives_n8n_the_six_nodes(toolchain, tarball, tmp_path
     types = {f"{PKG_NAME}.{d['name']}" for d in describe(toolchain["NODE24"], installed) if d["kind"] == "node"}
 
     sidecar = sidecar_process()
-    n8n = N8n.create(toolchain["NODE24"], toolchain["N8N_BIN"], user_folder)
-    n8n.import_credentials([{"id": "moCredInstall001", "name": CREDENTIAL_NAME, "type": "modelOrchestratorApi",
-                             "data": {"baseUrl": sidecar.url, "apiKey": ""}}], tmp_path / "credentials.json")
+    n8n = N8n.create(toolchain["NODE24"], toolchain["N8N_BIN"], user_folder)  # installed as the README says
+    n8n.import_credentials([credential(CREDENTIAL_NAME, sidecar.url)], tmp_path / "credentials.json")
     chat = adapt_workflow(load_workflow("llama-chat-example.json"), workflow_id="tInstallChat", model="tiny")
     agent = adapt_workflow(load_workflow("agent-local-model.json"), workflow_id="tInstallAgent", model="tiny")
     used = {n["type"] for wf in (chat, agent) for n in wf["nodes"] if n["type"].startswith(PKG_NAME + ".")}

@@ -5,6 +5,7 @@ import asyncio
 
 from model_orchestrator.gpu import GpuView
 from support.nvml import FakeNvml, proc
+from support.registry import model, registry
 
 
 def environ(pid: int) -> dict[str, str]:
@@ -33,11 +34,9 @@ async def test_idle_ttl_unloads_an_unused_model(aiohttp_client, tmp_path, model_
     from model_orchestrator.api import create_app
     from model_orchestrator.gpu import NoGpuView
     from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.registry import parse_registry
     from model_orchestrator.settings import Settings
 
-    reg = parse_registry(f'default_model = "t"\n[[models]]\nid = "t"\nsource = {{ type = "path", path = "{model_dir / "hello.gguf"}" }}\n'
-                         'context_size = 512\nidle_ttl_s = 1.5\n')
+    reg = registry(model("t", path=model_dir / "hello.gguf", context_size=512, idle_ttl_s=1.5))
     orch = Orchestrator(Settings(state_dir=tmp_path / "s"), reg, NoGpuView("test"), llama_server_bin)
     c = await aiohttp_client(create_app(orch))
     await c.post("/models/load", json={"model": "t"})

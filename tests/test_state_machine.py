@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from model_orchestrator.lifecycle import TRANSITIONS, IllegalTransition, LoadCancelled, ManagedModel, State
-from model_orchestrator.registry import parse_registry
+from support.registry import model, registry
 
 LEGAL = {
     ("unloaded", "loading"), ("unloaded", "downloading"),
@@ -18,7 +18,7 @@ LEGAL = {
 
 
 def _slot() -> ManagedModel:
-    reg = parse_registry('default_model = "m"\n[[models]]\nid = "m"\nsource = { type = "generated" }\n')
+    reg = registry(model("m"))
     return ManagedModel(reg.models[0])
 
 

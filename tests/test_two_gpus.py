@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from model_orchestrator.gpu import open_gpu_view
+from support.registry import model, registry
 
 pytestmark = pytest.mark.gpu
 
@@ -38,33 +39,13 @@ async def two(tmp_path, aiohttp_client):
     from model_orchestrator.api import create_app
     from model_orchestrator.install import find_llama_server
     from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.registry import parse_registry
     from model_orchestrator.settings import Settings
 
-    dense, moe = write_synthetic(tmp_path / "dense.gguf", "llama-8b"), write_synthetic(tmp_path / "moe.gguf", "qwen3-30b-a3b")
-    common = 'context_size = 8192\nflash_attn = "on"\nn_gpu_layers = 99'
-    reg = parse_registry(f'''default_model = "x"
-[[models]]
-id = "x"
-source = {{ type = "path", path = "{dense}" }}
-priority = 10
-{common}
-[[models]]
-id = "y"
-source = {{ type = "path", path = "{dense}" }}
-priority = 60
-{common}
-[[models]]
-id = "z"
-source = {{ type = "path", path = "{dense}" }}
-priority = 50
-{common}
-[[models]]
-id = "big"
-source = {{ type = "path", path = "{moe}" }}
-split = true
-{common}
-''')
+    dense = write_synthetic(tmp_path / "dense.gguf", "llama-8b")
+    moe = write_synthetic(tmp_path / "moe.gguf", "qwen3-30b-a3b")
+    common = {"context_size": 8192, "flash_attn": "on", "n_gpu_layers": 99}
+    reg = registry(model("x", path=dense, priority=10, **common), model("y", path=dense, priority=60, **common),
+                   model("z", path=dense, priority=50, **common), model("big", path=moe, split=True, **common))
     orch = Orchestrator(Settings(state_dir=tmp_path / "s", gpu_sample_s=0.1), reg, open_gpu_view(), find_llama_server())
     c = await aiohttp_client(create_app(orch))
     c.orch = orch
@@ -92,7 +73,8 @@ async def _squeeze(c, room_mb: dict[int, float]) -> list[str]:
     for g in st["gpus"]:
         take = g["available_mb"] - room_mb[g["index"]]
         if take > 0:
-            s, r = await _post(c, "/reservations", {"service": f"squeeze{g['index']}", "vram_mb": take, "gpu": g["index"]})
+            s, r = await _post(c, "/reservations",
+                               {"service": f"squeeze{g['index']}", "vram_mb": take, "gpu": g["index"]})
             assert s == 201, r
             ids.append(r["id"])
     return ids

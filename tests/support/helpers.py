@@ -1,4 +1,5 @@
-"""Helpers the tests share: the fixture registry, process checks, a real sidecar subprocess, Prometheus parsing."""
+"""Helpers the tests share: process checks, a real sidecar subprocess, Prometheus parsing (registries:
+support/registry.py)."""
 
 from __future__ import annotations
 
@@ -26,55 +27,6 @@ def bench_module(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def registry_text(model_dir: Path, **extra) -> str:
-    """A registry for the fixtures; the hung model has a short idle TTL only when asked."""
-    return f"""
-default_model = "tiny"
-
-[[models]]
-id = "tiny"
-aliases = ["tiny-alias"]
-source = {{ type = "path", path = "{model_dir / 'hello.gguf'}" }}
-context_size = 512
-
-[[models]]
-id = "tiny-vision"
-source = {{ type = "path", path = "{model_dir / 'hello.gguf'}", mmproj = "{model_dir / 'mmproj.gguf'}" }}
-context_size = 512
-
-[[models]]
-id = "tiny-tools"
-source = {{ type = "path", path = "{model_dir / 'tools.gguf'}" }}
-context_size = 1024
-
-[[models]]
-id = "tiny-random"
-source = {{ type = "path", path = "{model_dir / 'random-llama.gguf'}" }}
-context_size = 4096
-
-[[models]]
-id = "tiny-manual"
-source = {{ type = "path", path = "{model_dir / 'hello.gguf'}" }}
-context_size = 512
-load_on_demand = false
-
-[[models]]
-id = "tiny-generated"
-source = {{ type = "generated" }}
-context_size = 512
-
-[[models]]
-id = "broken"
-source = {{ type = "path", path = "{model_dir / 'broken.gguf'}" }}
-
-[[models]]
-id = "hangs"
-source = {{ type = "path", path = "{model_dir / 'never.gguf'}" }}
-context_size = 512
-idle_ttl_s = {extra.get('hangs_ttl', 0)}
-"""
 
 
 def free_port() -> int:
@@ -158,6 +110,17 @@ def child_call(pid: int, method: str, path: str, body: dict | None = None, key: 
         conn.close()
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float = 30) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds; nothing for a process already gone."""
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 def wait_until(predicate, timeout: float, interval: float = 0.01) -> float | None:
     """Seconds until predicate() was true, or None on timeout."""
     t0 = time.monotonic()
@@ -168,8 +131,20 @@ def wait_until(predicate, timeout: float, interval: float = 0.01) -> float | Non
     return None
 
 
+def wait_for(predicate, timeout: float = 60.0, what: str = "condition", interval: float = 0.05):
+    """predicate()'s first true value, polled every `interval`; AssertionError naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if got := predicate():
+            return got
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
 class SidecarProcess:
     """`model-orchestrator serve` as a real subprocess, for tests that kill it."""
+
+    command = [sys.executable, "-m", "model_orchestrator", "serve"]
 
     def __init__(self, registry: Path, state_dir: Path, llama_bin: Path, env: dict | None = None):
         self.port = free_port()
@@ -181,8 +156,7 @@ class SidecarProcess:
         self.log = state_dir.parent / f"sidecar-{self.port}.log"
 
     def start(self, timeout: float = 30) -> "SidecarProcess":
-        self.proc = subprocess.Popen([sys.executable, "-m", "model_orchestrator", "serve"], env=self.env,
-                                     stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.command, env=self.env, stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
         if wait_until(self._healthy, timeout, 0.05) is None:
             self.stop()
             raise AssertionError(f"sidecar did not start:\n{self.log.read_text()[-3000:]}")
@@ -211,13 +185,7 @@ class SidecarProcess:
         self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, 20)
 
 
 def metric_value(text: str, name: str, **labels) -> float | None:

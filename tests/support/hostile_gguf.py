@@ -6,6 +6,8 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
+from support.registry import model, write_registry
+
 
 def _gguf(path: Path, fields: dict, n_dims: int = 2) -> Path:
     """A GGUF header with `fields` (key -> (value type, payload bytes)) and a small f32 tensor per layer (4: a header
@@ -59,14 +61,15 @@ HOSTILE_HEADERS = {  # name -> what replaces or joins the good header's fields (
 }
 
 
-def hostile_registry(tmp_path: Path) -> Path:
-    """A registry of one good model (`good`) and one per HOSTILE_HEADERS entry (`hostile-<i>`, in order)."""
-    lines = ['default_model = "good"', "[[models]]", 'id = "good"',
-             f'source = {{ type = "path", path = "{_gguf(tmp_path / "good.gguf", _GOOD_HEADER)}" }}']
+def hostile_models(tmp_path: Path) -> list[dict]:
+    """Registry entries: one good model (`good`) and one per HOSTILE_HEADERS entry (`hostile-<i>`, in order)."""
+    models = [model("good", path=_gguf(tmp_path / "good.gguf", _GOOD_HEADER))]
     for i, (name, change) in enumerate(HOSTILE_HEADERS.items()):
         fields = {k: v for k, v in {**_GOOD_HEADER, **change}.items() if v is not None}
-        path = _gguf(tmp_path / f"hostile-{i}.gguf", fields)
-        lines += ["[[models]]", f'id = "hostile-{i}"', f'source = {{ type = "path", path = "{path}" }}']
-    reg = tmp_path / "hostile.toml"
-    reg.write_text("\n".join(lines) + "\n")
-    return reg
+        models.append(model(f"hostile-{i}", path=_gguf(tmp_path / f"hostile-{i}.gguf", fields)))
+    return models
+
+
+def hostile_registry(tmp_path: Path) -> Path:
+    """A registry of `hostile_models`."""
+    return write_registry(tmp_path / "hostile.toml", *hostile_models(tmp_path))

@@ -1,5 +1,6 @@
-"""Driving a real n8n headless for tests/test_n8n.py: install (cached), build and install the community package,
-import credentials and workflows, execute, and read the run data.
+"""A real n8n for the tests: `n8n_with_nodes` brings one up (the packed community package installed in a fresh user
+folder, credentials and workflows imported), `N8n.execute` runs a workflow headless and reads its run data,
+`N8nServer` is `n8n start` (editor, REST API, webhooks); the shipped workflows and what a test changes in them.
 
 Everything n8n needs is installed by n8n-nodes/scripts/install-n8n.sh into ~/.cache/model-orchestrator/n8n
 (MODEL_ORCHESTRATOR_N8N_CACHE overrides), so only the first run pays for it (~5 minutes, ~3 GB)."""
@@ -7,13 +8,19 @@ Everything n8n needs is installed by n8n-nodes/scripts/install-n8n.sh into ~/.ca
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import json
 import os
 import shutil
 import subprocess
 import tarfile
+import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from support.helpers import free_port, stop_process, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 PKG_DIR = ROOT / "n8n-nodes"
@@ -52,7 +59,9 @@ def run_node_tool(node24: str, *args: str, timeout: float = 180) -> subprocess.C
                           timeout=timeout)
 
 
+@functools.cache
 def build_package(node24: str) -> None:
+    """`n8n-node build`, once per test session."""
     proc = run_node_tool(node24, "n8n-node", "build")
     if proc.returncode != 0:
         raise AssertionError(f"n8n-node build failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
@@ -127,7 +136,7 @@ class N8n:
                "N8N_TEMPLATES_ENABLED": "false",
                "N8N_PERSONALIZATION_ENABLED": "false",
                "N8N_LOG_LEVEL": "info",
-               "N8N_RUNNERS_BROKER_PORT": str(_free_port()),
+               "N8N_RUNNERS_BROKER_PORT": str(free_port()),
                "N8N_ENCRYPTION_KEY": "model-orchestrator-tests",
                "N8N_ENFORCE_SETTINGS_FILE_PERMISSIONS": "false"}
         return cls(node24, n8n_bin, user_folder, env)
@@ -150,6 +159,12 @@ class N8n:
         assert proc.returncode == 0 and "Successfully imported" in proc.stdout + proc.stderr, \
             f"import:workflow failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
 
+    def publish(self, *workflow_ids: str) -> None:
+        """Make workflows active at the next `n8n start` (their triggers and webhooks listen)."""
+        for workflow_id in workflow_ids:
+            proc = self.cli("publish:workflow", f"--id={workflow_id}", timeout=300)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+
     def execute(self, workflow_id: str, timeout: float = 240) -> Execution:
         proc = self.cli("execute", f"--id={workflow_id}", "--rawOutput", timeout=timeout)
         lines = proc.stdout.splitlines()
@@ -163,66 +178,91 @@ class N8n:
         return Execution(proc.returncode, proc.stdout, proc.stderr, data)
 
 
+def credential(name: str, base_url: str, api_key: str = "") -> dict:
+    """A Model Orchestrator credential as n8n imports it (its id made from its name)."""
+    return {"id": "mo" + hashlib.sha256(name.encode()).hexdigest()[:14], "name": name, "type": "modelOrchestratorApi",
+            "data": {"baseUrl": base_url, "apiKey": api_key}}
+
+
+def n8n_with_nodes(base: Path, credentials: list[dict], workflows: list[dict] = ()) -> N8n:
+    """A fresh n8n under `base`: the packed community package installed in its user folder (`base/user`),
+    `credentials` and `workflows` imported. Skipped with the command to run when n8n is not installed."""
+    paths = install_toolchain()
+    build_package(paths["NODE24"])
+    user = base / "user"
+    user.mkdir(parents=True, exist_ok=True)
+    install_package(paths["NODE24"], user, base / "pack")
+    n8n = N8n.create(paths["NODE24"], paths["N8N_BIN"], user)
+    n8n.import_credentials(credentials, base / "credentials.json")
+    if workflows:
+        n8n.import_workflows(list(workflows), base / "workflows")
+    return n8n
+
+
 OWNER = {"email": "owner@example.com", "firstName": "Test", "lastName": "Owner", "password": "Owner-passw0rd"}
 
 
 @dataclass
 class N8nServer:
-    """`n8n start` (the editor and its REST API) on a free loopback port, with an owner account set up."""
+    """`n8n start` (the editor, its REST API and the webhooks) on a free loopback port; a context manager."""
     n8n: N8n
-    port: int = field(default_factory=lambda: _free_port())
+    port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 180) -> "N8nServer":
-        import time
-        import urllib.request
+    @property
+    def log(self) -> Path:
+        return self.n8n.user_folder / "n8n-server.log"
+
+    def start(self, timeout: float = 240, owner: bool = True, logged: str | None = None) -> "N8nServer":
+        """Ready when n8n says so, with an owner account set up (`owner`) and, after `logged` shows in its log,
+        listening (a published workflow's webhook listens a moment after readiness)."""
         env = {**self.n8n.env, "N8N_PORT": str(self.port), "N8N_LISTEN_ADDRESS": "127.0.0.1",
-               "N8N_HOST": "127.0.0.1", "N8N_SECURE_COOKIE": "false", "N8N_RUNNERS_BROKER_PORT": str(_free_port())}
-        self.log = self.n8n.user_folder / "n8n-server.log"
+               "N8N_HOST": "127.0.0.1", "N8N_SECURE_COOKIE": "false", "N8N_RUNNERS_BROKER_PORT": str(free_port()),
+               "WEBHOOK_URL": self.url + "/", "EXECUTIONS_DATA_SAVE_ON_SUCCESS": "all"}
         self.proc = subprocess.Popen([self.n8n.node24, self.n8n.n8n_bin, "start"], env=env, cwd=self.n8n.user_folder,
                                      stdout=open(self.log, "ab"), stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"n8n exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz/readiness", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-        else:
+        try:
+            assert wait_until(self._ready, timeout, 0.5) is not None, f"n8n did not become ready:\n{self.tail()}"
+            if logged:
+                assert wait_until(lambda: logged in self.log.read_text(errors="replace"), 120, 0.5) is not None, \
+                    f"n8n did not log {logged!r}:\n{self.tail()}"
+                time.sleep(1)
+            if owner:
+                self._post("/rest/owner/setup", OWNER)
+        except BaseException:
             self.stop()
-            raise AssertionError(f"n8n did not become ready:\n{self.log.read_text()[-3000:]}")
-        self._post("/rest/owner/setup", OWNER)
+            raise
         return self
 
+    def _ready(self) -> bool:
+        assert self.proc.poll() is None, f"n8n exited with {self.proc.returncode}:\n{self.tail()}"
+        try:
+            with urllib.request.urlopen(self.url + "/healthz/readiness", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-3000:]
+
     def _post(self, path: str, body: dict) -> dict:
-        import urllib.request
         req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=30) as r:
             return json.loads(r.read() or b"{}")
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc)
 
+    def __enter__(self) -> "N8nServer":
+        return self
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def model_name(value) -> str | None:

@@ -27,7 +27,7 @@ from .events import EVENT_TYPES
 from .fast_lane import TABLE, Table, reset_connection
 from .http_errors import HttpRefused, error_body, invalid_request, refusal_response
 from .gpu import GpuSampler
-from .model_files import ModelFilesMissing
+from .errors import ModelFilesMissing
 from .openapi import build_openapi
 from .orchestrator import Orchestrator
 from .schemas import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, EstimateOut, EstimateRequest,

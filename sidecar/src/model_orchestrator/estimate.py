@@ -1,12 +1,14 @@
-"""How much GPU memory a llama-server process will take, from the GGUF header alone (the weights are never read).
+"""How much GPU memory a llama-server process will take, computed from parsed GGUF headers (gguf_header.ModelHeaders;
+this module reads no file, and the weights are never read).
 
     total = weights placed on the GPU + KV cache + compute buffer + mmproj + LoRA adapters + per-process CUDA overhead
 
 Weights follow llama.cpp's placement: the last `n_gpu_layers` blocks go to the GPU, plus the output layer (norm and
 lm_head) once n_gpu_layers > 0 counts it; the token embedding stays on the host, except that a tied lm_head is
 copied to the GPU. Tensor overrides (`-ot REGEX=CPU`, `--cpu-moe`, `--n-cpu-moe N`) keep matching tensors on the host.
-The KV cache is cells × (K + V bytes per cell) for each offloaded attention layer, with the cell count llama.cpp uses
-(the context padded to 256; sliding-window layers keep only their window). The compute buffer and the per-process
+The KV cache is cells × (K + V bytes per cell) for each offloaded attention layer (bytes per element:
+gguf_header.element_bytes), with the cell count llama.cpp uses (the context padded to 256; sliding-window layers keep
+only their window). The compute buffer and the per-process
 overhead are fitted on a real GPU (CALIBRATION below; bench/vram_table.py measures them and says how).
 A LoRA adapter's tensors (`<base tensor>.lora_a` / `.lora_b`) go where llama.cpp puts them: with their base tensor.
 """
@@ -15,20 +17,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from .gguf_header import GgufHeader
-    from .model_files import ModelHeaders
-
+from .gguf_header import GgufHeader, ModelHeaders, element_bytes
 from .llama_args import host_tensor_patterns
 
 MIB = 1024 * 1024
-
-# bytes per element of the KV cache types (block-quantized types store 32 elements in a block)
-CACHE_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32, "q4_1": 20 / 32,
-               "iq4_nl": 18 / 32, "q5_0": 22 / 32, "q5_1": 24 / 32}
 
 # The compute buffer follows llama.cpp b11434's graph reservation (sched_reserve, a batch of n_ubatch tokens) on the
 # GPU; only the CUDA0 buffer counts (the CUDA_Host one is pinned host memory). Checked against the buffers llama.cpp
@@ -103,15 +96,8 @@ class Estimate:
         return {k: (round(v, 1) if isinstance(v, float) else v) for k, v in asdict(self).items()}
 
 
-def read_shape(path: Path) -> ModelShape:
-    """What the estimate needs, from the header of a GGUF file on disk (cached per file version)."""
-    from .gguf_header import read_header_cached
-
-    return shape_from_header(read_header_cached(path), Path(path).stat().st_size)
-
-
-def shape_from_header(h: "GgufHeader", file_bytes: int) -> ModelShape:
-    """What the estimate needs, from a parsed GGUF header (read from disk or from the Hub: gguf_header.py)."""
+def shape_from_header(h: GgufHeader) -> ModelShape:
+    """What the estimate needs, from a parsed GGUF header (read from disk or from the Hub)."""
     arch = h.fields.get("general.architecture")
     g = lambda key, default=None: h.fields.get(f"{arch}.{key}", default)  # noqa: E731
     n_layer = int(g("block_count"))
@@ -141,7 +127,7 @@ def shape_from_header(h: "GgufHeader", file_bytes: int) -> ModelShape:
         n_ff=n_ff, n_vocab=n_vocab, n_expert=int(g("expert_count", 0) or 0),
         n_expert_used=int(g("expert_used_count", 0) or 0), n_ff_exp=int(g("expert_feed_forward_length", 0) or 0),
         n_swa=n_swa, swa_layers=swa_layers,
-        tensors={t.name: t.n_bytes for t in h.tensors}, file_bytes=file_bytes,
+        tensors={t.name: t.n_bytes for t in h.tensors}, file_bytes=h.file_bytes,
     )
 
 
@@ -156,7 +142,7 @@ def estimate_shape(shape: ModelShape, *, n_ctx: int, n_gpu_layers: int, cache_ty
     cal = CALIBRATION
     n_layer = shape.n_layer
     ngl = n_layer + 1 if n_gpu_layers < 0 else n_gpu_layers
-    first_gpu_layer = max(n_layer + 1 - ngl, 0)  # llama.cpp: blocks il >= n_layer + 1 - ngl; the output layer is il = n_layer
+    first_gpu_layer = max(n_layer + 1 - ngl, 0)  # llama.cpp: blocks il >= n_layer + 1 - ngl; the output is n_layer
     output_on_gpu = ngl >= 1
     on_gpu = [i >= first_gpu_layer for i in range(n_layer)]
     overrides = host_tensor_patterns(list(extra_args), n_layer)
@@ -179,12 +165,11 @@ def estimate_shape(shape: ModelShape, *, n_ctx: int, n_gpu_layers: int, cache_ty
     ctype_v = cache_type_v or cache_type
     swa_cells = min(cells, -(-(shape.n_swa + n_ubatch) // 256) * 256) if shape.n_swa else cells
     layer_cells_all = [swa_cells if shape.swa_layers[i] and shape.n_swa else cells for i in range(n_layer)]
-    kv = 0.0
+    kv, k_bytes, v_bytes = 0.0, element_bytes(cache_type), element_bytes(ctype_v)
     for i in range(n_layer):
         if not (on_gpu[i] and kv_offload) or shape.n_head_kv[i] == 0:
             continue
-        kv += layer_cells_all[i] * shape.n_head_kv[i] * (shape.head_dim_k * CACHE_BYTES[cache_type]
-                                                         + shape.head_dim_v * CACHE_BYTES[ctype_v])
+        kv += layer_cells_all[i] * shape.n_head_kv[i] * (shape.head_dim_k * k_bytes + shape.head_dim_v * v_bytes)
     attn_cells = [c for c, h in zip(layer_cells_all, shape.n_head_kv) if h] or [cells]
     n_embd_k = max(shape.n_head_kv) * shape.head_dim_k
     n_embd_v = max(shape.n_head_kv) * shape.head_dim_v
@@ -212,37 +197,26 @@ def estimate_shape(shape: ModelShape, *, n_ctx: int, n_gpu_layers: int, cache_ty
     return Estimate(
         weights_mb=weights / MIB, kv_cache_mb=kv / MIB, compute_mb=compute / MIB, mmproj_mb=mmproj_bytes / MIB,
         overhead_mb=overhead / MIB, total_mb=total / MIB, layers_on_gpu=sum(on_gpu) + (1 if output_on_gpu else 0),
-        n_layer=n_layer, context_cells=cells, cache_type=cache_type if ctype_v == cache_type else f"{cache_type}/{ctype_v}",
+        n_layer=n_layer, context_cells=cells,
+        cache_type=cache_type if ctype_v == cache_type else f"{cache_type}/{ctype_v}",
         details={"arch": shape.arch, "file_mb": round(shape.file_bytes / MIB, 1), "n_ubatch": n_ubatch,
                  "flash_attn": flash_attn, "experts": shape.n_expert, "sliding_window": shape.n_swa},
         lora_mb=lora / MIB,
     )
 
 
-def estimate_headers(headers: "ModelHeaders", **kwargs) -> Estimate:
-    """The estimate of a model from its headers (model_files.read_headers: from disk, or from the Hub before any
-    download); the one path every estimate takes."""
+def estimate_headers(headers: ModelHeaders, **kwargs) -> Estimate:
+    """The estimate of a model from its parsed headers (gguf_header.read_model_headers from disk, or
+    model_files.read_headers, from the Hub before any download); the one path every estimate takes."""
     mmproj_bytes = sum(t.n_bytes for t in headers.mmproj.tensors) if headers.mmproj else 0
     lora: dict[str, int] = {}  # two adapters of one tensor: both count
     for h in headers.lora:
         for t in h.tensors:
             lora[t.name] = lora.get(t.name, 0) + t.n_bytes
-    est = estimate_shape(shape_from_header(headers.model, headers.model_bytes), mmproj_bytes=mmproj_bytes,
-                         lora_tensors=lora, **kwargs)
+    est = estimate_shape(shape_from_header(headers.model), mmproj_bytes=mmproj_bytes, lora_tensors=lora, **kwargs)
     if headers.lora:
         est.details["lora_adapters"] = len(headers.lora)
     est.details["header_from"] = "disk" if headers.hub_bytes_read is None else "hub"
     if headers.hub_bytes_read is not None:
         est.details["hub_bytes_read"] = headers.hub_bytes_read  # 0: from the header cache
     return est
-
-
-def estimate_file(model: Path, *, mmproj: Path | None = None, lora: list[Path] = (), **kwargs) -> Estimate:
-    """The estimate of GGUF files on disk (`lora`: adapter files)."""
-    from .gguf_header import read_header_cached
-    from .model_files import ModelHeaders
-
-    headers = ModelHeaders(read_header_cached(model), Path(model).stat().st_size,
-                           read_header_cached(mmproj) if mmproj else None,
-                           lora=[read_header_cached(p) for p in lora])
-    return estimate_headers(headers, **kwargs)

@@ -1,12 +1,10 @@
-"""A fast reader of GGUF headers: metadata and tensor infos, never the tensor data.
+"""GGUF headers: parsed (metadata and tensor infos, never the tensor data), read from disk (`read_header`,
+`read_model_headers`: a model's files as `ModelHeaders`), and the sizes of ggml types (`element_bytes`).
 
-gguf-py's GGUFReader materialises every array element as a numpy object; for a real model's 150 000-token
-vocabulary that takes seconds (6.5 s for a Qwen3 header on the dev VM), which admission cannot afford on every
-load. This walks the same format with struct over an mmap and skips string arrays by length.
-
-A header is input we do not control (any file a registry names, any Hub endpoint): every count in it is checked
-against the bytes it would take in the file before anything is built or looped over, and a header may not run past
-MAX_HEADER; what parses is a header whose lists are no longer than the file allows.
+It walks the format with struct over an mmap and skips string arrays by length (gguf-py's reader takes seconds on a
+150 000-token vocabulary). A header is input we do not control (any file a registry names, any Hub endpoint): every
+count in it is checked against the bytes it would take in the file before anything is built or looped over, and a
+header may not run past MAX_HEADER.
 """
 
 from __future__ import annotations
@@ -16,7 +14,7 @@ import mmap
 import os
 import stat
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # value types of the GGUF format
@@ -44,12 +42,34 @@ class GgufHeader:
     fields: dict  # key -> value (arrays: list, or {"len": n} when long or of strings)
     tensors: list[TensorInfo]
     header_bytes: int = 0  # where the header ends (tensor data follows after alignment padding)
+    file_bytes: int = 0  # the size of the whole file
 
 
+@dataclass
+class ModelHeaders:
+    """The parsed headers of one model's files (what estimate.py computes from), wherever they were read: on disk
+    (`read_model_headers`) or on the Hub by range requests (model_files.read_headers)."""
+
+    model: GgufHeader
+    mmproj: GgufHeader | None = None
+    lora: list[GgufHeader] = field(default_factory=list)  # the LoRA adapters' headers, in the registry's order
+    hub_bytes_read: int | None = None  # None: all read from disk; else bytes fetched from the Hub (0: header cache)
+
+
+@functools.cache
 def _type_sizes() -> dict[int, tuple[int, int]]:
     from gguf.constants import GGML_QUANT_SIZES  # (elements per block, bytes per block) per ggml type
 
     return {int(t): v for t, v in GGML_QUANT_SIZES.items()}
+
+
+def element_bytes(type_name: str) -> float:
+    """Bytes per element of a ggml type by llama-server's name for it (f16, q8_0, ...: a KV cache type), from the
+    format's own table, as every tensor's size here."""
+    from gguf.constants import GGMLQuantizationType
+
+    block, size = _type_sizes()[int(GGMLQuantizationType[type_name.upper()])]
+    return size / block
 
 
 def _open_regular(path: Path):
@@ -79,6 +99,12 @@ def read_header_cached(path: Path) -> GgufHeader:
 @functools.lru_cache(maxsize=64)
 def _read_header_cached(path: str, mtime_ns: int, size: int) -> GgufHeader:
     return read_header(Path(path))
+
+
+def read_model_headers(model: Path, mmproj: Path | None = None, lora: list[Path] = ()) -> ModelHeaders:
+    """The headers of GGUF files on disk: a model, its projector, its LoRA adapters."""
+    return ModelHeaders(read_header_cached(model), read_header_cached(mmproj) if mmproj else None,
+                        [read_header_cached(p) for p in lora])
 
 
 def read_header(path: Path) -> GgufHeader:
@@ -182,4 +208,4 @@ def parse_header(buf, name: str = "GGUF", file_size: int | None = None) -> GgufH
             raise ValueError(f"{name}: tensor {name_} has unknown ggml type {ggml_type}")
         block, type_size = sizes[ggml_type]
         tensors.append(TensorInfo(name_, tuple(shape), ggml_type, elements // block * type_size))
-    return GgufHeader(fields, tensors, header_bytes=pos)
+    return GgufHeader(fields, tensors, header_bytes=pos, file_bytes=end if file_size is None else file_size)

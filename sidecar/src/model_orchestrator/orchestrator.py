@@ -39,7 +39,8 @@ from .lifecycle import (MODEL_ENV, ChildSockets, LaunchPlan, LlamaServer, Manage
                         outbound_session, owned_pids, owner_env, placement_env, reap_leftovers)
 from .llama_args import API_KEY_ENV, build_argv
 from .metrics import Metrics
-from .model_files import ModelFilesMissing, resolve
+from .errors import ModelFilesMissing
+from .model_files import resolve
 from .outbound import Outbound
 from .registry import ModelSpec, Registry
 from .reservations import Reservation, ReservationBook

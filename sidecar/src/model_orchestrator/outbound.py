@@ -4,7 +4,8 @@ never used for it.
 
 - `Outbound.call(fn, *args)`: one of THREADS daemon threads runs fn (a HEAD, a header read) with a deadline of
   `deadline_s` from the call (MODEL_ORCHESTRATOR_HUB_DEADLINE_S). The caller gets fn's result, or
-  HubError(hub_timeout) at the deadline whatever the thread is doing; a call still queued then never starts.
+  HubError(hub_timeout) (`deadline_message`) at the deadline whatever the thread is doing; a call still queued then
+  never starts.
 - `Outbound.thread(fn, *args, cancel=event)`: a daemon thread of its own for a download (long, at most one per
   model): no deadline, stopped by `cancel` (an unload) or by `close()`.
 - The deadline reaches the sockets: `install()` makes huggingface_hub's HTTP client (the one hub.py uses) connect,
@@ -24,6 +25,8 @@ import queue
 import threading
 import time
 from typing import Any, Callable
+
+from .errors import Code, HubError, Refused
 
 log = logging.getLogger(__name__)
 
@@ -66,10 +69,19 @@ def over_deadline() -> float | None:
     return budget.seconds if budget is not None and budget.expired else None
 
 
-def _timeout_error(seconds: float) -> Exception:
-    from .errors import Code
-    from .hub import HubError, deadline_message
+def endpoint() -> str:
+    """The Hub every call goes to (HF_ENDPOINT, read by huggingface_hub)."""
+    from huggingface_hub import constants
 
+    return constants.ENDPOINT
+
+
+def deadline_message(seconds: float) -> str:
+    return (f"the Hub at {endpoint()} did not finish answering within {seconds:g} s "
+            "(MODEL_ORCHESTRATOR_HUB_DEADLINE_S): it is slow or stuck; try again later, or check HF_ENDPOINT")
+
+
+def _timeout_error(seconds: float) -> Exception:
     return HubError(Code.HUB_TIMEOUT, deadline_message(seconds))
 
 
@@ -84,8 +96,6 @@ class Outbound:
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         if self._closed:
-            from .errors import Code, Refused
-
             raise Refused(Code.SHUTTING_DOWN, "the orchestrator is shutting down", retry_after=5)
         loop = asyncio.get_running_loop()
         budget = Budget(self.deadline_s)

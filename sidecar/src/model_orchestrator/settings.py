@@ -22,9 +22,15 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MODEL_ORCHESTRATOR_CACHE") or _xdg("XDG_CACHE_HOME", ".cache") / "model-orchestrator")
 
 
+def pypi_models_dir() -> Path:
+    """Where models carried by PyPI wheels are extracted (model_files.pypi_path), one folder per wheel."""
+    return cache_dir() / "models"
+
+
 def state_dir() -> Path:
     """Where generated models and the record of spawned processes live."""
-    return Path(os.environ.get("MODEL_ORCHESTRATOR_STATE") or _xdg("XDG_STATE_HOME", ".local/state") / "model-orchestrator")
+    return Path(os.environ.get("MODEL_ORCHESTRATOR_STATE")
+                or _xdg("XDG_STATE_HOME", ".local/state") / "model-orchestrator")
 
 
 MIN_REMOTE_API_KEY_CHARS = 16  # an API key guarding a port beyond loopback is at least this long
@@ -117,7 +123,8 @@ class Settings(BaseModel):
     # without an API key, what a browser may reach (api.browser_guard): origins besides the sidecar's own, and
     # host names besides loopback, the bind address and IP literals (DNS rebinding sends a foreign name)
     allowed_origins: tuple[str, ...] = setting((), "MODEL_ORCHESTRATOR_ALLOWED_ORIGINS", "without a key: web origins "
-                                               "(`https://host:port`, comma-separated) allowed besides the sidecar's own")
+                                               "(`https://host:port`, comma-separated) allowed besides the "
+                                               "sidecar's own")
     allowed_hosts: tuple[str, ...] = setting((), "MODEL_ORCHESTRATOR_ALLOWED_HOSTS", "without a key: `Host` names "
                                              "allowed besides loopback, IP addresses and the bind address")
     health_interval_s: float = setting(5.0, "MODEL_ORCHESTRATOR_HEALTH_INTERVAL_S", "watchdog: how often each loaded "

@@ -19,7 +19,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -181,9 +180,6 @@ class SlotCache:
             self.restored_tokens.labels(model_id).inc(out.tokens)
             log.info("%s: restored %d conversation slot(s), %d tokens", model_id, out.slots, out.tokens)
         return out
-
-    def remove_all(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
 
 
 def fingerprint(spec: ModelSpec, model_file: Path, mmproj: Path | None, binary: Path) -> dict:

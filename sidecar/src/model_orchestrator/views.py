@@ -13,7 +13,8 @@ from pathlib import Path
 
 from . import __version__, lora
 from .gpu import GpuSnapshot
-from .model_files import ModelFilesMissing, resolve
+from .errors import ModelFilesMissing
+from .model_files import resolve
 from .orchestrator import ManagedModel, Orchestrator
 from .registry import GeneratedSource, HfSource, ModelSpec, PathSource
 from .scheduler import available
