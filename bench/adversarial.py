@@ -316,7 +316,7 @@ def second_serve(work: Path, registry: Path, state: Path, first: Sidecar) -> Non
 
 def sigterm_frozen(sc: Sidecar) -> None:
     from model_orchestrator.cli import shutdown_bound_s
-    from model_orchestrator.settings import Settings
+    from model_orchestrator.platform.settings import Settings
 
     s, b = sc.call("POST", "/models/load", {"model": "tiny"})
     pid = b["pid"]

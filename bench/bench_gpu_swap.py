@@ -20,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_sidecar import free_port  # noqa: E402
 from synthetic_gguf import write_synthetic  # noqa: E402
 
-from model_orchestrator.install import find_llama_server  # noqa: E402
-from model_orchestrator.llama_args import build_argv  # noqa: E402
-from model_orchestrator.registry import parse_registry  # noqa: E402
+from model_orchestrator.files.install import find_llama_server  # noqa: E402
+from model_orchestrator.files.llama_args import build_argv  # noqa: E402
+from model_orchestrator.files.registry import parse_registry  # noqa: E402
 
 
 def call(base: str, method: str, path: str, body: dict | None = None) -> tuple[int, dict]:

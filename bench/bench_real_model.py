@@ -25,7 +25,7 @@ import aiohttp
 
 from bench_sidecar import free_port, stream_tokens_per_s  # the same measurement as the tiny-model benchmark
 from support.helpers import child_session  # bench_sidecar put the tests' support/ on sys.path
-from model_orchestrator.install import find_llama_server
+from model_orchestrator.files.install import find_llama_server
 
 QUESTION = "What is the capital of France?"
 

@@ -29,8 +29,8 @@ from pathlib import Path
 
 import aiohttp
 
-from model_orchestrator.install import find_llama_server
-from model_orchestrator.proxy import UsageScanner
+from model_orchestrator.files.install import find_llama_server
+from model_orchestrator.server.proxy import UsageScanner
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from support.helpers import child_session  # noqa: E402

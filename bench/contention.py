@@ -43,9 +43,9 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).parent))
 from peers import free_port, machine, pct, preset_lines, version, wait_http  # noqa: E402
 
-from model_orchestrator.install import find_llama_server  # noqa: E402
-from model_orchestrator.llama_args import build_argv  # noqa: E402
-from model_orchestrator.registry import parse_registry  # noqa: E402
+from model_orchestrator.files.install import find_llama_server  # noqa: E402
+from model_orchestrator.files.llama_args import build_argv  # noqa: E402
+from model_orchestrator.files.registry import parse_registry  # noqa: E402
 
 HI = [{"role": "user", "content": "hi"}]
 

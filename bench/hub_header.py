@@ -36,7 +36,7 @@ def main() -> int:
     files = {s: write_synthetic(work / f"{s}.gguf", s) for s in args.shapes}
     mirror = HfMirror({f"bench/{s}": {"model.gguf": path} for s, path in files.items()}).start()
     os.environ["HF_ENDPOINT"] = mirror.url  # read by huggingface_hub at import
-    from model_orchestrator.hub import read_remote_header
+    from model_orchestrator.files.hub import read_remote_header
 
     print(f"{'shape':<15}{'file GB':>9}{'header MB':>11}{'read MB':>9}{'ranges':>8}{'% of file':>11}"
           f"{'first ms':>10}{'cached ms':>11}")

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_sidecar import free_port  # noqa: E402  (and the tests' support/ on sys.path)
 from support.helpers import child_call  # noqa: E402
 
-from model_orchestrator.install import find_llama_server  # noqa: E402
+from model_orchestrator.files.install import find_llama_server  # noqa: E402
 
 MODEL = "kv"
 

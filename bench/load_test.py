@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-from model_orchestrator.lifecycle import MODEL_ENV, OWNER_ENV, process_alive
+from model_orchestrator.core.lifecycle import MODEL_ENV, OWNER_ENV, process_alive
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ["tiny", "tiny-tools", "tiny-random", "tiny-gen"]
@@ -46,14 +46,14 @@ def serve(args) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
     from support.nvml import FakeNvml  # the stand-in the unit tests use
 
-    from model_orchestrator import fast_lane
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server import fast_lane
+    from model_orchestrator.server.api import create_app
     from model_orchestrator.cli import use_production_event_loop
-    from model_orchestrator.gpu import GpuView
-    from model_orchestrator.install import find_llama_server
-    from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.registry import load_registry
-    from model_orchestrator.settings import Settings
+    from model_orchestrator.platform.gpu import GpuView
+    from model_orchestrator.files.install import find_llama_server
+    from model_orchestrator.core.orchestrator import Orchestrator
+    from model_orchestrator.files.registry import load_registry
+    from model_orchestrator.platform.settings import Settings
 
     logging.basicConfig(level=logging.WARNING)
     settings = Settings.from_env(state_dir=args.state, cuda_overhead_mb=args.overhead_mb, vram_margin_mb=args.margin_mb,

@@ -41,10 +41,10 @@ from pathlib import Path
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model_orchestrator.install import find_llama_server  # noqa: E402
-from model_orchestrator.llama_args import build_argv  # noqa: E402
-from model_orchestrator.proxy import UsageScanner  # noqa: E402
-from model_orchestrator.registry import parse_registry  # noqa: E402
+from model_orchestrator.files.install import find_llama_server  # noqa: E402
+from model_orchestrator.files.llama_args import build_argv  # noqa: E402
+from model_orchestrator.server.proxy import UsageScanner  # noqa: E402
+from model_orchestrator.files.registry import parse_registry  # noqa: E402
 
 PEERS = ("bare", "sidecar", "router")
 HI = [{"role": "user", "content": "hi"}]

@@ -60,7 +60,7 @@ def _tensors(s: dict) -> list[tuple[str, tuple[int, ...], bool]]:
 def write_synthetic(path: Path, shape: str, *, n_ctx_train: int = 262144) -> Path:
     import gguf
 
-    from model_orchestrator.tiny_gguf import build_vocab, write_tokenizer
+    from model_orchestrator.files.tiny_gguf import build_vocab, write_tokenizer
 
     s = SHAPES[shape]
     arch = s["arch"]

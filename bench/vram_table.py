@@ -26,11 +26,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from synthetic_gguf import SHAPES, write_synthetic  # noqa: E402
 
-from model_orchestrator.estimate import estimate_shape, shape_from_header  # noqa: E402
-from model_orchestrator.gguf_header import read_header  # noqa: E402
-from model_orchestrator.install import find_llama_server  # noqa: E402
-from model_orchestrator.llama_args import build_argv  # noqa: E402
-from model_orchestrator.registry import parse_registry  # noqa: E402
+from model_orchestrator.files.estimate import estimate_shape, shape_from_header  # noqa: E402
+from model_orchestrator.files.gguf_header import read_header  # noqa: E402
+from model_orchestrator.files.install import find_llama_server  # noqa: E402
+from model_orchestrator.files.llama_args import build_argv  # noqa: E402
+from model_orchestrator.files.registry import parse_registry  # noqa: E402
 
 BUFFER = re.compile(r"(\w+)\s+(model|KV|compute|output|RS) buffer size =\s+([\d.]+) MiB")
 PROJECTED = re.compile(r"projected to use (\d+) MiB of device memory vs\. (\d+) MiB")

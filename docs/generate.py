@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
-from model_orchestrator.http_errors import STATUS
-from model_orchestrator.registry import Registry
-from model_orchestrator.settings import with_settings_table
+from model_orchestrator.server.http_errors import STATUS
+from model_orchestrator.files.registry import Registry
+from model_orchestrator.platform.settings import with_settings_table
 
 ERROR_MARKERS = ("<!-- error-codes:begin -->", "<!-- error-codes:end -->")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from model_orchestrator.install import find_llama_server
+from model_orchestrator.files.install import find_llama_server
 from support.tiny_models import write_tiny_mmproj, write_tiny_model
 from support.helpers import SidecarProcess
 from support.registry import fixture_models, write_registry
@@ -33,7 +33,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    from model_orchestrator.gpu import open_gpu_view
+    from model_orchestrator.platform.gpu import open_gpu_view
 
     if open_gpu_view().available:
         return
@@ -72,10 +72,10 @@ def registry_file(tmp_path, model_dir) -> Path:
 @pytest.fixture
 def make_orchestrator(tmp_path, registry_file, llama_server_bin):
     """Build an Orchestrator (not started) with CPU mode and the fixture registry."""
-    from model_orchestrator.gpu import NoGpuView
-    from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.registry import load_registry
-    from model_orchestrator.settings import Settings
+    from model_orchestrator.platform.gpu import NoGpuView
+    from model_orchestrator.core.orchestrator import Orchestrator
+    from model_orchestrator.files.registry import load_registry
+    from model_orchestrator.platform.settings import Settings
 
     def make(gpu=None, **settings):
         s = Settings(state_dir=tmp_path / "state", stop_timeout_s=3, load_timeout_s=30, **settings)
@@ -92,7 +92,7 @@ def aiohttp_client(aiohttp_client):
     from aiohttp import web
     from aiohttp.test_utils import TestServer
 
-    from model_orchestrator.fast_lane import Runner
+    from model_orchestrator.server.fast_lane import Runner
 
     class FastLaneTestServer(TestServer):
         def __init__(self, app, runner_kwargs):
@@ -112,7 +112,7 @@ def aiohttp_client(aiohttp_client):
 
 @pytest.fixture
 async def client(aiohttp_client, make_orchestrator):
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     orch = make_orchestrator()
     c = await aiohttp_client(create_app(orch))

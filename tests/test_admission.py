@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from support.helpers import metric_value
-from model_orchestrator.gpu import GpuView
+from model_orchestrator.platform.gpu import GpuView
 from support.nvml import FakeNvml
 
 # Every tiny model is estimated at ~1000 MB by pretending each llama-server costs 1000 MB of CUDA overhead;
@@ -19,7 +19,7 @@ SETTINGS = dict(cuda_overhead_mb=1000, vram_margin_mb=200, swap_on_demand=False)
 
 @pytest.fixture
 async def gpu_client(aiohttp_client, make_orchestrator):
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     nv = FakeNvml({0: []}, total_mb=1800)
     orch = make_orchestrator(gpu=GpuView(nv, max_age_s=0), **SETTINGS)
@@ -140,7 +140,7 @@ async def test_foreign_processes_count_against_admission(gpu_client):
 
 
 async def test_cap_on_loaded_models_in_cpu_mode(aiohttp_client, make_orchestrator):
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     c = await aiohttp_client(create_app(make_orchestrator(max_loaded=1, swap_on_demand=False)))
     assert (await post(c, "/models/load", {"model": "tiny"}))[0] == 200

@@ -110,7 +110,7 @@ async def test_an_answer_stops_at_the_models_max_tokens_unless_the_request_names
                                                                                           registry_file):
     """A model that never stops (random weights, EOS ignored) ends at its registry max_tokens when the request names
     no limit; a request's max_tokens, max_completion_tokens or n_predict wins, also above the model's."""
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     registry_file.write_text(registry_file.read_text().replace(
         'id = "tiny-random"', 'id = "tiny-random"\nmax_tokens = 7'))
@@ -381,9 +381,9 @@ async def test_v1_models_and_models_list_the_registry(client):
 
 
 async def test_openapi_comes_from_the_request_models_and_docs_work_offline(client):
-    from model_orchestrator.api import ROUTES
-    from model_orchestrator.openapi import json_schema_bounds
-    from model_orchestrator.schemas import LoadRequest
+    from model_orchestrator.server.api import ROUTES
+    from model_orchestrator.server.openapi import json_schema_bounds
+    from model_orchestrator.server.schemas import LoadRequest
 
     spec = await (await client.get("/openapi.json")).json()
     assert spec["openapi"].startswith("3.1")
@@ -399,7 +399,7 @@ async def test_openapi_comes_from_the_request_models_and_docs_work_offline(clien
 
 
 async def test_api_key_guards_every_route_but_health_metrics_and_docs(aiohttp_client, make_orchestrator):
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     orch = make_orchestrator(api_key="s3cret")
     c = await aiohttp_client(create_app(orch))
@@ -419,7 +419,7 @@ async def test_api_key_guards_every_route_but_health_metrics_and_docs(aiohttp_cl
 
 
 def test_usage_scanner_finds_counts_split_across_chunks():
-    from model_orchestrator.proxy import UsageScanner
+    from model_orchestrator.server.proxy import UsageScanner
 
     final = b'data: {"choices":[],"timings":{"prompt_n":12,"predicted_n":34}}\n\n'
     stream = b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n' * 3 + final + b"data: [DONE]\n\n"

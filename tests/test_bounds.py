@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from model_orchestrator.gpu import GpuView
+from model_orchestrator.platform.gpu import GpuView
 from support.helpers import SidecarProcess, metric_value
 from support.hf_mirror import HfMirror
 from support.nvml import FakeNvml
@@ -65,7 +65,7 @@ def gguf_value_at(data: bytes, key: str) -> int:
 def with_string_array(src: Path, dst: Path, key: str, count: int) -> Path:
     """`src` with one more metadata entry: `key`, an array of `count` empty strings (a header that takes a while to
     read, as a real 150 000-token vocabulary does, only longer). Tensor data moves to the next alignment."""
-    from model_orchestrator.gguf_header import read_header
+    from model_orchestrator.files.gguf_header import read_header
 
     data = src.read_bytes()
     end = read_header(src).header_bytes
@@ -123,7 +123,7 @@ def test_clients_that_pipeline_without_reading_cost_bounded_memory(sidecar_proce
 
 async def test_pipelined_answers_resume_in_order_once_the_client_reads(aiohttp_client, make_orchestrator):
     """Paused while the client does not read, the lane answers the rest when it does: every answer, in order."""
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     c = await aiohttp_client(create_app(make_orchestrator()))
     await c.get("/models/status")
@@ -150,8 +150,8 @@ async def test_while_an_answer_is_built_incoming_bytes_are_capped_and_the_idle_t
                                                                                          make_orchestrator):
     """Every thread of the default pool busy (as a stuck Hub once made them): GET /models waits for its build. The
     client pipelines 8 MB meanwhile; the lane stops reading at READ_LIMIT and closes it after the keepalive."""
-    from model_orchestrator.api import create_app
-    from model_orchestrator.fast_lane import READ_LIMIT
+    from model_orchestrator.server.api import create_app
+    from model_orchestrator.server.fast_lane import READ_LIMIT
 
     c = await aiohttp_client(create_app(make_orchestrator()), server_kwargs={"keepalive_timeout": 0.5})
     lane = c.server.runner.lane
@@ -199,7 +199,7 @@ def test_a_header_with_an_absurd_layer_count_is_refused_with_little_memory(tmp_p
 
 @pytest.mark.parametrize("field, offset, value", [("a tensor count", 8, 1 << 60), ("a metadata count", 16, 1 << 60)])
 def test_header_counts_are_checked_against_the_file(tmp_path, model_dir, field, offset, value):
-    from model_orchestrator.gguf_header import read_header
+    from model_orchestrator.files.gguf_header import read_header
 
     data = bytearray((model_dir / "hello.gguf").read_bytes())
     struct.pack_into("<Q", data, offset, value)
@@ -211,11 +211,11 @@ def test_header_counts_are_checked_against_the_file(tmp_path, model_dir, field, 
 async def test_a_slow_header_read_never_holds_up_admission(aiohttp_client, tmp_path, model_dir, llama_server_bin):
     """A load's estimate (its header read) happens before the admission lock: a reservation, which needs that lock,
     is answered while a long header is still being read."""
-    from model_orchestrator.api import create_app
-    from model_orchestrator.gpu import NoGpuView
-    from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.registry import load_registry
-    from model_orchestrator.settings import Settings
+    from model_orchestrator.server.api import create_app
+    from model_orchestrator.platform.gpu import NoGpuView
+    from model_orchestrator.core.orchestrator import Orchestrator
+    from model_orchestrator.files.registry import load_registry
+    from model_orchestrator.platform.settings import Settings
 
     slow = with_string_array(model_dir / "hello.gguf", tmp_path / "slow.gguf", "test.padding", 6_000_000)
     reg = write_registry(tmp_path / "models.toml", model("tiny", path=model_dir / "hello.gguf", context_size=512),
@@ -269,7 +269,7 @@ def test_a_trickling_hub_starves_nothing_and_holds_no_sigterm(tmp_path, llama_se
 
 # ---- 8, 9: reservations -------------------------------------------------------------------------------------------
 async def test_refusals_and_odd_methods_add_no_metric_series(aiohttp_client, make_orchestrator):
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     orch = make_orchestrator(gpu=GpuView(FakeNvml({0: []}, total_mb=1800), max_age_s=0))
     c = await aiohttp_client(create_app(orch))
@@ -287,7 +287,7 @@ async def test_refusals_and_odd_methods_add_no_metric_series(aiohttp_client, mak
 
 
 async def test_live_reservations_are_capped(aiohttp_client, make_orchestrator):
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     c = await aiohttp_client(create_app(make_orchestrator(max_reservations=3)))
     ids = []
@@ -369,7 +369,7 @@ def test_a_callback_answer_of_any_size_costs_no_memory(sidecar_process):
 
 # ---- 14: SSE clients that stop reading, malformed requests, a new load's 202 ---------------------------------------
 async def test_an_events_client_that_stops_reading_is_disconnected(aiohttp_client, make_orchestrator):
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     orch = make_orchestrator(idle_timeout_s=1)
     c = await aiohttp_client(create_app(orch))

@@ -11,9 +11,9 @@ from types import SimpleNamespace
 import pytest
 
 from support.helpers import metric_value
-from model_orchestrator.calibration import EstimateCheck
-from model_orchestrator.estimate import CALIBRATION, ESTIMATOR_VERSION
-from model_orchestrator.gpu import MIB, GpuView
+from model_orchestrator.core.calibration import EstimateCheck
+from model_orchestrator.files.estimate import CALIBRATION, ESTIMATOR_VERSION
+from model_orchestrator.platform.gpu import MIB, GpuView
 from support.nvml import FakeNvml
 from support.registry import model, registry
 
@@ -60,7 +60,7 @@ async def wait_check(orch, model: str, timeout: float = 10.0):
 
 
 async def test_first_load_on_a_card_teaches_its_overhead_to_the_next_estimate(gpu_orchestrator, aiohttp_client):
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     orch = gpu_orchestrator(measured_mb=1500)
     c = await aiohttp_client(create_app(orch))
@@ -141,11 +141,11 @@ async def test_real_gpu_first_load_teaches_the_overhead_and_the_second_estimate_
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     from synthetic_gguf import write_synthetic
 
-    from model_orchestrator.api import create_app
-    from model_orchestrator.gpu import open_gpu_view
-    from model_orchestrator.install import find_llama_server
-    from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.settings import Settings
+    from model_orchestrator.server.api import create_app
+    from model_orchestrator.platform.gpu import open_gpu_view
+    from model_orchestrator.files.install import find_llama_server
+    from model_orchestrator.core.orchestrator import Orchestrator
+    from model_orchestrator.platform.settings import Settings
 
     dense = write_synthetic(tmp_path / "dense.gguf", "llama-8b")
     reg = registry(model("dense", path=dense, context_size=8192, flash_attn="on"))

@@ -24,7 +24,7 @@ EVIL = "https://evil.example"
 
 
 async def _client(aiohttp_client, orch):
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     c = await aiohttp_client(create_app(orch))
     c.orch = orch
@@ -117,7 +117,7 @@ async def test_slot_files_stay_in_the_slot_dir_and_count_against_the_cap(aiohttp
 
 def test_the_slot_caches_cap_counts_every_file_in_the_slot_dirs(tmp_path):
     """Files not named slot-*.bin used to escape the cap and the metric: anything in a slot dir counts now."""
-    from model_orchestrator.slot_cache import MANIFEST, SlotCache
+    from model_orchestrator.core.slot_cache import MANIFEST, SlotCache
 
     cache = SlotCache(tmp_path / "slots", cap_mb=1)
     d = cache.dir_for("m")
@@ -150,7 +150,7 @@ async def test_an_operators_llama_api_key_neither_breaks_nor_opens_the_children(
 
 
 def test_api_key_and_host_flags_are_reserved_and_the_refusal_says_why(tmp_path):
-    from model_orchestrator.registry import RegistryError, load_registry
+    from model_orchestrator.files.registry import RegistryError, load_registry
 
     for flag in (["--api-key", "k"], ["--api-key-file=/k"], ["--host", "0.0.0.0"], ["--port", "8080"],
                  ["--cors-origins", "*"], ["--cors-credentials"]):
@@ -166,7 +166,7 @@ async def test_a_state_dir_too_long_for_a_socket_address_uses_a_private_temporar
     long_state = tmp_path / ("d" * 60) / ("e" * 60) / "state"
     orch = make_orchestrator()
     orch.settings.state_dir = long_state
-    from model_orchestrator.lifecycle import ChildSockets
+    from model_orchestrator.core.lifecycle import ChildSockets
 
     orch.sockets = ChildSockets(long_state)
     c = await _client(aiohttp_client, orch)
@@ -204,10 +204,10 @@ async def media_host(aiohttp_server):
 @pytest.fixture
 def vision_embed_orchestrator(tmp_path, model_dir, llama_server_bin):
     """A model with a vision projector that also serves embeddings (llama-server reads images in both)."""
-    from model_orchestrator.gpu import NoGpuView
-    from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.registry import load_registry
-    from model_orchestrator.settings import Settings
+    from model_orchestrator.platform.gpu import NoGpuView
+    from model_orchestrator.core.orchestrator import Orchestrator
+    from model_orchestrator.files.registry import load_registry
+    from model_orchestrator.platform.settings import Settings
 
     reg = write_registry(tmp_path / "vision.toml", model("eyes", path=model_dir / "hello.gguf",
                                                          mmproj=model_dir / "mmproj.gguf", context_size=512,
@@ -305,7 +305,7 @@ async def test_allowed_media_urls_are_fetched_by_the_sidecar_and_failures_tell_n
 async def test_one_request_may_carry_a_bounded_number_of_remote_media_urls(aiohttp_client, vision_embed_orchestrator,
                                                                             media_host):
     """Each allowed URL is fetched whole into memory: a body of thousands of them must not be fetched at all."""
-    from model_orchestrator.media_urls import MAX_REMOTE
+    from model_orchestrator.server.media_urls import MAX_REMOTE
 
     c = await _client(aiohttp_client, vision_embed_orchestrator(image_url_hosts=media_host.host))
     url = str(media_host.make_url("/many.png"))

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 
-from model_orchestrator.settings import Settings
+from model_orchestrator.platform.settings import Settings
 from support.hf_mirror import HfMirror
 from support.registry import model, write_registry
 from support.tiny_models import write_tiny_mmproj, write_tiny_model
@@ -246,7 +246,7 @@ def test_build_settings_agree(resolved):
     assert re.search(r"(?m)^USER 10001", text) and "HEALTHCHECK" in text
     for src in re.findall(r"(?m)^COPY (?!--from)(\S+)", text):
         assert (ROOT / src).exists(), src
-    from model_orchestrator.registry import load_registry
+    from model_orchestrator.files.registry import load_registry
 
     default = re.search(r"MODEL_ORCHESTRATOR_DEFAULT_MODEL=(\S+)", text).group(1)
     registry = load_registry(SHIPPED_REGISTRY, default_model=default)
@@ -318,8 +318,8 @@ def test_pull_downloads_then_does_nothing(mirror, hf_env, gguf_files):
     assert sorted(r.path.rsplit("/", 1)[1] for r in gets) == [MMPROJ_FILE, MODEL_FILE]
     assert sum(r.body_bytes for r in gets) == sum(len(b) for b in gguf_files.values())
     # the files are found by the sidecar's offline lookup (what `serve` uses to load)
-    from model_orchestrator.model_files import resolve
-    from model_orchestrator.registry import load_registry
+    from model_orchestrator.files.model_files import resolve
+    from model_orchestrator.files.registry import load_registry
 
     before = len(mirror.requests)
     again = _download(hf_env, "tiny-vl")
@@ -329,8 +329,8 @@ def test_pull_downloads_then_does_nothing(mirror, hf_env, gguf_files):
     assert [r for r in new if r.method == "GET" and "/resolve/" in r.path] == [], "second pull downloaded something"
     assert len([r for r in new if "/resolve/" in r.path]) <= 2  # one metadata request (HEAD) per file
 
-    code = ("import sys; from pathlib import Path; from model_orchestrator.model_files import resolve; "
-            "from model_orchestrator.registry import load_registry; "
+    code = ("import sys; from pathlib import Path; from model_orchestrator.files.model_files import resolve; "
+            "from model_orchestrator.files.registry import load_registry; "
             "f = resolve(load_registry(Path(sys.argv[1])).lookup('tiny-vl'), Path('/nonexistent')); "
             "print(f.model); print(f.mmproj)")
     env = dict(hf_env, HF_HUB_OFFLINE="1")

@@ -19,11 +19,11 @@ import pytest
 from support.fake_server import Behaviour, FakeFleet, Served, VirtualClockLoop
 from support.registry import model, registry
 
-from model_orchestrator.errors import Code, Refused
-from model_orchestrator.gpu import GpuDevice, GpuSnapshot, NoGpuView
-from model_orchestrator.lifecycle import LaunchPlan, State
-from model_orchestrator.orchestrator import Orchestrator
-from model_orchestrator.settings import Settings
+from model_orchestrator.platform.errors import Code, Refused
+from model_orchestrator.platform.gpu import GpuDevice, GpuSnapshot, NoGpuView
+from model_orchestrator.core.lifecycle import LaunchPlan, State
+from model_orchestrator.core.orchestrator import Orchestrator
+from model_orchestrator.platform.settings import Settings
 
 # what a request may end with besides an answer, and why (each documented in the README's error table)
 ALLOWED = {

@@ -7,7 +7,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from model_orchestrator.settings import Settings, settings_table, with_settings_table
+from model_orchestrator.platform.settings import Settings, settings_table, with_settings_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,9 +65,9 @@ def test_the_cache_types_are_listed_once_and_each_has_a_size():
     one's size per element comes from the GGUF format's own table (gguf_header.element_bytes)."""
     from typing import get_args
 
-    from model_orchestrator.gguf_header import element_bytes
-    from model_orchestrator.llama_args import CACHE_TYPES
-    from model_orchestrator.registry import CacheType
+    from model_orchestrator.files.gguf_header import element_bytes
+    from model_orchestrator.files.llama_args import CACHE_TYPES
+    from model_orchestrator.files.registry import CacheType
 
     assert set(CACHE_TYPES) == set(get_args(CacheType))
     sizes = {t: element_bytes(t) for t in CACHE_TYPES}

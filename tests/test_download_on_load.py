@@ -223,10 +223,10 @@ async def test_a_model_that_would_not_fit_is_refused_before_its_download(tmp_pat
     file) against a 24 GB card holding 20 GB of another program's memory: refused, nothing downloaded."""
     from huggingface_hub import constants
 
-    from model_orchestrator.errors import Refused
-    from model_orchestrator.gpu import GpuView
-    from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.settings import Settings
+    from model_orchestrator.platform.errors import Refused
+    from model_orchestrator.platform.gpu import GpuView
+    from model_orchestrator.core.orchestrator import Orchestrator
+    from model_orchestrator.platform.settings import Settings
     from support.nvml import proc
 
     big = bench_module("synthetic_gguf").write_synthetic(tmp_path / BIG_FILE, "qwen3-30b-a3b")

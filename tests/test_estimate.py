@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from model_orchestrator.estimate import estimate_headers, estimate_shape, shape_from_header
-from model_orchestrator.gguf_header import read_header, read_model_headers
+from model_orchestrator.files.estimate import estimate_headers, estimate_shape, shape_from_header
+from model_orchestrator.files.gguf_header import read_header, read_model_headers
 from support.helpers import ROOT, bench_module
 
 write_synthetic = bench_module("synthetic_gguf").write_synthetic
@@ -46,7 +46,7 @@ def test_every_cache_type_within_half_a_percent_or_32_mib_of_nvml(shapes, row):
     """The H200 measurements (3 shapes x 5 contexts x f16, q8_0, q4_0): the whole estimate against NVML, and its
     compute buffer against the one llama.cpp logged for the GPU (a quantized cache used to be 20-66 MiB high: its f16
     copies for flash attention were added to the FFN peak instead of replacing it when larger)."""
-    from model_orchestrator.estimate import CALIBRATION
+    from model_orchestrator.files.estimate import CALIBRATION
 
     est = estimate_shape(shapes[row["shape"]], n_ctx=row["ctx"], n_gpu_layers=99, cache_type=row["cache"])
     error = est.total_mb - row["measured_mib"]
@@ -72,7 +72,7 @@ COMPUTE_CASES = [
 
 @pytest.mark.parametrize("shape, ctx, cache_k, cache_v, flash_attn, expected", COMPUTE_CASES)
 def test_compute_buffer_follows_llama_cpps_reservation(shapes, shape, ctx, cache_k, cache_v, flash_attn, expected):
-    from model_orchestrator.estimate import CALIBRATION
+    from model_orchestrator.files.estimate import CALIBRATION
 
     est = estimate_shape(shapes[shape], n_ctx=ctx, n_gpu_layers=99, cache_type=cache_k, cache_type_v=cache_v,
                          flash_attn=flash_attn)

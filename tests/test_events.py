@@ -8,7 +8,7 @@ import json
 import pytest
 from aiohttp import web
 
-from model_orchestrator.events import OVERFLOW, EventBus
+from model_orchestrator.core.events import OVERFLOW, EventBus
 
 from support.helpers import read_events
 
@@ -203,8 +203,8 @@ async def test_a_crash_is_an_event_with_its_logs(client):
 
 
 async def test_memory_low_when_a_reservation_does_not_fit(aiohttp_client, make_orchestrator):
-    from model_orchestrator.api import create_app
-    from model_orchestrator.gpu import GpuView
+    from model_orchestrator.server.api import create_app
+    from model_orchestrator.platform.gpu import GpuView
     from support.nvml import FakeNvml
 
     orch = make_orchestrator(gpu=GpuView(FakeNvml({0: []}, total_mb=1800), max_age_s=0), vram_margin_mb=200)
@@ -218,8 +218,8 @@ async def test_memory_low_when_a_reservation_does_not_fit(aiohttp_client, make_o
 
 
 def test_callback_allow_list_parsing():
-    from model_orchestrator.callbacks import check_url, parse_allowed
-    from model_orchestrator.errors import Refused
+    from model_orchestrator.server.callbacks import check_url, parse_allowed
+    from model_orchestrator.platform.errors import Refused
 
     assert parse_allowed("n8n:5678, localhost,[::1]:80,[fe80::1]") == [
         ("n8n", 5678), ("localhost", None), ("::1", 80), ("fe80::1", None)]
@@ -233,8 +233,8 @@ def test_callback_allow_list_parsing():
 async def test_memory_low_when_free_memory_falls_below_the_margin(aiohttp_client, make_orchestrator):
     from types import SimpleNamespace
 
-    from model_orchestrator.api import create_app
-    from model_orchestrator.gpu import MIB, GpuView
+    from model_orchestrator.server.api import create_app
+    from model_orchestrator.platform.gpu import MIB, GpuView
     from support.nvml import FakeNvml
 
     nv = FakeNvml({0: []}, total_mb=1800)

@@ -38,7 +38,7 @@ async def exchange(port: int, chunks: list[bytes]) -> bytes:
 @pytest.fixture
 async def both(aiohttp_client, make_orchestrator):
     """start(**settings) -> (client, fast-lane port, aiohttp's port, the lane)."""
-    from model_orchestrator.api import ORCH, create_app
+    from model_orchestrator.server.api import ORCH, create_app
 
     servers = []
 
@@ -136,7 +136,7 @@ async def test_fast_answers_follow_state_changes_and_are_counted_in_the_metrics(
 
 
 async def test_an_idle_fast_lane_connection_is_closed_after_the_keepalive_timeout(aiohttp_client, make_orchestrator):
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     c = await aiohttp_client(create_app(make_orchestrator()), server_kwargs={"keepalive_timeout": 0.3})
     lane = c.server.runner.lane

@@ -62,7 +62,7 @@ def readme_first_curl() -> dict:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, llama_server_bin):
     """`make run` and `make n8n-demo`, each on a free port; n8n's owner account set up as a person would."""
-    from model_orchestrator.registry import load_registry
+    from model_orchestrator.files.registry import load_registry
 
     paths = install_toolchain()  # skips when n8n is not installed (`make n8n`)
     base = tmp_path_factory.mktemp("first-hour")

@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from model_orchestrator.api import create_app
-from model_orchestrator.fleet import entries
+from model_orchestrator.server.api import create_app
+from model_orchestrator.server.fleet import entries
 from support.helpers import SidecarProcess, free_port
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from model_orchestrator.lifecycle import find_leftovers
+from model_orchestrator.core.lifecycle import find_leftovers
 
 KEY = "fuzz-key-7d1c"
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")

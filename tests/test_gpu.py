@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from model_orchestrator.gpu import MIB, GpuView, NoGpuView, open_gpu_view
+from model_orchestrator.platform.gpu import MIB, GpuView, NoGpuView, open_gpu_view
 from support.helpers import metric_value
 from support.nvml import FakeNvml, proc
 from support.registry import model, registry
@@ -46,7 +46,7 @@ def test_no_nvml_means_cpu_mode_with_the_reason():
 async def test_status_and_metrics_split_memory_between_models_and_foreign_processes(make_orchestrator, aiohttp_client):
     """/models/status and /metrics over the stand-in: the sidecar's own llama-server is attributed to its model,
     everything else is foreign."""
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     nv = FakeNvml({0: [proc(999999, 6000)], 1: []})
     orch = make_orchestrator(gpu=GpuView(nv, max_age_s=0))
@@ -88,10 +88,10 @@ def test_real_nvml_reads_the_device():
 async def test_real_gpu_load_shows_the_model_memory_and_unload_frees_it(tmp_path, model_dir, aiohttp_client):
     """A CUDA llama-server (LLAMA_SERVER_BIN) on the GPU: NVML sees its memory attributed to the model; unload frees
     it."""
-    from model_orchestrator.api import create_app
-    from model_orchestrator.install import find_llama_server
-    from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.settings import Settings
+    from model_orchestrator.server.api import create_app
+    from model_orchestrator.files.install import find_llama_server
+    from model_orchestrator.core.orchestrator import Orchestrator
+    from model_orchestrator.platform.settings import Settings
 
     reg = registry(model("g", path=model_dir / "hello.gguf", context_size=32768, n_gpu_layers=99))
     gpu = open_gpu_view()
@@ -128,10 +128,10 @@ async def test_real_gpu_admission_refuses_then_eviction_makes_room(tmp_path, aio
 
     write_synthetic = bench_module("synthetic_gguf").write_synthetic
 
-    from model_orchestrator.api import create_app
-    from model_orchestrator.install import find_llama_server
-    from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.settings import Settings
+    from model_orchestrator.server.api import create_app
+    from model_orchestrator.files.install import find_llama_server
+    from model_orchestrator.core.orchestrator import Orchestrator
+    from model_orchestrator.platform.settings import Settings
 
     moe = write_synthetic(tmp_path / "moe.gguf", "qwen3-30b-a3b")
     dense = write_synthetic(tmp_path / "dense.gguf", "llama-8b")

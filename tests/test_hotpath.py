@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from model_orchestrator.gpu import GpuView
-from model_orchestrator.lifecycle import READY_FALLBACK_POLL_S, LlamaServer
+from model_orchestrator.platform.gpu import GpuView
+from model_orchestrator.core.lifecycle import READY_FALLBACK_POLL_S, LlamaServer
 from support.nvml import FakeNvml, proc
 
 PNG_B64 = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
@@ -36,7 +36,7 @@ class CountingNvml(FakeNvml):
 
 
 async def test_status_is_served_from_a_snapshot_and_changes_show_at_once(aiohttp_client, make_orchestrator):
-    from model_orchestrator.api import STATUS, create_app
+    from model_orchestrator.server.api import STATUS, create_app
 
     nv = CountingNvml({0: [proc(4242, 700)]}, total_mb=24000)
     orch = make_orchestrator(gpu=GpuView(nv, max_age_s=0), gpu_sample_s=0.2)
@@ -64,7 +64,7 @@ async def test_status_is_served_from_a_snapshot_and_changes_show_at_once(aiohttp
 async def test_a_change_of_any_field_status_shows_is_in_the_next_answer(aiohttp_client, make_orchestrator):
     """The status cache keys on the orchestrator's revision, which every change of a model's fields bumps: a
     hand-kept list of fields lagged up to a sampling period for a field it missed (here the estimate and loaded_at)."""
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     orch = make_orchestrator(gpu_sample_s=60)  # only a change may rebuild an answer here, never its age
     c = await aiohttp_client(create_app(orch))
@@ -137,7 +137,7 @@ async def test_cheap_validation_keeps_the_clear_400s(client):
 
 async def test_a_silent_llama_server_ends_the_request_with_504_after_the_idle_timeout(aiohttp_client, make_orchestrator):
     """M4: upstream requests had no read timeout: a wedged llama-server held the client forever."""
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     orch = make_orchestrator(upstream_idle_timeout_s=1.5)
     c = await aiohttp_client(create_app(orch))
@@ -243,7 +243,7 @@ def _image_chat(url: str) -> dict:
 async def test_remote_image_urls_are_refused_unless_allowed_and_never_fetched_by_llama_server(
         aiohttp_client, make_orchestrator, image_host):
     """M7: an http:// image_url made llama-server fetch it (blind SSRF from the model's process)."""
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     url = str(image_host.make_url("/cat.png"))
     c = await aiohttp_client(create_app(make_orchestrator()))

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from model_orchestrator.estimate import estimate_headers
-from model_orchestrator.gguf_header import read_model_headers
+from model_orchestrator.files.estimate import estimate_headers
+from model_orchestrator.files.gguf_header import read_model_headers
 from support.helpers import bench_module
 from support.hf_mirror import HfMirror
 from support.n8n import CREDENTIAL_NAME, branching_workflow, credential, n8n_with_nodes
@@ -333,7 +333,7 @@ def test_check_vram_enough_for_a_hub_model_not_downloaded(hub_sidecar, mirror, f
 PROGRESS_SCRIPT = """
 import json, sys
 from pathlib import Path
-from model_orchestrator.hub import DownloadCancelled, DownloadProgress, download
+from model_orchestrator.files.hub import DownloadCancelled, DownloadProgress, download
 
 class CancelAfter10MB(DownloadProgress):  # what an unload would do, at a known point
     @property

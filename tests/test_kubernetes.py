@@ -130,7 +130,7 @@ def test_sidecars_headless_service_and_fleet_are_wired():
     drain = container["lifecycle"]["preStop"]["exec"]["command"]
     assert drain[:2] == ["model-orchestrator", "drain"]
     from model_orchestrator.cli import shutdown_bound_s
-    from model_orchestrator.settings import Settings
+    from model_orchestrator.platform.settings import Settings
     assert pod["spec"]["terminationGracePeriodSeconds"] >= float(drain[drain.index("--drain-timeout") + 1]) + \
         shutdown_bound_s(Settings())
     # the mounts are where the image keeps the model cache and the state (llama-cpp-service/Dockerfile)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from model_orchestrator.estimate import MIB, estimate_headers
-from model_orchestrator.gguf_header import read_header, read_model_headers
-from model_orchestrator.llama_args import lora_args
-from model_orchestrator.registry import RegistryError, parse_registry
+from model_orchestrator.files.estimate import MIB, estimate_headers
+from model_orchestrator.files.gguf_header import read_header, read_model_headers
+from model_orchestrator.files.llama_args import lora_args
+from model_orchestrator.files.registry import RegistryError, parse_registry
 from support.helpers import CHAT, read_sse
 from support.registry import fixture_models, model, registry_toml, write_registry
 from support.hf_mirror import HfMirror

@@ -189,7 +189,7 @@ def test_shipped_workflows_are_clean():
                 # "id": null makes n8n's import look the credential up by name (a missing id would take any of the type)
                 assert ref == {"id": None, "name": CREDENTIAL_NAME}, (name, node["name"], ref)
     # one place names the model, the default of the registry `make run` serves; every node reads it from there
-    from model_orchestrator.registry import load_registry
+    from model_orchestrator.files.registry import load_registry
 
     for name in SHIPPED + ["slow-load-callback.json"]:
         wf = load_workflow(name)

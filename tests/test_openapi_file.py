@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from model_orchestrator.api import dump_openapi
+from model_orchestrator.server.api import dump_openapi
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@ stand-in of tests/support/nvml.py)."""
 
 import asyncio
 
-from model_orchestrator.gpu import GpuView
+from model_orchestrator.platform.gpu import GpuView
 from support.nvml import FakeNvml, proc
 from support.registry import model, registry
 
@@ -14,7 +14,7 @@ def environ(pid: int) -> dict[str, str]:
 
 
 async def test_a_model_goes_to_the_gpu_where_it_fits_and_sees_only_that_gpu(aiohttp_client, make_orchestrator):
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     nv = FakeNvml({0: [proc(777, 1500)], 1: []}, total_mb=1800)  # GPU 0 is mostly taken by another service
     orch = make_orchestrator(gpu=GpuView(nv, max_age_s=0), cuda_overhead_mb=1000, vram_margin_mb=200)
@@ -31,10 +31,10 @@ async def test_a_model_goes_to_the_gpu_where_it_fits_and_sees_only_that_gpu(aioh
 
 
 async def test_idle_ttl_unloads_an_unused_model(aiohttp_client, tmp_path, model_dir, llama_server_bin):
-    from model_orchestrator.api import create_app
-    from model_orchestrator.gpu import NoGpuView
-    from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.settings import Settings
+    from model_orchestrator.server.api import create_app
+    from model_orchestrator.platform.gpu import NoGpuView
+    from model_orchestrator.core.orchestrator import Orchestrator
+    from model_orchestrator.platform.settings import Settings
 
     reg = registry(model("t", path=model_dir / "hello.gguf", context_size=512, idle_ttl_s=1.5))
     orch = Orchestrator(Settings(state_dir=tmp_path / "s"), reg, NoGpuView("test"), llama_server_bin)

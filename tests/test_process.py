@@ -5,7 +5,7 @@ import subprocess
 import time
 
 from support.helpers import pid_alive, wait_until
-from model_orchestrator.lifecycle import MODEL_ENV, OWNER_ENV, find_leftovers
+from model_orchestrator.core.lifecycle import MODEL_ENV, OWNER_ENV, find_leftovers
 
 
 def test_kill_9_of_the_sidecar_takes_its_llama_servers_with_it(sidecar_process):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from model_orchestrator.settings import Settings, pypi_models_dir
+from model_orchestrator.platform.settings import Settings, pypi_models_dir
 from support.helpers import SidecarProcess
 from support.hf_mirror import HfMirror
 from support.registry import model, write_registry

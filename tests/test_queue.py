@@ -19,7 +19,7 @@ CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 
 @pytest.fixture
 async def capped(aiohttp_client, make_orchestrator):
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     orch = make_orchestrator(max_loaded=1)
     c = await aiohttp_client(create_app(orch))
@@ -128,7 +128,7 @@ async def test_queued_granted_and_expired_are_events(capped):
 @pytest.mark.skipif(shutil.which("fincore") is None, reason="util-linux's fincore reports page-cache residency")
 def test_the_next_models_file_is_read_into_the_page_cache(tmp_path):
     """What the dispatcher does while a victim drains (scheduler.plan's `prefetch`): posix_fadvise(WILLNEED)."""
-    from model_orchestrator.dispatcher import _will_need
+    from model_orchestrator.core.dispatcher import _will_need
 
     path = tmp_path / "next.gguf"
     path.write_bytes(os.urandom(16 << 20))

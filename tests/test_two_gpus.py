@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from model_orchestrator.gpu import open_gpu_view
+from model_orchestrator.platform.gpu import open_gpu_view
 from support.registry import model, registry
 
 pytestmark = pytest.mark.gpu
@@ -36,10 +36,10 @@ async def two(tmp_path, aiohttp_client):
     sys.path.insert(0, str(ROOT / "bench"))
     from synthetic_gguf import write_synthetic
 
-    from model_orchestrator.api import create_app
-    from model_orchestrator.install import find_llama_server
-    from model_orchestrator.orchestrator import Orchestrator
-    from model_orchestrator.settings import Settings
+    from model_orchestrator.server.api import create_app
+    from model_orchestrator.files.install import find_llama_server
+    from model_orchestrator.core.orchestrator import Orchestrator
+    from model_orchestrator.platform.settings import Settings
 
     dense = write_synthetic(tmp_path / "dense.gguf", "llama-8b")
     moe = write_synthetic(tmp_path / "moe.gguf", "qwen3-30b-a3b")

@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the supp
 from support.nvml import LiveFakeNvml  # noqa: E402
 
 if __name__ == "__main__":
-    sys.modules["pynvml"] = LiveFakeNvml()  # what `import pynvml` in model_orchestrator.gpu now finds
+    sys.modules["pynvml"] = LiveFakeNvml()  # what `import pynvml` in model_orchestrator.platform.gpu now finds
     from model_orchestrator.cli import main
 
     sys.exit(main(sys.argv[1:]))

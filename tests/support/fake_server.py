@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
-from model_orchestrator.errors import Code
-from model_orchestrator.lifecycle import ExitInfo, LaunchPlan, LoadFailed
+from model_orchestrator.platform.errors import Code
+from model_orchestrator.core.lifecycle import ExitInfo, LaunchPlan, LoadFailed
 
 
 class VirtualClockLoop(asyncio.SelectorEventLoop):

@@ -35,7 +35,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-from model_orchestrator.lifecycle import process_alive as pid_alive  # noqa: E402  the product's own check
+from model_orchestrator.core.lifecycle import process_alive as pid_alive  # noqa: E402  the product's own check
 
 
 def tcp_listening(pid: int) -> list[tuple[str, int]]:

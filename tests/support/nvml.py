@@ -1,4 +1,4 @@
-"""The one stand-in for NVML's Python API (nvidia-ml-py), as model_orchestrator.gpu calls it.
+"""The one stand-in for NVML's Python API (nvidia-ml-py), as model_orchestrator.platform.gpu calls it.
 
 `FakeNvml` plays fixed devices and processes (tests set `procs` to what they need); `LiveFakeNvml` plays one H100
 whose processes are the calling process's children (the sidecar's llama-servers, their resident memory as "VRAM")

@@ -51,8 +51,8 @@ def registry_toml(*models: dict, default: str | None = None) -> str:
 
 
 def registry(*models: dict, default: str | None = None):
-    """The parsed registry (model_orchestrator.registry.Registry) of `models`."""
-    from model_orchestrator.registry import parse_registry
+    """The parsed registry (model_orchestrator.files.registry.Registry) of `models`."""
+    from model_orchestrator.files.registry import parse_registry
 
     return parse_registry(registry_toml(*models, default=default))
 

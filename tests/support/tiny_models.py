@@ -1,4 +1,4 @@
-"""Tiny deterministic GGUF fixtures beyond the product's generated default (model_orchestrator.tiny_gguf, which
+"""Tiny deterministic GGUF fixtures beyond the product's generated default (model_orchestrator.files.tiny_gguf, which
 answers HELLO_TEXT): a tool-calling model, random weights, the llama and qwen3moe architectures, and a tiny vision
 projector. Same tokenizer and geometry as the product's (its `build_vocab` and `write_gguf`).
 
@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-from model_orchestrator.tiny_gguf import (HELLO_TEXT, TOOL_CALL, _DETECT_SCORE, _HEAD_DIM, _HELLO_PIECES, _MARGIN,
+from model_orchestrator.files.tiny_gguf import (HELLO_TEXT, TOOL_CALL, _DETECT_SCORE, _HEAD_DIM, _HELLO_PIECES, _MARGIN,
                                           _N_EMBD, _N_EXPERT, _N_FF, _N_FF_EXP, _N_HEAD, _N_HEAD_KV, _N_LAYER,
                                           _TOOL_PIECES, build_vocab, write_gguf)
 
@@ -178,7 +178,7 @@ def write_tiny_lora(path: str | pathlib.Path, *, arch: str = "qwen3") -> pathlib
     """
     import gguf
 
-    from model_orchestrator.tiny_gguf import _hello_tensors
+    from model_orchestrator.files.tiny_gguf import _hello_tensors
 
     if arch != "qwen3":
         raise ValueError("the tiny LoRA is for the qwen3 'hello' model")

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .llama_args import CACHE_TYPES
+from .files.llama_args import CACHE_TYPES
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -42,17 +42,17 @@ def use_production_event_loop() -> None:
 
 # ---- serve ------------------------------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
-    from . import fast_lane
-    from .api import create_app
-    from .gpu import open_gpu_view
-    from .install import find_llama_server
-    from .errors import ModelFilesMissing
-    from .model_files import resolve
-    from .orchestrator import Orchestrator
-    from .registry import RegistryError, registry_from_settings
-    from .settings import MIN_REMOTE_API_KEY_CHARS, Settings
-    from .state_lock import StateDirBusy
-    from .state_lock import acquire as acquire_state_lock
+    from .server import fast_lane
+    from .server.api import create_app
+    from .platform.gpu import open_gpu_view
+    from .files.install import find_llama_server
+    from .platform.errors import ModelFilesMissing
+    from .files.model_files import resolve
+    from .core.orchestrator import Orchestrator
+    from .files.registry import RegistryError, registry_from_settings
+    from .platform.settings import MIN_REMOTE_API_KEY_CHARS, Settings
+    from .platform.state_lock import StateDirBusy
+    from .platform.state_lock import acquire as acquire_state_lock
 
     logging.basicConfig(level=os.environ.get("MODEL_ORCHESTRATOR_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -378,7 +378,7 @@ def cmd_chat(args) -> int:
 # ---- local commands ---------------------------------------------------------------------------------------------
 def _registry_or_none(settings):
     """The registry the settings name, or None after printing why it cannot be used."""
-    from .registry import RegistryError, registry_from_settings
+    from .files.registry import RegistryError, registry_from_settings
 
     try:
         return registry_from_settings(settings)
@@ -412,7 +412,7 @@ def _sidecar_url(args) -> tuple[str | None, str]:
 def _spec_from_sidecar(args, url: str):
     """The registry entry of args.model in the running sidecar's registry (GET /models: its whole `source` and its
     adapters), as a ModelSpec, or None after printing why there is none."""
-    from .registry import ModelSpec
+    from .files.registry import ModelSpec
 
     args.url = url
     models = _call(args, "GET", "/models")["models"]
@@ -426,9 +426,9 @@ def _spec_from_sidecar(args, url: str):
 
 
 def cmd_pull(args) -> int:
-    from .errors import ModelFilesMissing
-    from .model_files import destination, pull
-    from .settings import Settings
+    from .platform.errors import ModelFilesMissing
+    from .files.model_files import destination, pull
+    from .platform.settings import Settings
 
     url, why_local = _sidecar_url(args)
     if url:
@@ -506,11 +506,11 @@ def _print_estimate(name: str, ctx: int, est: dict, registry: str | None) -> Non
 def cmd_estimate(args) -> int:
     """Predicted GPU memory of a registry model or of any GGUF file, from its header. A model id is looked up in the
     running sidecar's registry, else in the local one; a Hub model not downloaded yet has its header read remotely."""
-    from .errors import ModelFilesMissing
-    from .estimate import estimate_headers
-    from .gguf_header import read_model_headers
-    from .model_files import read_headers
-    from .settings import Settings
+    from .platform.errors import ModelFilesMissing
+    from .files.estimate import estimate_headers
+    from .files.gguf_header import read_model_headers
+    from .files.model_files import read_headers
+    from .platform.settings import Settings
 
     settings = Settings.from_env(models_config=args.config)
     path, spec, registry_used = Path(args.model), None, None
@@ -553,7 +553,7 @@ def cmd_estimate(args) -> int:
 
 
 def cmd_install(args) -> int:
-    from .install import install
+    from .files.install import install
 
     cuda = {"auto": None, "cpu": False, "cuda": True}[args.backend]
     print(install(cuda=cuda, cuda_arch=args.cuda_arch, force=args.force, extra_targets=args.extra_target))
@@ -561,14 +561,14 @@ def cmd_install(args) -> int:
 
 
 def cmd_tiny_model(args) -> int:
-    from .tiny_gguf import write_tiny_model
+    from .files.tiny_gguf import write_tiny_model
 
     print(write_tiny_model(Path(args.out)))
     return 0
 
 
 def cmd_openapi(args) -> int:
-    from .api import dump_openapi
+    from .server.api import dump_openapi
 
     print(dump_openapi())
     return 0

@@ -11,16 +11,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import __version__, lora
-from .gpu import GpuSnapshot
-from .errors import ModelFilesMissing
-from .model_files import resolve
-from .orchestrator import ManagedModel, Orchestrator
-from .registry import GeneratedSource, HfSource, ModelSpec, PathSource
-from .scheduler import available
+from .. import __version__
+
+from ..core import lora
+from ..platform.gpu import GpuSnapshot
+from ..platform.errors import ModelFilesMissing
+from ..files.model_files import resolve
+from ..core.orchestrator import ManagedModel, Orchestrator
+from ..files.registry import GeneratedSource, HfSource, ModelSpec, PathSource
+from ..core.scheduler import available
 from .schemas import (GpuOut, GpuProcessOut, HealthResponse, ModelInfo, ModelsResponse, ModelStatus, QueueStatus,
                       ReservationOut, StatusResponse, from_domain)
-from .states import State
+from ..core.states import State
 
 
 def revision(orch: Orchestrator) -> tuple:

@@ -8,7 +8,7 @@ import math
 from aiohttp import web
 from pydantic import ValidationError
 
-from .errors import Code, Refused
+from ..platform.errors import Code, Refused
 
 STATUS: dict[Code, int] = {
     Code.INVALID_JSON: 400,

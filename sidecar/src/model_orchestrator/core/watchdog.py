@@ -16,12 +16,12 @@ import logging
 from typing import Awaitable, Callable
 
 from .admission import Admission
-from .errors import Code, Refused
+from ..platform.errors import Code, Refused
 from .events import EventBus
 from .lifecycle import ManagedModel
 from .metrics import Metrics
 from .reservations import ReservationBook
-from .settings import Settings
+from ..platform.settings import Settings
 from .states import State
 
 log = logging.getLogger("model_orchestrator")

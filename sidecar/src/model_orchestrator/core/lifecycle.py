@@ -37,9 +37,9 @@ from typing import Awaitable, Callable, Iterable
 
 import aiohttp
 
-from .errors import Code, Refused
-from .registry import ModelSpec
-from .revision import Revision
+from ..platform.errors import Code, Refused
+from ..files.registry import ModelSpec
+from ..platform.revision import Revision
 from .states import State, UnloadResult
 
 

@@ -16,14 +16,14 @@ from typing import Callable
 
 from .admission import Admission
 from .downloads import Downloads
-from .errors import Code, Refused
-from .errors import HubError
+from ..platform.errors import Code, Refused
+from ..platform.errors import HubError
 from .lifecycle import ManagedModel
-from .errors import ModelFilesMissing
-from .model_files import can_download, plan_pull, pull, resolve
-from .outbound import Outbound
-from .registry import HfSource, ModelSpec
-from .settings import Settings
+from ..platform.errors import ModelFilesMissing
+from ..files.model_files import can_download, plan_pull, pull, resolve
+from ..platform.outbound import Outbound
+from ..files.registry import HfSource, ModelSpec
+from ..platform.settings import Settings
 from .states import State
 
 log = logging.getLogger("model_orchestrator")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
-from .revision import Revision
+from ..platform.revision import Revision
 
 DEFAULT_PRIORITY = 50  # models of lower priority may be evicted to make room for a reservation
 

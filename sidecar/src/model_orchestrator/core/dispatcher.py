@@ -23,15 +23,15 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 from .admission import Admission
-from .errors import Code, Refused, shutting_down
+from ..platform.errors import Code, Refused, shutting_down
 from .events import EventBus
 from .lifecycle import LlamaServer, LoadFailed, LoadCancelled, ManagedModel, State
-from .llama_args import parallel_slots
+from ..files.llama_args import parallel_slots
 from .metrics import Metrics
-from .registry import ModelSpec
-from .revision import Revision
+from ..files.registry import ModelSpec
+from ..platform.revision import Revision
 from .scheduler import Limits, ModelView, Plan, Resident, Ticket, plan
-from .settings import Settings
+from ..platform.settings import Settings
 
 log = logging.getLogger("model_orchestrator.dispatcher")
 

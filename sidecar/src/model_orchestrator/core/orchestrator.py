@@ -31,21 +31,21 @@ from .admission import Admission
 from .dispatcher import Dispatcher, Lease
 from .download_on_load import DownloadOnLoad
 from .downloads import Downloads
-from .errors import Code, Refused, shutting_down
+from ..platform.errors import Code, Refused, shutting_down
 from .events import EventBus
-from .gpu import GpuView, NoGpuView
+from ..platform.gpu import GpuView, NoGpuView
 # ManagedModel and LlamaServer: HTTP code names them through this module, never through lifecycle
 from .lifecycle import (MODEL_ENV, ChildSockets, LaunchPlan, LlamaServer, ManagedModel, ServerFactory, new_api_key,
                         outbound_session, owned_pids, owner_env, placement_env, reap_leftovers)
-from .llama_args import API_KEY_ENV, build_argv
+from ..files.llama_args import API_KEY_ENV, build_argv
 from .metrics import Metrics
-from .errors import ModelFilesMissing
-from .model_files import resolve
-from .outbound import Outbound
-from .registry import ModelSpec, Registry
+from ..platform.errors import ModelFilesMissing
+from ..files.model_files import resolve
+from ..platform.outbound import Outbound
+from ..files.registry import ModelSpec, Registry
 from .reservations import Reservation, ReservationBook
-from .revision import Revision
-from .settings import Settings
+from ..platform.revision import Revision
+from ..platform.settings import Settings
 from .slot_cache import SlotCache
 from .states import LoadResult, State, UnloadResult
 from .watchdog import Watchdog

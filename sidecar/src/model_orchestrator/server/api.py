@@ -21,21 +21,25 @@ from typing import Awaitable, Callable
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
-from . import __version__, callbacks, fleet, lora, proxy, views
-from .errors import Code, Refused
-from .events import EVENT_TYPES
+from .. import __version__
+
+from . import callbacks, fleet, proxy, views
+
+from ..core import lora
+from ..platform.errors import Code, Refused
+from ..core.events import EVENT_TYPES
 from .fast_lane import TABLE, Table, reset_connection
 from .http_errors import HttpRefused, error_body, invalid_request, refusal_response
-from .gpu import GpuSampler
-from .errors import ModelFilesMissing
+from ..platform.gpu import GpuSampler
+from ..platform.errors import ModelFilesMissing
 from .openapi import build_openapi
-from .orchestrator import Orchestrator
+from ..core.orchestrator import Orchestrator
 from .schemas import (ChatCompletionRequest, CompletionRequest, EmbeddingRequest, EstimateOut, EstimateRequest,
                       EstimateResponse, EventOut, FleetResponse, FitOut, HealthResponse, LoadCallback, LoadRequest,
                       LoadResponse, LogsResponse, LoraAdaptersResponse, LoraScalesRequest, ModelsResponse,
                       OpenAIModelList, OpenAIResponse, RenewRequest, ReservationList, ReservationOut,
                       ReservationRequest, StatusResponse, UnloadRequest, UnloadResponse)
-from .states import LoadResult
+from ..core.states import LoadResult
 from .status_cache import StatusCache
 
 log = logging.getLogger("model_orchestrator.api")

@@ -320,7 +320,7 @@ def registry_from_settings(settings) -> Registry:
 def load_registry(path: Path | None = None, **overrides) -> Registry:
     """The registry file at `path`, or the one shipped in the package."""
     if path is None:
-        text = resources.files(__package__).joinpath("models.toml").read_text()
+        text = resources.files(__package__.rsplit('.', 1)[0]).joinpath("models.toml").read_text()
         return parse_registry(text, "models.toml (shipped)", **overrides)
     try:
         text = Path(path).read_text()

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from .errors import Code
+from ..platform.errors import Code
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
-from .estimate import Estimate
-from .gpu import GpuDevice, GpuProcess
-from .registry import ADAPTER_NAME_PATTERN, MAX_LORA_SCALE, MODEL_ID_PATTERN, SOURCE_TYPES, CacheType
-from .reservations import DEFAULT_PRIORITY, Reservation
-from .states import LoadResult, State, UnloadResult
+from ..files.estimate import Estimate
+from ..platform.gpu import GpuDevice, GpuProcess
+from ..files.registry import ADAPTER_NAME_PATTERN, MAX_LORA_SCALE, MODEL_ID_PATTERN, SOURCE_TYPES, CacheType
+from ..core.reservations import DEFAULT_PRIORITY, Reservation
+from ..core.states import LoadResult, State, UnloadResult
 
 ModelName = Field(min_length=1, max_length=64, pattern=MODEL_ID_PATTERN, description="model id or alias")
 

@@ -27,10 +27,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import outbound
-from .errors import Code, HubError
+from ..platform import outbound
+from ..platform.errors import Code, HubError
 from .gguf_header import MAX_HEADER, GgufHeader, NeedMoreBytes, parse_header
-from .outbound import deadline_message, endpoint
+from ..platform.outbound import deadline_message, endpoint
 
 log = logging.getLogger(__name__)
 

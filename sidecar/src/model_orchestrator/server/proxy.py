@@ -20,12 +20,14 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from . import lora, media_urls
-from .dispatcher import CallerGone
-from .errors import Code, Refused
+from ..core import lora
+
+from . import media_urls
+from ..core.dispatcher import CallerGone
+from ..platform.errors import Code, Refused
 from .http_errors import STATUS, invalid_request, refusal_body
-from .llama_args import serves_embeddings
-from .orchestrator import LlamaServer, ManagedModel, Orchestrator
+from ..files.llama_args import serves_embeddings
+from ..core.orchestrator import LlamaServer, ManagedModel, Orchestrator
 from .schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest, OpenAIModel, OpenAIModelList
 
 _REQUESTS = {"chat_completions": ChatCompletionRequest, "completions": CompletionRequest,

@@ -14,7 +14,7 @@ from typing import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-from .gpu import MIB, GpuSnapshot
+from ..platform.gpu import MIB, GpuSnapshot
 from .states import State
 
 RESERVATION_LABEL = "(reservation)"  # admission_refusals' `model` for every reservation, whatever its service

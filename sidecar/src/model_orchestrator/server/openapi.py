@@ -10,7 +10,7 @@ import re
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
-from .registry import MODEL_ID_PATTERN
+from ..files.registry import MODEL_ID_PATTERN
 from .schemas import ErrorResponse
 
 # what the handlers accept in the URL: a model id or alias, a reservation id (letters and digits)

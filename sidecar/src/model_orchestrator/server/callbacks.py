@@ -14,9 +14,9 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
-from .errors import Code, Refused
+from ..platform.errors import Code, Refused
 from .schemas import LoadCallback
-from .states import LoadResult
+from ..core.states import LoadResult
 
 log = logging.getLogger("model_orchestrator.callbacks")
 

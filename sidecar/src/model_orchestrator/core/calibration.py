@@ -24,8 +24,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from .estimate import ESTIMATOR_VERSION
-from .gpu import MIB
+from ..files.estimate import ESTIMATOR_VERSION
+from ..platform.gpu import MIB
 
 log = logging.getLogger("model_orchestrator.calibration")
 

@@ -17,19 +17,19 @@ import logging
 from typing import Awaitable, Callable
 
 from .calibration import Calibration, EstimateCheck
-from .errors import Code, Refused, shutting_down
-from .estimate import Estimate, estimate_headers
+from ..platform.errors import Code, Refused, shutting_down
+from ..files.estimate import Estimate, estimate_headers
 from .events import EventBus
-from .gpu import GpuSnapshot, GpuView, NoGpuView
+from ..platform.gpu import GpuSnapshot, GpuView, NoGpuView
 from .lifecycle import ManagedModel, owned_pids
 from .metrics import RESERVATION_LABEL, Metrics
-from .model_files import HeaderOnHub, read_headers, resolve
-from .outbound import Outbound
-from .registry import ModelSpec
+from ..files.model_files import HeaderOnHub, read_headers, resolve
+from ..platform.outbound import Outbound
+from ..files.registry import ModelSpec
 from .reservations import DEFAULT_PRIORITY, Reservation, ReservationBook
-from .revision import Revision
+from ..platform.revision import Revision
 from .scheduler import Decision, Device, Request, Resident, available, decide
-from .settings import Settings
+from ..platform.settings import Settings
 from .states import State
 
 log = logging.getLogger("model_orchestrator")

@@ -1,0 +1,3 @@
+"""Platform: what everything else stands on and that imports nothing of the package above it: errors (every code,
+`Refused`), settings (each once, with its environment variable), the GPU view (NVML or CPU mode), the state dir's
+lock, outbound calls with deadlines on threads of their own, and the revision counter the status views key on."""
