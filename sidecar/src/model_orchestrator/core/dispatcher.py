@@ -17,12 +17,12 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Protocol
 
 from .admission import Admission
+from ..platform import page_cache
 from ..platform.errors import Code, Refused, shutting_down
 from .events import EventBus
 from .lifecycle import LlamaServer, LoadFailed, LoadCancelled, ManagedModel, State
@@ -485,38 +485,10 @@ class Dispatcher:
         self.wake()
 
     async def _prefetch(self, model_id: str) -> None:
-        """Read the next model's files into the page cache while its victims drain (a hint to the kernel, bounded
-        by half the memory available; never an error)."""
+        """Read the parts of the next model's files that are not cached yet into the page cache while its victims
+        drain (within half the memory available; never an error)."""
         spec = self.orch.models[model_id].spec
         with contextlib.suppress(Exception):
             files = await asyncio.to_thread(self.orch.resolve_files, spec)
             paths = [p for p in (files.model, files.mmproj) if p is not None]
-            await asyncio.get_running_loop().run_in_executor(self._prefetch_pool, _will_need, paths)
-
-
-def _will_need(paths: list) -> None:
-    """Read the files through the page cache (posix_fadvise(WILLNEED) alone stops at the kernel's readahead window),
-    within half the memory available; stops at the first file that does not fit."""
-    budget = _mem_available() // 2
-    chunk = bytearray(8 << 20)
-    for path in paths:
-        size = os.path.getsize(path)
-        if size > budget:
-            return
-        budget -= size
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-                while f.readinto(chunk):
-                    pass
-        finally:
-            os.close(fd)
-
-
-def _mem_available() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            await asyncio.get_running_loop().run_in_executor(self._prefetch_pool, page_cache.read_into_cache, paths)
