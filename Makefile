@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install deps llama-server chromium n8n n8n-demo run test bench bench-peers bench-contention load-test openapi docs screenshots n8n-nodes clean
+.PHONY: install deps llama-server chromium n8n n8n-demo run test bench bench-peers bench-contention bench-contention-sim load-test openapi docs screenshots n8n-nodes clean
 
 install: deps llama-server
 
@@ -48,6 +48,10 @@ bench-peers: install
 # --seconds 90" on a GPU machine)
 bench-contention: install
 	$(BIN)/python bench/contention.py $(ARGS)
+
+# the GPU workload of bench-contention under a simulated clock: the queue policy and its variants in seconds
+bench-contention-sim: deps
+	$(BIN)/python bench/contention_sim.py $(ARGS)
 
 # the full load test (make test runs a short variant): 200 clients for a minute
 load-test: install

@@ -113,3 +113,16 @@ def test_http_and_transport_do_not_import_lifecycle():
     graph = import_graph()
     assert "core.lifecycle" in graph
     assert {m for m in graph if m.startswith("server.") and "core.lifecycle" in graph[m]} == set()
+
+
+def test_docs_architecture_tree_lists_every_module_under_its_layer():
+    """docs/architecture.md's tree is the map a newcomer reads: every module of a layer is named in that layer's
+    branch (a module added, moved or renamed without the map fails here)."""
+    text = (PACKAGE.parents[2] / "docs/architecture.md").read_text()
+    tree = text[text.index("```", text.index("## The tree")):]
+    tree = tree[:tree.index("```", 3)]
+    heads = sorted((tree.index(f"── {layer}/"), layer) for layer in LAYERS)  # each layer's line in the tree
+    branches = {layer: tree[at:nxt] for (at, layer), nxt in zip(heads, [h for h, _ in heads[1:]] + [len(tree)])}
+    missing = [f"{layer}/{p.name}" for layer in LAYERS for p in sorted((PACKAGE / layer).glob("*.py"))
+               if p.name != "__init__.py" and p.name not in branches[layer]]
+    assert not missing, f"docs/architecture.md's tree does not name: {missing}"

@@ -1,0 +1,152 @@
+#!/usr/bin/env python3
+"""The contention benchmark's GPU workload under a simulated clock, to weigh scheduling policies in seconds.
+
+The real Orchestrator, Dispatcher, queue policy and state machine, with fake llama-servers (tests/support/
+fake_server.py) whose loads and stops take what the H200 run measured (results/contention/h200/: median load per
+model from the sidecar's log; an idle model's SIGKILL-to-exit), and 12 closed-loop clients each asking a random one
+of 4 models, cap 2, 90 simulated seconds: the shape of `bench/contention.py --gpu`. It prints goodput, loads and
+the p99 wait, averaged over seeds, for the policy as shipped and for the variants given on the command line (turn
+constants, a pinned model), so a change to scheduler.plan can be weighed before a device run.
+
+Usage: bench/contention_sim.py [--seeds 8] [--serve-s 0.12] [--stop-s 0.08] [--loads name=s,...]
+       [--variant NAME:key=value,...]...   keys: turn_per_swap, min_turn_s, turn_seconds, turn_requests, pin
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import support.fake_server as fake  # noqa: E402
+from support.registry import model, registry  # noqa: E402
+
+from model_orchestrator.core import scheduler  # noqa: E402
+from model_orchestrator.core.lifecycle import LaunchPlan  # noqa: E402
+from model_orchestrator.core.orchestrator import Orchestrator  # noqa: E402
+from model_orchestrator.platform.gpu import GpuDevice, GpuSnapshot  # noqa: E402
+from model_orchestrator.platform.settings import Settings  # noqa: E402
+
+# median load seconds on the H200 (results/contention/h200/contention-sidecar.log, two loads at a time)
+H200_LOADS = {"qwen3-0.6b": 0.44, "llama-8b": 0.87, "llama-8b-32k": 0.88, "qwen3-30b-a3b": 2.35}
+
+
+class _Gpu:
+    available, driver_version = True, "sim"
+
+    def __init__(self, total_mb: int = 143_000):
+        self._snap = GpuSnapshot(True, [GpuDevice(0, "Simulated GPU", "GPU-sim", total_mb, 0, total_mb, None, None,
+                                                  None, None, None)], "sim", taken_at=0.0)
+
+    def snapshot(self, fresh: bool = False) -> GpuSnapshot:
+        return self._snap
+
+    def latest(self) -> GpuSnapshot:
+        return self._snap
+
+
+def _slow_stop(stop_s: float):
+    plain = fake.FakeServer.stop
+
+    async def stop(self, timeout):
+        if self.exit is None:
+            await asyncio.sleep(stop_s)  # the driver's teardown of a killed CUDA process
+        return await plain(self, timeout)
+    return stop
+
+
+def run_once(seed: int, loads: dict[str, float], variant: dict, args) -> tuple[float, int, float]:
+    tmp = Path(tempfile.mkdtemp(prefix="contention-sim-"))
+    rng = random.Random(seed)
+    fleet = fake.FakeFleet({m: fake.Behaviour(load_s=s) for m, s in loads.items()}, rng)
+    for m in loads:
+        (tmp / f"{m}.gguf").write_bytes(b"GGUF")
+    reg = registry(*(model(m, path=tmp / f"{m}.gguf", save_slots=False, priority=int(variant.get("pin") == m))
+                     for m in loads))
+    loop = fake.VirtualClockLoop()
+
+    async def main():
+        settings = Settings(state_dir=tmp / "state", max_loaded=args.cap, slot_cache_mb=0, load_timeout_s=60,
+                            **{k: cast(variant[k]) for k, cast in (("turn_seconds", float), ("turn_requests", int))
+                               if k in variant})
+        gpu = _Gpu()
+        orch = Orchestrator(settings, reg, gpu, tmp / "llama-server", server_factory=fleet)
+
+        async def nothing(*a, **k):
+            return False
+
+        async def launch(m):
+            return LaunchPlan([], {}, None, "sim-key")
+
+        async def estimate(spec, **k):
+            return SimpleNamespace(total_mb=5000.0, overhead_mb=0.0, layers_on_gpu=1)
+
+        async def snapshot(fresh=False):
+            return gpu.snapshot()
+
+        def no_files(spec):
+            raise FileNotFoundError(spec.id)
+
+        orch.download_on_load.ensure = nothing
+        orch._launch_plan = launch
+        orch.resolve_files = no_files
+        orch.admission.estimate_for_admission = orch.admission.estimate = estimate
+        orch.admission.snapshot = snapshot
+        answered, waits, t_end = 0, [], loop.time() + args.seconds
+
+        async def client():
+            nonlocal answered
+            while loop.time() < t_end:
+                m = rng.choice(list(loads))
+                t0 = loop.time()
+                async with orch.lease(orch.models[m]) as lease:
+                    waits.append(loop.time() - t0)
+                    await lease.server.serve(rng.expovariate(1 / args.serve_s))
+                answered += 1
+        await asyncio.gather(*(client() for _ in range(args.clients)))
+        await orch.close()
+        return answered, sorted(waits)
+
+    try:
+        answered, waits = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    return answered / args.seconds, fleet.spawns, waits[int(len(waits) * 0.99)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seeds", type=int, default=8)
+    ap.add_argument("--clients", type=int, default=12)
+    ap.add_argument("--cap", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=90)
+    ap.add_argument("--serve-s", type=float, default=0.12, help="mean service time of a request (exponential)")
+    ap.add_argument("--stop-s", type=float, default=0.08, help="how long an idle model's process takes to exit")
+    ap.add_argument("--loads", default=",".join(f"{k}={v}" for k, v in H200_LOADS.items()))
+    ap.add_argument("--variant", action="append", default=[], help="NAME:key=value,... (see the usage)")
+    args = ap.parse_args()
+    loads = {k: float(v) for k, v in (kv.split("=") for kv in args.loads.split(","))}
+    fake.FakeServer.stop = _slow_stop(args.stop_s)
+    variants = [("shipped", {})] + [(v.split(":", 1)[0], dict(kv.split("=") for kv in v.split(":", 1)[1].split(",")))
+                                    for v in args.variant]
+    print(f"{args.clients} clients x {len(loads)} models, cap {args.cap}, {args.seconds:g} simulated s, "
+          f"service {args.serve_s} s, stop {args.stop_s} s, loads {loads}; means over {args.seeds} seeds\n")
+    print("| policy | goodput (answers/s) | loads | wait p99 (s) |\n|---|---|---|---|")
+    shipped = (scheduler.TURN_PER_SWAP, scheduler.MIN_TURN_S)
+    for name, variant in variants:
+        scheduler.TURN_PER_SWAP = float(variant.get("turn_per_swap", shipped[0]))
+        scheduler.MIN_TURN_S = float(variant.get("min_turn_s", shipped[1]))
+        runs = [run_once(seed, loads, variant, args) for seed in range(args.seeds)]
+        print(f"| {name} | {statistics.mean(r[0] for r in runs):.2f} | {statistics.mean(r[1] for r in runs):.0f} | "
+              f"{statistics.mean(r[2] for r in runs):.2f} |")
+    scheduler.TURN_PER_SWAP, scheduler.MIN_TURN_S = shipped
+
+
+if __name__ == "__main__":
+    main()
