@@ -1,8 +1,12 @@
 """The sidecar as a real process: killed with -9 it leaves no llama-server behind; restarted it reaps leftovers."""
 
 import os
+import shutil
 import subprocess
+import sys
 import time
+
+import pytest
 
 from support.helpers import pid_alive, wait_until
 from model_orchestrator.core.lifecycle import MODEL_ENV, OWNER_ENV, find_leftovers
@@ -61,3 +65,40 @@ def test_serve_refuses_to_listen_beyond_loopback_without_an_api_key(tmp_path, re
     env.pop("MODEL_ORCHESTRATOR_API_KEY", None)
     r = subprocess.run([sys.executable, "-m", "model_orchestrator", "serve"], env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "without an API key" in r.stderr
+
+
+CHILDREN_SCRIPT = """
+import asyncio, gc, os, sys
+import uvloop
+from model_orchestrator.core.lifecycle import _spawn
+
+async def main():
+    for _ in range(20):
+        child = await _spawn(["/bin/sh", "-c", "echo hi"], dict(os.environ))
+        assert await child.stdout.read() == b"hi\\n"
+        await child.wait()
+        child.close_output()  # what LlamaServer._watch_exit does once the last lines are read
+        await asyncio.sleep(0.01)
+        del child
+        gc.collect()
+        await asyncio.sleep(0.01)
+
+uvloop.run(main()) if sys.argv[1] == "uvloop" else asyncio.run(main())
+"""
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace shows every close(2)")
+@pytest.mark.parametrize("loop_kind", ["uvloop", "asyncio"])
+def test_a_childs_output_pipe_is_closed_once(loop_kind, tmp_path):
+    """Each llama-server's output pipe has one owner. Under uvloop (what `serve` runs) libuv closed the descriptor
+    and the pipe's Python file object closed the same number again when it was collected: whatever took that number
+    in between (a socket accepted, a file opened on a worker thread) lost it. In a storm of force unloads, accepted
+    connections were reset and a slot manifest's read returned None. strace counts the closes: a second close of a
+    closed descriptor is EBADF; none may happen over 20 children."""
+    script = tmp_path / "children.py"
+    script.write_text(CHILDREN_SCRIPT)
+    out = subprocess.run(["strace", "-f", "-qq", "-e", "trace=close", "-o", str(tmp_path / "trace"), sys.executable,
+                          str(script), loop_kind], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    twice = [line for line in (tmp_path / "trace").read_text().splitlines() if "EBADF" in line]
+    assert not twice, twice[:5]

@@ -187,10 +187,11 @@ def _child_setup(parent_pid: int) -> Callable[[], None]:
 class _Child:
     """A spawned process as the event loop sees it: its output as a StreamReader, its exit as `await wait()`."""
 
-    def __init__(self, popen: subprocess.Popen, stdout: asyncio.StreamReader):
+    def __init__(self, popen: subprocess.Popen, stdout: asyncio.StreamReader, output: asyncio.ReadTransport):
         self._popen = popen
         self.pid = popen.pid
         self.stdout = stdout
+        self._output = output
         self._exit = asyncio.get_running_loop().create_future()
         try:
             fd = os.pidfd_open(popen.pid)  # readable once the process has exited (Linux >= 5.3)
@@ -218,6 +219,24 @@ class _Child:
     async def wait(self) -> int:
         return await asyncio.shield(self._exit)
 
+    def close_output(self) -> None:
+        """Close the pipe of its output (once it has exited and its last lines are read): the transport is the
+        pipe's one owner (see _pipe_for)."""
+        self._output.close()
+
+
+def _pipe_for(loop: asyncio.AbstractEventLoop, stdout) -> object:
+    """The file object to give connect_read_pipe so that the pipe's descriptor is closed exactly once. asyncio's
+    transport closes the file object it is given. uvloop's closes the descriptor itself (libuv) and never the file
+    object, whose finalizer would close the same number again, by then perhaps a socket accepted or a file opened
+    since (a storm of force unloads reset accepted connections and made a manifest read return None): uvloop gets
+    a file object that never closes its descriptor, and Popen's own is closed at once."""
+    if type(loop).__module__.partition(".")[0] != "uvloop":
+        return stdout
+    fd = os.dup(stdout.fileno())
+    stdout.close()
+    return open(fd, "rb", buffering=0, closefd=False)
+
 
 async def _spawn(argv: list[str], env: dict[str, str]) -> _Child:
     """Start llama-server in a session of its own (Ctrl-C at the terminal reaches the sidecar, which stops children
@@ -238,8 +257,9 @@ async def _spawn(argv: list[str], env: dict[str, str]) -> _Child:
                                  preexec_fn=_child_setup(os.getpid()))
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 20)
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), popen.stdout)
-    return _Child(popen, reader)
+    pipe, popen.stdout = _pipe_for(loop, popen.stdout), None
+    output, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    return _Child(popen, reader, output)
 
 
 CHILD_URL = "http://llama-server"  # only a name in the Host header: the connection goes to the child's socket
@@ -404,6 +424,7 @@ class LlamaServer:
         with contextlib.suppress(TimeoutError):  # let the reader take the last lines
             await asyncio.wait_for(asyncio.shield(self._tasks[0]), 0.5)
         self.exit = ExitInfo(rc, describe_returncode(rc), self._stopping, _utcnow(), self.last_logs())
+        self.proc.close_output()
         await self._disconnect()
         self._exited.set()
         self._wake.set()
