@@ -72,6 +72,7 @@ def editor_report(tmp_path_factory, llama_server_bin) -> dict:
                                "--chromium", CHROMIUM, *map(str, files)],
                               cwd=PKG_DIR, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, f"{proc.stderr[-4000:]}\n{server.log.read_text()[-2000:]}"
+        (base / "editor-screenshots.log").write_text(proc.stderr)
         return json.loads(proc.stdout)
     finally:
         if server:

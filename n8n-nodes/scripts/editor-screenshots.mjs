@@ -33,6 +33,7 @@ const { values: opts, positionals: files } = parseArgs({
 });
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 const log = (...a) => console.error('[editor-screenshots]', ...a);
+const inflight = new Map(); // the page's requests under way (websockets are not requests), to know when it settled
 
 const browser = await puppeteer.launch({
 	executablePath: opts.chromium,
@@ -53,6 +54,7 @@ const report = {};
 try {
 	const page = await browser.newPage();
 	page.setDefaultTimeout(60_000);
+	trackRequests(page);
 	await signIn(page);
 	for (const file of files) {
 		const wf = JSON.parse(readFileSync(file, 'utf8'));
@@ -98,11 +100,24 @@ async function signIn(page) {
 	if (page.url().includes('/signin')) throw new Error(`sign-in failed at ${page.url()}`);
 }
 
-/** Wait until the editor stops fetching (node types, credentials, dropdown options from the sidecar); the push
- * connection stays open, so a short idle window with a cap rather than full network idle. */
+function trackRequests(page) {
+	// the editor's API calls (dropdown options, credentials, node parameters); its static files (types/nodes.json
+	// never reports finished to puppeteer: waiting on it cost 8 s a node)
+	page.on('request', (r) => new URL(r.url()).pathname.startsWith('/rest/') && inflight.set(r, r.url()));
+	for (const ev of ['requestfinished', 'requestfailed']) page.on(ev, (r) => inflight.delete(r));
+}
+
+/** Wait until the editor stops fetching (credentials, dropdown options from the sidecar): 300 ms without an API
+ * call under way, at most 8 s (what is still under way then is logged). */
 async function settle(page) {
-	await page.waitForNetworkIdle({ idleTime: 500, timeout: 8_000 }).catch(() => undefined);
-	await sleep(500);
+	const t0 = Date.now();
+	let quietSince = t0;
+	while (Date.now() - t0 < 8_000) {
+		if (inflight.size) quietSince = Date.now();
+		else if (Date.now() - quietSince >= 300) break;
+		await sleep(50);
+	}
+	log(`  settled in ${Date.now() - t0} ms${inflight.size ? `; still under way: ${[...inflight.values()].join(', ')}` : ''}`);
 }
 
 async function fitView(page) {
