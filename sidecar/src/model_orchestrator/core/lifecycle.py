@@ -258,7 +258,16 @@ async def _spawn(argv: list[str], env: dict[str, str]) -> _Child:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=1 << 20)
     pipe, popen.stdout = _pipe_for(loop, popen.stdout), None
-    output, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    try:
+        output, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), pipe)
+    except BaseException:  # nothing reads its output: the process goes, and the pipe with its one owner gone
+        if getattr(pipe, "closefd", True):
+            pipe.close()
+        else:
+            os.close(pipe.fileno())
+        popen.kill()
+        popen.wait()
+        raise
     return _Child(popen, reader, output)
 
 
