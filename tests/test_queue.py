@@ -159,5 +159,8 @@ def test_the_next_models_file_is_read_into_the_page_cache_once(tmp_path):
         assert read_into_cache([path]) == 2 * mib and cached() >= 15 * mib
         drop()
         assert read_into_cache([path], budget=8 * mib) == 0  # a file that does not fit the budget is not read
+        fifo = tmp_path / "fifo.gguf"  # a hostile model path: opening it for reading would block the thread
+        os.mkfifo(fifo)
+        assert missing_ranges(fifo) == [] and read_into_cache([fifo]) == 0
     finally:
         os.close(fd)

@@ -13,6 +13,7 @@ import ctypes
 import ctypes.util
 import mmap
 import os
+import stat
 from pathlib import Path
 
 _PAGE = mmap.PAGESIZE
@@ -41,12 +42,13 @@ _LIBC = _libc()
 
 def missing_ranges(path: str | Path) -> list[tuple[int, int]]:
     """The (offset, length) runs of `path` that are not in the page cache, in order; [] when all of it is."""
-    size = os.path.getsize(path)
-    if size == 0:
+    st = os.stat(path)
+    size = st.st_size
+    if size == 0 or not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block the thread that opens it
         return []
     if _LIBC is None:
         return [(0, size)]
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         addr = _LIBC.mmap(None, size, _PROT_READ, _MAP_SHARED, fd, 0)
         if addr in (None, _MAP_FAILED):
@@ -91,12 +93,14 @@ def read_into_cache(paths: list, budget: int | None = None) -> int:
     done = 0
     chunk = bytearray(_READ_CHUNK)
     for path in paths:
-        ranges = missing_ranges(path)
+        ranges = missing_ranges(path)  # [] for anything but a regular file (its size is 0): never opened here
         need = sum(length for _, length in ranges)
         if need > budget:
             return done
+        if not ranges:
+            continue
         budget -= need
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         try:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
             view = memoryview(chunk)
