@@ -21,34 +21,17 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import support.fake_server as fake  # noqa: E402
 from support.registry import model, registry  # noqa: E402
 
 from model_orchestrator.core import scheduler  # noqa: E402
-from model_orchestrator.core.lifecycle import LaunchPlan  # noqa: E402
 from model_orchestrator.core.orchestrator import Orchestrator  # noqa: E402
-from model_orchestrator.platform.gpu import GpuDevice, GpuSnapshot  # noqa: E402
 from model_orchestrator.platform.settings import Settings  # noqa: E402
 
 # median load seconds on the H200 (results/contention/h200/contention-sidecar.log, two loads at a time)
 H200_LOADS = {"qwen3-0.6b": 0.44, "llama-8b": 0.87, "llama-8b-32k": 0.88, "qwen3-30b-a3b": 2.35}
-
-
-class _Gpu:
-    available, driver_version = True, "sim"
-
-    def __init__(self, total_mb: int = 143_000):
-        self._snap = GpuSnapshot(True, [GpuDevice(0, "Simulated GPU", "GPU-sim", total_mb, 0, total_mb, None, None,
-                                                  None, None, None)], "sim", taken_at=0.0)
-
-    def snapshot(self, fresh: bool = False) -> GpuSnapshot:
-        return self._snap
-
-    def latest(self) -> GpuSnapshot:
-        return self._snap
 
 
 def _slow_stop(stop_s: float):
@@ -64,7 +47,7 @@ def _slow_stop(stop_s: float):
 def run_once(seed: int, loads: dict[str, float], variant: dict, args) -> tuple[float, int, float]:
     tmp = Path(tempfile.mkdtemp(prefix="contention-sim-"))
     rng = random.Random(seed)
-    fleet = fake.FakeFleet({m: fake.Behaviour(load_s=s) for m, s in loads.items()}, rng)
+    fleet = fake.FakeFleet({m: fake.Behaviour(load_s=s, need_mb=5000) for m, s in loads.items()}, rng)
     for m in loads:
         (tmp / f"{m}.gguf").write_bytes(b"GGUF")
     reg = registry(*(model(m, path=tmp / f"{m}.gguf", save_slots=False, priority=int(variant.get("pin") == m))
@@ -75,29 +58,8 @@ def run_once(seed: int, loads: dict[str, float], variant: dict, args) -> tuple[f
         settings = Settings(state_dir=tmp / "state", max_loaded=args.cap, slot_cache_mb=0, load_timeout_s=60,
                             **{k: cast(variant[k]) for k, cast in (("turn_seconds", float), ("turn_requests", int))
                                if k in variant})
-        gpu = _Gpu()
-        orch = Orchestrator(settings, reg, gpu, tmp / "llama-server", server_factory=fleet)
-
-        async def nothing(*a, **k):
-            return False
-
-        async def launch(m):
-            return LaunchPlan([], {}, None, "sim-key")
-
-        async def estimate(spec, **k):
-            return SimpleNamespace(total_mb=5000.0, overhead_mb=0.0, layers_on_gpu=1)
-
-        async def snapshot(fresh=False):
-            return gpu.snapshot()
-
-        def no_files(spec):
-            raise FileNotFoundError(spec.id)
-
-        orch.download_on_load.ensure = nothing
-        orch._launch_plan = launch
-        orch.resolve_files = no_files
-        orch.admission.estimate_for_admission = orch.admission.estimate = estimate
-        orch.admission.snapshot = snapshot
+        orch = Orchestrator(settings, reg, fake.FakeGpu(143_000), tmp / "llama-server", server_factory=fleet)
+        fake.simulate(orch, fleet)
         answered, waits, t_end = 0, [], loop.time() + args.seconds
 
         async def client():

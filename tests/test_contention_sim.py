@@ -16,12 +16,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from support.fake_server import Behaviour, FakeFleet, Served, VirtualClockLoop
+from support.fake_server import Behaviour, FakeFleet, FakeGpu, Served, VirtualClockLoop, simulate
 from support.registry import model, registry
 
 from model_orchestrator.platform.errors import Code, Refused
-from model_orchestrator.platform.gpu import GpuDevice, GpuSnapshot, NoGpuView
-from model_orchestrator.core.lifecycle import LaunchPlan, State
+from model_orchestrator.platform.gpu import NoGpuView
 from model_orchestrator.core.orchestrator import Orchestrator
 from model_orchestrator.platform.settings import Settings
 
@@ -35,23 +34,6 @@ ALLOWED = {
     "crashed_in_flight", "force_unloaded_in_flight",  # its llama-server ended under it (502/503 in the proxy)
     "hung_up",  # its caller left
 }
-
-
-class _FakeGpu:
-    """One GPU of `total_mb`, nobody else on it: memory is what the estimates say (the fake processes have no PID)."""
-
-    available = True
-    driver_version = "sim"
-
-    def __init__(self, total_mb: int):
-        self._snap = GpuSnapshot(True, [GpuDevice(0, "Simulated GPU", "GPU-sim", total_mb, 0, total_mb, None, None,
-                                                  None, None, None)], "sim", taken_at=0.0)
-
-    def snapshot(self, fresh: bool = False) -> GpuSnapshot:
-        return self._snap
-
-    def latest(self) -> GpuSnapshot:
-        return self._snap
 
 
 @dataclass
@@ -76,32 +58,10 @@ def _orchestrator(tmp_path, world: World, fleet: FakeFleet) -> Orchestrator:
     settings = Settings(state_dir=tmp_path / "state", max_loaded=world.cap, queue_timeout_s=world.queue_timeout_s,
                         load_timeout_s=5, stop_timeout_s=1, vram_margin_mb=world.margin_mb, slot_cache_mb=0,
                         max_queue=40, turn_seconds=4, turn_requests=16)
-    gpu = _FakeGpu(world.gpu_mb) if world.gpu_mb else NoGpuView("simulated")
+    gpu = FakeGpu(world.gpu_mb) if world.gpu_mb else NoGpuView("simulated")
     orch = Orchestrator(settings, _registry(tmp_path, world), gpu, tmp_path / "llama-server", server_factory=fleet)
-
-    async def no_files(*a, **k):
-        return False
-
-    async def estimate(spec, **k):
-        return SimpleNamespace(total_mb=world.models[spec.id].need_mb, overhead_mb=0.0, layers_on_gpu=1)
-
-    async def launch(model):
-        return LaunchPlan([], {}, None, "sim-key")
-
-    async def snapshot(fresh=False):
-        return gpu.snapshot()
-
-    orch.download_on_load.ensure = no_files  # the simulation does no file I/O and starts no thread
-    orch.admission.estimate_for_admission = estimate
-    orch.admission.estimate = estimate
-    orch._launch_plan = launch
-    orch.admission.snapshot = snapshot
-    orch.resolve_files = _no_files  # no prefetch: no file to read
+    simulate(orch, fleet)
     return orch
-
-
-def _no_files(spec):
-    raise FileNotFoundError(spec.id)
 
 
 def _check_spawn(world: World):

@@ -2,7 +2,8 @@
 and an event loop with a simulated clock: the orchestrator's real scheduler, dispatcher and state machine run over
 thousands of requests in seconds, with loads that are ready, slow, crash or hang on demand.
 
-Only for the simulation (tests/test_contention_sim.py): the real path runs a real llama-server everywhere else.
+Only for the simulation (tests/test_contention_sim.py, bench/contention_sim.py): the real path runs a real
+llama-server everywhere else.
 """
 
 from __future__ import annotations
@@ -13,7 +14,10 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Callable
 
+from types import SimpleNamespace
+
 from model_orchestrator.platform.errors import Code
+from model_orchestrator.platform.gpu import GpuDevice, GpuSnapshot
 from model_orchestrator.core.lifecycle import ExitInfo, LaunchPlan, LoadFailed
 
 
@@ -168,3 +172,46 @@ class FakeFleet:
 
     def alive_mb(self) -> float:
         return sum(self.behaviour(s.model_id).need_mb for s in self.alive)
+
+
+class FakeGpu:
+    """One GPU of `total_mb`, nobody else on it: memory is what the estimates say (the fake processes have no PID)."""
+
+    available = True
+    driver_version = "sim"
+
+    def __init__(self, total_mb: int):
+        self._snap = GpuSnapshot(True, [GpuDevice(0, "Simulated GPU", "GPU-sim", total_mb, 0, total_mb, None, None,
+                                                  None, None, None)], "sim", taken_at=0.0)
+
+    def snapshot(self, fresh: bool = False) -> GpuSnapshot:
+        return self._snap
+
+    def latest(self) -> GpuSnapshot:
+        return self._snap
+
+
+def simulate(orch, fleet: FakeFleet) -> None:
+    """Make an Orchestrator (built with `server_factory=fleet` and a FakeGpu or a CPU view) do no file I/O and start
+    no thread, as the virtual clock needs: no downloads, no launch plan from files, no prefetch; each model's estimate
+    is its Behaviour's need_mb."""
+    async def no_download(*a, **k):
+        return False
+
+    async def estimate(spec, **k):
+        return SimpleNamespace(total_mb=fleet.behaviour(spec.id).need_mb, overhead_mb=0.0, layers_on_gpu=1)
+
+    async def launch(model):
+        return LaunchPlan([], {}, None, "sim-key")
+
+    async def snapshot(fresh=False):
+        return orch.gpu_view.snapshot()
+
+    def no_files(spec):
+        raise FileNotFoundError(spec.id)
+
+    orch.download_on_load.ensure = no_download
+    orch.admission.estimate_for_admission = orch.admission.estimate = estimate
+    orch._launch_plan = launch
+    orch.admission.snapshot = snapshot
+    orch.resolve_files = no_files  # no prefetch: no file to read
