@@ -9,7 +9,7 @@ non-streamed answer. The peers run one after the other on the same machine. Per 
   answered        200s (a stream that got its 3 chunks counts as answered)
   refused         4xx answers, by code (409 too_many_models, 503 queue_full... whatever the peer said)
   5xx             5xx answers, by code, and requests that failed without an answer (connection errors)
-  goodput         answers per second
+  goodput         answers per second; also in the first --warmup seconds (cold loads) and after them
   wait p50/p99    the sidecar's queue wait (its X-Queue-Wait-Ms header); the router says none (`-`)
   latency p50/p99 request to its answer (to the 3rd chunk for hang-ups), both peers
   swaps           llama-server processes started during the run (sampled from /proc every 2 ms)
@@ -19,7 +19,7 @@ non-streamed answer. The peers run one after the other on the same machine. Per 
 CPU (default): three ids on the tiny generated GGUF. --gpu: four real shapes (bench/synthetic_gguf.py: Qwen3-0.6B,
 Llama-3.1-8B, the 8B at 32K context, Qwen3-30B-A3B), all layers on the GPU.
 Usage: bench/contention.py [--gpu] [--clients 6] [--seconds 30] [--cap 1] [--stream-every 5] [--peers sidecar,router]
-       [--json OUT] [--md OUT]
+       [--json OUT] [--md OUT] [--trace OUT]
 """
 
 from __future__ import annotations
@@ -72,6 +72,15 @@ class ProcessSampler:
 
 
 def llama_children(parent: int) -> set[int]:
+    """The parent's live llama-server children: from /proc/PARENT/task/*/children (a few small reads, so that the
+    sampler takes little of the clients' time), else by scanning all of /proc."""
+    try:
+        pids = {int(p) for tid in os.listdir(f"/proc/{parent}/task")
+                for p in open(f"/proc/{parent}/task/{tid}/children").read().split()}
+    except OSError:
+        pids = None
+    if pids is not None:
+        return {p for p in pids if _is_llama(p)}
     out = set()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -88,6 +97,17 @@ def llama_children(parent: int) -> set[int]:
     return out
 
 
+async def wait_ready(http, url: str, proc: subprocess.Popen, name: str) -> None:
+    """Until `url` answers 200; fails at once when the peer's process has exited (its log says why)."""
+    ready = asyncio.ensure_future(wait_http(http, url, every=0.05, timeout=300))
+    while not ready.done():
+        if proc.poll() is not None:
+            ready.cancel()
+            raise RuntimeError(f"{name} exited with code {proc.returncode} before it was ready: see its log")
+        await asyncio.wait([ready], timeout=0.1)
+    ready.result()
+
+
 class Sidecar:
     name = "sidecar"
 
@@ -101,7 +121,7 @@ class Sidecar:
                                      stdout=open(work / "sidecar.log", "ab"), stderr=subprocess.STDOUT)
 
     async def ready(self, http) -> None:
-        await wait_http(http, self.base + "/health", every=0.05)
+        await wait_ready(http, self.base + "/health", self.proc, self.name)
 
     async def in_flight(self, http) -> int:
         async with http.get(self.base + "/models/status") as r:
@@ -129,7 +149,7 @@ class Router:
                                      stdout=open(work / "router.log", "ab"), stderr=subprocess.STDOUT)
 
     async def ready(self, http) -> None:
-        await wait_http(http, self.base + "/models", every=0.05)
+        await wait_ready(http, self.base + "/models", self.proc, self.name)
 
     async def in_flight(self, http) -> int | None:
         return None  # the router does not say
@@ -149,6 +169,12 @@ class Tally:
         self.waits: list[float] = []
         self.latencies: list[float] = []
         self.answered = 0
+        self.trace: list[list] = []  # per request: model, sent and answered (s from the start), wait (s), outcome
+
+    def count(self, outcome: str, model: str, t0: float, wait: float | None = None) -> None:
+        self.outcomes[outcome] += 1
+        self.trace.append([model, round(t0 - self.start, 4), round(time.perf_counter() - self.start, 4), wait,
+                           outcome])
 
 
 async def one_request(http, base: str, model: str, stream: bool, tally: Tally, max_tokens: int) -> None:
@@ -163,10 +189,12 @@ async def one_request(http, base: str, model: str, stream: bool, tally: Tally, m
                     code = (await r.json(content_type=None))["error"].get("code") or r.status
                 except (ValueError, KeyError, TypeError, aiohttp.ClientError):
                     code = r.status
-                tally.outcomes[f"{r.status} {code}"] += 1
+                tally.count(f"{r.status} {code}", model, t0)
                 return
+            wait = None
             if "X-Queue-Wait-Ms" in r.headers:
-                tally.waits.append(int(r.headers["X-Queue-Wait-Ms"]) / 1000)
+                wait = int(r.headers["X-Queue-Wait-Ms"]) / 1000
+                tally.waits.append(wait)
             if stream:
                 chunks = 0
                 async for _ in r.content.iter_any():
@@ -178,9 +206,9 @@ async def one_request(http, base: str, model: str, stream: bool, tally: Tally, m
                 await r.read()
             tally.latencies.append(time.perf_counter() - t0)
             tally.answered += 1
-            tally.outcomes["200"] += 1
+            tally.count("200 stream" if stream else "200", model, t0, wait)
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        tally.outcomes[f"error {exc.__class__.__name__}"] += 1
+        tally.count(f"error {exc.__class__.__name__}", model, t0)
 
 
 async def drive(peer, models: list[str], args) -> dict:
@@ -193,7 +221,7 @@ async def drive(peer, models: list[str], args) -> dict:
         rng = random.Random(args.seed)
         sent = 0
         t_end = time.perf_counter() + args.seconds
-        t0 = time.perf_counter()
+        t0 = tally.start = time.perf_counter()
 
         async def client() -> None:
             nonlocal sent
@@ -223,8 +251,17 @@ async def drive(peer, models: list[str], args) -> dict:
         "latency_p50_s": round(pct(tally.latencies, 50), 3) if tally.latencies else None,
         "latency_p99_s": round(pct(tally.latencies, 99), 3) if tally.latencies else None,
         "swaps": len(sampler.seen), "max_alive": sampler.max_alive, "in_flight_after": in_flight,
-        "orphans_after": len(left),
+        "orphans_after": len(left), "trace": tally.trace,
+        # the first seconds hold the cold loads (files read, first launches); after them, the swaps of a warm run
+        "goodput_first": _rate(tally.trace, 0, args.warmup), "goodput_after": _rate(tally.trace, args.warmup, elapsed),
     }
+
+
+def _rate(trace: list[list], start: float, end: float) -> float | None:
+    """Answers per second that came between start and end (seconds from the run's start)."""
+    if end <= start:
+        return None
+    return round(sum(1 for row in trace if row[4].startswith("200") and start <= row[2] < end) / (end - start), 2)
 
 
 def _is_llama(pid: int) -> bool:
@@ -280,7 +317,8 @@ async def run(args) -> dict:
                   f"{args.seconds:g} s", file=sys.stderr)
             results.append(await drive(peer, list(names), args))
     return {"machine": machine(), "llama_server": version(binary), "models": names, "clients": args.clients,
-            "seconds": args.seconds, "cap": args.cap, "stream_every": args.stream_every, "results": results}
+            "seconds": args.seconds, "cap": args.cap, "stream_every": args.stream_every, "warmup": args.warmup,
+            "results": results}
 
 
 def table(res: dict) -> str:
@@ -300,6 +338,8 @@ def table(res: dict) -> str:
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key, label in (("requests", "requests"), ("answered", "answered"), ("refused", "refused (4xx)"),
                        ("errors_5xx", "5xx / no answer"), ("goodput", "goodput (answers/s)"),
+                       ("goodput_first", f"goodput, first {res['warmup']:g} s"),
+                       ("goodput_after", f"goodput, after {res['warmup']:g} s"),
                        ("wait_p50_s", "queue wait p50 (s)"), ("wait_p99_s", "queue wait p99 (s)"),
                        ("wait_max_s", "queue wait max (s)"), ("latency_p50_s", "latency p50 (s)"),
                        ("latency_p99_s", "latency p99 (s)"), ("swaps", "swaps (llama-servers started)"),
@@ -320,14 +360,20 @@ def main() -> int:
     ap.add_argument("--cap", type=int, default=1)
     ap.add_argument("--stream-every", type=int, default=5)
     ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--warmup", type=float, default=15, help="goodput is also given before and after this (s)")
     ap.add_argument("--request-timeout", type=float, default=900)
     ap.add_argument("--peers", default="sidecar,router")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--keep", type=Path, help="work in this folder and keep it (the peers' logs)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--md", type=Path)
+    ap.add_argument("--trace", type=Path, help="write every request (model, sent, answered, wait, outcome) here")
     args = ap.parse_args()
     res = asyncio.run(run(args))
+    traces = {r["peer"]: r.pop("trace") for r in res["results"]}
+    if args.trace:
+        args.trace.write_text(json.dumps({"columns": ["model", "sent_s", "answered_s", "queue_wait_s", "outcome"],
+                                          **traces}))
     out = table(res)
     print(out)
     if args.json:

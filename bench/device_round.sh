@@ -43,9 +43,12 @@ for step in "$@"; do
       fi
       "$(bin)" --version 2>&1 | tail -2 | tee -a "$R/machine.txt" ;;
     contention)
+      rm -rf /tmp/contention
       LLAMA_SERVER_BIN=$(bin) python3 bench/contention.py --gpu --cap 2 --clients 12 --seconds 90 --stream-every 5 \
-        --json "$R/contention-h200.json" --md "$R/contention-h200.md" --keep /tmp/contention > "$R/contention.log" 2>&1
+        --json "$R/contention-h200.json" --md "$R/contention-h200.md" --trace "$R/contention-trace.json" \
+        --keep /tmp/contention ${CONTENTION_ARGS:-} > "$R/contention.log" 2>&1
       cp /tmp/contention/sidecar/sidecar.log "$R/contention-sidecar.log" 2>/dev/null
+      xz -c /tmp/contention/router/router.log > "$R/contention-router.log.xz" 2>/dev/null
       tail -25 "$R/contention.log" ;;
     vram)
       LLAMA_SERVER_BIN=$(bin) python3 bench/vram_table.py --models-dir /tmp/m \

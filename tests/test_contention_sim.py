@@ -223,3 +223,36 @@ def test_a_model_that_can_never_fit_is_refused_at_once_not_queued(tmp_path):
         loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+def test_a_cheap_model_is_not_held_up_by_an_expensive_first_load(tmp_path):
+    """Cap 2: a (cheap) is loaded and idle, x (3 s to load, never used before) is loading in the other place. b
+    evicts a at once rather than wait for x: a model that is loading counts as used now, so its standing is not that
+    of a model unused for ages (what made a whole run's start wait for the 30B's first load on the H200)."""
+    world = World(models={"a": Behaviour(load_s=0.3), "b": Behaviour(load_s=0.3), "x": Behaviour(load_s=3.0)},
+                  priorities={}, cap=2)
+    loop = VirtualClockLoop()
+    fleet = FakeFleet(world.models, random.Random(0))
+
+    async def main():
+        orch = _orchestrator(tmp_path, world, fleet)
+        await asyncio.sleep(10)
+        async with orch.lease(orch.models["a"]):
+            pass
+
+        async def use_x():
+            async with orch.lease(orch.models["x"]):
+                pass
+        x = asyncio.create_task(use_x())
+        await asyncio.sleep(0.1)
+        assert orch.models["x"].state.value == "loading"
+        t0 = loop.time()
+        async with orch.lease(orch.models["b"]):
+            assert loop.time() - t0 < 1.0, loop.time() - t0  # a's linger and b's load, not x's 3 s
+        await x
+        await orch.close()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()

@@ -7,8 +7,8 @@ from model_orchestrator.core.scheduler import Device, Request, Resident, availab
 GPU32 = [Device(0, total_mb=32607, foreign_mb=0)]
 
 
-def res(id, mb, prio=0, busy=0, used=0.0, gpu=0, loading=False, leaving=False):
-    return Resident(id, gpu, mb, prio, busy, used, loading, leaving)
+def res(id, mb, prio=0, busy=0, used=0.0, gpu=0, loading=False, leaving=False, reload=1.0):
+    return Resident(id, gpu, mb, prio, busy, used, loading, leaving, reload_s=reload)
 
 
 CASES = [
@@ -26,6 +26,11 @@ CASES = [
      Request("q", 17000, 9, allow_eviction=True), GPU32,
      [res("a", 8000, 3, used=50), res("b", 8000, 2, used=90), res("c", 8000, 3, used=10), res("d", 6000, 9, used=1)],
      512, 0, True, 0, ["b", "c"], 0, []),
+    ("among equals by standing: last use + 4 s per second of reload (a cheap model goes before a recent costly one)",
+     Request("q", 17000, 5, allow_eviction=True), GPU32,
+     [res("costly", 8000, 5, used=100, reload=3.0), res("cheap", 8000, 5, used=101, reload=0.5),
+      res("old", 8000, 5, used=50, reload=3.0), res("recent", 6000, 5, used=120, reload=0.5)],
+     512, 0, True, 0, ["old", "cheap"], 0, []),
     ("a model with requests in flight is never evicted unless forced",
      Request("q", 17800, 10, allow_eviction=True), GPU32, [res("busy", 20000, 1, busy=2)], 512, 0, False, 0, [], 5705, []),
     ("forced: the busy model goes",
@@ -127,9 +132,9 @@ def view(id, state="unloaded", prio=0, busy=0, loaded_for=None, grants=0, swap=1
                      loaded_at=None if loaded_for is None else NOW - loaded_for, turn_grants=grants, slots=slots, **kw)
 
 
-def resident(v: ModelView) -> Resident:
-    return Resident(v.id, None, v.need_mb, v.priority, v.in_flight, NOW - 5, loading=v.state == "loading",
-                    leaving=v.state == "unloading")
+def resident(v: ModelView, used_ago: float = 5.0) -> Resident:
+    return Resident(v.id, None, v.need_mb, v.priority, v.in_flight, NOW - used_ago, loading=v.state == "loading",
+                    leaving=v.state == "unloading", reload_s=v.swap_cost_s)
 
 
 PLAN_CASES = [
@@ -187,6 +192,28 @@ PLAN_CASES = [
      [], [], set(), [], [], None),
     ("with room for two, both waiting models load in one plan", [t(1, "a"), t(2, "b")], [view("a"), view("b")],
      Limits(margin_mb=512, max_loaded=2), [], ["a", "b"], set(), [], [], None),
+    ("a model whose last request has just ended lingers (its caller comes back): the waiting model is prefetched",
+     [t(1, "b")], [view("a", "loaded", loaded_for=1, idle_since=NOW - 0.01), view("b")], LIMITS,
+     [], [], set(), [], [], "b"),
+    ("... the returning caller is served in the linger", [t(1, "b"), t(2, "a", age=0.001)],
+     [view("a", "loaded", loaded_for=1, idle_since=NOW - 0.01), view("b")], LIMITS, [2], [], set(), [], [], "b"),
+    ("... and once the linger is over it makes room", [t(1, "b")],
+     [view("a", "loaded", loaded_for=1, idle_since=NOW - 0.2), view("b")], LIMITS, [], ["b"], set(), [], [], None),
+    ("a higher priority does not wait for a linger", [t(1, "b", prio=9)],
+     [view("a", "loaded", loaded_for=1, idle_since=NOW - 0.01), view("b", prio=9)], LIMITS,
+     [], ["b"], set(), [], [], None),
+    ("the cheaper model goes first: the waiting model waits for the busy cheap one, not the idle expensive one",
+     [t(1, "c")], [view("a", "loaded", loaded_for=1, swap=3.0), view("b", "loaded", busy=1, loaded_for=1, swap=0.5),
+                   view("c")], Limits(margin_mb=512, max_loaded=2), [], [], set(), [], [], "c"),
+    ("... and for a cheap one still loading (it serves what waits for it first)",
+     [t(1, "c")], [view("a", "loaded", loaded_for=1, swap=3.0), view("b", "loading", swap=0.5), view("c")],
+     Limits(margin_mb=512, max_loaded=2), [], [], set(), [], [], "c"),
+    ("... and a busy expensive model's turn is not ended for it while the cheap one loads",
+     [t(1, "c")], [view("a", "loaded", busy=1, loaded_for=20, swap=3.0), view("b", "loading", swap=0.5), view("c")],
+     Limits(margin_mb=512, max_loaded=2), [], [], set(), [], [], "c"),
+    ("... but when the expensive one is the cheaper to lose (both idle) it is the cheap one that goes",
+     [t(1, "c")], [view("a", "loaded", loaded_for=1, swap=3.0), view("b", "loaded", loaded_for=1, swap=0.5),
+                   view("c")], Limits(margin_mb=512, max_loaded=2), [], ["c"], set(), [], [], None),
 ]
 
 
@@ -202,6 +229,26 @@ def test_plan(name, tickets, models, limits, grant, load, close, refuse, expire,
     assert sorted(p.refuse) == refuse
     assert p.expire == expire
     assert p.prefetch == prefetch
+
+
+def test_plan_evicts_an_expensive_model_that_was_not_used_for_long():
+    """Standing (GreedyDual): last use + KEEP_PER_RELOAD_S per second of reload. a (3 s reload) unused for 60 s stands
+    below b (0.5 s, busy now): the waiting model evicts a rather than wait for b."""
+    a, b = view("a", "loaded", loaded_for=70, swap=3.0), view("b", "loaded", busy=1, loaded_for=1, swap=0.5)
+    p = plan([t(1, "c")], {"a": a, "b": b, "c": view("c")}, [], [resident(a, used_ago=60), resident(b, used_ago=0)],
+             NOW, Limits(margin_mb=512, max_loaded=2))
+    assert [(m, d.evict) for m, d in p.load] == [("c", ["a"])]
+    recent = plan([t(1, "c")], {"a": a, "b": b, "c": view("c")}, [], [resident(a, used_ago=2),
+                                                                      resident(b, used_ago=0)],
+                  NOW, Limits(margin_mb=512, max_loaded=2))
+    assert recent.load == [] and recent.prefetch == "c"  # used 2 s ago: it stays, c waits for b
+
+
+def test_a_linger_is_a_small_part_of_the_waiting_models_swap():
+    assert Limits.linger(1.0) == pytest.approx(0.05) and Limits.linger(0.02) == pytest.approx(0.002)
+    p = plan([t(1, "b")], {"a": view("a", "loaded", loaded_for=1, idle_since=NOW - 0.01), "b": view("b", swap=1.0)},
+             [], [resident(view("a", "loaded"))], NOW, LIMITS)
+    assert p.wake_at == pytest.approx(NOW + 0.04)  # plans again when a's linger ends
 
 
 def test_plan_wakes_at_the_next_deadline_or_turn_end():

