@@ -78,7 +78,7 @@ def make_orchestrator(tmp_path, registry_file, llama_server_bin):
     from model_orchestrator.platform.settings import Settings
 
     def make(gpu=None, **settings):
-        s = Settings(state_dir=tmp_path / "state", stop_timeout_s=3, load_timeout_s=30, **settings)
+        s = Settings(**{"state_dir": tmp_path / "state", "stop_timeout_s": 3, "load_timeout_s": 30, **settings})
         gpu = gpu or NoGpuView("tests run without a GPU")
         return Orchestrator(s, load_registry(registry_file), gpu, llama_server_bin)
 

@@ -150,7 +150,7 @@ def slow_start_wrapper(work: Path, llama_bin: Path) -> tuple[Path, Path]:
     return wrapper, flag
 
 
-def run_scenario(sc: FakeGpuSidecar, slow_start: Path) -> None:
+def run_scenario(sc: FakeGpuSidecar, slow_start: Path, in_flight_scraped=lambda: True) -> None:
     """What a day of a sidecar looks like, compressed into seconds; every step shows in some panel."""
     # two chats for a model that was never downloaded: it is downloaded (Downloads panel) and loads on demand, slowly
     # enough for a scrape to see them wait (waiting for load, load duration, state timeline)
@@ -165,9 +165,10 @@ def run_scenario(sc: FakeGpuSidecar, slow_start: Path) -> None:
     assert chat(sc, MODEL, headers={"X-Queue-Timeout-S": "1"}) == 503
     sc.call("POST", "/models/unload", {"model": MODEL})  # cancels the load it started
     slow_start.unlink()
-    # traffic for a few scrapes, plain and streamed, two requests at a time (in flight, tokens/s, latency)
-    until = time.monotonic() + 3.0
-    while time.monotonic() < until:
+    # traffic for a few scrapes, plain and streamed, two requests at a time (in flight, tokens/s, latency); on a
+    # loaded machine, on until a scrape has caught a request in flight (a scrape a second, requests of milliseconds)
+    until, at_most = time.monotonic() + 3.0, time.monotonic() + 20.0
+    while time.monotonic() < until or (not in_flight_scraped() and time.monotonic() < at_most):
         threads = [threading.Thread(target=chat, args=(sc, MODEL), kwargs={"stream": s}) for s in (False, True)]
         for t in threads:
             t.start()
@@ -217,7 +218,8 @@ def live(tmp_path_factory, model_dir, llama_server_bin, prometheus_bins):
         scraped = lambda: any(r["value"][1] == "1" for r in prom.api("query", query=f'up{{job="{JOB}"}}')["result"])
         assert wait_until(scraped, 15, 0.2) is not None, "prometheus never scraped the sidecar"
         t_start = time.time() - 1
-        run_scenario(sc, slow_start)
+        caught = f'max_over_time(model_orchestrator_requests_in_flight{{job="{JOB}"}}[60s])'
+        run_scenario(sc, slow_start, lambda: _shows_something(prom.api("query", query=caught)["result"]))
         time.sleep(2.5)  # the last states reach Prometheus
         t_end = time.time()
         yield {"prom": prom, "sidecar": sc, "metrics": sc.metrics(), "start": t_start, "end": t_end}

@@ -4,6 +4,7 @@ llama-servers (CPU mode: the cap on loaded models is what forces swaps here; mem
 import asyncio
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -140,19 +141,23 @@ async def test_a_reservation_does_not_count_against_the_model_cap(capped):
     assert c.orch.models["tiny"].state.value == "loaded"
 
 
-async def test_a_load_right_after_an_unload_waits_for_the_old_process_to_exit(capped):
+async def test_a_load_right_after_an_unload_waits_for_the_old_process_to_exit(aiohttp_client, make_orchestrator):
     """M1: a model being unloaded still counts (cap and memory) until its process has exited. Its llama-server is
-    stopped (SIGSTOP) so it cannot act on SIGTERM: the unload takes the stop timeout (3 s in the tests) before the
-    SIGKILL, and a load of another model 50 ms into it must wait instead of starting a second llama-server."""
-    c = capped
+    stopped (SIGSTOP) so it cannot act on SIGTERM: the unload takes the stop timeout (8 s here: long enough that a
+    loaded machine still sees it unloading) before the SIGKILL, and a load of another model made meanwhile must wait
+    instead of starting a second llama-server."""
+    from model_orchestrator.server.api import create_app
+
+    orch = make_orchestrator(max_loaded=1, stop_timeout_s=8)
+    c = await aiohttp_client(create_app(orch))
+    c.orch = orch
     await c.post("/models/load", json={"model": "tiny-random"})
     old = c.orch.models["tiny-random"].server.pid
     os.kill(old, signal.SIGSTOP)
     with ChildSampler(os.getpid()) as sampler:
         unload = asyncio.create_task(c.post("/models/unload", json={"model": "tiny-random", "save_slots": False}))
-        for _ in range(100):  # the unload's request reaches the sidecar (a loaded machine may take a while)
-            if c.orch.models["tiny-random"].state.value != "loaded":
-                break
+        deadline = time.monotonic() + 5  # the unload's request reaches the sidecar (a loaded machine may take a while)
+        while c.orch.models["tiny-random"].state.value == "loaded" and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         assert c.orch.models["tiny-random"].state.value == "unloading"
         r = await c.post("/models/load", json={"model": "tiny"})
